@@ -1,0 +1,1 @@
+//! memnode (being written).

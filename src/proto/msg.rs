@@ -1,0 +1,322 @@
+//! Control-plane messages.
+
+use super::grant::{BlockGrant, BlockId, Endpoint, Secret, WireTransport};
+use super::path::{PathError, PoolPath};
+use serde::{Deserialize, Serialize};
+
+/// First frame on every control connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's [`super::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Who is connecting.
+    pub role: Role,
+}
+
+/// Who opened a control connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Role {
+    /// A client library instance (a task, a job driver, the CLI).
+    Client {
+        /// Free-form name for logs and status (host, process).
+        name: String,
+    },
+    /// A memory node registering its region.
+    MemNode(Register),
+}
+
+/// A memory node's registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Register {
+    /// Data-plane address clients use (`host:port` for soft, file path for shm).
+    pub data_addr: String,
+    /// Transport served.
+    pub transport: WireTransport,
+    /// Region size in bytes (a multiple of `block_size`).
+    pub capacity: u64,
+    /// Block size in bytes.
+    pub block_size: u64,
+    /// Whether the region is backed by huge pages.
+    pub hugepages: bool,
+    /// Whether the region is locked in memory.
+    pub locked: bool,
+}
+
+/// The controller's answer to a client [`Hello`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The controller's protocol version.
+    pub version: u32,
+    /// Lease period in milliseconds: renew well within it.
+    pub lease_ms: u64,
+}
+
+/// A request or response tagged with the id that pairs them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// Request id, echoed in the response.
+    pub id: u64,
+    /// The message.
+    pub body: T,
+}
+
+/// Where to place new blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Placement {
+    /// Each block on the live node with the most free blocks.
+    #[default]
+    LeastLoaded,
+    /// Blocks of one allocation round-robin across live nodes.
+    Spread,
+    /// All blocks on one named node.
+    Node(u32),
+}
+
+/// Client requests.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Create the path (and its parents) if needed and renew its lease.
+    Open {
+        /// Path to open.
+        path: PoolPath,
+    },
+    /// Allocate enough blocks for `bytes` to `path` (created if needed).
+    Alloc {
+        /// Owner path.
+        path: PoolPath,
+        /// Bytes wanted; rounded up to whole blocks.
+        bytes: u64,
+        /// Placement policy.
+        placement: Placement,
+    },
+    /// Free blocks owned by `path`.
+    Free {
+        /// Owner path.
+        path: PoolPath,
+        /// Blocks to free.
+        blocks: Vec<BlockId>,
+    },
+    /// Grants for the blocks owned by exactly `path`, in allocation order.
+    Lookup {
+        /// Owner path.
+        path: PoolPath,
+        /// Whether write access is wanted.
+        writable: bool,
+    },
+    /// Renew the lease of `prefix` and, through it, its whole subtree.
+    Renew {
+        /// Prefix to renew.
+        prefix: PoolPath,
+    },
+    /// Remove `path` and its subtree, freeing every block in it.
+    Remove {
+        /// Path to remove.
+        path: PoolPath,
+    },
+    /// Set (or clear) the byte quota of `path` (covers its subtree).
+    SetQuota {
+        /// Path the quota applies to.
+        path: PoolPath,
+        /// Limit in bytes; `None` clears it.
+        bytes: Option<u64>,
+    },
+    /// Cluster status: nodes, capacity, usage per path.
+    Status,
+}
+
+/// Controller responses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    /// Done, nothing to return.
+    Ok,
+    /// Block grants.
+    Blocks(Vec<BlockGrant>),
+    /// The lease now runs for this long.
+    Renewed {
+        /// Remaining lease in milliseconds.
+        lease_ms: u64,
+    },
+    /// What a removal freed.
+    Removed {
+        /// Blocks freed.
+        blocks: u64,
+        /// Paths removed.
+        paths: u64,
+    },
+    /// Cluster status.
+    Status(Box<ClusterStatus>),
+    /// The request failed.
+    Error(ControlError),
+}
+
+/// Messages from a memory node to the controller (after its `Hello`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum NodeMsg {
+    /// Periodic liveness and statistics.
+    Heartbeat(NodeStats),
+    /// These blocks now hold the given (new) epochs; old grants are dead.
+    Revoked(Vec<(u32, u32)>),
+}
+
+/// Messages from the controller to a memory node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ControllerMsg {
+    /// Registration accepted.
+    Registered {
+        /// Id assigned to the node.
+        node_id: u32,
+        /// Key-derivation secret shared with the controller.
+        secret: Secret,
+        /// Heartbeat interval in milliseconds.
+        heartbeat_ms: u64,
+        /// Epoch every block starts at.
+        initial_epoch: u32,
+    },
+    /// Move these blocks to the given epochs (killing old grants) and confirm with
+    /// [`NodeMsg::Revoked`].
+    Revoke(Vec<(u32, u32)>),
+    /// Registration refused or connection closed by the controller.
+    Error(ControlError),
+}
+
+/// Data-plane statistics a memory node reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// Data-plane connections open now.
+    pub connections: u64,
+    /// READs served.
+    pub ops_read: u64,
+    /// WRITEs served.
+    pub ops_write: u64,
+    /// CAS and FAA served.
+    pub ops_atomic: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Operations refused (bounds, keys, epochs).
+    pub op_errors: u64,
+    /// Connections closed for protocol violations.
+    pub protocol_errors: u64,
+    /// Resident memory of the node process in KiB (0 if unknown).
+    pub rss_kib: u64,
+}
+
+/// Status of one memory node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// How to reach it.
+    pub endpoint: Endpoint,
+    /// Region size.
+    pub capacity: u64,
+    /// Block size.
+    pub block_size: u64,
+    /// Blocks in the region.
+    pub blocks_total: u64,
+    /// Blocks free for allocation.
+    pub blocks_free: u64,
+    /// Freed blocks waiting for the node to confirm revocation.
+    pub blocks_revoking: u64,
+    /// Whether the node is alive (heartbeats arriving).
+    pub alive: bool,
+    /// Milliseconds since the last heartbeat.
+    pub last_heartbeat_ms: u64,
+    /// Huge-page backed region.
+    pub hugepages: bool,
+    /// Locked region.
+    pub locked: bool,
+    /// Last reported statistics.
+    pub stats: NodeStats,
+}
+
+/// Usage of one path in the namespace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathUsage {
+    /// The path.
+    pub path: PoolPath,
+    /// Blocks owned directly by the path.
+    pub blocks: u64,
+    /// Bytes owned by the path and everything below it.
+    pub subtree_bytes: u64,
+    /// Quota on the subtree, if any.
+    pub quota: Option<u64>,
+    /// Milliseconds until the lease expires (negative: expired, about to be reclaimed).
+    pub lease_remaining_ms: i64,
+}
+
+/// Cluster-wide status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Memory nodes.
+    pub nodes: Vec<NodeStatus>,
+    /// Every path with its usage, in path order.
+    pub paths: Vec<PathUsage>,
+    /// Total capacity of live nodes.
+    pub capacity_bytes: u64,
+    /// Bytes allocated.
+    pub used_bytes: u64,
+    /// Lease period in milliseconds.
+    pub lease_ms: u64,
+    /// Allocations served since start (blocks).
+    pub blocks_allocated_total: u64,
+    /// Blocks freed since start (explicitly, by removal, or by lease expiry).
+    pub blocks_freed_total: u64,
+    /// Blocks reclaimed because a lease expired.
+    pub blocks_expired_total: u64,
+}
+
+/// Why a control request failed. Each variant says what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ControlError {
+    /// The path is malformed.
+    #[error(transparent)]
+    BadPath(#[from] PathError),
+    /// Nothing lives at the path.
+    #[error("no such path '{0}'; create it with open or alloc first")]
+    NotFound(PoolPath),
+    /// Not enough free blocks on live memory nodes.
+    #[error("out of pool memory: {requested} bytes requested, {free} bytes free on live memory nodes; free data or add memory nodes")]
+    NoCapacity {
+        /// Bytes requested (rounded to blocks).
+        requested: u64,
+        /// Bytes free.
+        free: u64,
+    },
+    /// The allocation would exceed a quota on the path or one of its ancestors.
+    #[error("quota exceeded on '{path}': {used} of {quota} bytes used, {requested} more requested; raise the quota or free data")]
+    QuotaExceeded {
+        /// Path holding the quota.
+        path: PoolPath,
+        /// The quota.
+        quota: u64,
+        /// Bytes in use under it.
+        used: u64,
+        /// Bytes requested.
+        requested: u64,
+    },
+    /// The block is not owned by the path named.
+    #[error("block {block} is not owned by '{path}'; free blocks through the path that allocated them")]
+    NotOwner {
+        /// The block.
+        block: BlockId,
+        /// The path named.
+        path: PoolPath,
+    },
+    /// Named node does not exist or is dead.
+    #[error("memory node {0} is unknown or dead; pick another node or use automatic placement")]
+    NoSuchNode(u32),
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: controller speaks {controller}, peer speaks {peer}; run the same farpool version everywhere")]
+    VersionMismatch {
+        /// Controller's version.
+        controller: u32,
+        /// Peer's version.
+        peer: u32,
+    },
+    /// The registration was refused.
+    #[error("memory node registration refused: {0}")]
+    BadRegistration(String),
+    /// The request was not valid in this state.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
