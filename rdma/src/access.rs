@@ -1,0 +1,443 @@
+//! Per-block access keys and epochs: the software equivalent of RDMA memory windows.
+//!
+//! A region is cut into blocks of `block_size` bytes. Each block has an epoch and two
+//! keys, one granting read-write access and one read-only. A key of 0 means "no grant".
+//! An operation passes when it lies inside one block, names that block's current epoch,
+//! and presents one of its keys (the read-write key for writes and atomics).
+//!
+//! # Consistency
+//!
+//! Each entry is guarded by a sequence lock: [`AccessTable::set`] makes the sequence odd,
+//! stores the keys and the epoch, and makes it even again; [`AccessTable::check`] reads
+//! the sequence, the fields, and the sequence again, and retries when it changed. A
+//! check therefore always sees one consistent `(epoch, key_rw, key_ro)` triple, never a
+//! new epoch with old keys or the reverse, and it takes no lock (readers never write the
+//! entry, which matters when the table lives in a shared-memory file mapped read-write by
+//! clients).
+//!
+//! A check and the operation it admits are not one atomic step: an operation whose
+//! check passed just before a concurrent `set` may still be applied just after it, as an
+//! RDMA operation already executing when a memory window is invalidated. A memory node
+//! that frees a block should therefore not rely on the bump being instantaneous for
+//! operations already in flight.
+
+use std::hint;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+use crate::error::{OpError, TransportError};
+use crate::op::RKey;
+
+/// Size in bytes of one table entry, in memory and in the shared-memory file.
+pub(crate) const ENTRY_SIZE: usize = 32;
+
+/// Spins before a reader gives up on an entry whose writer never finished (only
+/// possible when a memory node process died inside `set` on a shared-memory table).
+const MAX_READ_SPINS: u32 = 1 << 20;
+
+/// One block's grant state. All fields are atomics, so the all-zero bit pattern (a
+/// fresh file) is a valid entry: epoch 0, no keys.
+#[repr(C, align(32))]
+#[derive(Default)]
+pub(crate) struct Entry {
+    /// Sequence lock word: odd while a `set` is in progress.
+    seq: AtomicU32,
+    /// Current epoch of the block.
+    epoch: AtomicU32,
+    /// Key granting read-write access (0: none).
+    key_rw: AtomicU64,
+    /// Key granting read-only access (0: none).
+    key_ro: AtomicU64,
+}
+
+const _: () = assert!(std::mem::size_of::<Entry>() == ENTRY_SIZE);
+
+impl Entry {
+    /// A consistent snapshot `(epoch, key_rw, key_ro)`, or `None` when a writer appears
+    /// to have died mid-update.
+    #[inline]
+    fn snapshot(&self) -> Option<(u32, u64, u64)> {
+        for spins in 0..MAX_READ_SPINS {
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 == 0 {
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                let key_rw = self.key_rw.load(Ordering::Relaxed);
+                let key_ro = self.key_ro.load(Ordering::Relaxed);
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == s1 {
+                    return Some((epoch, key_rw, key_ro));
+                }
+            }
+            if spins > 64 {
+                std::thread::yield_now();
+            } else {
+                hint::spin_loop();
+            }
+        }
+        None
+    }
+
+    fn store(&self, epoch: u32, key_rw: u64, key_ro: u64) {
+        // Take the write side: move the sequence from even to odd.
+        let mut s = self.seq.load(Ordering::Relaxed);
+        loop {
+            if s & 1 == 0 {
+                match self.seq.compare_exchange_weak(
+                    s,
+                    s.wrapping_add(1),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => break,
+                    Err(cur) => s = cur,
+                }
+            } else {
+                hint::spin_loop();
+                s = self.seq.load(Ordering::Relaxed);
+            }
+        }
+        // Keep the field stores after the odd sequence store for readers.
+        fence(Ordering::Release);
+        self.key_rw.store(key_rw, Ordering::Relaxed);
+        self.key_ro.store(key_ro, Ordering::Relaxed);
+        self.epoch.store(epoch, Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+}
+
+/// Where the entries live.
+enum Storage {
+    /// Private to this process.
+    Heap(Box<[Entry]>),
+    /// Inside a shared-memory file (see [`crate::shm`]).
+    Shared(crate::shm::SharedTable),
+}
+
+/// Epochs and keys of every block of a region. `Send + Sync`; all methods take `&self`.
+pub struct AccessTable {
+    storage: Storage,
+    region_len: u64,
+    block_size: u64,
+    num_blocks: u32,
+}
+
+/// Checks the geometry and returns the number of blocks.
+pub(crate) fn num_blocks_for(region_len: u64, block_size: u64) -> Result<u32, TransportError> {
+    if block_size == 0 || region_len == 0 {
+        return Err(TransportError::Region(format!(
+            "region length ({region_len}) and block size ({block_size}) must be nonzero"
+        )));
+    }
+    if region_len % block_size != 0 {
+        return Err(TransportError::Region(format!(
+            "region length {region_len} is not a multiple of the block size {block_size}"
+        )));
+    }
+    u32::try_from(region_len / block_size).map_err(|_| {
+        TransportError::Region(format!(
+            "{} blocks of {block_size} bytes is more than the 2^32-1 a table can index; use larger blocks",
+            region_len / block_size
+        ))
+    })
+}
+
+impl AccessTable {
+    /// A table for a region of `region_len` bytes cut into blocks of `block_size` bytes,
+    /// every block at epoch 0 with no keys (nothing accessible).
+    ///
+    /// `block_size` must be nonzero and divide `region_len`, and there may be at most
+    /// `u32::MAX` blocks.
+    pub fn new(region_len: u64, block_size: u64) -> Result<AccessTable, TransportError> {
+        let num_blocks = num_blocks_for(region_len, block_size)?;
+        let entries: Box<[Entry]> = (0..num_blocks).map(|_| Entry::default()).collect();
+        Ok(AccessTable {
+            storage: Storage::Heap(entries),
+            region_len,
+            block_size,
+            num_blocks,
+        })
+    }
+
+    /// A table whose entries live in a shared-memory mapping.
+    pub(crate) fn from_shared(
+        table: crate::shm::SharedTable,
+        region_len: u64,
+        block_size: u64,
+    ) -> Result<AccessTable, TransportError> {
+        let num_blocks = num_blocks_for(region_len, block_size)?;
+        if table.entries().len() != num_blocks as usize {
+            return Err(TransportError::Region(format!(
+                "shared access table has {} entries, expected {num_blocks}",
+                table.entries().len()
+            )));
+        }
+        Ok(AccessTable {
+            storage: Storage::Shared(table),
+            region_len,
+            block_size,
+            num_blocks,
+        })
+    }
+
+    #[inline]
+    fn entries(&self) -> &[Entry] {
+        match &self.storage {
+            Storage::Heap(e) => e,
+            Storage::Shared(t) => t.entries(),
+        }
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// Number of blocks.
+    pub fn num_blocks(&self) -> u32 {
+        self.num_blocks
+    }
+
+    /// Length of the region the table covers.
+    pub fn region_len(&self) -> u64 {
+        self.region_len
+    }
+
+    /// The block containing byte `addr`, or `None` past the end of the region.
+    pub fn block_of(&self, addr: u64) -> Option<u32> {
+        if addr < self.region_len {
+            Some((addr / self.block_size) as u32)
+        } else {
+            None
+        }
+    }
+
+    /// Publishes a block's epoch and keys (0 = no grant) as one consistent update.
+    ///
+    /// Typical use: on grant, `set(b, epoch, rw, ro)`; on free, `set(b, epoch + 1, 0, 0)`,
+    /// which makes every outstanding grant fail with [`OpError::StaleEpoch`].
+    ///
+    /// # Panics
+    ///
+    /// If `block >= self.num_blocks()` (a bug in the caller's block accounting).
+    pub fn set(&self, block: u32, epoch: u32, key_rw: u64, key_ro: u64) {
+        self.entries()[block as usize].store(epoch, key_rw, key_ro);
+    }
+
+    /// The current epoch of `block`.
+    ///
+    /// # Panics
+    ///
+    /// If `block >= self.num_blocks()`.
+    pub fn epoch(&self, block: u32) -> u32 {
+        self.entries()[block as usize]
+            .snapshot()
+            .map_or(0, |(epoch, _, _)| epoch)
+    }
+
+    /// Checks an operation on `addr..addr+len` presenting `rkey`; `write` is true for
+    /// WRITE and atomics.
+    ///
+    /// The range must lie inside exactly one block ([`OpError::OutOfBounds`] names that
+    /// block's bounds, or the region's when `addr` is past its end); zero-length ranges
+    /// pass when `addr` is inside a block. Then, in order: an epoch other than the
+    /// block's current one gives [`OpError::StaleEpoch`]; a key that is 0 or matches
+    /// neither grant gives [`OpError::AccessDenied`]; the read-only key on a write gives
+    /// [`OpError::ReadOnly`].
+    #[inline]
+    pub fn check(&self, addr: u64, len: u64, rkey: RKey, write: bool) -> Result<(), OpError> {
+        if addr >= self.region_len {
+            return Err(OpError::OutOfBounds {
+                addr,
+                len,
+                start: 0,
+                end: self.region_len,
+            });
+        }
+        let block = addr / self.block_size;
+        let start = block * self.block_size;
+        let end = start + self.block_size;
+        if len > end - addr {
+            return Err(OpError::OutOfBounds {
+                addr,
+                len,
+                start,
+                end,
+            });
+        }
+        let Some((epoch, key_rw, key_ro)) = self.entries()[block as usize].snapshot() else {
+            return Err(OpError::AccessDenied);
+        };
+        if rkey.epoch != epoch {
+            return Err(OpError::StaleEpoch {
+                granted: rkey.epoch,
+                current: epoch,
+            });
+        }
+        if rkey.key == 0 {
+            return Err(OpError::AccessDenied);
+        }
+        if rkey.key == key_rw {
+            return Ok(());
+        }
+        if rkey.key == key_ro {
+            return if write { Err(OpError::ReadOnly) } else { Ok(()) };
+        }
+        Err(OpError::AccessDenied)
+    }
+}
+
+impl std::fmt::Debug for AccessTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessTable")
+            .field("region_len", &self.region_len)
+            .field("block_size", &self.block_size)
+            .field("num_blocks", &self.num_blocks)
+            .field(
+                "storage",
+                &match self.storage {
+                    Storage::Heap(_) => "heap",
+                    Storage::Shared(_) => "shared",
+                },
+            )
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    const BS: u64 = 4096;
+
+    fn key(key: u64, epoch: u32) -> RKey {
+        RKey { key, epoch }
+    }
+
+    #[test]
+    fn geometry() {
+        let t = AccessTable::new(16 * BS, BS).unwrap();
+        assert_eq!(t.num_blocks(), 16);
+        assert_eq!(t.block_size(), BS);
+        assert_eq!(t.region_len(), 16 * BS);
+        assert_eq!(t.block_of(BS + 1), Some(1));
+        assert_eq!(t.block_of(16 * BS), None);
+        assert!(AccessTable::new(16 * BS, 0).is_err());
+        assert!(AccessTable::new(0, BS).is_err());
+        assert!(AccessTable::new(16 * BS + 1, BS).is_err());
+        assert!(AccessTable::new(1 << 44, 1).is_err());
+    }
+
+    #[test]
+    fn nothing_granted_initially() {
+        let t = AccessTable::new(4 * BS, BS).unwrap();
+        assert_eq!(t.epoch(2), 0);
+        assert_eq!(
+            t.check(2 * BS, 8, key(0, 0), false),
+            Err(OpError::AccessDenied)
+        );
+        assert_eq!(
+            t.check(2 * BS, 8, key(5, 0), false),
+            Err(OpError::AccessDenied)
+        );
+    }
+
+    #[test]
+    fn keys_and_epochs() {
+        let t = AccessTable::new(4 * BS, BS).unwrap();
+        t.set(1, 3, 0xAA, 0xBB);
+        assert_eq!(t.epoch(1), 3);
+        let a = BS + 100;
+        assert_eq!(t.check(a, 100, key(0xAA, 3), true), Ok(()));
+        assert_eq!(t.check(a, 100, key(0xAA, 3), false), Ok(()));
+        assert_eq!(t.check(a, 100, key(0xBB, 3), false), Ok(()));
+        assert_eq!(t.check(a, 100, key(0xBB, 3), true), Err(OpError::ReadOnly));
+        assert_eq!(t.check(a, 100, key(0xCC, 3), false), Err(OpError::AccessDenied));
+        assert_eq!(
+            t.check(a, 100, key(0xAA, 2), false),
+            Err(OpError::StaleEpoch {
+                granted: 2,
+                current: 3
+            })
+        );
+        // Key of another block does not open this one.
+        t.set(2, 3, 0xDD, 0);
+        assert_eq!(t.check(a, 1, key(0xDD, 3), false), Err(OpError::AccessDenied));
+        // Revocation.
+        t.set(1, 4, 0, 0);
+        assert_eq!(
+            t.check(a, 1, key(0xAA, 3), false),
+            Err(OpError::StaleEpoch {
+                granted: 3,
+                current: 4
+            })
+        );
+        assert_eq!(t.check(a, 1, key(0, 4), false), Err(OpError::AccessDenied));
+    }
+
+    #[test]
+    fn bounds() {
+        let t = AccessTable::new(4 * BS, BS).unwrap();
+        t.set(3, 0, 1, 0);
+        let k = key(1, 0);
+        assert_eq!(t.check(3 * BS, BS, k, true), Ok(()));
+        assert_eq!(t.check(4 * BS - 1, 1, k, true), Ok(()));
+        assert_eq!(t.check(4 * BS - 1, 0, k, true), Ok(()));
+        assert_eq!(
+            t.check(4 * BS - 1, 2, k, true),
+            Err(OpError::OutOfBounds {
+                addr: 4 * BS - 1,
+                len: 2,
+                start: 3 * BS,
+                end: 4 * BS
+            })
+        );
+        assert_eq!(
+            t.check(4 * BS, 0, k, true),
+            Err(OpError::OutOfBounds {
+                addr: 4 * BS,
+                len: 0,
+                start: 0,
+                end: 4 * BS
+            })
+        );
+        assert!(t.check(u64::MAX, u64::MAX, k, false).is_err());
+        assert!(t.check(3 * BS + 8, u64::MAX, k, false).is_err());
+        // Crossing into the next block is refused even with both blocks granted.
+        t.set(2, 0, 1, 0);
+        assert_eq!(
+            t.check(3 * BS - 4, 8, k, false),
+            Err(OpError::OutOfBounds {
+                addr: 3 * BS - 4,
+                len: 8,
+                start: 2 * BS,
+                end: 3 * BS
+            })
+        );
+    }
+
+    #[test]
+    fn concurrent_set_and_check_see_consistent_pairs() {
+        // Each epoch e is granted with key e * 7 + 1: a checker must never see a
+        // snapshot where a key belongs to another epoch.
+        let t = Arc::new(AccessTable::new(BS, BS).unwrap());
+        let writer = {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                for e in 1..50_000u32 {
+                    t.set(0, e, u64::from(e) * 7 + 1, u64::from(e) * 7 + 2);
+                }
+            })
+        };
+        let mut seen = 0;
+        while !writer.is_finished() {
+            let (e, rw, ro) = t.entries()[0].snapshot().unwrap();
+            if e != 0 {
+                assert_eq!(rw, u64::from(e) * 7 + 1);
+                assert_eq!(ro, u64::from(e) * 7 + 2);
+                seen += 1;
+            }
+        }
+        writer.join().unwrap();
+        assert!(seen > 0 || t.epoch(0) == 49_999);
+    }
+}

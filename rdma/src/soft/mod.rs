@@ -1,0 +1,1 @@
+//! The soft backend: one-sided operations over TCP.
