@@ -1,6 +1,264 @@
-//! Command-line interface (being written).
+//! The `farpool` command line: `controller`, `memnode`, `demo`, `bench`, `status`.
+
+use crate::controller::{Controller, ControllerConfig};
+use crate::memnode::{MemNode, MemNodeConfig};
+use crate::size::{format_size, parse_size};
+use clap::{Parser, Subcommand};
+use farpool_rdma::TransportKind;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// farpool: an elastic far-memory pool for serverless analytics.
+#[derive(Debug, Parser)]
+#[command(name = "farpool", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller (metadata, allocation, leases).
+    Controller(ControllerArgs),
+    /// Run a memory node serving one-sided operations on its region.
+    Memnode(MemNodeArgs),
+    /// Run a small word-count job on an embedded pool and show allocation and reclamation.
+    Demo(crate::demo::DemoArgs),
+    /// Measure the pool (and peers such as Redis and memcached) under load.
+    Bench(crate::bench::BenchArgs),
+    /// Show memory nodes, capacity, and usage per job and task.
+    Status(StatusArgs),
+}
+
+/// `farpool controller`.
+#[derive(Debug, clap::Args)]
+pub struct ControllerArgs {
+    /// Address to listen on for clients and memory nodes.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "FARPOOL_LISTEN")]
+    pub listen: String,
+    /// Directory for the controller's persistent state (the cluster key).
+    #[arg(long, env = "FARPOOL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Lease period in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub lease_secs: f64,
+    /// Grace period after a lease lapses, in seconds, before data is reclaimed.
+    #[arg(long, default_value_t = 2.0)]
+    pub grace_secs: f64,
+    /// Heartbeat interval asked of memory nodes, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub heartbeat_ms: u64,
+    /// Heartbeats a node may miss before it is declared dead.
+    #[arg(long, default_value_t = 3)]
+    pub missed_heartbeats: u32,
+}
+
+/// `farpool memnode`.
+#[derive(Debug, clap::Args)]
+pub struct MemNodeArgs {
+    /// Controller address.
+    #[arg(long, env = "FARPOOL_CONTROLLER")]
+    pub controller: String,
+    /// Data-plane listen address (soft transport).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Address advertised to clients, if different from the bound one (e.g. behind NAT).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Region size, e.g. 4GiB.
+    #[arg(long, value_parser = parse_size)]
+    pub capacity: u64,
+    /// Block size, a power of two of at least 4 KiB.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    pub block_size: u64,
+    /// Data-plane transport: soft (TCP) or shm (same host, trusted).
+    #[arg(long, default_value = "soft")]
+    pub transport: TransportKind,
+    /// Directory for the shm region file.
+    #[arg(long, default_value = "/dev/shm")]
+    pub shm_dir: PathBuf,
+    /// Don't try huge pages.
+    #[arg(long)]
+    pub no_hugepages: bool,
+    /// Don't try to lock the region in memory.
+    #[arg(long)]
+    pub no_lock: bool,
+}
+
+/// `farpool status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Controller address.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "FARPOOL_CONTROLLER")]
+    pub controller: String,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Announces a ready server on stdout as `listening <addr>` (the bench harness and
+/// scripts wait for this line).
+fn announce(addr: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening {addr}");
+    let _ = out.flush();
+}
+
+fn secs(v: f64, what: &str) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v).map_err(|_| format!("{what} must be a non-negative number of seconds"))
+}
 
 /// Entry point of the `farpool` binary.
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: Result<(), String> = match cli.command {
+        Command::Controller(a) => {
+            init_logging("info");
+            run_controller(a)
+        }
+        Command::Memnode(a) => {
+            init_logging("info");
+            run_memnode(a)
+        }
+        Command::Demo(a) => {
+            init_logging("warn");
+            crate::demo::run(a).map_err(|e| e.to_string())
+        }
+        Command::Bench(a) => {
+            init_logging("warn");
+            crate::bench::run(a).map_err(|e| e.to_string())
+        }
+        Command::Status(a) => {
+            init_logging("warn");
+            run_status(a)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("farpool: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_controller(a: ControllerArgs) -> Result<(), String> {
+    let heartbeat = Duration::from_millis(a.heartbeat_ms.max(10));
+    let config = ControllerConfig {
+        listen: a.listen,
+        data_dir: a.data_dir,
+        lease: secs(a.lease_secs, "--lease-secs")?,
+        grace: secs(a.grace_secs, "--grace-secs")?,
+        heartbeat,
+        dead_after: heartbeat * a.missed_heartbeats.max(1),
+    };
+    let c = Controller::start(config).map_err(|e| e.to_string())?;
+    announce(&c.local_addr().to_string());
+    c.wait();
+    Ok(())
+}
+
+fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
+    let node = MemNode::start(MemNodeConfig {
+        controller: a.controller,
+        listen: a.listen,
+        advertise: a.advertise,
+        capacity: a.capacity,
+        block_size: a.block_size,
+        transport: a.transport,
+        shm_dir: a.shm_dir,
+        hugepages: !a.no_hugepages,
+        lock: !a.no_lock,
+        ..MemNodeConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
+    announce(node.data_addr());
+    node.wait();
+    Ok(())
+}
+
+fn run_status(a: StatusArgs) -> Result<(), String> {
+    let client = crate::Client::connect(&a.controller).map_err(|e| e.to_string())?;
+    let st = client.status().map_err(|e| e.to_string())?;
+    if a.json {
+        let s = serde_json::to_string_pretty(&st).map_err(|e| e.to_string())?;
+        println!("{s}");
+        return Ok(());
+    }
+    print!("{}", render_status(&st));
+    Ok(())
+}
+
+/// Renders a cluster status as text tables.
+pub fn render_status(st: &crate::proto::ClusterStatus) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "capacity {}  used {}  lease {} ms  blocks allocated {} freed {} expired {}",
+        format_size(st.capacity_bytes),
+        format_size(st.used_bytes),
+        st.lease_ms,
+        st.blocks_allocated_total,
+        st.blocks_freed_total,
+        st.blocks_expired_total
+    );
+    let _ = writeln!(o, "\nNODES");
+    let _ = writeln!(
+        o,
+        "{:>4}  {:<5}  {:<28} {:>10} {:>9} {:>7} {:>7}  {:<5} {:>8}",
+        "id", "xport", "address", "capacity", "block", "free", "revoke", "alive", "rss"
+    );
+    for n in &st.nodes {
+        let _ = writeln!(
+            o,
+            "{:>4}  {:<5}  {:<28} {:>10} {:>9} {:>7} {:>7}  {:<5} {:>8}",
+            n.endpoint.node,
+            format!("{:?}", n.endpoint.transport).to_lowercase(),
+            n.endpoint.addr,
+            format_size(n.capacity),
+            format_size(n.block_size),
+            n.blocks_free,
+            n.blocks_revoking,
+            if n.alive { "yes" } else { "DEAD" },
+            format_size(n.stats.rss_kib * 1024),
+        );
+    }
+    let _ = writeln!(o, "\nUSAGE (per job, stage, task)");
+    let _ = writeln!(
+        o,
+        "{:<48} {:>7} {:>10} {:>10} {:>9}",
+        "path", "blocks", "subtree", "quota", "lease"
+    );
+    for p in &st.paths {
+        let depth = p.path.components().count().saturating_sub(1);
+        let name = format!(
+            "{}{}",
+            "  ".repeat(depth),
+            p.path.components().last().unwrap_or("/")
+        );
+        let _ = writeln!(
+            o,
+            "{:<48} {:>7} {:>10} {:>10} {:>8}s",
+            name,
+            p.blocks,
+            format_size(p.subtree_bytes),
+            p.quota.map(format_size).unwrap_or_else(|| "-".into()),
+            format!("{:.1}", p.lease_remaining_ms as f64 / 1000.0),
+        );
+    }
+    o
 }

@@ -1,1 +1,305 @@
-//! memnode (being written).
+//! The memory node: maps a region, registers it with the controller, and serves
+//! one-sided operations on it.
+//!
+//! The node never interprets data. It checks every operation against the region's
+//! bounds and the block's current grant ([`farpool_rdma::AccessTable`]); keys are
+//! derived from the secret the controller hands over at registration, so the controller
+//! never ships per-block keys. When the controller revokes a block (free, removal,
+//! lease expiry) the node zeroes it, moves it to the new epoch, and confirms; only then
+//! does the controller hand the block to another task, so a stale handle can neither
+//! read nor overwrite the next owner's data.
+
+mod link;
+mod stats;
+
+pub use stats::{process_rss_kib, region_rss_kib};
+
+use crate::proto::{derive_key, Register, Secret, WireTransport};
+use farpool_rdma::shm::ShmRegion;
+use farpool_rdma::soft::{SoftServer, SoftServerConfig};
+use farpool_rdma::{AccessTable, Region, RegionOptions, TransportKind};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Memory node settings.
+#[derive(Debug, Clone)]
+pub struct MemNodeConfig {
+    /// Controller address (`host:port`).
+    pub controller: String,
+    /// Data-plane listen address for the soft transport (`host:port`, port 0 = any).
+    pub listen: String,
+    /// Address advertised to clients; defaults to the bound listen address.
+    pub advertise: Option<String>,
+    /// Region size in bytes (rounded down to whole blocks).
+    pub capacity: u64,
+    /// Block size in bytes (a power of two, at least 4 KiB).
+    pub block_size: u64,
+    /// Data-plane transport.
+    pub transport: TransportKind,
+    /// Directory for the shm region file.
+    pub shm_dir: PathBuf,
+    /// Try huge pages for the region.
+    pub hugepages: bool,
+    /// Try to lock the region in memory.
+    pub lock: bool,
+    /// Largest single READ/WRITE served on the soft transport.
+    pub max_op_bytes: u32,
+}
+
+impl Default for MemNodeConfig {
+    fn default() -> Self {
+        Self {
+            controller: "127.0.0.1:7070".into(),
+            listen: "127.0.0.1:0".into(),
+            advertise: None,
+            capacity: 256 << 20,
+            block_size: 1 << 20,
+            transport: TransportKind::Soft,
+            shm_dir: PathBuf::from("/dev/shm"),
+            hugepages: true,
+            lock: true,
+            max_op_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Why a memory node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MemNodeError {
+    /// Invalid settings.
+    #[error("invalid memory node configuration: {0}")]
+    Config(String),
+    /// The region or data plane could not be set up.
+    #[error("data plane: {0}")]
+    Transport(#[from] farpool_rdma::TransportError),
+    /// Registration with the controller failed.
+    #[error("controller link: {0}")]
+    Link(String),
+}
+
+/// The data-plane side of a node: the mapped region, its access table, and the server.
+pub(crate) struct DataPlane {
+    pub(crate) region: Arc<Region>,
+    pub(crate) access: Arc<AccessTable>,
+    pub(crate) soft: Option<SoftServer>,
+    pub(crate) shm: Option<ShmRegion>,
+    pub(crate) data_addr: String,
+}
+
+impl DataPlane {
+    /// Installs the keys of `block` at `epoch`.
+    pub(crate) fn install(&self, secret: &Secret, node: u32, block: u32, epoch: u32) {
+        let rw = derive_key(secret, node, block, epoch, true);
+        let ro = derive_key(secret, node, block, epoch, false);
+        self.access.set(block, epoch, rw, ro);
+    }
+
+    /// Revokes every grant on every block (epoch 0, no keys).
+    pub(crate) fn revoke_all(&self) {
+        for b in 0..self.access.num_blocks() {
+            self.access.set(b, 0, 0, 0);
+        }
+    }
+
+    /// Zeroes one block so the next owner cannot read the previous owner's data.
+    pub(crate) fn zero_block(&self, block: u32) {
+        const CHUNK: usize = 64 << 10;
+        static ZEROS: [u8; CHUNK] = [0; CHUNK];
+        let bs = self.access.block_size();
+        let start = u64::from(block) * bs;
+        let mut off = 0;
+        while off < bs {
+            let n = (bs - off).min(CHUNK as u64) as usize;
+            if let Err(e) = self.region.write(start + off, &ZEROS[..n]) {
+                tracing::error!(block, error = %e, "cannot zero block");
+                return;
+            }
+            off += n as u64;
+        }
+    }
+
+    pub(crate) fn stats(&self) -> crate::proto::NodeStats {
+        let mut s = crate::proto::NodeStats {
+            rss_kib: process_rss_kib().unwrap_or(0),
+            ..Default::default()
+        };
+        if let Some(srv) = &self.soft {
+            let st = srv.stats();
+            s.connections = st.connections;
+            s.ops_read = st.ops_read;
+            s.ops_write = st.ops_write;
+            s.ops_atomic = st.ops_cas + st.ops_faa;
+            s.bytes_read = st.bytes_read;
+            s.bytes_written = st.bytes_written;
+            s.op_errors = st.op_errors;
+            s.protocol_errors = st.protocol_errors;
+        }
+        s
+    }
+}
+
+/// A running memory node.
+pub struct MemNode {
+    data: Arc<DataPlane>,
+    stop: Arc<AtomicBool>,
+    link: Option<JoinHandle<()>>,
+    node_id: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl MemNode {
+    /// Maps the region, starts the data plane, registers with the controller and
+    /// starts heartbeating. Returns once registered.
+    pub fn start(config: MemNodeConfig) -> Result<MemNode, MemNodeError> {
+        let bs = config.block_size;
+        if bs < 4096 || !bs.is_power_of_two() {
+            return Err(MemNodeError::Config(format!(
+                "block size {bs} must be a power of two of at least 4096 bytes"
+            )));
+        }
+        let capacity = config.capacity / bs * bs;
+        if capacity == 0 {
+            return Err(MemNodeError::Config(format!(
+                "capacity {} is smaller than one block of {bs} bytes",
+                config.capacity
+            )));
+        }
+        let data = Arc::new(Self::data_plane(&config, capacity)?);
+        let register = Register {
+            data_addr: data.data_addr.clone(),
+            transport: WireTransport::from(config.transport),
+            capacity,
+            block_size: bs,
+            hugepages: data.region.is_huge(),
+            locked: data.region.is_locked(),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let node_id = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let link = link::Link::connect(&config.controller, register, data.clone())
+            .map_err(|e| MemNodeError::Link(e.to_string()))?;
+        node_id.store(link.node_id(), Ordering::Relaxed);
+        tracing::info!(
+            node = link.node_id(),
+            data = %data.data_addr,
+            transport = %config.transport,
+            capacity,
+            block_size = bs,
+            hugepages = data.region.is_huge(),
+            locked = data.region.is_locked(),
+            "memory node registered"
+        );
+        let handle = link::spawn(link, config.controller.clone(), stop.clone(), node_id.clone())
+            .map_err(|e| MemNodeError::Link(format!("cannot start the controller link thread: {e}")))?;
+        Ok(MemNode {
+            data,
+            stop,
+            link: Some(handle),
+            node_id,
+        })
+    }
+
+    fn data_plane(config: &MemNodeConfig, capacity: u64) -> Result<DataPlane, MemNodeError> {
+        let opts = RegionOptions {
+            hugepages: config.hugepages,
+            lock: config.lock,
+        };
+        match config.transport {
+            TransportKind::Soft => {
+                let len = usize::try_from(capacity)
+                    .map_err(|_| MemNodeError::Config("capacity exceeds the address space".into()))?;
+                let region = Arc::new(Region::anonymous(len, opts)?);
+                let access = Arc::new(AccessTable::new(capacity, config.block_size)?);
+                let server = SoftServer::bind(
+                    &config.listen,
+                    region.clone(),
+                    access.clone(),
+                    SoftServerConfig {
+                        max_op_bytes: config.max_op_bytes,
+                        ..SoftServerConfig::default()
+                    },
+                )?;
+                let bound = server.local_addr();
+                let data_addr = config
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| bound.to_string());
+                Ok(DataPlane {
+                    region,
+                    access,
+                    soft: Some(server),
+                    shm: None,
+                    data_addr,
+                })
+            }
+            TransportKind::Shm => {
+                let name = format!(
+                    "farpool-{}-{:016x}",
+                    std::process::id(),
+                    rand::random::<u64>()
+                );
+                let path = config.shm_dir.join(name);
+                let shm = ShmRegion::create(&path, capacity, config.block_size)?;
+                Ok(DataPlane {
+                    region: shm.region(),
+                    access: shm.access(),
+                    soft: None,
+                    data_addr: path.to_string_lossy().into_owned(),
+                    shm: Some(shm),
+                })
+            }
+            TransportKind::Verbs => Err(MemNodeError::Config(
+                "this build has no RDMA verbs backend; rebuild with --features verbs".into(),
+            )),
+        }
+    }
+
+    /// The address (soft) or file path (shm) clients use to reach the data plane.
+    pub fn data_addr(&self) -> &str {
+        &self.data.data_addr
+    }
+
+    /// The soft data plane's bound socket address, if serving soft.
+    pub fn soft_addr(&self) -> Option<SocketAddr> {
+        self.data.soft.as_ref().map(|s| s.local_addr())
+    }
+
+    /// The node id the controller assigned (changes if the node re-registers).
+    pub fn node_id(&self) -> u32 {
+        self.node_id.load(Ordering::Relaxed)
+    }
+
+    /// Current data-plane statistics.
+    pub fn stats(&self) -> crate::proto::NodeStats {
+        self.data.stats()
+    }
+
+    /// Blocks until the node stops (its controller link thread ends).
+    pub fn wait(mut self) {
+        if let Some(h) = self.link.take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Stops heartbeating, closes the data plane and unmaps the region.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = &self.data.soft {
+            s.shutdown();
+        }
+        if let Some(h) = self.link.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for MemNode {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}

@@ -14,7 +14,7 @@ pub mod grant;
 pub mod msg;
 pub mod path;
 
-pub use grant::{derive_key, BlockGrant, BlockId, Endpoint, Secret};
+pub use grant::{derive_key, BlockGrant, BlockId, Endpoint, Secret, WireTransport};
 pub use msg::*;
 pub use path::{PathError, PoolPath};
 

@@ -1,0 +1,176 @@
+//! Block handles: one-sided operations on one granted block.
+
+use super::ClientError;
+use crate::proto::{BlockGrant, BlockId};
+use farpool_rdma::{Op, Transport};
+use std::sync::Arc;
+
+/// A granted block: where it lives, its epoch and key, and the connection to its
+/// memory node. Offsets are relative to the block start; every access is checked
+/// against the block length here and again by the memory node.
+#[derive(Clone)]
+pub struct BlockHandle {
+    grant: Arc<BlockGrant>,
+    transport: Arc<dyn Transport>,
+}
+
+impl BlockHandle {
+    pub(crate) fn new(grant: BlockGrant, transport: Arc<dyn Transport>) -> Self {
+        Self {
+            grant: Arc::new(grant),
+            transport,
+        }
+    }
+
+    /// Block length in bytes.
+    pub fn len(&self) -> u64 {
+        self.grant.len
+    }
+
+    /// Whether the block has zero length (never, for granted blocks).
+    pub fn is_empty(&self) -> bool {
+        self.grant.len == 0
+    }
+
+    /// The block's identity.
+    pub fn id(&self) -> BlockId {
+        self.grant.block
+    }
+
+    /// The grant behind this handle.
+    pub fn grant(&self) -> &BlockGrant {
+        &self.grant
+    }
+
+    /// Whether writes and atomics are allowed.
+    pub fn writable(&self) -> bool {
+        self.grant.writable
+    }
+
+    /// The transport to the block's memory node.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.grant.len => Ok(()),
+            _ => Err(ClientError::OutOfBounds {
+                offset,
+                len,
+                block_len: self.grant.len,
+            }),
+        }
+    }
+
+    fn check_atomic(&self, offset: u64) -> Result<(), ClientError> {
+        self.check(offset, 8)?;
+        if offset % 8 != 0 {
+            return Err(ClientError::Misaligned(offset));
+        }
+        Ok(())
+    }
+
+    /// A READ of `buf.len()` bytes at `offset`, for [`BlockHandle::execute`].
+    pub fn read_op<'a>(&self, offset: u64, buf: &'a mut [u8]) -> Result<Op<'a>, ClientError> {
+        self.check(offset, buf.len() as u64)?;
+        Ok(Op::read(self.grant.remote(offset), buf))
+    }
+
+    /// A WRITE of `data` at `offset`, for [`BlockHandle::execute`].
+    pub fn write_op<'a>(&self, offset: u64, data: &'a [u8]) -> Result<Op<'a>, ClientError> {
+        self.check(offset, data.len() as u64)?;
+        Ok(Op::write(self.grant.remote(offset), data))
+    }
+
+    /// A compare-and-swap of the u64 at `offset`, for [`BlockHandle::execute`].
+    pub fn cas_op(&self, offset: u64, expected: u64, new: u64) -> Result<Op<'static>, ClientError> {
+        self.check_atomic(offset)?;
+        Ok(Op::compare_swap(self.grant.remote(offset), expected, new))
+    }
+
+    /// A fetch-and-add on the u64 at `offset`, for [`BlockHandle::execute`].
+    pub fn faa_op(&self, offset: u64, add: u64) -> Result<Op<'static>, ClientError> {
+        self.check_atomic(offset)?;
+        Ok(Op::fetch_add(self.grant.remote(offset), add))
+    }
+
+    /// Runs a batch of operations built with this handle's `*_op` methods with one
+    /// round trip (all outstanding together). On failure each operation's status says
+    /// whether it completed.
+    pub fn execute(&self, ops: &mut [Op<'_>]) -> Result<(), ClientError> {
+        let lo = self.grant.offset;
+        let hi = lo + self.grant.len;
+        for (index, op) in ops.iter().enumerate() {
+            let in_block = op.remote.addr >= lo
+                && op.remote.addr.saturating_add(op.remote_len()) <= hi
+                && op.remote.rkey.key == self.grant.key;
+            if !in_block {
+                return Err(ClientError::ForeignOp { index });
+            }
+        }
+        self.transport.execute(ops)?;
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Large reads are split into pieces the
+    /// transport accepts and issued as one batch.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        self.check(offset, buf.len() as u64)?;
+        let max = self.transport.max_op_bytes().max(1);
+        if buf.len() <= max {
+            self.transport.read(self.grant.remote(offset), buf)?;
+            return Ok(());
+        }
+        let mut ops: Vec<Op<'_>> = buf
+            .chunks_mut(max)
+            .enumerate()
+            .map(|(i, c)| Op::read(self.grant.remote(offset + (i * max) as u64), c))
+            .collect();
+        self.transport.execute(&mut ops)?;
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` (split like [`BlockHandle::read`]). Writes larger than
+    /// 8 bytes are not atomic: a concurrent reader may see them torn.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        self.check(offset, data.len() as u64)?;
+        let max = self.transport.max_op_bytes().max(1);
+        if data.len() <= max {
+            self.transport.write(self.grant.remote(offset), data)?;
+            return Ok(());
+        }
+        let mut ops: Vec<Op<'_>> = data
+            .chunks(max)
+            .enumerate()
+            .map(|(i, c)| Op::write(self.grant.remote(offset + (i * max) as u64), c))
+            .collect();
+        self.transport.execute(&mut ops)?;
+        Ok(())
+    }
+
+    /// Compare-and-swap on the u64 at `offset` (8-byte aligned); returns the value found.
+    pub fn cas(&self, offset: u64, expected: u64, new: u64) -> Result<u64, ClientError> {
+        self.check_atomic(offset)?;
+        Ok(self
+            .transport
+            .compare_swap(self.grant.remote(offset), expected, new)?)
+    }
+
+    /// Fetch-and-add on the u64 at `offset` (8-byte aligned); returns the old value.
+    pub fn faa(&self, offset: u64, add: u64) -> Result<u64, ClientError> {
+        self.check_atomic(offset)?;
+        Ok(self.transport.fetch_add(self.grant.remote(offset), add)?)
+    }
+}
+
+impl std::fmt::Debug for BlockHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockHandle")
+            .field("block", &self.grant.block)
+            .field("epoch", &self.grant.epoch)
+            .field("len", &self.grant.len)
+            .field("writable", &self.grant.writable)
+            .finish()
+    }
+}

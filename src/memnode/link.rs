@@ -1,0 +1,212 @@
+//! The memory node's link to the controller: registration, heartbeats, revocations.
+
+use super::DataPlane;
+use crate::proto::frame::{read_msg, write_msg, FrameError};
+use crate::proto::{ControllerMsg, Hello, NodeMsg, Register, Role, Secret, PROTOCOL_VERSION};
+use parking_lot::Mutex;
+use std::io::{BufRead, BufReader, ErrorKind};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How long the reader waits before checking whether the node is stopping.
+const POLL: Duration = Duration::from_millis(200);
+/// Longest wait for the rest of a frame once its first byte arrived.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the link failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkError {
+    #[error("cannot connect to controller {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("controller refused registration: {0}")]
+    Refused(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A registered session with the controller.
+pub(crate) struct Link {
+    writer: Arc<Mutex<TcpStream>>,
+    reader: BufReader<TcpStream>,
+    node_id: u32,
+    secret: Secret,
+    heartbeat: Duration,
+    register: Register,
+    data: Arc<DataPlane>,
+}
+
+impl Link {
+    /// Connects, registers, and installs the keys of every block.
+    pub(crate) fn connect(addr: &str, register: Register, data: Arc<DataPlane>) -> Result<Link, LinkError> {
+        let stream = TcpStream::connect(addr).map_err(|source| LinkError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(FRAME_TIMEOUT))?;
+        let mut writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        write_msg(
+            &mut writer,
+            &Hello {
+                version: PROTOCOL_VERSION,
+                role: Role::MemNode(register.clone()),
+            },
+        )?;
+        let (node_id, secret, heartbeat_ms, epoch) = match read_msg::<ControllerMsg>(&mut reader)? {
+            ControllerMsg::Registered {
+                node_id,
+                secret,
+                heartbeat_ms,
+                initial_epoch,
+            } => (node_id, secret, heartbeat_ms, initial_epoch),
+            ControllerMsg::Error(e) => return Err(LinkError::Refused(e.to_string())),
+            other => return Err(LinkError::Refused(format!("unexpected first message {other:?}"))),
+        };
+        for b in 0..data.access.num_blocks() {
+            data.install(&secret, node_id, b, epoch);
+        }
+        Ok(Link {
+            writer: Arc::new(Mutex::new(writer)),
+            reader,
+            node_id,
+            secret,
+            heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
+            register,
+            data,
+        })
+    }
+
+    pub(crate) fn node_id(&self) -> u32 {
+        self.node_id
+    }
+
+    fn send(&self, msg: &NodeMsg) -> Result<(), FrameError> {
+        write_msg(&mut *self.writer.lock(), msg)
+    }
+
+    /// Moves blocks to new epochs (zeroing them) and confirms.
+    fn revoke(&self, blocks: Vec<(u32, u32)>) -> Result<(), FrameError> {
+        let n = self.data.access.num_blocks();
+        let mut done = Vec::with_capacity(blocks.len());
+        for (block, epoch) in blocks {
+            if block >= n {
+                tracing::warn!(block, "controller revoked a block outside the region; ignored");
+                continue;
+            }
+            // Kill old grants first, then scrub, then publish the new epoch's keys.
+            self.data.access.set(block, epoch, 0, 0);
+            self.data.zero_block(block);
+            self.data.install(&self.secret, self.node_id, block, epoch);
+            done.push((block, epoch));
+        }
+        self.send(&NodeMsg::Revoked(done))
+    }
+
+    /// Serves the session until the connection fails or `stop` is set.
+    fn serve(mut self, stop: &AtomicBool) -> Result<(), LinkError> {
+        let hb_stop = Arc::new(AtomicBool::new(false));
+        let hb = {
+            let writer = self.writer.clone();
+            let data = self.data.clone();
+            let period = self.heartbeat;
+            let hb_stop = hb_stop.clone();
+            std::thread::Builder::new()
+                .name("farpool-heartbeat".into())
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    while !hb_stop.load(Ordering::Relaxed) {
+                        let msg = NodeMsg::Heartbeat(data.stats());
+                        if let Err(e) = write_msg(&mut *writer.lock(), &msg) {
+                            tracing::warn!(error = %e, "heartbeat failed");
+                            return;
+                        }
+                        std::thread::sleep(period);
+                    }
+                })?
+        };
+        self.reader.get_ref().set_read_timeout(Some(POLL))?;
+        let result = loop {
+            if stop.load(Ordering::Relaxed) {
+                break Ok(());
+            }
+            match self.reader.fill_buf() {
+                Ok([]) => break Err(LinkError::Frame(FrameError::Closed)),
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+                Err(e) => break Err(e.into()),
+            }
+            self.reader.get_ref().set_read_timeout(Some(FRAME_TIMEOUT))?;
+            let msg = read_msg::<ControllerMsg>(&mut self.reader);
+            self.reader.get_ref().set_read_timeout(Some(POLL))?;
+            match msg {
+                Ok(ControllerMsg::Revoke(blocks)) => {
+                    if let Err(e) = self.revoke(blocks) {
+                        break Err(e.into());
+                    }
+                }
+                Ok(ControllerMsg::Error(e)) => break Err(LinkError::Refused(e.to_string())),
+                Ok(other) => tracing::warn!(?other, "unexpected controller message ignored"),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        hb_stop.store(true, Ordering::Relaxed);
+        let _ = self.writer.lock().shutdown(std::net::Shutdown::Both);
+        let _ = hb.join();
+        result
+    }
+}
+
+/// Runs the link in a thread: serve, and on failure revoke every grant, scrub the
+/// region and re-register (as a new, empty node) until `stop` is set.
+pub(crate) fn spawn(
+    link: Link,
+    addr: String,
+    stop: Arc<AtomicBool>,
+    node_id: Arc<AtomicU32>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("farpool-link".into())
+        .spawn(move || {
+            let mut link = Some(link);
+            let mut backoff = Duration::from_millis(100);
+            while !stop.load(Ordering::Relaxed) {
+                let Some(l) = link.take() else {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                };
+                let data = l.data.clone();
+                let register = l.register.clone();
+                match l.serve(&stop) {
+                    Ok(()) => return,
+                    Err(e) => tracing::error!(error = %e, "lost the controller; revoking all grants and re-registering empty"),
+                }
+                data.revoke_all();
+                for b in 0..data.access.num_blocks() {
+                    data.zero_block(b);
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    match Link::connect(&addr, register.clone(), data.clone()) {
+                        Ok(l) => {
+                            tracing::info!(node = l.node_id(), "re-registered with the controller");
+                            node_id.store(l.node_id(), Ordering::Relaxed);
+                            link = Some(l);
+                            backoff = Duration::from_millis(100);
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "re-registration failed; retrying");
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            }
+        })
+}
