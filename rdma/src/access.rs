@@ -279,7 +279,11 @@ impl AccessTable {
             return Ok(());
         }
         if rkey.key == key_ro {
-            return if write { Err(OpError::ReadOnly) } else { Ok(()) };
+            return if write {
+                Err(OpError::ReadOnly)
+            } else {
+                Ok(())
+            };
         }
         Err(OpError::AccessDenied)
     }
@@ -351,7 +355,10 @@ mod tests {
         assert_eq!(t.check(a, 100, key(0xAA, 3), false), Ok(()));
         assert_eq!(t.check(a, 100, key(0xBB, 3), false), Ok(()));
         assert_eq!(t.check(a, 100, key(0xBB, 3), true), Err(OpError::ReadOnly));
-        assert_eq!(t.check(a, 100, key(0xCC, 3), false), Err(OpError::AccessDenied));
+        assert_eq!(
+            t.check(a, 100, key(0xCC, 3), false),
+            Err(OpError::AccessDenied)
+        );
         assert_eq!(
             t.check(a, 100, key(0xAA, 2), false),
             Err(OpError::StaleEpoch {
@@ -361,7 +368,10 @@ mod tests {
         );
         // Key of another block does not open this one.
         t.set(2, 3, 0xDD, 0);
-        assert_eq!(t.check(a, 1, key(0xDD, 3), false), Err(OpError::AccessDenied));
+        assert_eq!(
+            t.check(a, 1, key(0xDD, 3), false),
+            Err(OpError::AccessDenied)
+        );
         // Revocation.
         t.set(1, 4, 0, 0);
         assert_eq!(

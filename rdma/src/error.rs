@@ -55,7 +55,9 @@ pub enum OpError {
     #[error("unknown operation code {0}; the memory node speaks a different protocol version")]
     UnknownOp(u8),
     /// The connection failed before this operation completed; its effect is unknown.
-    #[error("aborted: the connection failed before the operation completed; its effect is unknown")]
+    #[error(
+        "aborted: the connection failed before the operation completed; its effect is unknown"
+    )]
     Aborted,
     /// The operation was not executed because the batch was rejected as a whole.
     #[error("not executed: {0}")]

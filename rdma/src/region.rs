@@ -111,7 +111,9 @@ impl Region {
             Some(m) => m,
             None => {
                 let m = MmapOptions::new().len(len).map_anon().map_err(|e| {
-                    TransportError::Region(format!("cannot map an anonymous region of {len} bytes: {e}"))
+                    TransportError::Region(format!(
+                        "cannot map an anonymous region of {len} bytes: {e}"
+                    ))
                 })?;
                 if opts.hugepages {
                     if let Err(e) = m.advise(Advice::HugePage) {
@@ -362,7 +364,10 @@ mod tests {
         r.write(16, &77u64.to_le_bytes()).unwrap();
         assert_eq!(r.fetch_add(16, 1).unwrap(), 77);
         assert_eq!(r.fetch_add(12, 1), Err(OpError::Misaligned { addr: 12 }));
-        assert_eq!(r.compare_swap(3, 0, 1), Err(OpError::Misaligned { addr: 3 }));
+        assert_eq!(
+            r.compare_swap(3, 0, 1),
+            Err(OpError::Misaligned { addr: 3 })
+        );
     }
 
     #[test]

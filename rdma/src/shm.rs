@@ -196,14 +196,17 @@ impl Header {
 
 /// Maps the whole of `file` shared, read-write.
 fn map_file(file: &File, path: &Path) -> Result<Arc<MmapRaw>, TransportError> {
-    let map = MmapOptions::new().map_raw(file).map_err(|e| {
-        TransportError::Region(format!("cannot map {}: {e}", path.display()))
-    })?;
+    let map = MmapOptions::new()
+        .map_raw(file)
+        .map_err(|e| TransportError::Region(format!("cannot map {}: {e}", path.display())))?;
     Ok(Arc::new(map))
 }
 
 /// Builds the region and table views of a validated mapping.
-fn views(map: &Arc<MmapRaw>, h: &Header) -> Result<(Arc<Region>, Arc<AccessTable>), TransportError> {
+fn views(
+    map: &Arc<MmapRaw>,
+    h: &Header,
+) -> Result<(Arc<Region>, Arc<AccessTable>), TransportError> {
     let region_len = usize::try_from(h.region_len)
         .map_err(|_| TransportError::Region("region too large for this host".into()))?;
     let region = Region::from_shared(map.clone(), h.data_offset as usize, region_len)?;
@@ -245,7 +248,11 @@ impl ShmRegion {
     /// Creates (replacing any existing file) a region file at `path` (usually under
     /// `/dev/shm`) with `region_len` data bytes cut into `block_size` blocks, all at
     /// epoch 0 with no keys. The file has mode `0600`.
-    pub fn create(path: &Path, region_len: u64, block_size: u64) -> Result<ShmRegion, TransportError> {
+    pub fn create(
+        path: &Path,
+        region_len: u64,
+        block_size: u64,
+    ) -> Result<ShmRegion, TransportError> {
         let header = Header::for_geometry(region_len, block_size)?;
         let file_len = header
             .file_len()
@@ -268,7 +275,10 @@ impl ShmRegion {
             .map_err(|e| ctx("create", e))?;
         let built = (|| {
             preallocate(&file, file_len).map_err(|e| {
-                ctx(&format!("allocate {file_len} bytes for (is /dev/shm large enough?)"), e)
+                ctx(
+                    &format!("allocate {file_len} bytes for (is /dev/shm large enough?)"),
+                    e,
+                )
             })?;
             let map = map_file(&file, &tmp)?;
             if let Err(e) = map.advise(Advice::HugePage) {
@@ -487,11 +497,17 @@ mod tests {
         let mut b = [0u8; 8];
         node.region().read(2 * 4096 + 8, &mut b).unwrap();
         assert_eq!(&b, b"shared!!");
-        assert_eq!(client.fetch_add(at, 1).unwrap(), u64::from_le_bytes(*b"shared!!"));
+        assert_eq!(
+            client.fetch_add(at, 1).unwrap(),
+            u64::from_le_bytes(*b"shared!!")
+        );
         node.access().set(2, 2, 0, 0);
         assert!(matches!(
             client.read(at, &mut b),
-            Err(Error::Op(OpError::StaleEpoch { granted: 1, current: 2 }))
+            Err(Error::Op(OpError::StaleEpoch {
+                granted: 1,
+                current: 2
+            }))
         ));
         drop(node);
         assert!(!path.exists());
@@ -523,7 +539,9 @@ mod tests {
         let e = ShmTransport::open(&path).unwrap_err().to_string();
         assert!(e.contains("version 9"), "{e}");
 
-        let e = ShmTransport::open(&dir.path().join("missing")).unwrap_err().to_string();
+        let e = ShmTransport::open(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot open"), "{e}");
         assert!(ShmRegion::create(&path, 4096 * 3, 4096 * 2).is_err());
     }
