@@ -1,0 +1,121 @@
+//! Starts real `farpool controller` and `farpool memnode` processes on 127.0.0.1.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_farpool")
+}
+
+/// Spawns `farpool ARGS` and waits for its `listening <addr>` line.
+pub fn spawn(args: &[&str]) -> Proc {
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn farpool");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep draining so the child never blocks on a full pipe.
+        let mut sink = String::new();
+        while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("farpool {args:?} did not announce its address");
+        }
+    };
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?} from farpool {args:?}"))
+        .to_string();
+    Proc { child, addr }
+}
+
+/// A controller with short leases and heartbeats, for tests.
+pub fn controller() -> Proc {
+    spawn(&[
+        "controller",
+        "--listen",
+        "127.0.0.1:0",
+        "--lease-secs",
+        "1",
+        "--grace-secs",
+        "0.5",
+        "--heartbeat-ms",
+        "100",
+        "--missed-heartbeats",
+        "3",
+    ])
+}
+
+/// A memory node of `capacity` with 64 KiB blocks.
+pub fn memnode(controller: &str, capacity: &str, transport: &str) -> Proc {
+    spawn(&[
+        "memnode",
+        "--controller",
+        controller,
+        "--listen",
+        "127.0.0.1:0",
+        "--capacity",
+        capacity,
+        "--block-size",
+        "64KiB",
+        "--transport",
+        transport,
+        "--no-lock",
+        "--no-hugepages",
+    ])
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
