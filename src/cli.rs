@@ -167,8 +167,7 @@ fn run_controller(a: ControllerArgs) -> Result<(), String> {
     };
     let c = Controller::start(config).map_err(|e| e.to_string())?;
     announce(&c.local_addr().to_string());
-    c.wait();
-    Ok(())
+    c.wait().map_err(|e| e.to_string())
 }
 
 fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
