@@ -1,1 +1,290 @@
-//! controller (being written).
+//! The controller: the pool's only metadata owner.
+//!
+//! It keeps the memory-node registry (one free list and one epoch per block), the
+//! namespace tree of paths (`/job/stage/task`) with the blocks each owns, per-subtree
+//! usage and quotas, and leases. Clients talk to it to open paths, allocate, free,
+//! look up and renew; they never send data through it.
+//!
+//! # Structure
+//! - `state`: [`ControllerState`], the pure state machine. Every operation takes the
+//!   current time and returns its result plus [`Effect`]s for the I/O layer, so the
+//!   protocol is testable without sockets.
+//! - `registry`: memory nodes, block epochs and owners, free lists, liveness.
+//! - `namespace`: the path tree, usage accounting, quotas and lease expiry.
+//! - `server`: tokio networking around the state (one mutex, never held across an
+//!   `.await`), a writer task per memory node, and a ticker for leases and heartbeats.
+//! - `secret`: the cluster secret in the data directory.
+//!
+//! # Guarantees
+//! - Allocation is all or nothing: quotas (on the path and every ancestor) and free
+//!   capacity are checked before any block is taken.
+//! - A freed block gets a new epoch and returns to the free list only after its memory
+//!   node confirmed that epoch, so a stale grant can never read the next owner's data.
+//! - A memory node that misses heartbeats for `dead_after`, or whose connection closes,
+//!   is dead for good: it gets no new blocks, its blocks stay listed (their owners see
+//!   I/O errors rather than silently lost data), and it is dropped once they are all
+//!   freed. A restarted node registers afresh with a new id and an empty region.
+//! - All memory nodes of a cluster must use the same block size.
+//!
+//! # Persistence
+//! With a `data_dir`, the controller keeps the cluster secret in `data_dir/secret`, so
+//! a restarted controller derives the same block keys. The namespace and block
+//! ownership are **not** recovered yet: after a controller restart memory nodes must
+//! re-register and clients start from an empty namespace. A metadata log for full
+//! recovery is planned (DESIGN.md section 7) and not implemented here.
+
+mod namespace;
+mod registry;
+mod secret;
+mod server;
+mod state;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod state_tests;
+
+pub use registry::{INITIAL_EPOCH, MIN_BLOCK_SIZE};
+pub use state::{ControllerState, Effect, Removal, StateConfig, MAX_BLOCKS_PER_ALLOC};
+
+use crate::proto::{ClusterStatus, Secret};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Longest lease, grace or heartbeat period accepted (one year).
+const MAX_PERIOD: Duration = Duration::from_secs(365 * 86_400);
+
+/// How to run a controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerConfig {
+    /// Control-plane listen address (`host:port`; port 0 picks a free port).
+    pub listen: String,
+    /// Directory for the cluster secret (created if missing). `None`: a random secret
+    /// per run.
+    pub data_dir: Option<PathBuf>,
+    /// Lease period granted by open, alloc and renew.
+    pub lease: Duration,
+    /// Extra time an expired path survives before it is reclaimed.
+    pub grace: Duration,
+    /// Heartbeat interval asked of memory nodes.
+    pub heartbeat: Duration,
+    /// A memory node silent for this long is declared dead.
+    pub dead_after: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7070".into(),
+            data_dir: None,
+            lease: Duration::from_secs(10),
+            grace: Duration::from_secs(2),
+            heartbeat: Duration::from_millis(500),
+            dead_after: Duration::from_millis(1500),
+        }
+    }
+}
+
+impl ControllerConfig {
+    /// Checks the periods for sanity.
+    pub fn validate(&self) -> Result<(), ControllerError> {
+        let check = |name: &str, d: Duration, min: Duration| {
+            if d < min || d > MAX_PERIOD {
+                Err(ControllerError::Config(format!(
+                    "{name} of {d:?} is out of range; use between {min:?} and one year"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        check("lease", self.lease, Duration::from_millis(10))?;
+        check("grace", self.grace, Duration::ZERO)?;
+        check("heartbeat", self.heartbeat, Duration::from_millis(10))?;
+        check("dead_after", self.dead_after, self.heartbeat)?;
+        Ok(())
+    }
+
+    /// The timing part used by the state machine.
+    pub fn state_config(&self) -> StateConfig {
+        StateConfig {
+            lease: self.lease,
+            grace: self.grace,
+            dead_after: self.dead_after,
+        }
+    }
+}
+
+/// Why a controller could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The configuration is inconsistent.
+    #[error("invalid controller configuration: {0}")]
+    Config(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on '{addr}': {source}; choose another address or port (port 0 picks a free one), or stop the process using it")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data directory could not be created or used.
+    #[error("cannot use data directory '{}': {source}; check that the path is writable or pick another --data-dir", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The file-system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cluster secret file is unusable.
+    #[error("cluster secret file '{}' is unusable: {reason}", path.display())]
+    Secret {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The async runtime or a signal handler could not be set up.
+    #[error(
+        "cannot run the controller's runtime: {0}; check the process's thread and file limits"
+    )]
+    Runtime(#[source] std::io::Error),
+}
+
+/// A running controller. Stops on [`Controller::shutdown`] or when dropped.
+pub struct Controller {
+    runtime: Option<tokio::runtime::Runtime>,
+    shared: Arc<server::Shared>,
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// Starts a controller on its own runtime (2 worker threads named `farpool-ctl`).
+    /// The listener is bound before this returns, so [`Controller::local_addr`] is
+    /// valid at once. May be called from inside another tokio runtime.
+    pub fn start(config: ControllerConfig) -> Result<Controller, ControllerError> {
+        config.validate()?;
+        let secret = match &config.data_dir {
+            Some(dir) => secret::load_or_create(dir)?,
+            None => Secret::random(),
+        };
+        let std_listener = std::net::TcpListener::bind(&config.listen).map_err(|source| {
+            ControllerError::Bind {
+                addr: config.listen.clone(),
+                source,
+            }
+        })?;
+        let bind_err = |source| ControllerError::Bind {
+            addr: config.listen.clone(),
+            source,
+        };
+        let local_addr = std_listener.local_addr().map_err(bind_err)?;
+        std_listener.set_nonblocking(true).map_err(bind_err)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("farpool-ctl")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(ControllerError::Runtime)?;
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?
+        };
+        let state = ControllerState::new(config.state_config(), secret, Instant::now());
+        let shared = Arc::new(server::Shared::new(state, config.heartbeat));
+        let (shutdown, rx) = watch::channel(false);
+        runtime.spawn(server::run(listener, shared.clone(), rx));
+        tracing::info!(%local_addr, lease = ?config.lease, "controller listening");
+        Ok(Controller {
+            runtime: Some(runtime),
+            shared,
+            local_addr,
+            shutdown,
+        })
+    }
+
+    /// The address the controller listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Cluster status, read directly from the in-process state.
+    pub fn status(&self) -> ClusterStatus {
+        self.shared.state.lock().status(Instant::now())
+    }
+
+    /// Stops accepting, closes every connection and stops the runtime.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+
+    /// Blocks until the process gets Ctrl-C (or SIGTERM on Unix), then shuts down.
+    /// For the command-line tool; must not be called from inside an async runtime.
+    /// Fails (after shutting down) if Ctrl-C cannot be listened for.
+    pub fn wait(self) -> Result<(), ControllerError> {
+        let Some(runtime) = self.runtime.as_ref() else {
+            return Ok(());
+        };
+        let mut stop = self.shutdown.subscribe();
+        let result = runtime.block_on(async move {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.map_err(ControllerError::Runtime),
+                () = terminated() => Ok(()),
+                _ = stop.wait_for(|&s| s) => Ok(()),
+            }
+        });
+        tracing::info!("controller shutting down");
+        drop(self);
+        result
+    }
+}
+
+/// Resolves on SIGTERM; never if it cannot be listened for.
+#[cfg(unix)]
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            term.recv().await;
+        }
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM: {e}");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Never resolves: there is no SIGTERM here.
+#[cfg(not(unix))]
+async fn terminated() {
+    std::future::pending::<()>().await;
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+        if let Some(runtime) = self.runtime.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Blocking inside an async context is not allowed; let it wind down.
+                runtime.shutdown_background();
+            } else {
+                runtime.shutdown_timeout(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,589 @@
+//! Memory-node registry: regions, per-block epochs and owners, free lists, liveness.
+//!
+//! Block metadata is materialised lazily: a node's region starts as `blocks_total`
+//! untouched blocks (free, at [`INITIAL_EPOCH`]); a block gets an entry in the node's
+//! block table the first time it is handed out. Registration is therefore O(1) however
+//! large the region, and metadata grows with the blocks actually used.
+
+use super::namespace::PathId;
+use crate::proto::{ControlError, Endpoint, NodeStats, Register};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Epoch every block of a freshly registered node starts at.
+pub const INITIAL_EPOCH: u32 = 1;
+
+/// Smallest block size a memory node may register (bytes).
+pub const MIN_BLOCK_SIZE: u64 = 4096;
+
+/// Owner sentinels packed into [`Block::owner`]; path ids stay below them.
+const FREE: u32 = u32::MAX;
+const REVOKING: u32 = u32::MAX - 1;
+const RETIRED: u32 = u32::MAX - 2;
+/// Path ids must be below this value.
+pub(crate) const MAX_PATH_ID: u32 = RETIRED;
+
+/// Where a block stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockState {
+    /// On the free list (or never handed out).
+    Free,
+    /// Owned by a path.
+    Owned(PathId),
+    /// Freed, new epoch sent to the node, confirmation pending.
+    Revoking,
+    /// Its epoch space is exhausted; it is never handed out again.
+    Retired,
+}
+
+/// Packed per-block metadata (8 bytes).
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    epoch: u32,
+    owner: u32,
+}
+
+impl Block {
+    fn state(self) -> BlockState {
+        match self.owner {
+            FREE => BlockState::Free,
+            REVOKING => BlockState::Revoking,
+            RETIRED => BlockState::Retired,
+            p => BlockState::Owned(p),
+        }
+    }
+}
+
+/// What releasing an owned block did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Released {
+    /// The block moved to a new epoch and waits for the node's confirmation.
+    Revoking {
+        /// The new epoch to send to the node.
+        new_epoch: u32,
+    },
+    /// The node is dead: the block went straight back to the (unused) free list.
+    Dropped,
+    /// The epoch space is exhausted: the block is retired for good.
+    Retired,
+}
+
+/// One registered memory node.
+#[derive(Debug)]
+pub(crate) struct MemNode {
+    /// Node id.
+    pub id: u32,
+    /// Data-plane endpoint handed to clients in grants.
+    pub endpoint: Endpoint,
+    /// Region size in bytes.
+    pub capacity: u64,
+    /// Block size in bytes.
+    pub block_size: u64,
+    /// Huge-page backed.
+    pub hugepages: bool,
+    /// Locked in memory.
+    pub locked: bool,
+    /// Heartbeats arriving and connection open. A dead node never comes back.
+    pub alive: bool,
+    /// When the last heartbeat (or the registration) arrived.
+    pub last_heartbeat: Instant,
+    /// Last reported statistics.
+    pub stats: NodeStats,
+    blocks_total: u32,
+    /// Block table; index `i` exists once block `i` was handed out at least once.
+    blocks: Vec<Block>,
+    /// Recycled free blocks (stack). Untouched blocks are `blocks.len()..blocks_total`.
+    free: Vec<u32>,
+    owned: u64,
+    revoking: u64,
+    retired: u64,
+}
+
+impl MemNode {
+    /// Blocks in the region.
+    pub fn blocks_total(&self) -> u64 {
+        u64::from(self.blocks_total)
+    }
+
+    /// Blocks available for allocation (recycled plus untouched).
+    pub fn free_blocks(&self) -> u64 {
+        self.free.len() as u64 + (u64::from(self.blocks_total) - self.blocks.len() as u64)
+    }
+
+    /// Blocks owned by paths.
+    #[cfg(test)]
+    pub fn owned_blocks(&self) -> u64 {
+        self.owned
+    }
+
+    /// Blocks waiting for a revocation confirmation.
+    pub fn revoking_blocks(&self) -> u64 {
+        self.revoking
+    }
+
+    /// Blocks whose epochs are exhausted.
+    #[cfg(test)]
+    pub fn retired_blocks(&self) -> u64 {
+        self.retired
+    }
+
+    /// Whether no block on the node is owned or being revoked.
+    pub fn holds_no_data(&self) -> bool {
+        self.owned == 0 && self.revoking == 0
+    }
+
+    /// State and epoch of block `index`, `None` if out of range.
+    pub fn block(&self, index: u32) -> Option<(BlockState, u32)> {
+        if index >= self.blocks_total {
+            return None;
+        }
+        Some(match self.blocks.get(index as usize) {
+            Some(b) => (b.state(), b.epoch),
+            None => (BlockState::Free, INITIAL_EPOCH),
+        })
+    }
+
+    /// Hands out one free block to `owner`: `(index, epoch)`.
+    fn take(&mut self, owner: PathId) -> Option<(u32, u32)> {
+        debug_assert!(owner < MAX_PATH_ID);
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let i = u32::try_from(self.blocks.len()).ok()?;
+                if i >= self.blocks_total {
+                    return None;
+                }
+                self.blocks.push(Block {
+                    epoch: INITIAL_EPOCH,
+                    owner: FREE,
+                });
+                i
+            }
+        };
+        let b = &mut self.blocks[index as usize];
+        debug_assert_eq!(b.owner, FREE);
+        b.owner = owner;
+        self.owned += 1;
+        Some((index, b.epoch))
+    }
+
+    /// Releases block `index` owned by `owner`: bumps its epoch and either starts a
+    /// revocation (live node) or drops it straight to the free list (dead node).
+    /// `None` if the block is not owned by `owner`.
+    fn release(&mut self, index: u32, owner: PathId) -> Option<Released> {
+        let alive = self.alive;
+        let b = self.blocks.get_mut(index as usize)?;
+        if b.owner != owner || owner >= MAX_PATH_ID {
+            return None;
+        }
+        self.owned -= 1;
+        let Some(new_epoch) = b.epoch.checked_add(1) else {
+            b.owner = RETIRED;
+            self.retired += 1;
+            return Some(Released::Retired);
+        };
+        b.epoch = new_epoch;
+        if alive {
+            b.owner = REVOKING;
+            self.revoking += 1;
+            Some(Released::Revoking { new_epoch })
+        } else {
+            b.owner = FREE;
+            self.free.push(index);
+            Some(Released::Dropped)
+        }
+    }
+
+    /// The node confirmed block `index` is at `epoch`. Returns whether the block went
+    /// back to the free list (stale or unexpected confirmations are ignored).
+    fn confirm(&mut self, index: u32, epoch: u32) -> bool {
+        match self.blocks.get_mut(index as usize) {
+            Some(b) if b.owner == REVOKING && b.epoch == epoch => {
+                b.owner = FREE;
+                self.revoking -= 1;
+                self.free.push(index);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks the node dead. Pending revocations will never be confirmed; the blocks
+    /// return to the free list (which a dead node never allocates from).
+    fn kill(&mut self) {
+        if !self.alive {
+            return;
+        }
+        self.alive = false;
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            if b.owner == REVOKING {
+                b.owner = FREE;
+                // Block tables are bounded by `blocks_total`, a u32.
+                self.free.push(i as u32);
+            }
+        }
+        self.revoking = 0;
+    }
+}
+
+/// Validates a registration; returns the number of blocks.
+pub(crate) fn validate_register(
+    reg: &Register,
+    cluster_block_size: Option<u64>,
+) -> Result<u32, ControlError> {
+    let bad = |m: String| Err(ControlError::BadRegistration(m));
+    let bs = reg.block_size;
+    if bs < MIN_BLOCK_SIZE || !bs.is_power_of_two() {
+        return bad(format!(
+            "block size {bs} must be a power of two of at least {MIN_BLOCK_SIZE} bytes"
+        ));
+    }
+    if reg.capacity < bs {
+        return bad(format!(
+            "capacity {} is smaller than one block of {bs} bytes",
+            reg.capacity
+        ));
+    }
+    if reg.capacity % bs != 0 {
+        return bad(format!(
+            "capacity {} is not a multiple of the block size {bs}",
+            reg.capacity
+        ));
+    }
+    let Ok(blocks) = u32::try_from(reg.capacity / bs) else {
+        return bad(format!(
+            "region of {} bytes has more than {} blocks of {bs} bytes; use larger blocks",
+            reg.capacity,
+            u32::MAX
+        ));
+    };
+    if let Some(cbs) = cluster_block_size {
+        if cbs != bs {
+            return bad(format!(
+                "block size {bs} differs from the cluster's {cbs}; run every memory node with the same block size"
+            ));
+        }
+    }
+    if reg.data_addr.trim().is_empty() {
+        return bad("empty data-plane address".into());
+    }
+    Ok(blocks)
+}
+
+/// All memory nodes, by id (ids are never reused).
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    nodes: BTreeMap<u32, MemNode>,
+    next_id: u32,
+    spread_cursor: u32,
+}
+
+impl Registry {
+    /// An empty registry; the first node gets id 1.
+    pub fn new() -> Self {
+        Self {
+            nodes: BTreeMap::new(),
+            next_id: 1,
+            spread_cursor: 0,
+        }
+    }
+
+    /// The block size shared by every registered node, if any node is registered.
+    pub fn block_size(&self) -> Option<u64> {
+        self.nodes.values().next().map(|n| n.block_size)
+    }
+
+    /// Validates and registers a node, returning its fresh id.
+    pub fn register(&mut self, reg: &Register, now: Instant) -> Result<u32, ControlError> {
+        let blocks_total = validate_register(reg, self.block_size())?;
+        let id = self.next_id;
+        let Some(next) = id.checked_add(1) else {
+            return Err(ControlError::BadRegistration(
+                "memory node ids exhausted; restart the controller".into(),
+            ));
+        };
+        self.next_id = next;
+        self.nodes.insert(
+            id,
+            MemNode {
+                id,
+                endpoint: Endpoint {
+                    node: id,
+                    transport: reg.transport,
+                    addr: reg.data_addr.clone(),
+                },
+                capacity: reg.capacity,
+                block_size: reg.block_size,
+                hugepages: reg.hugepages,
+                locked: reg.locked,
+                alive: true,
+                last_heartbeat: now,
+                stats: NodeStats::default(),
+                blocks_total,
+                blocks: Vec::new(),
+                free: Vec::new(),
+                owned: 0,
+                revoking: 0,
+                retired: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    /// The node with `id`, dead or alive.
+    pub fn get(&self, id: u32) -> Option<&MemNode> {
+        self.nodes.get(&id)
+    }
+
+    /// The node with `id`, mutable.
+    pub fn get_mut(&mut self, id: u32) -> Option<&mut MemNode> {
+        self.nodes.get_mut(&id)
+    }
+
+    /// Every node in id order.
+    pub fn iter(&self) -> impl Iterator<Item = &MemNode> {
+        self.nodes.values()
+    }
+
+    /// Free blocks on live nodes.
+    pub fn live_free_blocks(&self) -> u64 {
+        self.nodes
+            .values()
+            .filter(|n| n.alive)
+            .map(MemNode::free_blocks)
+            .sum()
+    }
+
+    /// Marks `id` dead; returns whether it was alive.
+    pub fn kill(&mut self, id: u32) -> bool {
+        match self.nodes.get_mut(&id) {
+            Some(n) if n.alive => {
+                n.kill();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops `id` if it is dead and holds no data; returns whether it was dropped.
+    pub fn drop_if_empty(&mut self, id: u32) -> bool {
+        let droppable = self
+            .nodes
+            .get(&id)
+            .is_some_and(|n| !n.alive && n.holds_no_data());
+        if droppable {
+            self.nodes.remove(&id);
+        }
+        droppable
+    }
+
+    /// Drops every dead node that holds no data; returns their ids.
+    pub fn drop_empty_dead(&mut self) -> Vec<u32> {
+        let ids: Vec<u32> = self
+            .nodes
+            .values()
+            .filter(|n| !n.alive && n.holds_no_data())
+            .map(|n| n.id)
+            .collect();
+        for id in &ids {
+            self.nodes.remove(id);
+        }
+        ids
+    }
+
+    /// Live nodes whose last heartbeat is at least `dead_after` old.
+    pub fn overdue(&self, now: Instant, dead_after: std::time::Duration) -> Vec<u32> {
+        self.nodes
+            .values()
+            .filter(|n| n.alive && now.saturating_duration_since(n.last_heartbeat) >= dead_after)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Takes `count` blocks for `owner` according to `placement`, all or nothing.
+    /// Returns `(node, index, epoch)` per block.
+    pub fn take(
+        &mut self,
+        count: u32,
+        placement: crate::proto::Placement,
+        owner: PathId,
+        block_size: u64,
+    ) -> Result<Vec<(u32, u32, u32)>, ControlError> {
+        use crate::proto::Placement;
+        let requested = u64::from(count) * block_size;
+        let mut out = Vec::with_capacity(count as usize);
+        match placement {
+            Placement::Node(id) => {
+                let node = match self.nodes.get_mut(&id) {
+                    Some(n) if n.alive => n,
+                    _ => return Err(ControlError::NoSuchNode(id)),
+                };
+                let free = node.free_blocks();
+                if free < u64::from(count) {
+                    return Err(ControlError::NoCapacity {
+                        requested,
+                        free: free * block_size,
+                    });
+                }
+                for _ in 0..count {
+                    let (index, epoch) = node.take(owner).ok_or_else(internal)?;
+                    out.push((id, index, epoch));
+                }
+            }
+            Placement::LeastLoaded | Placement::Spread => {
+                let free = self.live_free_blocks();
+                if free < u64::from(count) {
+                    return Err(ControlError::NoCapacity {
+                        requested,
+                        free: free * block_size,
+                    });
+                }
+                // Live nodes with their free counts; few nodes, so a small vector.
+                let mut cands: Vec<(u32, u64)> = self
+                    .nodes
+                    .values()
+                    .filter(|n| n.alive && n.free_blocks() > 0)
+                    .map(|n| (n.id, n.free_blocks()))
+                    .collect();
+                for _ in 0..count {
+                    let slot = if placement == Placement::Spread {
+                        self.next_spread(&cands)
+                    } else {
+                        most_free(&cands)
+                    }
+                    .ok_or_else(internal)?;
+                    let id = cands[slot].0;
+                    let node = self.nodes.get_mut(&id).ok_or_else(internal)?;
+                    let (index, epoch) = node.take(owner).ok_or_else(internal)?;
+                    out.push((id, index, epoch));
+                    cands[slot].1 -= 1;
+                    if cands[slot].1 == 0 {
+                        cands.remove(slot);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Picks the first candidate with an id after the spread cursor (wrapping) and
+    /// advances the cursor, so consecutive allocations rotate across nodes.
+    fn next_spread(&mut self, cands: &[(u32, u64)]) -> Option<usize> {
+        let slot = cands
+            .iter()
+            .position(|&(id, _)| id > self.spread_cursor)
+            .or(if cands.is_empty() { None } else { Some(0) })?;
+        self.spread_cursor = cands[slot].0;
+        Some(slot)
+    }
+
+    /// Releases block `index` of `node` owned by `owner`.
+    pub fn release(&mut self, node: u32, index: u32, owner: PathId) -> Option<Released> {
+        self.nodes.get_mut(&node)?.release(index, owner)
+    }
+
+    /// Applies a node's revocation confirmations; returns how many blocks became free.
+    pub fn confirm(&mut self, node: u32, confirmed: &[(u32, u32)]) -> usize {
+        match self.nodes.get_mut(&node) {
+            Some(n) => confirmed
+                .iter()
+                .filter(|&&(index, epoch)| n.confirm(index, epoch))
+                .count(),
+            None => 0,
+        }
+    }
+}
+
+/// Most free blocks wins; ties go to the lowest node id (candidates are in id order).
+fn most_free(cands: &[(u32, u64)]) -> Option<usize> {
+    cands
+        .iter()
+        .enumerate()
+        .max_by(|(_, a), (_, b)| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(i, _)| i)
+}
+
+fn internal() -> ControlError {
+    ControlError::BadRequest("internal allocator inconsistency; please report this".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{grant::WireTransport, Placement};
+
+    fn reg(capacity: u64, block_size: u64) -> Register {
+        Register {
+            data_addr: "127.0.0.1:9000".into(),
+            transport: WireTransport::Soft,
+            capacity,
+            block_size,
+            hugepages: false,
+            locked: false,
+        }
+    }
+
+    #[test]
+    fn validation_refuses_bad_regions() {
+        for (c, b) in [
+            (8192, 1024),
+            (8192, 6000),
+            (4096, 8192),
+            (12288 + 1, 4096),
+            (0, 4096),
+        ] {
+            assert!(
+                matches!(
+                    validate_register(&reg(c, b), None),
+                    Err(ControlError::BadRegistration(_))
+                ),
+                "{c}/{b}"
+            );
+        }
+        let huge = (u64::from(u32::MAX) + 1) * 4096;
+        assert!(validate_register(&reg(huge, 4096), None).is_err());
+        assert_eq!(validate_register(&reg(1 << 20, 4096), None), Ok(256));
+        assert!(validate_register(&reg(1 << 20, 8192), Some(4096)).is_err());
+        let mut r = reg(1 << 20, 4096);
+        r.data_addr = " ".into();
+        assert!(validate_register(&r, None).is_err());
+    }
+
+    #[test]
+    fn ids_are_never_reused_and_registration_is_lazy() {
+        let now = Instant::now();
+        let mut r = Registry::new();
+        // A region with the maximal block count registers instantly.
+        let a = r
+            .register(&reg(u64::from(u32::MAX) * 4096, 4096), now)
+            .unwrap();
+        assert_eq!(r.get(a).unwrap().free_blocks(), u64::from(u32::MAX));
+        assert!(r.kill(a));
+        assert!(r.drop_if_empty(a));
+        let b = r.register(&reg(1 << 20, 4096), now).unwrap();
+        assert!(b > a);
+    }
+
+    #[test]
+    fn release_and_confirm_cycle() {
+        let now = Instant::now();
+        let mut r = Registry::new();
+        let n = r.register(&reg(2 * 4096, 4096), now).unwrap();
+        let got = r.take(2, Placement::Node(n), 5, 4096).unwrap();
+        assert_eq!(got, vec![(n, 0, 1), (n, 1, 1)]);
+        assert!(r.take(1, Placement::Node(n), 5, 4096).is_err());
+        assert_eq!(r.release(n, 0, 6), None, "wrong owner");
+        assert_eq!(
+            r.release(n, 0, 5),
+            Some(Released::Revoking { new_epoch: 2 })
+        );
+        assert_eq!(r.release(n, 0, 5), None, "already released");
+        assert_eq!(r.confirm(n, &[(0, 1)]), 0, "stale epoch ignored");
+        assert_eq!(r.get(n).unwrap().free_blocks(), 0);
+        assert_eq!(r.confirm(n, &[(0, 2), (0, 2), (99, 2)]), 1);
+        assert_eq!(
+            r.take(1, Placement::Node(n), 7, 4096).unwrap(),
+            vec![(n, 0, 2)]
+        );
+    }
+}

@@ -1,0 +1,564 @@
+//! The controller's state machine: registry, namespace, allocation, leases.
+//!
+//! Pure logic, no I/O: every operation takes the current time and returns its result
+//! plus the [`Effect`]s the I/O layer must carry out (revocations to send to memory
+//! nodes, node connections to close). This keeps the protocol testable without sockets.
+//!
+//! # Freeing and epochs
+//! Freeing a block bumps its epoch and parks it in a *revoking* state; the memory node
+//! is told the new epoch ([`Effect::Revoke`]) and the block returns to the free list
+//! only when the node confirms exactly that epoch ([`ControllerState::revoked`]). A
+//! block is therefore never handed to a new owner while a grant for an older epoch
+//! could still be honoured by its node.
+
+use super::namespace::{later, Namespace, PathId, Reclaimed, ROOT};
+use super::registry::{Registry, Released};
+use crate::proto::{
+    derive_key, BlockGrant, BlockId, ClusterStatus, ControlError, NodeStats, NodeStatus, PathError,
+    Placement, PoolPath, Register, Request, Response, Secret,
+};
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// Most blocks one allocation may ask for (keeps responses well inside a frame).
+pub const MAX_BLOCKS_PER_ALLOC: u64 = 65_536;
+
+/// Timing parameters of the state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateConfig {
+    /// Lease period granted by open, alloc and renew.
+    pub lease: Duration,
+    /// How long past its effective deadline an expired path survives before reclaim.
+    pub grace: Duration,
+    /// A live node without a heartbeat for this long is declared dead.
+    pub dead_after: Duration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(10),
+            grace: Duration::from_secs(2),
+            dead_after: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// Something the I/O layer must do after a state change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send [`crate::proto::ControllerMsg::Revoke`] with these `(index, new_epoch)`
+    /// pairs to memory node `node`.
+    Revoke {
+        /// Memory node id.
+        node: u32,
+        /// Blocks and their new epochs.
+        blocks: Vec<(u32, u32)>,
+    },
+    /// Memory node `node` was declared dead: close its connection.
+    NodeDead {
+        /// Memory node id.
+        node: u32,
+    },
+}
+
+/// What [`ControllerState::remove`] took away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removal {
+    /// Blocks freed.
+    pub blocks: u64,
+    /// Paths removed.
+    pub paths: u64,
+}
+
+/// The controller's complete in-memory state.
+#[derive(Debug)]
+pub struct ControllerState {
+    cfg: StateConfig,
+    secret: Secret,
+    registry: Registry,
+    ns: Namespace,
+    blocks_allocated_total: u64,
+    blocks_freed_total: u64,
+    blocks_expired_total: u64,
+}
+
+/// Collects revocations per node during one operation.
+#[derive(Default)]
+struct Revocations(BTreeMap<u32, Vec<(u32, u32)>>);
+
+impl Revocations {
+    fn into_effects(self) -> Vec<Effect> {
+        self.0
+            .into_iter()
+            .map(|(node, blocks)| Effect::Revoke { node, blocks })
+            .collect()
+    }
+}
+
+impl ControllerState {
+    /// A state with no nodes and an empty namespace.
+    pub fn new(cfg: StateConfig, secret: Secret, now: Instant) -> Self {
+        Self {
+            cfg,
+            secret,
+            registry: Registry::new(),
+            ns: Namespace::new(now),
+            blocks_allocated_total: 0,
+            blocks_freed_total: 0,
+            blocks_expired_total: 0,
+        }
+    }
+
+    /// The cluster secret shared with memory nodes.
+    pub fn secret(&self) -> Secret {
+        self.secret
+    }
+
+    /// The timing configuration.
+    pub fn config(&self) -> &StateConfig {
+        &self.cfg
+    }
+
+    /// The lease period in milliseconds.
+    pub fn lease_ms(&self) -> u64 {
+        u64::try_from(self.cfg.lease.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    // ----- memory nodes -------------------------------------------------------------
+
+    /// Validates a memory node's registration and assigns it a fresh id (ids are never
+    /// reused). All its blocks start free at [`super::INITIAL_EPOCH`].
+    pub fn register_node(&mut self, reg: &Register, now: Instant) -> Result<u32, ControlError> {
+        self.registry.register(reg, now)
+    }
+
+    /// Records a heartbeat. Fails with [`ControlError::NoSuchNode`] if the node is
+    /// unknown or was declared dead (a dead node must register afresh).
+    pub fn heartbeat(
+        &mut self,
+        node: u32,
+        stats: NodeStats,
+        now: Instant,
+    ) -> Result<(), ControlError> {
+        match self.registry.get_mut(node) {
+            Some(n) if n.alive => {
+                n.last_heartbeat = now;
+                n.stats = stats;
+                Ok(())
+            }
+            _ => Err(ControlError::NoSuchNode(node)),
+        }
+    }
+
+    /// The node's connection closed: it is dead from now on. Its owned blocks stay
+    /// listed (their owners get I/O errors, never silently lost data); once they are
+    /// all freed the node is dropped from the registry.
+    pub fn node_lost(&mut self, node: u32) {
+        if self.registry.kill(node) {
+            tracing::warn!(node, "memory node lost; its blocks stay listed until freed");
+        }
+        self.registry.drop_if_empty(node);
+    }
+
+    /// The node confirmed that blocks now hold the given epochs. Blocks revoking at
+    /// exactly that epoch return to the free list; anything else is ignored. Returns
+    /// how many blocks became free.
+    pub fn revoked(&mut self, node: u32, confirmed: &[(u32, u32)]) -> usize {
+        self.registry.confirm(node, confirmed)
+    }
+
+    // ----- namespace ----------------------------------------------------------------
+
+    fn lease_deadline(&self, now: Instant) -> Instant {
+        later(now, self.cfg.lease)
+    }
+
+    /// Creates `path` and its parents if needed and renews its lease.
+    pub fn open(&mut self, path: &PoolPath, now: Instant) -> Result<(), ControlError> {
+        self.open_id(path, now).map(|_| ())
+    }
+
+    fn open_id(&mut self, path: &PoolPath, now: Instant) -> Result<PathId, ControlError> {
+        let deadline = self.lease_deadline(now);
+        let id = self.ns.ensure(path, deadline)?;
+        self.ns.renew(id, deadline);
+        Ok(id)
+    }
+
+    /// Allocates whole blocks covering `bytes` to `path` (created and renewed), all or
+    /// nothing: quotas on the path and its ancestors and free capacity are checked
+    /// before any block is taken.
+    pub fn alloc(
+        &mut self,
+        path: &PoolPath,
+        bytes: u64,
+        placement: Placement,
+        now: Instant,
+    ) -> Result<Vec<BlockGrant>, ControlError> {
+        if path.is_root() {
+            return Err(PathError::Root.into());
+        }
+        if bytes == 0 {
+            return Err(ControlError::BadRequest(
+                "allocation of 0 bytes; ask for at least one byte".into(),
+            ));
+        }
+        let Some(bs) = self.registry.block_size() else {
+            return Err(ControlError::NoCapacity {
+                requested: bytes,
+                free: 0,
+            });
+        };
+        let count = bytes.div_ceil(bs);
+        if count > MAX_BLOCKS_PER_ALLOC {
+            return Err(ControlError::BadRequest(format!(
+                "allocation of {bytes} bytes needs {count} blocks of {bs} bytes; at most {MAX_BLOCKS_PER_ALLOC} blocks per request, allocate in several requests"
+            )));
+        }
+        let requested = count * bs;
+        let id = self.open_id(path, now)?;
+        self.ns.check_quota(id, requested)?;
+        // count <= MAX_BLOCKS_PER_ALLOC fits in u32.
+        let taken = self.registry.take(count as u32, placement, id, bs)?;
+        let mut ids = Vec::with_capacity(taken.len());
+        let mut grants = Vec::with_capacity(taken.len());
+        for (node, index, epoch) in taken {
+            let block = BlockId { node, index };
+            ids.push(block);
+            if let Some(g) = self.grant(block, epoch, true) {
+                grants.push(g);
+            }
+        }
+        self.ns.add_blocks(id, &ids, bs);
+        self.blocks_allocated_total += count;
+        Ok(grants)
+    }
+
+    fn grant(&self, block: BlockId, epoch: u32, writable: bool) -> Option<BlockGrant> {
+        let node = self.registry.get(block.node)?;
+        Some(BlockGrant {
+            block,
+            endpoint: node.endpoint.clone(),
+            offset: u64::from(block.index) * node.block_size,
+            len: node.block_size,
+            epoch,
+            key: derive_key(&self.secret, block.node, block.index, epoch, writable),
+            writable,
+        })
+    }
+
+    /// Frees `blocks`, each of which must be owned by exactly `path`. Each block's
+    /// epoch is bumped and the returned effects revoke the old epoch on its node.
+    pub fn free(
+        &mut self,
+        path: &PoolPath,
+        blocks: &[BlockId],
+    ) -> Result<Vec<Effect>, ControlError> {
+        let not_owner = |block: BlockId| ControlError::NotOwner {
+            block,
+            path: path.clone(),
+        };
+        let Some(id) = self.ns.find(path) else {
+            return match blocks.first() {
+                Some(&b) => Err(not_owner(b)),
+                None => Err(ControlError::NotFound(path.clone())),
+            };
+        };
+        for &b in blocks {
+            if !self.owned_by(b, id) {
+                return Err(not_owner(b));
+            }
+        }
+        if blocks.len() > 1 {
+            let mut seen = HashSet::with_capacity(blocks.len());
+            if let Some(&dup) = blocks.iter().find(|b| !seen.insert(**b)) {
+                return Err(ControlError::BadRequest(format!(
+                    "block {dup} is listed twice in one free request"
+                )));
+            }
+        }
+        let bs = self.registry.block_size().unwrap_or(0);
+        self.ns.remove_blocks(id, blocks, bs);
+        let mut revs = Revocations::default();
+        let pairs: Vec<(PathId, BlockId)> = blocks.iter().map(|&b| (id, b)).collect();
+        self.release_all(&pairs, &mut revs);
+        Ok(revs.into_effects())
+    }
+
+    fn owned_by(&self, block: BlockId, id: PathId) -> bool {
+        self.registry
+            .get(block.node)
+            .and_then(|n| n.block(block.index))
+            .is_some_and(|(s, _)| s == super::registry::BlockState::Owned(id))
+    }
+
+    /// Releases blocks already detached from the namespace.
+    fn release_all(&mut self, blocks: &[(PathId, BlockId)], revs: &mut Revocations) {
+        let mut touched_dead = false;
+        for &(owner, b) in blocks {
+            match self.registry.release(b.node, b.index, owner) {
+                Some(Released::Revoking { new_epoch }) => {
+                    revs.0.entry(b.node).or_default().push((b.index, new_epoch));
+                }
+                Some(Released::Dropped) => touched_dead = true,
+                Some(Released::Retired) => {
+                    tracing::warn!(block = %b, "block epochs exhausted; block retired");
+                }
+                None => {
+                    tracing::error!(block = %b, owner, "freed block was not owned by its path");
+                    continue;
+                }
+            }
+            self.blocks_freed_total += 1;
+        }
+        if touched_dead {
+            for node in self.registry.drop_empty_dead() {
+                tracing::info!(node, "dead memory node holds no more blocks; dropped");
+            }
+        }
+    }
+
+    /// Grants for the blocks owned by exactly `path`, in allocation order.
+    pub fn lookup(&self, path: &PoolPath, writable: bool) -> Result<Vec<BlockGrant>, ControlError> {
+        let id = self
+            .ns
+            .find(path)
+            .ok_or_else(|| ControlError::NotFound(path.clone()))?;
+        let node = self
+            .ns
+            .get(id)
+            .ok_or_else(|| ControlError::NotFound(path.clone()))?;
+        Ok(node
+            .blocks
+            .iter()
+            .filter_map(|&b| {
+                let (_, epoch) = self.registry.get(b.node)?.block(b.index)?;
+                self.grant(b, epoch, writable)
+            })
+            .collect())
+    }
+
+    /// Renews the lease of `prefix` (and through it its subtree); returns the lease
+    /// period in milliseconds.
+    pub fn renew(&mut self, prefix: &PoolPath, now: Instant) -> Result<u64, ControlError> {
+        let id = self
+            .ns
+            .find(prefix)
+            .ok_or_else(|| ControlError::NotFound(prefix.clone()))?;
+        self.ns.renew(id, self.lease_deadline(now));
+        Ok(self.lease_ms())
+    }
+
+    /// Removes `path` and its subtree, freeing (revoking) every block in it.
+    pub fn remove(&mut self, path: &PoolPath) -> Result<(Removal, Vec<Effect>), ControlError> {
+        if path.is_root() {
+            return Err(ControlError::BadRequest(
+                "refusing to remove '/'; remove job paths one by one".into(),
+            ));
+        }
+        let id = self
+            .ns
+            .find(path)
+            .ok_or_else(|| ControlError::NotFound(path.clone()))?;
+        let mut gone = Reclaimed::default();
+        self.ns.remove_subtree(id, &mut gone);
+        let mut revs = Revocations::default();
+        self.release_all(&gone.blocks, &mut revs);
+        Ok((
+            Removal {
+                blocks: gone.blocks.len() as u64,
+                paths: gone.paths,
+            },
+            revs.into_effects(),
+        ))
+    }
+
+    /// Sets or clears the byte quota of `path` (created if needed).
+    pub fn set_quota(
+        &mut self,
+        path: &PoolPath,
+        bytes: Option<u64>,
+        now: Instant,
+    ) -> Result<(), ControlError> {
+        let id = if path.is_root() {
+            ROOT
+        } else {
+            self.ns.ensure(path, self.lease_deadline(now))?
+        };
+        self.ns.set_quota(id, bytes);
+        Ok(())
+    }
+
+    // ----- time ---------------------------------------------------------------------
+
+    /// Periodic work: declares nodes without heartbeats dead and reclaims expired paths.
+    pub fn tick(&mut self, now: Instant) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for node in self.registry.overdue(now, self.cfg.dead_after) {
+            tracing::warn!(node, "memory node missed its heartbeats; declared dead");
+            self.registry.kill(node);
+            effects.push(Effect::NodeDead { node });
+        }
+        for node in self.registry.drop_empty_dead() {
+            tracing::info!(node, "dead memory node holds no blocks; dropped");
+        }
+        let mut gone = Reclaimed::default();
+        self.ns.expire(now, self.cfg.grace, &mut gone);
+        if gone.paths > 0 {
+            tracing::info!(
+                paths = gone.paths,
+                blocks = gone.blocks.len(),
+                "leases expired; reclaimed"
+            );
+            self.blocks_expired_total += gone.blocks.len() as u64;
+            let mut revs = Revocations::default();
+            self.release_all(&gone.blocks, &mut revs);
+            effects.extend(revs.into_effects());
+        }
+        effects
+    }
+
+    // ----- status and dispatch ------------------------------------------------------
+
+    /// Nodes, every path's usage in path order, totals and counters.
+    pub fn status(&self, now: Instant) -> ClusterStatus {
+        let nodes: Vec<NodeStatus> = self
+            .registry
+            .iter()
+            .map(|n| NodeStatus {
+                endpoint: n.endpoint.clone(),
+                capacity: n.capacity,
+                block_size: n.block_size,
+                blocks_total: n.blocks_total(),
+                blocks_free: n.free_blocks(),
+                blocks_revoking: n.revoking_blocks(),
+                alive: n.alive,
+                last_heartbeat_ms: u64::try_from(
+                    now.saturating_duration_since(n.last_heartbeat).as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+                hugepages: n.hugepages,
+                locked: n.locked,
+                stats: n.stats.clone(),
+            })
+            .collect();
+        ClusterStatus {
+            capacity_bytes: self
+                .registry
+                .iter()
+                .filter(|n| n.alive)
+                .map(|n| n.capacity)
+                .sum(),
+            used_bytes: self.ns.get(ROOT).map_or(0, |r| r.subtree_bytes),
+            nodes,
+            paths: self.ns.usage(now),
+            lease_ms: self.lease_ms(),
+            blocks_allocated_total: self.blocks_allocated_total,
+            blocks_freed_total: self.blocks_freed_total,
+            blocks_expired_total: self.blocks_expired_total,
+        }
+    }
+
+    /// Serves one client request.
+    pub fn handle(&mut self, req: Request, now: Instant) -> (Response, Vec<Effect>) {
+        let r = match req {
+            Request::Open { path } => self.open(&path, now).map(|()| (Response::Ok, vec![])),
+            Request::Alloc {
+                path,
+                bytes,
+                placement,
+            } => self
+                .alloc(&path, bytes, placement, now)
+                .map(|g| (Response::Blocks(g), vec![])),
+            Request::Free { path, blocks } => self.free(&path, &blocks).map(|e| (Response::Ok, e)),
+            Request::Lookup { path, writable } => self
+                .lookup(&path, writable)
+                .map(|g| (Response::Blocks(g), vec![])),
+            Request::Renew { prefix } => self
+                .renew(&prefix, now)
+                .map(|lease_ms| (Response::Renewed { lease_ms }, vec![])),
+            Request::Remove { path } => self.remove(&path).map(|(r, e)| {
+                (
+                    Response::Removed {
+                        blocks: r.blocks,
+                        paths: r.paths,
+                    },
+                    e,
+                )
+            }),
+            Request::SetQuota { path, bytes } => self
+                .set_quota(&path, bytes, now)
+                .map(|()| (Response::Ok, vec![])),
+            Request::Status => Ok((Response::Status(Box::new(self.status(now))), vec![])),
+        };
+        r.unwrap_or_else(|e| (Response::Error(e), vec![]))
+    }
+
+    /// Checks every structural invariant; used by tests.
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        use super::registry::BlockState;
+        use std::collections::HashMap;
+        let bs = self.registry.block_size().unwrap_or(0);
+        let mut owner_of: HashMap<BlockId, PathId> = HashMap::new();
+        for (id, node) in self.ns.iter() {
+            for &b in &node.blocks {
+                if owner_of.insert(b, id).is_some() {
+                    return Err(format!("block {b} listed twice"));
+                }
+                match self.registry.get(b.node).and_then(|n| n.block(b.index)) {
+                    Some((BlockState::Owned(o), _)) if o == id => {}
+                    other => return Err(format!("block {b} listed under {id} but is {other:?}")),
+                }
+            }
+            let below: u64 = self
+                .ns
+                .children(id)
+                .iter()
+                .map(|&c| self.ns.get(c).map_or(0, |c| c.subtree_bytes))
+                .sum();
+            let own = node.blocks.len() as u64 * bs;
+            if node.subtree_bytes != own + below {
+                return Err(format!(
+                    "{}: subtree_bytes {} != own {own} + children {below}",
+                    node.path, node.subtree_bytes
+                ));
+            }
+        }
+        for n in self.registry.iter() {
+            let owned = owner_of.keys().filter(|b| b.node == n.id).count() as u64;
+            if owned != n.owned_blocks() {
+                return Err(format!(
+                    "node {}: {owned} listed, {} owned",
+                    n.id,
+                    n.owned_blocks()
+                ));
+            }
+            let sum = n.free_blocks() + n.owned_blocks() + n.revoking_blocks() + n.retired_blocks();
+            if sum != n.blocks_total() {
+                return Err(format!(
+                    "node {}: block states sum to {sum} of {}",
+                    n.id,
+                    n.blocks_total()
+                ));
+            }
+            if !n.alive && n.revoking_blocks() > 0 {
+                return Err(format!("dead node {} has revoking blocks", n.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// The registry, for tests.
+    #[cfg(test)]
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The namespace, for tests.
+    #[cfg(test)]
+    pub(crate) fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+}
