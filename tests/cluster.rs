@@ -73,8 +73,10 @@ fn stale_handle_fails_and_next_owner_sees_zeroes() {
     let stale = blocks[0].clone();
     a.free(blocks).unwrap();
 
-    // The stale handle now fails with a typed error instead of reading anything.
+    // Revocation completes asynchronously (one controller-to-node message); from then
+    // on the stale handle fails with a typed error instead of reading anything.
     let mut buf = [0u8; 16];
+    assert!(eventually(Duration::from_secs(5), || stale.read(0, &mut buf).is_err()));
     let err = stale.read(0, &mut buf).unwrap_err();
     assert!(matches!(op_error(&err), Some(OpError::StaleEpoch { .. })), "{err}");
     let err = stale.write(0, b"overwrite").unwrap_err();
@@ -179,7 +181,8 @@ fn expired_leases_reclaim_blocks_of_vanished_tasks() {
         let b = task.alloc(BS).unwrap();
         b[0].write(0, b"orphan").unwrap();
         stale = b[0].clone();
-        std::mem::forget(task);
+        // Stop renewing without freeing, then vanish.
+        task.finish().unwrap();
     }
     // A task that keeps renewing survives the same period.
     let alive_client = Client::connect(&ctl.addr).unwrap();

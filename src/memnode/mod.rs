@@ -85,7 +85,8 @@ pub(crate) struct DataPlane {
     pub(crate) region: Arc<Region>,
     pub(crate) access: Arc<AccessTable>,
     pub(crate) soft: Option<SoftServer>,
-    pub(crate) shm: Option<ShmRegion>,
+    /// Keeps the shm file mapped (and removes it on drop).
+    pub(crate) _shm: Option<ShmRegion>,
     pub(crate) data_addr: String,
 }
 
@@ -229,7 +230,7 @@ impl MemNode {
                     region,
                     access,
                     soft: Some(server),
-                    shm: None,
+                    _shm: None,
                     data_addr,
                 })
             }
@@ -246,7 +247,7 @@ impl MemNode {
                     access: shm.access(),
                     soft: None,
                     data_addr: path.to_string_lossy().into_owned(),
-                    shm: Some(shm),
+                    _shm: Some(shm),
                 })
             }
             TransportKind::Verbs => Err(MemNodeError::Config(
