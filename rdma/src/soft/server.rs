@@ -26,6 +26,9 @@ const IN_BUF: usize = 64 * 1024;
 const OUT_BUF: usize = 64 * 1024;
 /// Stack size of connection threads (their buffers live on the heap).
 const CONN_STACK: usize = 256 * 1024;
+/// Most time and bytes spent draining a connection closed for a protocol violation.
+const LINGER_TIME: Duration = Duration::from_millis(100);
+const LINGER_BYTES: usize = 1 << 20;
 /// How long a new connection may take to send its preamble.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -385,10 +388,6 @@ fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
             }
         }
         End::Protocol(why) => {
-            shared
-                .counters
-                .protocol_errors
-                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, reason = %why, "closing soft connection: protocol violation");
         }
     }
@@ -407,17 +406,40 @@ struct Conn<'a> {
 
 impl Conn<'_> {
     fn run(&mut self) -> End {
-        match self.handshake() {
-            Ok(()) => {}
-            Err(e) => return e,
-        }
-        let end = self.serve_frames();
+        let end = match self.handshake() {
+            Ok(()) => self.serve_frames(),
+            Err(e) => e,
+        };
         // Best effort: deliver replies queued before a protocol violation (e.g. the
         // TooLarge status of an oversized WRITE) before closing.
         if let End::Protocol(_) = end {
-            let _ = self.flush();
+            self.shared
+                .counters
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
+            if self.flush().is_ok() {
+                self.linger();
+            }
         }
         end
+    }
+
+    /// Before closing on a protocol violation: stop sending, then read and discard what
+    /// the peer still sends for a short while, so the close does not turn into a reset
+    /// that could destroy the final status before the peer reads it.
+    fn linger(&mut self) {
+        if self.stream.shutdown(Shutdown::Write).is_err()
+            || self.stream.set_read_timeout(Some(LINGER_TIME)).is_err()
+        {
+            return;
+        }
+        let mut discarded = 0usize;
+        while discarded < LINGER_BYTES {
+            match read_some(&mut self.stream, &mut self.inb) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => discarded += n,
+            }
+        }
     }
 
     fn handshake(&mut self) -> Result<(), End> {
@@ -451,10 +473,11 @@ impl Conn<'_> {
             if let Err(e) = self.process_buffered() {
                 return e;
             }
+            // Count before replying, so a client that saw its replies sees them counted.
+            self.shared.counters.fold(&mut self.stats);
             if let Err(e) = self.flush() {
                 return e.into();
             }
-            self.shared.counters.fold(&mut self.stats);
             // Move the partial frame (if any) to the front and read more.
             if self.start == self.end {
                 self.start = 0;
