@@ -150,4 +150,72 @@ mod tests {
         let r: Result<Envelope<Request>, _> = read_msg(&mut &[][..]);
         assert!(matches!(r, Err(FrameError::Closed)));
     }
+
+    /// The committed fuzz seed corpus must stay decodable as the protocol evolves.
+    /// `FARPOOL_WRITE_CORPUS=1 cargo test -p farpool seed_corpus` regenerates it.
+    #[test]
+    fn seed_corpus_decodes() {
+        use crate::proto::{Hello, NodeMsg, Placement, PoolPath, Role};
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/control_frame");
+        let path = PoolPath::parse("/job/stage/task").unwrap();
+        let seeds: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "hello-client",
+                encode(&Hello {
+                    version: 1,
+                    role: Role::Client { name: "t".into() },
+                })
+                .unwrap(),
+            ),
+            (
+                "alloc",
+                encode(&Envelope {
+                    id: 1,
+                    body: Request::Alloc {
+                        path: path.clone(),
+                        bytes: 4096,
+                        placement: Placement::Spread,
+                    },
+                })
+                .unwrap(),
+            ),
+            (
+                "lookup",
+                encode(&Envelope {
+                    id: 2,
+                    body: Request::Lookup {
+                        path: path.clone(),
+                        writable: false,
+                    },
+                })
+                .unwrap(),
+            ),
+            (
+                "renew",
+                encode(&Envelope {
+                    id: 3,
+                    body: Request::Renew { prefix: path },
+                })
+                .unwrap(),
+            ),
+            (
+                "revoked",
+                encode(&NodeMsg::Revoked(vec![(1, 2), (3, 4)])).unwrap(),
+            ),
+        ];
+        if std::env::var_os("FARPOOL_WRITE_CORPUS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, bytes) in &seeds {
+                std::fs::write(dir.join(name), bytes).unwrap();
+            }
+        }
+        for (name, bytes) in &seeds {
+            let on_disk = std::fs::read(dir.join(name)).unwrap();
+            assert_eq!(
+                &on_disk, bytes,
+                "seed {name} is stale; regenerate the corpus"
+            );
+        }
+    }
 }

@@ -295,7 +295,9 @@ pub enum ControlError {
         requested: u64,
     },
     /// The block is not owned by the path named.
-    #[error("block {block} is not owned by '{path}'; free blocks through the path that allocated them")]
+    #[error(
+        "block {block} is not owned by '{path}'; free blocks through the path that allocated them"
+    )]
     NotOwner {
         /// The block.
         block: BlockId,

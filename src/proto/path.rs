@@ -23,7 +23,9 @@ pub enum PathError {
         component: String,
     },
     /// Too long or too deep.
-    #[error("path is too long or too deep (at most {MAX_PATH_LEN} bytes and {MAX_DEPTH} components)")]
+    #[error(
+        "path is too long or too deep (at most {MAX_PATH_LEN} bytes and {MAX_DEPTH} components)"
+    )]
     TooLong,
     /// The root itself cannot own data.
     #[error("the root path '/' cannot be used here; use a job path such as /job")]
@@ -136,7 +138,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_paths() {
-        assert!(matches!(PoolPath::parse("a/b"), Err(PathError::NotAbsolute(_))));
+        assert!(matches!(
+            PoolPath::parse("a/b"),
+            Err(PathError::NotAbsolute(_))
+        ));
         assert!(PoolPath::parse("/a//b").is_err());
         assert!(PoolPath::parse("/a/../b").is_err());
         assert!(PoolPath::parse("/a/b c").is_err());
