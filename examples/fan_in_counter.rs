@@ -16,15 +16,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut handles = Vec::new();
     for i in 0..n {
         let client = pool.client()?;
-        handles.push(std::thread::spawn(move || -> Result<bool, farpool::ClientError> {
-            let counter = client.open_blocks("/fanin/ctl", true)?.remove(0);
-            let before = counter.faa(0, 1)?;
-            let last = before == n - 1;
-            if last {
-                println!("task {i} arrived last and runs the child");
-            }
-            Ok(last)
-        }));
+        handles.push(std::thread::spawn(
+            move || -> Result<bool, farpool::ClientError> {
+                let counter = client.open_blocks("/fanin/ctl", true)?.remove(0);
+                let before = counter.faa(0, 1)?;
+                let last = before == n - 1;
+                if last {
+                    println!("task {i} arrived last and runs the child");
+                }
+                Ok(last)
+            },
+        ));
     }
     let mut lasts = 0;
     for h in handles {

@@ -77,11 +77,51 @@ const JOB: &str = "/wordcount";
 /// Generates a deterministic corpus with a skewed (Zipf-like) word distribution.
 pub fn generate_corpus(words: usize) -> String {
     const VOCAB: &[&str] = &[
-        "the", "of", "and", "to", "in", "memory", "pool", "task", "block", "lease",
-        "serverless", "shuffle", "reduce", "map", "stage", "job", "far", "remote", "rdma",
-        "elastic", "queue", "file", "hash", "table", "node", "controller", "epoch", "grant",
-        "write", "read", "atomic", "counter", "fan", "dag", "executor", "partition", "split",
-        "merge", "spill", "tier", "lambda", "function", "data", "intermediate", "analytics",
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "memory",
+        "pool",
+        "task",
+        "block",
+        "lease",
+        "serverless",
+        "shuffle",
+        "reduce",
+        "map",
+        "stage",
+        "job",
+        "far",
+        "remote",
+        "rdma",
+        "elastic",
+        "queue",
+        "file",
+        "hash",
+        "table",
+        "node",
+        "controller",
+        "epoch",
+        "grant",
+        "write",
+        "read",
+        "atomic",
+        "counter",
+        "fan",
+        "dag",
+        "executor",
+        "partition",
+        "split",
+        "merge",
+        "spill",
+        "tier",
+        "lambda",
+        "function",
+        "data",
+        "intermediate",
+        "analytics",
     ];
     let mut out = String::with_capacity(words * 7);
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -100,7 +140,10 @@ pub fn generate_corpus(words: usize) -> String {
 
 fn count_words(text: &str) -> HashMap<String, u64> {
     let mut m = HashMap::new();
-    for w in text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+    for w in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
         *m.entry(w.to_lowercase()).or_insert(0) += 1;
     }
     m
@@ -127,10 +170,16 @@ fn encode_counts(m: &HashMap<String, u64>) -> Vec<u8> {
     out
 }
 
-fn decode_counts(data: &[u8], into: &mut HashMap<String, u64>, what: &str) -> Result<(), DemoError> {
+fn decode_counts(
+    data: &[u8],
+    into: &mut HashMap<String, u64>,
+    what: &str,
+) -> Result<(), DemoError> {
     let text = std::str::from_utf8(data).map_err(|_| DemoError::Corrupt(what.into()))?;
     for line in text.lines() {
-        let (w, c) = line.split_once('\t').ok_or_else(|| DemoError::Corrupt(what.into()))?;
+        let (w, c) = line
+            .split_once('\t')
+            .ok_or_else(|| DemoError::Corrupt(what.into()))?;
         let c: u64 = c.parse().map_err(|_| DemoError::Corrupt(what.into()))?;
         *into.entry(w.to_string()).or_insert(0) += c;
     }
@@ -183,7 +232,11 @@ pub fn read_stream(blocks: &[BlockHandle]) -> Result<Vec<u8>, DemoError> {
 
 fn show_usage(client: &Client, title: &str) -> Result<u64, ClientError> {
     let st = client.status()?;
-    println!("\n== {title}: {} of {} in use", format_size(st.used_bytes), format_size(st.capacity_bytes));
+    println!(
+        "\n== {title}: {} of {} in use",
+        format_size(st.used_bytes),
+        format_size(st.capacity_bytes)
+    );
     for p in st.paths.iter().filter(|p| p.path.as_str().starts_with(JOB)) {
         if p.blocks > 0 || p.path.components().count() <= 2 {
             println!(
@@ -197,7 +250,9 @@ fn show_usage(client: &Client, title: &str) -> Result<u64, ClientError> {
     Ok(st.used_bytes)
 }
 
-fn join_all<T>(handles: Vec<std::thread::JoinHandle<Result<T, DemoError>>>) -> Result<Vec<T>, DemoError> {
+fn join_all<T>(
+    handles: Vec<std::thread::JoinHandle<Result<T, DemoError>>>,
+) -> Result<Vec<T>, DemoError> {
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
         out.push(h.join().map_err(|_| DemoError::Panicked)??);
@@ -208,7 +263,9 @@ fn join_all<T>(handles: Vec<std::thread::JoinHandle<Result<T, DemoError>>>) -> R
 /// Runs the demo; prints progress and a summary.
 pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     if args.mappers == 0 || args.reducers == 0 || args.nodes == 0 {
-        return Err(DemoError::Args("--mappers, --reducers and --nodes must be at least 1".into()));
+        return Err(DemoError::Args(
+            "--mappers, --reducers and --nodes must be at least 1".into(),
+        ));
     }
     let text = match &args.input {
         Some(p) => std::fs::read_to_string(p).map_err(|source| DemoError::Input {
@@ -278,7 +335,11 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         }));
     }
     let shuffled: u64 = join_all(maps)?.iter().sum();
-    println!("\nmap stage: {} of partitions written in {:.1} ms", format_size(shuffled), t_map.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "\nmap stage: {} of partitions written in {:.1} ms",
+        format_size(shuffled),
+        t_map.elapsed().as_secs_f64() * 1e3
+    );
     show_usage(&driver, "after map: per-task allocation")?;
 
     // Reduce stage.
@@ -320,7 +381,10 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
 
     // The shuffle data is no longer needed: reclaim it now rather than at job end.
     let freed = driver.remove(&format!("{JOB}/map"))?;
-    show_usage(&driver, &format!("after removing {JOB}/map ({freed} blocks freed)"))?;
+    show_usage(
+        &driver,
+        &format!("after removing {JOB}/map ({freed} blocks freed)"),
+    )?;
 
     // Collect and verify.
     let mut total = HashMap::new();
@@ -346,7 +410,10 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
 
     ctl.close()?;
     let removed = driver.remove(JOB)?;
-    let left = show_usage(&driver, &format!("after removing {JOB} ({removed} blocks freed)"))?;
+    let left = show_usage(
+        &driver,
+        &format!("after removing {JOB} ({removed} blocks freed)"),
+    )?;
     if left > baseline {
         return Err(DemoError::Leak(left - baseline));
     }

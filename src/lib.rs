@@ -21,8 +21,6 @@ pub mod memnode;
 pub mod proto;
 pub mod size;
 
-
-
 pub use client::{BlockHandle, Client, ClientConfig, ClientError, LeaseGuard, Task};
 pub use embedded::{EmbeddedConfig, EmbeddedPool};
 pub use proto::{Placement, PoolPath};

@@ -4,9 +4,7 @@
 /// (powers of 1024) whether written `K`, `KB` or `KiB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -17,7 +15,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit '{other}' in '{s}'; use K, M, G or T")),
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' in '{s}'; use K, M, G or T"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size '{s}' overflows 64 bits"))

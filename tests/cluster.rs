@@ -12,7 +12,9 @@ use std::time::Duration;
 const BS: u64 = 64 << 10;
 
 fn live_nodes(c: &Client) -> usize {
-    c.status().map(|s| s.nodes.iter().filter(|n| n.alive).count()).unwrap_or(0)
+    c.status()
+        .map(|s| s.nodes.iter().filter(|n| n.alive).count())
+        .unwrap_or(0)
 }
 
 fn op_error(e: &ClientError) -> Option<&OpError> {
@@ -46,18 +48,31 @@ fn blocks_span_nodes_and_serve_every_operation() {
         assert_eq!(b.faa(0, 5).unwrap(), 0);
         assert_eq!(b.faa(0, 5).unwrap(), 5);
         assert_eq!(b.cas(0, 10, 42).unwrap(), 10);
-        assert_eq!(b.cas(0, 10, 43).unwrap(), 42, "failed CAS returns the current value");
+        assert_eq!(
+            b.cas(0, 10, 43).unwrap(),
+            42,
+            "failed CAS returns the current value"
+        );
     }
 
     // Usage is accounted per task and summed up the tree.
     let st = client.status().unwrap();
-    let usage = |p: &str| st.paths.iter().find(|u| u.path.as_str() == p).map(|u| u.subtree_bytes);
+    let usage = |p: &str| {
+        st.paths
+            .iter()
+            .find(|u| u.path.as_str() == p)
+            .map(|u| u.subtree_bytes)
+    };
     assert_eq!(usage("/job1/map/t0"), Some(4 * BS));
     assert_eq!(usage("/job1"), Some(4 * BS));
     assert_eq!(st.used_bytes, 4 * BS);
 
     task.close().unwrap();
-    assert!(eventually(Duration::from_secs(5), || client.status().unwrap().used_bytes == 0));
+    assert!(eventually(Duration::from_secs(5), || client
+        .status()
+        .unwrap()
+        .used_bytes
+        == 0));
 }
 
 #[test]
@@ -76,11 +91,19 @@ fn stale_handle_fails_and_next_owner_sees_zeroes() {
     // Revocation completes asynchronously (one controller-to-node message); from then
     // on the stale handle fails with a typed error instead of reading anything.
     let mut buf = [0u8; 16];
-    assert!(eventually(Duration::from_secs(5), || stale.read(0, &mut buf).is_err()));
+    assert!(eventually(Duration::from_secs(5), || stale
+        .read(0, &mut buf)
+        .is_err()));
     let err = stale.read(0, &mut buf).unwrap_err();
-    assert!(matches!(op_error(&err), Some(OpError::StaleEpoch { .. })), "{err}");
+    assert!(
+        matches!(op_error(&err), Some(OpError::StaleEpoch { .. })),
+        "{err}"
+    );
     let err = stale.write(0, b"overwrite").unwrap_err();
-    assert!(matches!(op_error(&err), Some(OpError::StaleEpoch { .. })), "{err}");
+    assert!(
+        matches!(op_error(&err), Some(OpError::StaleEpoch { .. })),
+        "{err}"
+    );
 
     // Another job gets the same memory back, zeroed, under a new epoch.
     let b = client.task("/jobB/s/t").unwrap();
@@ -90,7 +113,10 @@ fn stale_handle_fails_and_next_owner_sees_zeroes() {
     for h in &mine {
         let mut buf = [0xffu8; 16];
         h.read(0, &mut buf).unwrap();
-        assert_eq!(buf, [0u8; 16], "a new owner never sees the previous owner's bytes");
+        assert_eq!(
+            buf, [0u8; 16],
+            "a new owner never sees the previous owner's bytes"
+        );
     }
     assert!(stale.read(0, &mut buf).is_err());
 }
@@ -115,24 +141,51 @@ fn forged_keys_and_out_of_range_addresses_are_refused() {
         epoch: ab.grant().epoch,
     };
     let mut buf = [0u8; 11];
-    let e = raw.read(RemoteAddr::new(vb.grant().offset, own), &mut buf).unwrap_err();
-    assert!(matches!(e, farpool_rdma::Error::Op(OpError::OutOfBounds { .. }) | farpool_rdma::Error::Op(OpError::AccessDenied)), "{e}");
+    let e = raw
+        .read(RemoteAddr::new(vb.grant().offset, own), &mut buf)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            farpool_rdma::Error::Op(OpError::OutOfBounds { .. })
+                | farpool_rdma::Error::Op(OpError::AccessDenied)
+        ),
+        "{e}"
+    );
     // Guessed keys with the right epoch: denied.
     for guess in [1u64, 0, u64::MAX, vb.grant().key ^ 1] {
         let k = RKey {
             key: guess,
             epoch: vb.grant().epoch,
         };
-        let e = raw.write(RemoteAddr::new(vb.grant().offset, k), b"pwned").unwrap_err();
-        assert!(matches!(e, farpool_rdma::Error::Op(OpError::AccessDenied)), "{e}");
+        let e = raw
+            .write(RemoteAddr::new(vb.grant().offset, k), b"pwned")
+            .unwrap_err();
+        assert!(
+            matches!(e, farpool_rdma::Error::Op(OpError::AccessDenied)),
+            "{e}"
+        );
     }
     // Past the region end and misaligned atomics: typed errors.
-    let e = raw.read(RemoteAddr::new(1 << 40, own), &mut buf).unwrap_err();
-    assert!(matches!(e, farpool_rdma::Error::Op(OpError::OutOfBounds { .. })), "{e}");
-    let e = raw.fetch_add(RemoteAddr::new(ab.grant().offset + 3, own), 1).unwrap_err();
-    assert!(matches!(e, farpool_rdma::Error::Op(OpError::Misaligned { .. })), "{e}");
+    let e = raw
+        .read(RemoteAddr::new(1 << 40, own), &mut buf)
+        .unwrap_err();
+    assert!(
+        matches!(e, farpool_rdma::Error::Op(OpError::OutOfBounds { .. })),
+        "{e}"
+    );
+    let e = raw
+        .fetch_add(RemoteAddr::new(ab.grant().offset + 3, own), 1)
+        .unwrap_err();
+    assert!(
+        matches!(e, farpool_rdma::Error::Op(OpError::Misaligned { .. })),
+        "{e}"
+    );
     // Client-side bounds checks catch the same mistakes before the wire.
-    assert!(matches!(ab.read(BS - 4, &mut buf), Err(ClientError::OutOfBounds { .. })));
+    assert!(matches!(
+        ab.read(BS - 4, &mut buf),
+        Err(ClientError::OutOfBounds { .. })
+    ));
     assert!(matches!(ab.faa(4, 1), Err(ClientError::Misaligned(4))));
 
     // A read-only grant cannot write.
@@ -157,12 +210,21 @@ fn quotas_bound_a_job_and_usage_sums_up() {
     let t2 = client.task("/q/s/t2").unwrap();
     t1.alloc(2 * BS).unwrap();
     let err = t2.alloc(2 * BS).unwrap_err();
-    assert!(matches!(err, ClientError::Control(ControlError::QuotaExceeded { .. })), "{err}");
+    assert!(
+        matches!(
+            err,
+            ClientError::Control(ControlError::QuotaExceeded { .. })
+        ),
+        "{err}"
+    );
     t2.alloc(BS).unwrap();
     // Out of capacity is all-or-nothing and says how much is free.
     let big = client.task("/big/s/t").unwrap();
     let err = big.alloc(1 << 30).unwrap_err();
-    assert!(matches!(err, ClientError::Control(ControlError::NoCapacity { .. })), "{err}");
+    assert!(
+        matches!(err, ClientError::Control(ControlError::NoCapacity { .. })),
+        "{err}"
+    );
     let st = client.status().unwrap();
     assert_eq!(st.used_bytes, 3 * BS);
 }
@@ -193,13 +255,18 @@ fn expired_leases_reclaim_blocks_of_vanished_tasks() {
     assert!(
         eventually(Duration::from_secs(10), || {
             let st = observer.status().unwrap();
-            !st.paths.iter().any(|p| p.path.as_str().starts_with("/crashy"))
+            !st.paths
+                .iter()
+                .any(|p| p.path.as_str().starts_with("/crashy"))
         }),
         "expired path is reclaimed"
     );
     let mut buf = [0u8; 6];
     let err = stale.read(0, &mut buf).unwrap_err();
-    assert!(matches!(op_error(&err), Some(OpError::StaleEpoch { .. })), "{err}");
+    assert!(
+        matches!(op_error(&err), Some(OpError::StaleEpoch { .. })),
+        "{err}"
+    );
     let mut back = [0u8; 4];
     kept.read(0, &mut back).unwrap();
     assert_eq!(&back, b"kept");
@@ -215,7 +282,13 @@ fn dead_memory_node_is_detected_and_avoided() {
     assert!(eventually(Duration::from_secs(5), || live_nodes(&client) == 2));
     let st = client.status().unwrap();
     let dead_addr = n1.addr.clone();
-    let dead_id = st.nodes.iter().find(|n| n.endpoint.addr == dead_addr).unwrap().endpoint.node;
+    let dead_id = st
+        .nodes
+        .iter()
+        .find(|n| n.endpoint.addr == dead_addr)
+        .unwrap()
+        .endpoint
+        .node;
     n1.kill();
     assert!(eventually(Duration::from_secs(5), || live_nodes(&client) == 1));
     let task = client.task("/after/s/t").unwrap();
@@ -239,7 +312,9 @@ fn shm_transport_serves_same_host_clients() {
     assert_eq!(b.faa(0, 3).unwrap(), 0);
     let stale = b.clone();
     task.free(vec![b]).unwrap();
-    assert!(eventually(Duration::from_secs(5), || stale.read(8, &mut buf).is_err()));
+    assert!(eventually(Duration::from_secs(5), || stale
+        .read(8, &mut buf)
+        .is_err()));
 }
 
 #[test]
@@ -273,7 +348,11 @@ fn demo_runs_and_exits_zero() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("all memory reclaimed"), "{text}");
 }
 

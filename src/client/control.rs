@@ -36,7 +36,8 @@ impl ControlConn {
                     "address resolved to nothing",
                 ))
             })?;
-        let stream = TcpStream::connect_timeout(&sock, config.connect_timeout).map_err(connect_err)?;
+        let stream =
+            TcpStream::connect_timeout(&sock, config.connect_timeout).map_err(connect_err)?;
         stream.set_nodelay(true).map_err(connect_err)?;
         stream
             .set_read_timeout(Some(config.request_timeout))

@@ -28,7 +28,9 @@ impl DataPlane {
         };
         let t: Arc<dyn Transport> = match ep.transport {
             WireTransport::Soft => Arc::new(SoftTransport::connect(&ep.addr).map_err(node_err)?),
-            WireTransport::Shm => Arc::new(ShmTransport::open(Path::new(&ep.addr)).map_err(node_err)?),
+            WireTransport::Shm => {
+                Arc::new(ShmTransport::open(Path::new(&ep.addr)).map_err(node_err)?)
+            }
             WireTransport::Verbs => {
                 return Err(node_err(farpool_rdma::TransportError::Protocol(
                     "this build has no RDMA verbs backend; rebuild with --features verbs".into(),

@@ -13,7 +13,9 @@ pub enum ClientError {
     #[error(transparent)]
     Path(#[from] PathError),
     /// Cannot reach the controller.
-    #[error("cannot connect to controller at {addr}: {source}; is `farpool controller` running there?")]
+    #[error(
+        "cannot connect to controller at {addr}: {source}; is `farpool controller` running there?"
+    )]
     Connect {
         /// Address dialled.
         addr: String,

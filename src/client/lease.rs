@@ -38,8 +38,11 @@ impl Renewer {
                     Err(RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
-                let Some(inner) = client.upgrade() else { return };
-                let prefixes: Vec<PoolPath> = inner.renewer.prefixes.lock().keys().cloned().collect();
+                let Some(inner) = client.upgrade() else {
+                    return;
+                };
+                let prefixes: Vec<PoolPath> =
+                    inner.renewer.prefixes.lock().keys().cloned().collect();
                 for prefix in prefixes {
                     if let Err(e) = inner.control.call(Request::Renew {
                         prefix: prefix.clone(),

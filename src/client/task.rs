@@ -42,7 +42,11 @@ impl Task {
     }
 
     /// Allocates with an explicit placement policy.
-    pub fn alloc_with(&self, bytes: u64, placement: Placement) -> Result<Vec<BlockHandle>, ClientError> {
+    pub fn alloc_with(
+        &self,
+        bytes: u64,
+        placement: Placement,
+    ) -> Result<Vec<BlockHandle>, ClientError> {
         self.alloc_at_path(self.path.clone(), bytes, placement)
     }
 
@@ -53,7 +57,12 @@ impl Task {
         self.alloc_at_path(path, bytes, Placement::LeastLoaded)
     }
 
-    fn alloc_at_path(&self, path: PoolPath, bytes: u64, placement: Placement) -> Result<Vec<BlockHandle>, ClientError> {
+    fn alloc_at_path(
+        &self,
+        path: PoolPath,
+        bytes: u64,
+        placement: Placement,
+    ) -> Result<Vec<BlockHandle>, ClientError> {
         match self.client.request(Request::Alloc {
             path,
             bytes,

@@ -20,7 +20,10 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LinkError {
     #[error("cannot connect to controller {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Frame(#[from] FrameError),
     #[error("controller refused registration: {0}")]
@@ -42,7 +45,11 @@ pub(crate) struct Link {
 
 impl Link {
     /// Connects, registers, and installs the keys of every block.
-    pub(crate) fn connect(addr: &str, register: Register, data: Arc<DataPlane>) -> Result<Link, LinkError> {
+    pub(crate) fn connect(
+        addr: &str,
+        register: Register,
+        data: Arc<DataPlane>,
+    ) -> Result<Link, LinkError> {
         let stream = TcpStream::connect(addr).map_err(|source| LinkError::Connect {
             addr: addr.to_string(),
             source,
@@ -66,7 +73,11 @@ impl Link {
                 initial_epoch,
             } => (node_id, secret, heartbeat_ms, initial_epoch),
             ControllerMsg::Error(e) => return Err(LinkError::Refused(e.to_string())),
-            other => return Err(LinkError::Refused(format!("unexpected first message {other:?}"))),
+            other => {
+                return Err(LinkError::Refused(format!(
+                    "unexpected first message {other:?}"
+                )))
+            }
         };
         for b in 0..data.access.num_blocks() {
             data.install(&secret, node_id, b, epoch);
@@ -96,7 +107,10 @@ impl Link {
         let mut done = Vec::with_capacity(blocks.len());
         for (block, epoch) in blocks {
             if block >= n {
-                tracing::warn!(block, "controller revoked a block outside the region; ignored");
+                tracing::warn!(
+                    block,
+                    "controller revoked a block outside the region; ignored"
+                );
                 continue;
             }
             // Kill old grants first, then scrub, then publish the new epoch's keys.
@@ -138,10 +152,14 @@ impl Link {
             match self.reader.fill_buf() {
                 Ok([]) => break Err(LinkError::Frame(FrameError::Closed)),
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    continue
+                }
                 Err(e) => break Err(e.into()),
             }
-            self.reader.get_ref().set_read_timeout(Some(FRAME_TIMEOUT))?;
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(FRAME_TIMEOUT))?;
             let msg = read_msg::<ControllerMsg>(&mut self.reader);
             self.reader.get_ref().set_read_timeout(Some(POLL))?;
             match msg {

@@ -191,8 +191,13 @@ impl MemNode {
             locked = data.region.is_locked(),
             "memory node registered"
         );
-        let handle = link::spawn(link, config.controller.clone(), stop.clone(), node_id.clone())
-            .map_err(|e| MemNodeError::Link(format!("cannot start the controller link thread: {e}")))?;
+        let handle = link::spawn(
+            link,
+            config.controller.clone(),
+            stop.clone(),
+            node_id.clone(),
+        )
+        .map_err(|e| MemNodeError::Link(format!("cannot start the controller link thread: {e}")))?;
         Ok(MemNode {
             data,
             stop,
@@ -208,8 +213,9 @@ impl MemNode {
         };
         match config.transport {
             TransportKind::Soft => {
-                let len = usize::try_from(capacity)
-                    .map_err(|_| MemNodeError::Config("capacity exceeds the address space".into()))?;
+                let len = usize::try_from(capacity).map_err(|_| {
+                    MemNodeError::Config("capacity exceeds the address space".into())
+                })?;
                 let region = Arc::new(Region::anonymous(len, opts)?);
                 let access = Arc::new(AccessTable::new(capacity, config.block_size)?);
                 let server = SoftServer::bind(
