@@ -17,7 +17,8 @@
 //! falls due and the path was renewed since, the entry is pushed again at the new
 //! deadline; when the path's effective deadline has passed, its subtree is swept for
 //! fully expired parts. A path whose own deadline passed while an ancestor kept it
-//! alive needs no entry: the ancestor's entry sweeps it. The timer therefore costs
+//! alive needs no entry: the ancestor's entry sweeps it. A path kept only for its
+//! live children is queued again when it loses its last child. The timer therefore costs
 //! O(log paths) per renewal period and path, never a scan of the whole namespace.
 
 use super::registry::MAX_PATH_ID;
@@ -298,7 +299,15 @@ impl Namespace {
                 .last()
                 .map(Box::<str>::from)
                 .unwrap_or_default();
-            self.node_mut(p).children.remove(&name);
+            let parent = self.node_mut(p);
+            parent.children.remove(&name);
+            // A childless parent may have been kept only for this child: make sure the
+            // timer looks at it again.
+            if p != ROOT && parent.children.is_empty() && !parent.queued {
+                parent.queued = true;
+                let entry = Reverse((parent.deadline, p, parent.gen));
+                self.expiry.push(entry);
+            }
         }
         let mut stack = vec![id];
         while let Some(cur) = stack.pop() {
@@ -335,17 +344,13 @@ impl Namespace {
                 self.expiry.push(entry);
                 continue;
             }
-            let parent = node.parent;
-            let inherited = parent.map(|p| self.effective_deadline(p));
-            let removed = self.sweep(id, inherited, now, grace, out);
-            if removed {
-                self.cascade(parent, now, grace, out);
-            }
+            let inherited = node.parent.map(|p| self.effective_deadline(p));
+            self.sweep(id, inherited, now, grace, out);
         }
     }
 
     /// Removes the fully expired parts of the subtree of `id`, whose ancestors' latest
-    /// deadline is `inherited`. Returns whether `id` itself was removed.
+    /// deadline is `inherited`.
     fn sweep(
         &mut self,
         id: PathId,
@@ -353,11 +358,11 @@ impl Namespace {
         now: Instant,
         grace: Duration,
         out: &mut Reclaimed,
-    ) -> bool {
+    ) {
         let node = self.node(id);
         let eff = inherited.map_or(node.deadline, |i| i.max(node.deadline));
         if later(eff, grace) > now {
-            return false;
+            return;
         }
         let children: Vec<PathId> = node.children.values().copied().collect();
         for child in children {
@@ -365,29 +370,6 @@ impl Namespace {
         }
         if id != ROOT && self.node(id).children.is_empty() {
             self.remove_subtree(id, out);
-            return true;
-        }
-        false
-    }
-
-    /// After a removal below `parent`, removes ancestors left expired and childless.
-    fn cascade(
-        &mut self,
-        mut parent: Option<PathId>,
-        now: Instant,
-        grace: Duration,
-        out: &mut Reclaimed,
-    ) {
-        while let Some(p) = parent {
-            if p == ROOT {
-                break;
-            }
-            let node = self.node(p);
-            if !node.children.is_empty() || later(self.effective_deadline(p), grace) > now {
-                break;
-            }
-            parent = node.parent;
-            self.remove_subtree(p, out);
         }
     }
 
@@ -548,5 +530,24 @@ mod tests {
         assert_eq!(out.paths, 0);
         ns.expire(t0 + Duration::from_secs(33), grace, &mut out);
         assert_eq!(out.paths, 3);
+    }
+
+    #[test]
+    fn removing_the_last_live_child_lets_an_expired_parent_go() {
+        // Found by the property test: /a expired while /a/y kept it; /a/y is then
+        // removed explicitly, and /a must still be reclaimed.
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(2);
+        let mut ns = Namespace::new(t0);
+        ns.ensure(&p("/a"), t0 + Duration::from_secs(10)).unwrap();
+        let y = ns.ensure(&p("/a/y"), t0 + Duration::from_secs(13)).unwrap();
+        let mut out = Reclaimed::default();
+        ns.expire(t0 + Duration::from_secs(12), grace, &mut out);
+        assert_eq!(out.paths, 0);
+        ns.remove_subtree(y, &mut out);
+        assert_eq!(out.paths, 1);
+        ns.expire(t0 + Duration::from_secs(12), grace, &mut out);
+        assert_eq!(out.paths, 2);
+        assert_eq!(ns.len(), 1);
     }
 }

@@ -555,10 +555,4 @@ impl ControllerState {
     pub(crate) fn registry(&self) -> &Registry {
         &self.registry
     }
-
-    /// The namespace, for tests.
-    #[cfg(test)]
-    pub(crate) fn namespace(&self) -> &Namespace {
-        &self.ns
-    }
 }

@@ -1,1 +1,622 @@
+//! Unit tests of the controller state machine (no sockets).
 
+use super::state::{ControllerState, Effect, Removal, StateConfig};
+use crate::proto::grant::WireTransport;
+use crate::proto::{
+    derive_key, BlockGrant, BlockId, ControlError, PathError, Placement, PoolPath, Register,
+    Request, Response, Secret,
+};
+use std::time::{Duration, Instant};
+
+const BS: u64 = 4096;
+const SECRET: Secret = Secret([7; 16]);
+
+fn p(s: &str) -> PoolPath {
+    PoolPath::parse(s).unwrap()
+}
+
+fn reg(blocks: u64) -> Register {
+    Register {
+        data_addr: "10.0.0.1:9000".into(),
+        transport: WireTransport::Soft,
+        capacity: blocks * BS,
+        block_size: BS,
+        hugepages: false,
+        locked: true,
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A state with nodes of the given block counts, registered at `t0`.
+fn setup(nodes: &[u64]) -> (ControllerState, Instant, Vec<u32>) {
+    let t0 = Instant::now();
+    let mut st = ControllerState::new(
+        StateConfig {
+            lease: Duration::from_secs(10),
+            grace: Duration::from_secs(2),
+            dead_after: ms(1500),
+        },
+        SECRET,
+        t0,
+    );
+    let ids = nodes
+        .iter()
+        .map(|&n| st.register_node(&reg(n), t0).unwrap())
+        .collect();
+    (st, t0, ids)
+}
+
+fn free_on(st: &ControllerState, node: u32, now: Instant) -> u64 {
+    st.status(now)
+        .nodes
+        .iter()
+        .find(|n| n.endpoint.node == node)
+        .map(|n| n.blocks_free)
+        .unwrap()
+}
+
+/// Heartbeats every live node, then ticks.
+fn beat_and_tick(st: &mut ControllerState, now: Instant) -> Vec<Effect> {
+    let nodes: Vec<u32> = st
+        .status(now)
+        .nodes
+        .iter()
+        .map(|n| n.endpoint.node)
+        .collect();
+    for n in nodes {
+        let _ = st.heartbeat(n, Default::default(), now);
+    }
+    st.tick(now)
+}
+
+fn block_ids(grants: &[BlockGrant]) -> Vec<BlockId> {
+    grants.iter().map(|g| g.block).collect()
+}
+
+fn usage(st: &ControllerState, now: Instant, path: &str) -> Option<(u64, u64)> {
+    st.status(now)
+        .paths
+        .iter()
+        .find(|u| u.path.as_str() == path)
+        .map(|u| (u.blocks, u.subtree_bytes))
+}
+
+#[test]
+fn usage_is_summed_up_the_tree_and_remove_frees_subtrees() {
+    let (mut st, t0, _) = setup(&[16]);
+    st.alloc(&p("/j/s/t1"), 2 * BS, Placement::default(), t0)
+        .unwrap();
+    st.alloc(&p("/j/s/t2"), 1, Placement::default(), t0)
+        .unwrap();
+    st.alloc(&p("/j"), BS, Placement::default(), t0).unwrap();
+    st.check_invariants().unwrap();
+
+    let status = st.status(t0);
+    let order: Vec<&str> = status.paths.iter().map(|u| u.path.as_str()).collect();
+    assert_eq!(order, ["/j", "/j/s", "/j/s/t1", "/j/s/t2"]);
+    assert_eq!(usage(&st, t0, "/j"), Some((1, 4 * BS)));
+    assert_eq!(usage(&st, t0, "/j/s"), Some((0, 3 * BS)));
+    assert_eq!(usage(&st, t0, "/j/s/t1"), Some((2, 2 * BS)));
+    assert_eq!(status.used_bytes, 4 * BS);
+    assert_eq!(status.blocks_allocated_total, 4);
+    assert_eq!(status.capacity_bytes, 16 * BS);
+
+    let (removed, effects) = st.remove(&p("/j/s")).unwrap();
+    assert_eq!(
+        removed,
+        Removal {
+            blocks: 3,
+            paths: 3
+        }
+    );
+    let revoked: usize = effects
+        .iter()
+        .map(|e| match e {
+            Effect::Revoke { blocks, .. } => blocks.len(),
+            Effect::NodeDead { .. } => 0,
+        })
+        .sum();
+    assert_eq!(revoked, 3);
+    assert_eq!(usage(&st, t0, "/j"), Some((1, BS)));
+    assert_eq!(usage(&st, t0, "/j/s"), None);
+    assert_eq!(st.status(t0).blocks_freed_total, 3);
+    st.check_invariants().unwrap();
+
+    assert!(matches!(
+        st.remove(&PoolPath::root()),
+        Err(ControlError::BadRequest(_))
+    ));
+    assert_eq!(
+        st.remove(&p("/nope")),
+        Err(ControlError::NotFound(p("/nope")))
+    );
+    // open creates paths without blocks.
+    st.open(&p("/k/l"), t0).unwrap();
+    assert_eq!(usage(&st, t0, "/k/l"), Some((0, 0)));
+}
+
+#[test]
+fn quotas_apply_to_the_path_and_every_ancestor() {
+    let (mut st, t0, ids) = setup(&[16]);
+    st.set_quota(&p("/j"), Some(3 * BS), t0).unwrap();
+    assert_eq!(st.status(t0).paths[0].quota, Some(3 * BS));
+    st.alloc(&p("/j/a"), 2 * BS, Placement::default(), t0)
+        .unwrap();
+    let before = free_on(&st, ids[0], t0);
+    let err = st
+        .alloc(&p("/j/b/c"), 2 * BS, Placement::default(), t0)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ControlError::QuotaExceeded {
+            path: p("/j"),
+            quota: 3 * BS,
+            used: 2 * BS,
+            requested: 2 * BS,
+        }
+    );
+    assert_eq!(free_on(&st, ids[0], t0), before, "nothing taken");
+    // A quota on the task itself.
+    st.set_quota(&p("/j/b/c"), Some(0), t0).unwrap();
+    assert!(matches!(
+        st.alloc(&p("/j/b/c"), 1, Placement::default(), t0),
+        Err(ControlError::QuotaExceeded { path, .. }) if path == p("/j/b/c")
+    ));
+    st.set_quota(&p("/j/b/c"), None, t0).unwrap();
+    st.alloc(&p("/j/b/c"), 1, Placement::default(), t0).unwrap();
+    st.set_quota(&p("/j"), None, t0).unwrap();
+    st.alloc(&p("/j/b/c"), 4 * BS, Placement::default(), t0)
+        .unwrap();
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn allocation_is_all_or_nothing_and_validated() {
+    let (mut st, t0, ids) = setup(&[4, 4]);
+    let err = st
+        .alloc(&p("/j/t"), 9 * BS, Placement::default(), t0)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ControlError::NoCapacity {
+            requested: 9 * BS,
+            free: 8 * BS
+        }
+    );
+    assert_eq!(free_on(&st, ids[0], t0) + free_on(&st, ids[1], t0), 8);
+    assert_eq!(st.status(t0).blocks_allocated_total, 0);
+    let grants = st
+        .alloc(&p("/j/t"), 7 * BS + 1, Placement::default(), t0)
+        .unwrap();
+    assert_eq!(grants.len(), 8, "rounded up to whole blocks");
+    assert!(grants.iter().all(|g| g.len == BS && g.writable));
+    assert_eq!(
+        st.alloc(&p("/j/t"), 1, Placement::default(), t0),
+        Err(ControlError::NoCapacity {
+            requested: BS,
+            free: 0
+        })
+    );
+    assert!(matches!(
+        st.alloc(&p("/j/t"), 0, Placement::default(), t0),
+        Err(ControlError::BadRequest(_))
+    ));
+    assert!(matches!(
+        st.alloc(&p("/j/t"), u64::MAX, Placement::default(), t0),
+        Err(ControlError::BadRequest(_))
+    ));
+    assert_eq!(
+        st.alloc(&PoolPath::root(), 1, Placement::default(), t0),
+        Err(ControlError::BadPath(PathError::Root))
+    );
+    let (mut empty, t0, _) = setup(&[]);
+    assert!(matches!(
+        empty.alloc(&p("/j"), 1, Placement::default(), t0),
+        Err(ControlError::NoCapacity { free: 0, .. })
+    ));
+}
+
+#[test]
+fn grants_carry_endpoint_offset_and_key() {
+    let (mut st, t0, ids) = setup(&[4]);
+    let g = st
+        .alloc(&p("/j"), 3 * BS, Placement::default(), t0)
+        .unwrap();
+    for (i, g) in g.iter().enumerate() {
+        assert_eq!(g.block.node, ids[0]);
+        assert_eq!(g.offset, u64::from(g.block.index) * BS);
+        assert_eq!(g.block.index as usize, i);
+        assert_eq!(g.epoch, super::INITIAL_EPOCH);
+        assert_eq!(g.endpoint.addr, "10.0.0.1:9000");
+        assert_eq!(g.endpoint.node, ids[0]);
+        assert_eq!(g.key, derive_key(&SECRET, ids[0], g.block.index, 1, true));
+    }
+}
+
+#[test]
+fn placement_policies() {
+    // Least loaded: always the node with most free blocks, ties to the lowest id.
+    let (mut st, t0, ids) = setup(&[4, 8]);
+    let g = st.alloc(&p("/a"), BS, Placement::LeastLoaded, t0).unwrap();
+    assert_eq!(g[0].block.node, ids[1]);
+    st.alloc(&p("/a"), 5 * BS, Placement::LeastLoaded, t0)
+        .unwrap();
+    assert_eq!(free_on(&st, ids[0], t0), 3);
+    assert_eq!(free_on(&st, ids[1], t0), 3);
+
+    // Spread: round robin across live nodes with free blocks, continuing across calls.
+    let (mut st, t0, ids) = setup(&[4, 4, 4]);
+    let g = st.alloc(&p("/s"), 6 * BS, Placement::Spread, t0).unwrap();
+    let nodes: Vec<u32> = g.iter().map(|g| g.block.node).collect();
+    assert_eq!(nodes, [ids[0], ids[1], ids[2], ids[0], ids[1], ids[2]]);
+    let g = st.alloc(&p("/s"), BS, Placement::Spread, t0).unwrap();
+    assert_eq!(g[0].block.node, ids[0]);
+    // Spread skips full nodes.
+    st.alloc(&p("/s"), 2 * BS, Placement::Node(ids[1]), t0)
+        .unwrap();
+    let g = st.alloc(&p("/s"), 3 * BS, Placement::Spread, t0).unwrap();
+    assert!(g.iter().all(|g| g.block.node != ids[1]));
+
+    // Named node.
+    let (mut st, t0, ids) = setup(&[4, 4]);
+    let g = st
+        .alloc(&p("/n"), 3 * BS, Placement::Node(ids[1]), t0)
+        .unwrap();
+    assert!(g.iter().all(|g| g.block.node == ids[1]));
+    assert_eq!(
+        st.alloc(&p("/n"), 2 * BS, Placement::Node(ids[1]), t0),
+        Err(ControlError::NoCapacity {
+            requested: 2 * BS,
+            free: BS
+        })
+    );
+    assert_eq!(
+        st.alloc(&p("/n"), BS, Placement::Node(99), t0),
+        Err(ControlError::NoSuchNode(99))
+    );
+    st.node_lost(ids[0]);
+    assert_eq!(
+        st.alloc(&p("/n"), BS, Placement::Node(ids[0]), t0),
+        Err(ControlError::NoSuchNode(ids[0]))
+    );
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn freed_blocks_are_reused_only_after_revocation_is_confirmed() {
+    let (mut st, t0, ids) = setup(&[1]);
+    let n = ids[0];
+    let first = st.alloc(&p("/a"), BS, Placement::default(), t0).unwrap();
+    let old = first[0].clone();
+    let effects = st.free(&p("/a"), &block_ids(&first)).unwrap();
+    assert_eq!(
+        effects,
+        vec![Effect::Revoke {
+            node: n,
+            blocks: vec![(old.block.index, old.epoch + 1)]
+        }]
+    );
+    let status = st.status(t0);
+    assert_eq!(status.nodes[0].blocks_revoking, 1);
+    assert_eq!(status.nodes[0].blocks_free, 0);
+    assert_eq!(status.blocks_freed_total, 1);
+    assert_eq!(usage(&st, t0, "/a"), Some((0, 0)));
+
+    // Not reallocated while revoking.
+    assert!(matches!(
+        st.alloc(&p("/b"), BS, Placement::default(), t0),
+        Err(ControlError::NoCapacity { free: 0, .. })
+    ));
+    // A confirmation for a stale epoch (or another block) changes nothing.
+    assert_eq!(st.revoked(n, &[(old.block.index, old.epoch), (5, 2)]), 0);
+    assert!(st.alloc(&p("/b"), BS, Placement::default(), t0).is_err());
+    // Confirmations from other nodes are ignored.
+    assert_eq!(st.revoked(n + 1, &[(old.block.index, old.epoch + 1)]), 0);
+
+    assert_eq!(st.revoked(n, &[(old.block.index, old.epoch + 1)]), 1);
+    let new = st.alloc(&p("/b"), BS, Placement::default(), t0).unwrap();
+    assert_eq!(new[0].block, old.block);
+    assert_eq!(new[0].epoch, old.epoch + 1);
+    assert_ne!(new[0].key, old.key);
+    assert_eq!(
+        new[0].key,
+        derive_key(&SECRET, n, old.block.index, old.epoch + 1, true)
+    );
+    // A duplicate confirmation after reuse does nothing.
+    assert_eq!(st.revoked(n, &[(old.block.index, old.epoch + 1)]), 0);
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn only_the_owning_path_may_free() {
+    let (mut st, t0, ids) = setup(&[8]);
+    let a = block_ids(
+        &st.alloc(&p("/j/a"), 2 * BS, Placement::default(), t0)
+            .unwrap(),
+    );
+    st.open(&p("/j/b"), t0).unwrap();
+    let not_owner = |block, path: &str| ControlError::NotOwner {
+        block,
+        path: p(path),
+    };
+    assert_eq!(st.free(&p("/j/b"), &a[..1]), Err(not_owner(a[0], "/j/b")));
+    assert_eq!(st.free(&p("/j"), &a[..1]), Err(not_owner(a[0], "/j")));
+    assert_eq!(st.free(&p("/zz"), &a[..1]), Err(not_owner(a[0], "/zz")));
+    let bogus = BlockId {
+        node: ids[0],
+        index: 7,
+    };
+    let unknown_node = BlockId { node: 42, index: 0 };
+    assert_eq!(
+        st.free(&p("/j/a"), &[a[0], bogus]),
+        Err(not_owner(bogus, "/j/a")),
+        "one bad block refuses the whole request"
+    );
+    assert_eq!(
+        st.free(&p("/j/a"), &[unknown_node]),
+        Err(not_owner(unknown_node, "/j/a"))
+    );
+    assert!(matches!(
+        st.free(&p("/j/a"), &[a[0], a[0]]),
+        Err(ControlError::BadRequest(_))
+    ));
+    assert_eq!(usage(&st, t0, "/j/a"), Some((2, 2 * BS)), "nothing freed");
+    assert_eq!(st.free(&p("/j/a"), &[]), Ok(vec![]));
+    st.free(&p("/j/a"), &a).unwrap();
+    assert_eq!(st.free(&p("/j/a"), &a[..1]), Err(not_owner(a[0], "/j/a")));
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn lookup_returns_rw_or_ro_grants_in_allocation_order() {
+    let (mut st, t0, ids) = setup(&[4, 4]);
+    let mut all = st.alloc(&p("/t"), 2 * BS, Placement::Spread, t0).unwrap();
+    all.extend(st.alloc(&p("/t"), BS, Placement::Node(ids[0]), t0).unwrap());
+    assert_eq!(st.lookup(&p("/t"), true).unwrap(), all);
+    let ro = st.lookup(&p("/t"), false).unwrap();
+    assert_eq!(block_ids(&ro), block_ids(&all));
+    for (r, w) in ro.iter().zip(&all) {
+        assert!(!r.writable);
+        assert_ne!(r.key, w.key);
+        assert_eq!(
+            r.key,
+            derive_key(&SECRET, r.block.node, r.block.index, r.epoch, false)
+        );
+    }
+    st.free(&p("/t"), &[all[0].block]).unwrap();
+    assert_eq!(
+        block_ids(&st.lookup(&p("/t"), true).unwrap()),
+        block_ids(&all[1..])
+    );
+    assert_eq!(
+        st.lookup(&p("/none"), true),
+        Err(ControlError::NotFound(p("/none")))
+    );
+    st.open(&p("/empty"), t0).unwrap();
+    assert_eq!(st.lookup(&p("/empty"), false), Ok(vec![]));
+}
+
+#[test]
+fn renewing_a_prefix_keeps_descendants_and_expiry_reclaims() {
+    let (mut st, t0, ids) = setup(&[8]);
+    st.alloc(&p("/j/s/t"), 2 * BS, Placement::default(), t0)
+        .unwrap();
+    st.alloc(&p("/k"), BS, Placement::default(), t0).unwrap();
+    assert_eq!(st.renew(&p("/j"), t0 + ms(8000)), Ok(10_000));
+    assert_eq!(
+        st.renew(&p("/nope"), t0),
+        Err(ControlError::NotFound(p("/nope")))
+    );
+
+    // /k: deadline t0+10 s, reclaimed after the 2 s grace.
+    assert!(beat_and_tick(&mut st, t0 + ms(11_000)).is_empty());
+    assert!(usage(&st, t0, "/k").is_some());
+    let effects = beat_and_tick(&mut st, t0 + ms(12_500));
+    assert_eq!(
+        effects,
+        vec![Effect::Revoke {
+            node: ids[0],
+            blocks: vec![(2, 2)]
+        }]
+    );
+    assert!(usage(&st, t0, "/k").is_none());
+    // /j/s/t lives on through /j (deadline t0+18 s).
+    assert!(beat_and_tick(&mut st, t0 + ms(19_000)).is_empty());
+    let now = t0 + ms(19_000);
+    let remaining = st
+        .status(now)
+        .paths
+        .iter()
+        .find(|u| u.path.as_str() == "/j/s/t")
+        .map(|u| u.lease_remaining_ms)
+        .unwrap();
+    assert_eq!(remaining, -1000, "expired, within grace");
+    let effects = beat_and_tick(&mut st, t0 + ms(20_500));
+    assert_eq!(effects.len(), 1);
+    let status = st.status(t0 + ms(20_500));
+    assert!(status.paths.is_empty());
+    assert_eq!(status.blocks_expired_total, 3);
+    assert_eq!(status.blocks_freed_total, 3);
+    assert_eq!(status.used_bytes, 0);
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn a_live_task_keeps_its_expired_ancestors() {
+    let (mut st, t0, _) = setup(&[8]);
+    st.alloc(&p("/j"), BS, Placement::default(), t0).unwrap();
+    st.alloc(&p("/j/t"), BS, Placement::default(), t0).unwrap();
+    let mut now = t0;
+    for _ in 0..5 {
+        now += ms(5000);
+        st.renew(&p("/j/t"), now).unwrap();
+        assert!(beat_and_tick(&mut st, now).is_empty());
+    }
+    assert_eq!(usage(&st, now, "/j"), Some((1, 2 * BS)));
+    // Once the task stops renewing, task and job go together.
+    now += ms(12_001);
+    assert_eq!(beat_and_tick(&mut st, now).len(), 1);
+    assert!(st.status(now).paths.is_empty());
+    assert_eq!(st.status(now).blocks_expired_total, 2);
+}
+
+#[test]
+fn nodes_die_by_missed_heartbeats_and_are_dropped_when_empty() {
+    let (mut st, t0, ids) = setup(&[4, 4]);
+    let (a, b) = (ids[0], ids[1]);
+    st.heartbeat(a, Default::default(), t0 + ms(1000)).unwrap();
+    assert!(st.tick(t0 + ms(1400)).is_empty());
+    assert_eq!(st.tick(t0 + ms(1600)), vec![Effect::NodeDead { node: b }]);
+    // b held nothing: gone from the registry; a is alive.
+    let status = st.status(t0 + ms(1600));
+    assert_eq!(status.nodes.len(), 1);
+    assert!(status.nodes[0].alive);
+    assert_eq!(status.nodes[0].last_heartbeat_ms, 600);
+    assert_eq!(
+        st.heartbeat(b, Default::default(), t0 + ms(1700)),
+        Err(ControlError::NoSuchNode(b))
+    );
+    // A new registration gets a fresh id.
+    let c = st.register_node(&reg(4), t0 + ms(1700)).unwrap();
+    assert!(c > b);
+}
+
+#[test]
+fn a_dead_node_keeps_its_blocks_listed_until_freed() {
+    let (mut st, t0, ids) = setup(&[4, 4]);
+    let (a, b) = (ids[0], ids[1]);
+    let on_b = st.alloc(&p("/t"), 2 * BS, Placement::Node(b), t0).unwrap();
+    let pending = st.alloc(&p("/u"), BS, Placement::Node(b), t0).unwrap();
+    st.free(&p("/u"), &block_ids(&pending)).unwrap();
+    st.node_lost(b);
+    st.check_invariants().unwrap();
+
+    let status = st.status(t0);
+    let nb = status.nodes.iter().find(|n| n.endpoint.node == b).unwrap();
+    assert!(!nb.alive);
+    assert_eq!(nb.blocks_revoking, 0, "pending revocations dropped");
+    assert_eq!(status.capacity_bytes, 4 * BS, "only live capacity");
+    assert_eq!(status.used_bytes, 2 * BS);
+    // Grants for the dead node's blocks are still handed out: I/O fails, nothing is
+    // silently replaced.
+    assert_eq!(
+        block_ids(&st.lookup(&p("/t"), true).unwrap()),
+        block_ids(&on_b)
+    );
+    // Placement avoids it.
+    let g = st
+        .alloc(&p("/v"), 4 * BS, Placement::default(), t0)
+        .unwrap();
+    assert!(g.iter().all(|g| g.block.node == a));
+    assert!(matches!(
+        st.alloc(&p("/v"), BS, Placement::Spread, t0),
+        Err(ControlError::NoCapacity { free: 0, .. })
+    ));
+    assert_eq!(
+        st.heartbeat(b, Default::default(), t0),
+        Err(ControlError::NoSuchNode(b))
+    );
+    // Freeing a dead node's block sends no revocation.
+    assert_eq!(st.free(&p("/t"), &[on_b[0].block]), Ok(vec![]));
+    assert_eq!(st.status(t0).nodes.len(), 2);
+    let (removed, effects) = st.remove(&p("/t")).unwrap();
+    assert_eq!(removed.blocks, 1);
+    assert!(effects.is_empty());
+    assert_eq!(st.status(t0).nodes.len(), 1, "empty dead node dropped");
+    st.check_invariants().unwrap();
+}
+
+#[test]
+fn losing_a_node_with_pending_revocations_drops_it() {
+    let (mut st, t0, ids) = setup(&[2]);
+    let g = st.alloc(&p("/t"), BS, Placement::default(), t0).unwrap();
+    st.free(&p("/t"), &block_ids(&g)).unwrap();
+    st.node_lost(ids[0]);
+    assert!(st.status(t0).nodes.is_empty());
+    assert_eq!(st.revoked(ids[0], &[(0, 2)]), 0);
+}
+
+#[test]
+fn bad_registrations_are_refused() {
+    let (mut st, t0, _) = setup(&[4]);
+    let mut r = reg(4);
+    r.block_size = 2048;
+    r.capacity = 8192;
+    assert!(matches!(
+        st.register_node(&r, t0),
+        Err(ControlError::BadRegistration(_))
+    ));
+    let mut r = reg(4);
+    r.block_size = 2 * BS;
+    assert!(
+        matches!(st.register_node(&r, t0), Err(ControlError::BadRegistration(m)) if m.contains("same block size"))
+    );
+    let mut r = reg(4);
+    r.capacity += 1;
+    assert!(st.register_node(&r, t0).is_err());
+    let mut r = reg(4);
+    r.capacity = 0;
+    assert!(st.register_node(&r, t0).is_err());
+    assert_eq!(st.status(t0).nodes.len(), 1);
+}
+
+#[test]
+fn requests_are_dispatched_to_responses() {
+    let (mut st, t0, _) = setup(&[4]);
+    let (r, e) = st.handle(Request::Open { path: p("/j") }, t0);
+    assert!(matches!(r, Response::Ok) && e.is_empty());
+    let (r, _) = st.handle(
+        Request::Alloc {
+            path: p("/j/t"),
+            bytes: 2 * BS,
+            placement: Placement::default(),
+        },
+        t0,
+    );
+    let Response::Blocks(g) = r else {
+        panic!("{r:?}")
+    };
+    let (r, e) = st.handle(
+        Request::Free {
+            path: p("/j/t"),
+            blocks: vec![g[0].block],
+        },
+        t0,
+    );
+    assert!(matches!(r, Response::Ok));
+    assert_eq!(e.len(), 1);
+    let (r, _) = st.handle(
+        Request::Lookup {
+            path: p("/j/t"),
+            writable: false,
+        },
+        t0,
+    );
+    assert!(matches!(r, Response::Blocks(g) if g.len() == 1));
+    let (r, _) = st.handle(Request::Renew { prefix: p("/j") }, t0);
+    assert!(matches!(r, Response::Renewed { lease_ms: 10_000 }));
+    let (r, _) = st.handle(
+        Request::SetQuota {
+            path: p("/j"),
+            bytes: Some(1),
+        },
+        t0,
+    );
+    assert!(matches!(r, Response::Ok));
+    let (r, _) = st.handle(Request::Status, t0);
+    assert!(matches!(r, Response::Status(s) if s.paths.len() == 2));
+    let (r, e) = st.handle(Request::Remove { path: p("/j") }, t0);
+    assert!(matches!(
+        r,
+        Response::Removed {
+            blocks: 1,
+            paths: 2
+        }
+    ));
+    assert_eq!(e.len(), 1);
+    let (r, _) = st.handle(Request::Remove { path: p("/j") }, t0);
+    assert!(matches!(r, Response::Error(ControlError::NotFound(_))));
+}
