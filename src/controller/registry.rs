@@ -16,6 +16,9 @@ pub const INITIAL_EPOCH: u32 = 1;
 /// Smallest block size a memory node may register (bytes).
 pub const MIN_BLOCK_SIZE: u64 = 4096;
 
+/// Longest data-plane address accepted at registration (bytes).
+const MAX_DATA_ADDR: usize = 4096;
+
 /// Owner sentinels packed into [`Block::owner`]; path ids stay below them.
 const FREE: u32 = u32::MAX;
 const REVOKING: u32 = u32::MAX - 1;
@@ -264,8 +267,10 @@ pub(crate) fn validate_register(
             ));
         }
     }
-    if reg.data_addr.trim().is_empty() {
-        return bad("empty data-plane address".into());
+    if reg.data_addr.trim().is_empty() || reg.data_addr.len() > MAX_DATA_ADDR {
+        return bad(format!(
+            "data-plane address must be non-empty and at most {MAX_DATA_ADDR} bytes"
+        ));
     }
     Ok(blocks)
 }

@@ -17,6 +17,7 @@ use crate::proto::{
     derive_key, BlockGrant, BlockId, ClusterStatus, ControlError, NodeStats, NodeStatus, PathError,
     Placement, PoolPath, Register, Request, Response, Secret,
 };
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,17 @@ pub struct ControllerState {
     blocks_allocated_total: u64,
     blocks_freed_total: u64,
     blocks_expired_total: u64,
+}
+
+/// Re-validates a path that may have been deserialized from the network without
+/// going through [`PoolPath::parse`], normalising it if needed.
+fn canonical(path: &PoolPath) -> Result<Cow<'_, PoolPath>, ControlError> {
+    let parsed = PoolPath::parse(path.as_str())?;
+    Ok(if parsed == *path {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(parsed)
+    })
 }
 
 /// Collects revocations per node during one operation.
@@ -176,7 +188,8 @@ impl ControllerState {
 
     /// Creates `path` and its parents if needed and renews its lease.
     pub fn open(&mut self, path: &PoolPath, now: Instant) -> Result<(), ControlError> {
-        self.open_id(path, now).map(|_| ())
+        let path = canonical(path)?;
+        self.open_id(&path, now).map(|_| ())
     }
 
     fn open_id(&mut self, path: &PoolPath, now: Instant) -> Result<PathId, ControlError> {
@@ -196,6 +209,7 @@ impl ControllerState {
         placement: Placement,
         now: Instant,
     ) -> Result<Vec<BlockGrant>, ControlError> {
+        let path = canonical(path)?;
         if path.is_root() {
             return Err(PathError::Root.into());
         }
@@ -217,7 +231,7 @@ impl ControllerState {
             )));
         }
         let requested = count * bs;
-        let id = self.open_id(path, now)?;
+        let id = self.open_id(&path, now)?;
         self.ns.check_quota(id, requested)?;
         // count <= MAX_BLOCKS_PER_ALLOC fits in u32.
         let taken = self.registry.take(count as u32, placement, id, bs)?;
@@ -255,14 +269,15 @@ impl ControllerState {
         path: &PoolPath,
         blocks: &[BlockId],
     ) -> Result<Vec<Effect>, ControlError> {
+        let path = canonical(path)?;
         let not_owner = |block: BlockId| ControlError::NotOwner {
             block,
-            path: path.clone(),
+            path: path.clone().into_owned(),
         };
-        let Some(id) = self.ns.find(path) else {
+        let Some(id) = self.ns.find(&path) else {
             return match blocks.first() {
                 Some(&b) => Err(not_owner(b)),
-                None => Err(ControlError::NotFound(path.clone())),
+                None => Err(ControlError::NotFound(path.into_owned())),
             };
         };
         for &b in blocks {
@@ -321,14 +336,12 @@ impl ControllerState {
 
     /// Grants for the blocks owned by exactly `path`, in allocation order.
     pub fn lookup(&self, path: &PoolPath, writable: bool) -> Result<Vec<BlockGrant>, ControlError> {
-        let id = self
-            .ns
-            .find(path)
-            .ok_or_else(|| ControlError::NotFound(path.clone()))?;
+        let path = canonical(path)?;
         let node = self
             .ns
-            .get(id)
-            .ok_or_else(|| ControlError::NotFound(path.clone()))?;
+            .find(&path)
+            .and_then(|id| self.ns.get(id))
+            .ok_or_else(|| ControlError::NotFound(path.clone().into_owned()))?;
         Ok(node
             .blocks
             .iter()
@@ -342,16 +355,18 @@ impl ControllerState {
     /// Renews the lease of `prefix` (and through it its subtree); returns the lease
     /// period in milliseconds.
     pub fn renew(&mut self, prefix: &PoolPath, now: Instant) -> Result<u64, ControlError> {
+        let prefix = canonical(prefix)?;
         let id = self
             .ns
-            .find(prefix)
-            .ok_or_else(|| ControlError::NotFound(prefix.clone()))?;
+            .find(&prefix)
+            .ok_or_else(|| ControlError::NotFound(prefix.clone().into_owned()))?;
         self.ns.renew(id, self.lease_deadline(now));
         Ok(self.lease_ms())
     }
 
     /// Removes `path` and its subtree, freeing (revoking) every block in it.
     pub fn remove(&mut self, path: &PoolPath) -> Result<(Removal, Vec<Effect>), ControlError> {
+        let path = canonical(path)?;
         if path.is_root() {
             return Err(ControlError::BadRequest(
                 "refusing to remove '/'; remove job paths one by one".into(),
@@ -359,8 +374,8 @@ impl ControllerState {
         }
         let id = self
             .ns
-            .find(path)
-            .ok_or_else(|| ControlError::NotFound(path.clone()))?;
+            .find(&path)
+            .ok_or_else(|| ControlError::NotFound(path.clone().into_owned()))?;
         let mut gone = Reclaimed::default();
         self.ns.remove_subtree(id, &mut gone);
         let mut revs = Revocations::default();
@@ -381,10 +396,11 @@ impl ControllerState {
         bytes: Option<u64>,
         now: Instant,
     ) -> Result<(), ControlError> {
+        let path = canonical(path)?;
         let id = if path.is_root() {
             ROOT
         } else {
-            self.ns.ensure(path, self.lease_deadline(now))?
+            self.ns.ensure(&path, self.lease_deadline(now))?
         };
         self.ns.set_quota(id, bytes);
         Ok(())
