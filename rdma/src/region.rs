@@ -16,8 +16,19 @@
 //! - Atomic values are little-endian `u64`s in memory, so a WRITE of `x.to_le_bytes()`
 //!   followed by a FAA sees `x`. On little-endian hosts (x86-64, aarch64) this is the
 //!   native layout; on big-endian hosts the atomics convert.
+//!
+//! # Torn mode (for tests)
+//!
+//! A plain copy of a few KiB usually *looks* atomic on a CPU, so code that wrongly
+//! relies on atomic READ/WRITE passes its tests and breaks on a real NIC.
+//! [`Region::set_torn_mode`] makes every READ and WRITE on this region copy in small
+//! pieces (1 to 64 bytes, sometimes back to front) with thread yields in between, so
+//! torn reads show up in tests. It applies to every backend that goes through this
+//! `Region`: the soft server's region, and an shm client's mapping (whose
+//! [`crate::shm::ShmTransport`] then also runs each batch in reverse order, which the
+//! transport contract allows). Atomics are unaffected.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use memmap2::{Advice, MmapOptions, MmapRaw};
@@ -65,6 +76,7 @@ pub struct Region {
     len: u64,
     huge: bool,
     locked: bool,
+    torn: AtomicBool,
     _backing: Backing,
 }
 
@@ -141,6 +153,7 @@ impl Region {
             len: len as u64,
             huge,
             locked,
+            torn: AtomicBool::new(false),
             _backing: Backing::Anonymous(map),
         })
     }
@@ -169,6 +182,7 @@ impl Region {
             len: len as u64,
             huge: false,
             locked: false,
+            torn: AtomicBool::new(false),
             _backing: Backing::Shared(map),
         })
     }
@@ -191,6 +205,17 @@ impl Region {
     /// Whether the region is pinned in RAM (`mlock` succeeded).
     pub fn is_locked(&self) -> bool {
         self.locked
+    }
+
+    /// Turns torn mode on or off (see the module documentation). Meant for tests: it
+    /// makes READ and WRITE much slower.
+    pub fn set_torn_mode(&self, on: bool) {
+        self.torn.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether torn mode is on.
+    pub fn torn_mode(&self) -> bool {
+        self.torn.load(Ordering::Relaxed)
     }
 
     /// Checks that `off..off+len` lies inside the region and returns `off` as `usize`.
@@ -229,10 +254,20 @@ impl Region {
     #[inline]
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), OpError> {
         let at = self.bounds(off, buf.len() as u64)?;
+        let dst = buf.as_mut_ptr();
+        if self.torn.load(Ordering::Relaxed) {
+            torn_pieces(off, buf.len(), |i, n| {
+                // SAFETY: `torn_pieces` yields ranges inside `0..buf.len()`, and
+                // `at..at + buf.len()` lies inside the mapping (checked by `bounds`);
+                // the buffers are distinct, so the ranges do not overlap.
+                unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(at + i), dst.add(i), n) }
+            });
+            return Ok(());
+        }
         // SAFETY: `at..at + buf.len()` lies inside the mapping (checked by `bounds`); the
         // destination is a distinct local buffer, so the ranges do not overlap. No
         // reference to region memory is created.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(at), buf.as_mut_ptr(), buf.len()) };
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(at), dst, buf.len()) };
         Ok(())
     }
 
@@ -243,10 +278,20 @@ impl Region {
     #[inline]
     pub fn write(&self, off: u64, data: &[u8]) -> Result<(), OpError> {
         let at = self.bounds(off, data.len() as u64)?;
+        let src = data.as_ptr();
+        if self.torn.load(Ordering::Relaxed) {
+            torn_pieces(off, data.len(), |i, n| {
+                // SAFETY: `torn_pieces` yields ranges inside `0..data.len()`, and
+                // `at..at + data.len()` lies inside the writable mapping (checked by
+                // `bounds`); the buffers are distinct, so the ranges do not overlap.
+                unsafe { std::ptr::copy_nonoverlapping(src.add(i), self.ptr.add(at + i), n) }
+            });
+            return Ok(());
+        }
         // SAFETY: `at..at + data.len()` lies inside the writable mapping (checked by
         // `bounds`); the source is a distinct local buffer, so the ranges do not overlap.
         // No reference to region memory is created.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(at), data.len()) };
+        unsafe { std::ptr::copy_nonoverlapping(src, self.ptr.add(at), data.len()) };
         Ok(())
     }
 
@@ -285,12 +330,38 @@ impl Region {
     }
 }
 
+/// Cuts `0..len` into pieces of 1 to 64 bytes, visited front to back or back to front,
+/// calling `copy(start, len)` for each and yielding the thread now and then.
+fn torn_pieces(seed: u64, len: usize, mut copy: impl FnMut(usize, usize)) {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let mut x = (seed ^ len as u64 ^ call.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let backwards = next() & 1 == 1;
+    let mut done = 0usize;
+    while done < len {
+        let n = ((next() % 64) as usize + 1).min(len - done);
+        let start = if backwards { len - done - n } else { done };
+        copy(start, n);
+        done += n;
+        if next() % 4 == 0 {
+            std::thread::yield_now();
+        }
+    }
+}
+
 impl std::fmt::Debug for Region {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Region")
             .field("len", &self.len)
             .field("huge", &self.huge)
             .field("locked", &self.locked)
+            .field("torn_mode", &self.torn_mode())
             .field(
                 "backing",
                 &match self._backing {
@@ -387,6 +458,41 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(r.fetch_add(0, 0).unwrap(), 40_000);
+    }
+
+    #[test]
+    fn torn_mode_copies_everything_and_tears() {
+        let r = Arc::new(small());
+        r.set_torn_mode(true);
+        assert!(r.torn_mode());
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        r.write(5, &data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        r.read(5, &mut back).unwrap();
+        assert_eq!(back, data);
+        // A reader racing a writer that flips 4 KiB between all-0 and all-1 sees a mix.
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (r, stop) = (r.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u8;
+                while !stop.load(Ordering::Relaxed) {
+                    r.write(0, &[i; 4096]).unwrap();
+                    i ^= 1;
+                }
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut torn = false;
+        let mut buf = [0u8; 4096];
+        while !torn && std::time::Instant::now() < deadline {
+            r.read(0, &mut buf).unwrap();
+            torn = buf.iter().any(|&b| b != buf[0]);
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(torn, "torn mode never produced a torn read");
+        r.set_torn_mode(false);
     }
 
     #[test]

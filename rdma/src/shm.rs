@@ -446,14 +446,18 @@ impl Transport for ShmTransport {
     }
 
     fn execute(&self, ops: &mut [Op<'_>]) -> Result<(), Error> {
-        for op in ops.iter_mut() {
-            match self.apply(op) {
-                Ok(v) => {
-                    op.result = v;
-                    op.status = OpStatus::Done;
-                }
-                Err(e) => op.status = OpStatus::Failed(e),
+        let run = |op: &mut Op<'_>| match self.apply(op) {
+            Ok(v) => {
+                op.result = v;
+                op.status = OpStatus::Done;
             }
+            Err(e) => op.status = OpStatus::Failed(e),
+        };
+        if self.region.torn_mode() {
+            // Batches may complete in any order: exercise that in torn mode.
+            ops.iter_mut().rev().for_each(run);
+        } else {
+            ops.iter_mut().for_each(run);
         }
         self.ops_done.fetch_add(ops.len() as u64, Ordering::Relaxed);
         finish_batch(ops)
