@@ -17,7 +17,7 @@ use crate::op::{finish_batch, Op, OpCode, OpKind, OpStatus};
 use crate::transport::{Transport, TransportKind};
 
 /// Receive buffer per connection.
-const RECV_BUF: usize = 64 * 1024;
+const RECV_BUF: usize = 128 * 1024;
 /// Most request bytes outstanding (sent, not yet answered) on a connection, unless a
 /// single operation is larger. Kept well under the socket buffers (client send plus
 /// server receive), so the client can always finish writing a window even while the
