@@ -259,7 +259,9 @@ impl ShmRegion {
             .ok_or_else(|| TransportError::Region("region too large".into()))?;
         let tmp = {
             let mut name = path.as_os_str().to_os_string();
-            name.push(format!(".tmp.{}", std::process::id()));
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            name.push(format!(".tmp.{}.{n}", std::process::id()));
             PathBuf::from(name)
         };
         let ctx = |what: &str, e: std::io::Error| {
