@@ -64,7 +64,7 @@ pub trait Transport: Send + Sync {
     ///
     /// Returns `Ok(())` when all succeeded, [`Error::Partial`] when some failed (their
     /// [`Op::status`] tells which), and [`Error::Transport`] when the connection failed
-    /// (operations without a status are then marked [`OpError::Aborted`]).
+    /// (operations without a status are then marked [`crate::OpError::Aborted`]).
     fn execute(&self, ops: &mut [Op<'_>]) -> Result<(), Error>;
 
     /// Largest READ or WRITE accepted in one operation.
