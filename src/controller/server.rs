@@ -311,9 +311,15 @@ async fn node_session(
     if let Err(e) = sent {
         tracing::debug!(%peer, node, "memory node connection failed: {e}");
     } else {
-        let writer = tokio::spawn(node_writer(wr, rx, node));
+        let mut writer = tokio::spawn(node_writer(wr, rx, node));
         loop {
-            let msg: NodeMsg = match read_msg_async(&mut rd).await {
+            let read = tokio::select! {
+                read = read_msg_async::<NodeMsg>(&mut rd) => read,
+                // The writer ends when the socket fails or the node was declared dead
+                // (after telling it so): stop reading as well, which closes the socket.
+                _ = &mut writer => break,
+            };
+            let msg = match read {
                 Ok(msg) => msg,
                 Err(e) => {
                     log_read_end(peer, "memory node", &e);
@@ -333,8 +339,7 @@ async fn node_session(
                 }
             }
         }
-        // The writer ends once its queue is unlinked below.
-        drop(writer);
+        // If still running, the writer ends once its queue is unlinked below.
     }
     shared.state.lock().node_lost(node);
     shared.links.lock().remove(&node);
