@@ -126,7 +126,7 @@ mod tests {
         let msg = Envelope {
             id: 7,
             body: Request::Renew {
-                prefix: "/job".into(),
+                prefix: crate::proto::PoolPath::parse("/job").unwrap(),
             },
         };
         let bytes = encode(&msg).unwrap();

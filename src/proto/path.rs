@@ -33,8 +33,25 @@ pub enum PathError {
 }
 
 /// A validated absolute path in the pool namespace. `/` is the root.
+///
+/// Deserialization validates too, so a path that arrives over the wire is as checked as
+/// one parsed locally.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct PoolPath(String);
+
+impl TryFrom<String> for PoolPath {
+    type Error = PathError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<PoolPath> for String {
+    fn from(p: PoolPath) -> String {
+        p.0
+    }
+}
 
 impl PoolPath {
     /// Parses and validates `s`. A trailing `/` is ignored.
@@ -146,6 +163,14 @@ mod tests {
         assert!(PoolPath::parse("/a/../b").is_err());
         assert!(PoolPath::parse("/a/b c").is_err());
         assert!(PoolPath::parse(&"/a".repeat(40)).is_err());
+    }
+
+    #[test]
+    fn wire_paths_are_validated() {
+        let ok: PoolPath = serde_json::from_str("\"/a/b\"").unwrap();
+        assert_eq!(ok.as_str(), "/a/b");
+        assert!(serde_json::from_str::<PoolPath>("\"/a//b\"").is_err());
+        assert!(serde_json::from_str::<PoolPath>("\"/a/../b\"").is_err());
     }
 
     #[test]
