@@ -47,6 +47,10 @@ pub(crate) struct Entry {
     key_rw: AtomicU64,
     /// Key granting read-only access (0: none).
     key_ro: AtomicU64,
+    /// High-water mark of bytes written into the block (block-relative end offset of
+    /// the furthest write or atomic that passed the check) since it was last scrubbed.
+    /// Lets the memory node zero only what a previous owner could have written.
+    written: AtomicU64,
 }
 
 const _: () = assert!(std::mem::size_of::<Entry>() == ENTRY_SIZE);
@@ -101,6 +105,15 @@ impl Entry {
         self.key_ro.store(key_ro, Ordering::Relaxed);
         self.epoch.store(epoch, Ordering::Relaxed);
         self.seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+
+    /// Raises the written high-water mark to `end` (block-relative).
+    #[inline]
+    fn note_written(&self, end: u64) {
+        // Most writes land below the mark already: skip the read-modify-write then.
+        if self.written.load(Ordering::Relaxed) < end {
+            self.written.fetch_max(end, Ordering::AcqRel);
+        }
     }
 }
 
@@ -233,6 +246,19 @@ impl AccessTable {
             .map_or(0, |(epoch, _, _)| epoch)
     }
 
+    /// Returns and resets the written high-water mark of `block`: the block-relative
+    /// length that may hold data written since the last call (0 when nothing was
+    /// written). Every write or atomic that passes [`AccessTable::check`] raises it.
+    /// The memory node scrubs `[0, mark)` when a block changes owner.
+    ///
+    /// # Panics
+    /// If `block >= num_blocks()`.
+    pub fn take_written(&self, block: u32) -> u64 {
+        self.entries()[block as usize]
+            .written
+            .swap(0, Ordering::AcqRel)
+    }
+
     /// Checks an operation on `addr..addr+len` presenting `rkey`; `write` is true for
     /// WRITE and atomics.
     ///
@@ -276,6 +302,9 @@ impl AccessTable {
             return Err(OpError::AccessDenied);
         }
         if rkey.key == key_rw {
+            if write {
+                self.entries()[block as usize].note_written(addr - start + len);
+            }
             return Ok(());
         }
         if rkey.key == key_ro {
@@ -449,5 +478,21 @@ mod tests {
         }
         writer.join().unwrap();
         assert!(seen > 0 || t.epoch(0) == 49_999);
+    }
+
+    #[test]
+    fn written_mark_tracks_the_furthest_write_only() {
+        let t = AccessTable::new(4 * 4096, 4096).unwrap();
+        t.set(1, 3, 11, 12);
+        assert_eq!(t.take_written(1), 0);
+        t.check(4096 + 10, 0, key(11, 3), false).unwrap();
+        t.check(4096 + 100, 50, key(12, 3), false).unwrap();
+        assert_eq!(t.take_written(1), 0, "reads leave no mark");
+        t.check(4096 + 100, 50, key(11, 3), true).unwrap();
+        t.check(4096 + 8, 8, key(11, 3), true).unwrap();
+        assert!(t.check(4096 + 1000, 8, key(12, 3), true).is_err());
+        assert_eq!(t.take_written(1), 150);
+        assert_eq!(t.take_written(1), 0, "taking resets the mark");
+        assert_eq!(t.take_written(0), 0);
     }
 }

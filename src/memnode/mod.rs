@@ -105,15 +105,18 @@ impl DataPlane {
         }
     }
 
-    /// Zeroes one block so the next owner cannot read the previous owner's data.
+    /// Zeroes what the block's previous owners wrote, so the next owner cannot read
+    /// it. Only the written prefix (the access table's high-water mark) is scrubbed:
+    /// blocks that were never written cost nothing to hand over.
     pub(crate) fn zero_block(&self, block: u32) {
         const CHUNK: usize = 64 << 10;
         static ZEROS: [u8; CHUNK] = [0; CHUNK];
         let bs = self.access.block_size();
+        let dirty = self.access.take_written(block).min(bs);
         let start = u64::from(block) * bs;
         let mut off = 0;
-        while off < bs {
-            let n = (bs - off).min(CHUNK as u64) as usize;
+        while off < dirty {
+            let n = (dirty - off).min(CHUNK as u64) as usize;
             if let Err(e) = self.region.write(start + off, &ZEROS[..n]) {
                 tracing::error!(block, error = %e, "cannot zero block");
                 return;
