@@ -55,6 +55,10 @@ pub struct ControllerArgs {
     /// Heartbeats a node may miss before it is declared dead.
     #[arg(long, default_value_t = 3)]
     pub missed_heartbeats: u32,
+    /// Longest time a free waits for memory nodes to confirm its revocations, in
+    /// milliseconds (0: answer at once).
+    #[arg(long, default_value_t = 5000)]
+    pub revoke_wait_ms: u64,
 }
 
 /// `farpool memnode`.
@@ -118,7 +122,8 @@ fn announce(addr: &str) {
 }
 
 fn secs(v: f64, what: &str) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(v).map_err(|_| format!("{what} must be a non-negative number of seconds"))
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| format!("{what} must be a non-negative number of seconds"))
 }
 
 /// Entry point of the `farpool` binary.
@@ -165,6 +170,7 @@ fn run_controller(a: ControllerArgs) -> Result<(), String> {
         grace: secs(a.grace_secs, "--grace-secs")?,
         heartbeat,
         dead_after: heartbeat * a.missed_heartbeats.max(1),
+        revoke_wait: Duration::from_millis(a.revoke_wait_ms),
     };
     let c = Controller::start(config).map_err(|e| e.to_string())?;
     announce(&c.local_addr().to_string());

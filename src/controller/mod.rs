@@ -20,6 +20,9 @@
 //!   capacity are checked before any block is taken.
 //! - A freed block gets a new epoch and returns to the free list only after its memory
 //!   node confirmed that epoch, so a stale grant can never read the next owner's data.
+//! - A `Free` or `Remove` is answered only once the memory nodes confirmed the new
+//!   epochs (or were lost), so the freeing client's stale handles fail as soon as the
+//!   call returns; the wait is bounded by [`ControllerConfig::revoke_wait`].
 //! - A memory node that misses heartbeats for `dead_after`, or whose connection closes,
 //!   is dead for good: it gets no new blocks, its blocks stay listed (their owners see
 //!   I/O errors rather than silently lost data), and it is dropped once they are all
@@ -73,6 +76,10 @@ pub struct ControllerConfig {
     pub heartbeat: Duration,
     /// A memory node silent for this long is declared dead.
     pub dead_after: Duration,
+    /// Longest time a `Free` or `Remove` response waits for the memory nodes to
+    /// confirm the revocations it caused. On timeout the response is sent anyway (with
+    /// a warning in the log); zero answers at once without waiting.
+    pub revoke_wait: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -84,6 +91,7 @@ impl Default for ControllerConfig {
             grace: Duration::from_secs(2),
             heartbeat: Duration::from_millis(500),
             dead_after: Duration::from_millis(1500),
+            revoke_wait: Duration::from_secs(5),
         }
     }
 }
@@ -104,6 +112,7 @@ impl ControllerConfig {
         check("grace", self.grace, Duration::ZERO)?;
         check("heartbeat", self.heartbeat, Duration::from_millis(10))?;
         check("dead_after", self.dead_after, self.heartbeat)?;
+        check("revoke_wait", self.revoke_wait, Duration::ZERO)?;
         Ok(())
     }
 
@@ -206,7 +215,11 @@ impl Controller {
             tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?
         };
         let state = ControllerState::new(config.state_config(), secret, Instant::now());
-        let shared = Arc::new(server::Shared::new(state, config.heartbeat));
+        let shared = Arc::new(server::Shared::new(
+            state,
+            config.heartbeat,
+            config.revoke_wait,
+        ));
         let (shutdown, rx) = watch::channel(false);
         runtime.spawn(server::run(listener, shared.clone(), rx));
         tracing::info!(%local_addr, lease = ?config.lease, "controller listening");

@@ -5,6 +5,17 @@
 //! an `.await`. Effects of an operation are dispatched after the lock is released, to
 //! per-node writer tasks through unbounded channels (revocations are small and a node
 //! drains them as fast as it confirms them).
+//!
+//! # Synchronous revocation
+//! A client's `Free` or `Remove` is answered only after every memory node involved
+//! confirmed the new epochs with `Revoked`, or was lost (declared dead or
+//! disconnected: its blocks are gone anyway). Dispatching such a request's revocations
+//! registers one waiter per `(block, new epoch)` on the node's [`NodeLink`]; the node's
+//! session completes it when the confirmation arrives, and unlinking the node drops
+//! (and so releases) all of its waiters. The client session awaits its waiters with no
+//! lock held, bounded by `revoke_wait`, so other sessions carry on meanwhile and the
+//! session's own responses stay in request order. Lease-expiry revocations from the
+//! ticker have no waiters.
 
 use super::registry::INITIAL_EPOCH;
 use super::state::{ControllerState, Effect};
@@ -14,14 +25,14 @@ use crate::proto::{
     Welcome, PROTOCOL_VERSION,
 };
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// How long a new connection may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,37 +42,69 @@ const IO_BUF: usize = 64 * 1024;
 type Reader = BufReader<OwnedReadHalf>;
 type Writer = BufWriter<OwnedWriteHalf>;
 
+/// A connected memory node as seen by the dispatcher.
+struct NodeLink {
+    /// The node writer's queue.
+    tx: mpsc::UnboundedSender<ControllerMsg>,
+    /// Clients waiting for revocations, keyed by `(block index, new epoch)`. Epochs
+    /// only grow and node ids are never reused, so a key is revoked at most once.
+    waiters: HashMap<(u32, u32), oneshot::Sender<()>>,
+}
+
+/// A revocation a client waits for. Resolves with `Ok` when the node confirmed it and
+/// with `Err` when the node was unlinked first.
+struct Pending {
+    node: u32,
+    rx: oneshot::Receiver<()>,
+}
+
 /// State shared by every task of a running controller.
 pub(crate) struct Shared {
     /// The state machine.
     pub state: Mutex<ControllerState>,
-    /// Outgoing message queues of connected memory nodes.
-    links: Mutex<HashMap<u32, mpsc::UnboundedSender<ControllerMsg>>>,
+    /// Connected memory nodes. Lock order: `state` before `links`.
+    links: Mutex<HashMap<u32, NodeLink>>,
     /// Heartbeat interval told to memory nodes.
     heartbeat: Duration,
+    /// Longest wait of a `Free`/`Remove` response for its revocations.
+    revoke_wait: Duration,
 }
 
 impl Shared {
-    /// Wraps `state`; memory nodes are told to heartbeat every `heartbeat`.
-    pub fn new(state: ControllerState, heartbeat: Duration) -> Self {
+    /// Wraps `state`; memory nodes are told to heartbeat every `heartbeat`, and client
+    /// frees wait at most `revoke_wait` for their revocations.
+    pub fn new(state: ControllerState, heartbeat: Duration, revoke_wait: Duration) -> Self {
         Self {
             state: Mutex::new(state),
             links: Mutex::new(HashMap::new()),
             heartbeat,
+            revoke_wait,
         }
     }
 
-    /// Carries out effects of a state operation.
-    fn dispatch(&self, effects: Vec<Effect>) {
+    /// Carries out effects of a state operation. With `waiters`, a waiter is
+    /// registered for every revocation sent (before it is sent, so a confirmation
+    /// cannot overtake it) and pushed there.
+    fn dispatch(&self, effects: Vec<Effect>, mut waiters: Option<&mut Vec<Pending>>) {
         if effects.is_empty() {
             return;
         }
         let mut links = self.links.lock();
         for effect in effects {
             match effect {
-                Effect::Revoke { node, blocks } => match links.get(&node) {
-                    Some(tx) => {
-                        if tx.send(ControllerMsg::Revoke(blocks)).is_err() {
+                Effect::Revoke { node, blocks } => match links.get_mut(&node) {
+                    Some(link) => {
+                        if let Some(w) = waiters.as_deref_mut() {
+                            for &key in &blocks {
+                                let (tx, rx) = oneshot::channel();
+                                // A replaced sender is dropped, releasing its waiter.
+                                link.waiters.insert(key, tx);
+                                w.push(Pending { node, rx });
+                            }
+                        }
+                        // If the writer is gone, the node's session is ending and will
+                        // unlink it, releasing the waiters.
+                        if link.tx.send(ControllerMsg::Revoke(blocks)).is_err() {
                             tracing::debug!(node, "memory node writer gone; revocation dropped");
                         }
                     }
@@ -70,9 +113,57 @@ impl Shared {
                     }
                 },
                 Effect::NodeDead { node } => {
-                    // Dropping the sender makes the writer say goodbye and close.
+                    // Dropping the sender makes the writer say goodbye and close;
+                    // dropping the waiters releases them.
                     links.remove(&node);
                 }
+            }
+        }
+    }
+
+    /// Completes the waiters of revocations `node` confirmed.
+    fn confirmed(&self, node: u32, blocks: &[(u32, u32)]) {
+        let mut links = self.links.lock();
+        let Some(link) = links.get_mut(&node) else {
+            return;
+        };
+        if link.waiters.is_empty() {
+            return;
+        }
+        for key in blocks {
+            if let Some(tx) = link.waiters.remove(key) {
+                // The client may have stopped waiting (timeout, disconnect).
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Waits until every revocation in `pending` is confirmed or its node lost, for at
+    /// most `revoke_wait`. On timeout it logs a warning and returns all the same.
+    async fn await_revocations(&self, pending: Vec<Pending>, peer: SocketAddr) {
+        if pending.is_empty() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.revoke_wait;
+        let mut pending = pending.into_iter();
+        while let Some(p) = pending.next() {
+            if tokio::time::timeout_at(deadline, p.rx).await.is_err() {
+                let mut nodes = BTreeSet::from([p.node]);
+                let mut unconfirmed = 1usize;
+                for mut p in pending {
+                    if matches!(p.rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+                        nodes.insert(p.node);
+                        unconfirmed += 1;
+                    }
+                }
+                tracing::warn!(
+                    %peer,
+                    unconfirmed,
+                    ?nodes,
+                    "memory nodes did not confirm revocations within {:?}; answering the client anyway (its stale grants may still work briefly)",
+                    self.revoke_wait
+                );
+                return;
             }
         }
     }
@@ -122,7 +213,7 @@ async fn ticker(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             () = stopped(&mut shutdown) => break,
             _ = interval.tick() => {
                 let effects = shared.state.lock().tick(Instant::now());
-                shared.dispatch(effects);
+                shared.dispatch(effects, None);
             }
         }
     }
@@ -231,8 +322,21 @@ async fn client_session(
             let mut state = shared.state.lock();
             state.handle(req.body, Instant::now())
         };
-        // Revocations go out before the response: the sooner old epochs die the better.
-        shared.dispatch(effects);
+        // The response waits until the revocations it caused took effect on the memory
+        // nodes, so the client's stale grants fail as soon as it has the answer.
+        let mut pending = Vec::new();
+        let wait = !shared.revoke_wait.is_zero();
+        shared.dispatch(effects, wait.then_some(&mut pending));
+        if !pending.is_empty() {
+            // Earlier responses held back for batching must not wait as well.
+            if !wr.buffer().is_empty() {
+                if let Err(e) = wr.flush().await {
+                    tracing::debug!(%peer, "client connection failed: {e}");
+                    return;
+                }
+            }
+            shared.await_revocations(pending, peer).await;
+        }
         let bytes = encode(&Envelope {
             id: req.id,
             body: response,
@@ -277,7 +381,11 @@ async fn node_session(
             // Link the queue while the state is locked, so no revocation for this node
             // can be dispatched before the queue exists.
             let (tx, rx) = mpsc::unbounded_channel();
-            shared.links.lock().insert(id, tx);
+            let link = NodeLink {
+                tx,
+                waiters: HashMap::new(),
+            };
+            shared.links.lock().insert(id, link);
             (id, state.secret(), rx)
         })
     };
@@ -336,12 +444,14 @@ async fn node_session(
                 }
                 NodeMsg::Revoked(blocks) => {
                     shared.state.lock().revoked(node, &blocks);
+                    shared.confirmed(node, &blocks);
                 }
             }
         }
         // If still running, the writer ends once its queue is unlinked below.
     }
     shared.state.lock().node_lost(node);
+    // Unlinking also releases every client still waiting for this node.
     shared.links.lock().remove(&node);
 }
 
@@ -450,11 +560,105 @@ mod tests {
         s
     }
 
-    fn call(s: &mut TcpStream, id: u64, body: Request) -> Response {
+    fn send(s: &mut TcpStream, id: u64, body: Request) {
         write_msg(s, &Envelope { id, body }).unwrap();
+    }
+
+    fn call(s: &mut TcpStream, id: u64, body: Request) -> Response {
+        send(s, id, body);
         let resp: Envelope<Response> = read_msg(s).unwrap();
         assert_eq!(resp.id, id);
         resp.body
+    }
+
+    /// Asserts that nothing arrives on `s` for `d`.
+    fn assert_silent(s: &TcpStream, d: Duration) {
+        s.set_read_timeout(Some(d)).unwrap();
+        let mut b = [0u8; 1];
+        let r = s.peek(&mut b);
+        assert!(
+            matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+            "{r:?}"
+        );
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+
+    /// Allocates a block to `path` and frees it without waiting for the
+    /// answer; returns the revocation the node received.
+    fn alloc_and_free(cl: &mut TcpStream, mem: &mut TcpStream, path: &PoolPath) -> Vec<(u32, u32)> {
+        let resp = call(
+            cl,
+            1,
+            Request::Alloc {
+                path: path.clone(),
+                bytes: BS,
+                placement: Placement::LeastLoaded,
+            },
+        );
+        let Response::Blocks(grants) = resp else {
+            panic!("{resp:?}")
+        };
+        send(
+            cl,
+            2,
+            Request::Free {
+                path: path.clone(),
+                blocks: vec![grants[0].block],
+            },
+        );
+        match read_msg::<ControllerMsg>(mem).unwrap() {
+            ControllerMsg::Revoke(blocks) => blocks,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_node_lost_before_confirming_releases_the_free() {
+        let mut cfg = config(Duration::from_secs(30));
+        cfg.revoke_wait = Duration::from_secs(60);
+        let ctl = Controller::start(cfg).unwrap();
+        let addr = ctl.local_addr();
+        let (mut mem, _) = node(addr, 4);
+        let mut cl = client(addr);
+        let path = PoolPath::parse("/j/s/t").unwrap();
+        let started = Instant::now();
+        alloc_and_free(&mut cl, &mut mem, &path);
+        assert_silent(&cl, Duration::from_millis(100));
+        // The node disconnects without confirming: its blocks are lost anyway, so the
+        // free is answered at once rather than after `revoke_wait`.
+        drop(mem);
+        let r: Envelope<Response> = read_msg(&mut cl).unwrap();
+        assert_eq!(r.id, 2);
+        assert!(matches!(r.body, Response::Ok), "{:?}", r.body);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(!ctl.status().nodes.iter().any(|n| n.alive));
+    }
+
+    #[test]
+    fn an_unconfirmed_free_is_answered_after_revoke_wait() {
+        let mut cfg = config(Duration::from_secs(30));
+        cfg.revoke_wait = Duration::from_millis(200);
+        let ctl = Controller::start(cfg).unwrap();
+        let addr = ctl.local_addr();
+        let (mut mem, _) = node(addr, 4);
+        let mut cl = client(addr);
+        let path = PoolPath::parse("/j/s/t").unwrap();
+        let started = Instant::now();
+        let blocks = alloc_and_free(&mut cl, &mut mem, &path);
+        let r: Envelope<Response> = read_msg(&mut cl).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(r.id, 2);
+        assert!(matches!(r.body, Response::Ok), "{:?}", r.body);
+        // The block still waits for its confirmation; a late one is accepted.
+        assert_eq!(ctl.status().nodes[0].blocks_revoking, 1);
+        write_msg(&mut mem, &NodeMsg::Revoked(blocks)).unwrap();
+        eventually(&ctl, "late confirmation", |s| {
+            s.nodes[0].blocks_revoking == 0
+        });
+        assert!(matches!(
+            call(&mut cl, 3, Request::Status),
+            Response::Status(_)
+        ));
     }
 
     fn eventually(c: &Controller, what: &str, f: impl Fn(&ClusterStatus) -> bool) {
@@ -509,8 +713,11 @@ mod tests {
             .all(|g| g.block.node == node_id && g.epoch == 1));
         assert!(matches!(r2.body, Response::Blocks(ref ro) if ro.len() == 2 && !ro[0].writable));
 
+        // Free, with a status request pipelined behind it: neither is answered before
+        // the node confirmed the revocation, and then both in order.
         let freed = grants[0].block;
-        let resp = call(
+        let sent_at = Instant::now();
+        send(
             &mut cl,
             3,
             Request::Free {
@@ -518,7 +725,7 @@ mod tests {
                 blocks: vec![freed],
             },
         );
-        assert!(matches!(resp, Response::Ok), "{resp:?}");
+        send(&mut cl, 4, Request::Status);
         let msg: ControllerMsg = read_msg(&mut mem).unwrap();
         let ControllerMsg::Revoke(blocks) = msg else {
             panic!("{msg:?}")
@@ -527,15 +734,28 @@ mod tests {
         let st = ctl.status();
         assert_eq!(st.nodes[0].blocks_revoking, 1);
         assert_eq!(st.nodes[0].blocks_free, 2);
+        // Other clients are served while the free waits.
+        let mut other = client(addr);
+        let resp = call(&mut other, 1, Request::Open { path: path.clone() });
+        assert!(matches!(resp, Response::Ok), "{resp:?}");
+        assert_silent(&cl, Duration::from_millis(100));
 
+        // The node confirms late.
+        std::thread::sleep(Duration::from_millis(300).saturating_sub(sent_at.elapsed()));
         write_msg(&mut mem, &NodeMsg::Heartbeat(NodeStats::default())).unwrap();
         write_msg(&mut mem, &NodeMsg::Revoked(blocks)).unwrap();
-        eventually(&ctl, "revocation confirmed", |s| {
-            s.nodes[0].blocks_revoking == 0 && s.nodes[0].blocks_free == 3
-        });
-        let resp = call(&mut cl, 4, Request::Status);
-        let Response::Status(st) = resp else {
-            panic!("{resp:?}")
+        let r3: Envelope<Response> = read_msg(&mut cl).unwrap();
+        assert!(sent_at.elapsed() >= Duration::from_millis(300));
+        assert_eq!(r3.id, 3);
+        assert!(matches!(r3.body, Response::Ok), "{:?}", r3.body);
+        // Confirmed in the state before the client heard back.
+        let st = ctl.status();
+        assert_eq!(st.nodes[0].blocks_revoking, 0);
+        assert_eq!(st.nodes[0].blocks_free, 3);
+        let r4: Envelope<Response> = read_msg(&mut cl).unwrap();
+        assert_eq!(r4.id, 4);
+        let Response::Status(st) = r4.body else {
+            panic!("{:?}", r4.body)
         };
         assert_eq!(st.used_bytes, BS);
         assert_eq!(st.blocks_freed_total, 1);
