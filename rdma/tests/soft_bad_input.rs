@@ -508,6 +508,7 @@ fn client_aborts_unanswered_ops_when_the_node_dies() {
         SoftClientConfig {
             max_connections: 1,
             connect_timeout: Duration::from_secs(5),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -538,6 +539,45 @@ fn client_aborts_unanswered_ops_when_the_node_dies() {
             max: 4096
         }))
     ));
+}
+
+#[test]
+fn client_times_out_on_a_node_that_stops_answering() {
+    // Accepts the preamble, swallows requests and never answers nor closes.
+    let addr = fake_server(|mut s| {
+        let mut sink = [0u8; 4096];
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let timeout = Duration::from_millis(200);
+    let t = SoftTransport::connect_with(
+        &addr,
+        SoftClientConfig {
+            max_connections: 1,
+            io_timeout: Some(timeout),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let at = RemoteAddr::new(0, GOOD);
+    for _ in 0..2 {
+        let mut a = [0u8; 4];
+        let mut ops = [Op::read(at, &mut a), Op::write(at, b"abcd")];
+        let started = std::time::Instant::now();
+        let r = t.execute(&mut ops);
+        let took = started.elapsed();
+        assert!(
+            matches!(&r, Err(Error::Transport(TransportError::Io(e))) if e.kind() == ErrorKind::TimedOut),
+            "{r:?}"
+        );
+        assert!(
+            took >= timeout && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+        assert_eq!(ops[0].outcome(), Err(OpError::Aborted));
+        assert_eq!(ops[1].outcome(), Err(OpError::Aborted));
+        // The hung connection left the pool; the next call dials afresh.
+        assert_eq!(t.open_connections(), 0);
+    }
 }
 
 #[test]

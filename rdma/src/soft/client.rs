@@ -39,6 +39,13 @@ pub struct SoftClientConfig {
     pub max_connections: usize,
     /// Timeout for establishing a connection and exchanging the preamble. Default 5 s.
     pub connect_timeout: Duration,
+    /// Longest a data-path read or write on an established connection may block
+    /// without progress (socket read and write timeouts). When it passes, the
+    /// connection is dropped from the pool, the batch's unanswered operations complete
+    /// as [`OpError::Aborted`] and the call fails with [`TransportError::Io`] of kind
+    /// [`io::ErrorKind::TimedOut`]. `None` waits forever on a memory node that hangs
+    /// without closing. Must not be zero. Default 30 s.
+    pub io_timeout: Option<Duration>,
 }
 
 impl Default for SoftClientConfig {
@@ -46,6 +53,7 @@ impl Default for SoftClientConfig {
         Self {
             max_connections: 8,
             connect_timeout: Duration::from_secs(5),
+            io_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -57,7 +65,8 @@ impl Default for SoftClientConfig {
 /// it: requests go out with vectored writes in windows, responses are matched to
 /// operations by id. A connection that fails is dropped from the pool; the batch's
 /// unanswered operations complete as [`OpError::Aborted`] and the call returns
-/// [`Error::Transport`]. The next call opens a fresh connection.
+/// [`Error::Transport`]; so does one whose memory node stops answering for
+/// [`SoftClientConfig::io_timeout`]. The next call opens a fresh connection.
 pub struct SoftTransport {
     addr: String,
     addrs: Vec<SocketAddr>,
@@ -94,7 +103,7 @@ impl SoftTransport {
             });
         }
         let slots_n = config.max_connections.max(1);
-        let (first, max_op_bytes) = Conn::open(addr, &addrs, config.connect_timeout)?;
+        let (first, max_op_bytes) = Conn::open(addr, &addrs, &config)?;
         let slots: Box<[Mutex<Option<Conn>>]> = (0..slots_n).map(|_| Mutex::new(None)).collect();
         *slots[0].lock() = Some(first);
         Ok(SoftTransport {
@@ -141,7 +150,7 @@ impl SoftTransport {
             }
         };
         if g.is_none() {
-            let (conn, _) = Conn::open(&self.addr, &self.addrs, self.config.connect_timeout)?;
+            let (conn, _) = Conn::open(&self.addr, &self.addrs, &self.config)?;
             *g = Some(conn);
         }
         Ok(g)
@@ -235,6 +244,8 @@ enum Rx {
 /// One connection and its reusable buffers.
 struct Conn {
     stream: TcpStream,
+    /// The stream's read and write timeout, for error messages.
+    io_timeout: Option<Duration>,
     rbuf: Box<[u8]>,
     rstart: usize,
     rend: usize,
@@ -269,18 +280,34 @@ fn protocol(e: impl std::fmt::Display) -> TransportError {
     TransportError::Protocol(e.to_string())
 }
 
+/// Converts a socket error on an established connection; a read or write timeout
+/// (reported as `WouldBlock` on Unix, `TimedOut` elsewhere) becomes `TimedOut`.
+fn io_error(e: io::Error, timeout: Option<Duration>) -> TransportError {
+    match (e.kind(), timeout) {
+        (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(t)) => {
+            TransportError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the memory node made no progress for {t:?} (io_timeout); connection dropped"
+                ),
+            ))
+        }
+        _ => TransportError::Io(e),
+    }
+}
+
 impl Conn {
     /// Dials `addrs` in turn and exchanges preambles; returns the connection and the
     /// server's `max_op_bytes`.
     fn open(
         name: &str,
         addrs: &[SocketAddr],
-        timeout: Duration,
+        config: &SoftClientConfig,
     ) -> Result<(Conn, u32), TransportError> {
         let mut last: Option<io::Error> = None;
         for a in addrs {
-            match TcpStream::connect_timeout(a, timeout) {
-                Ok(stream) => return Self::handshake(name, stream, timeout),
+            match TcpStream::connect_timeout(a, config.connect_timeout) {
+                Ok(stream) => return Self::handshake(name, stream, config),
                 Err(e) => last = Some(e),
             }
         }
@@ -293,8 +320,9 @@ impl Conn {
     fn handshake(
         name: &str,
         mut stream: TcpStream,
-        timeout: Duration,
+        config: &SoftClientConfig,
     ) -> Result<(Conn, u32), TransportError> {
+        let timeout = config.connect_timeout;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
@@ -323,11 +351,12 @@ impl Conn {
                 "{name} announced max_op_bytes 0"
             )));
         }
-        stream.set_read_timeout(None)?;
-        stream.set_write_timeout(None)?;
+        stream.set_read_timeout(config.io_timeout)?;
+        stream.set_write_timeout(config.io_timeout)?;
         Ok((
             Conn {
                 stream,
+                io_timeout: config.io_timeout,
                 rbuf: vec![0u8; RECV_BUF].into_boxed_slice(),
                 rstart: 0,
                 rend: 0,
@@ -447,7 +476,7 @@ impl Conn {
                 Ok(0) => return Err(TransportError::Closed),
                 Ok(w) => w,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(TransportError::Io(e)),
+                Err(e) => return Err(io_error(e, self.io_timeout)),
             };
             while written > 0 && seg < self.segs.len() {
                 let rest = bytes(&self.segs[seg]).len() - off;
@@ -479,7 +508,7 @@ impl Conn {
             {
                 if len - got >= RECV_BUF / 2 && idx < sent {
                     if let OpKind::Read(buf) = &mut ops[idx].kind {
-                        let n = read_some(&mut self.stream, &mut buf[got..len])?;
+                        let n = read_some(&mut self.stream, &mut buf[got..len], self.io_timeout)?;
                         self.rx = Rx::Payload {
                             idx,
                             status: STATUS_OK,
@@ -495,7 +524,11 @@ impl Conn {
             self.rend -= self.rstart;
             self.rstart = 0;
         }
-        let n = read_some(&mut self.stream, &mut self.rbuf[self.rend..])?;
+        let n = read_some(
+            &mut self.stream,
+            &mut self.rbuf[self.rend..],
+            self.io_timeout,
+        )?;
         self.rend += n;
         Ok(())
     }
@@ -588,14 +621,19 @@ impl Conn {
     }
 }
 
-/// `read` that retries on EINTR and reports EOF as [`TransportError::Closed`].
-fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> Result<usize, TransportError> {
+/// `read` that retries on EINTR, reports EOF as [`TransportError::Closed`] and a
+/// timeout (the stream's read timeout is `timeout`) as `TimedOut`.
+fn read_some(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    timeout: Option<Duration>,
+) -> Result<usize, TransportError> {
     loop {
         match stream.read(buf) {
             Ok(0) => return Err(TransportError::Closed),
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(TransportError::Io(e)),
+            Err(e) => return Err(io_error(e, timeout)),
         }
     }
 }
