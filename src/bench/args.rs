@@ -315,6 +315,11 @@ impl Plan {
                 "--no-farpool leaves nothing to measure; add --peer redis=ADDR or --peer memcached=ADDR".into(),
             ));
         }
+        if args.no_farpool && args.report_node_memory {
+            return Err(BenchError::Args(
+                "--report-node-memory measures farpool's memory node; drop --no-farpool".into(),
+            ));
+        }
         if args.block_size == 0 {
             return Err(BenchError::Args(
                 "--block-size must be larger than 0".into(),

@@ -128,6 +128,11 @@ impl LocalCluster {
         self.memnode.pid()
     }
 
+    /// The last lines the memory node wrote to stderr.
+    pub(crate) fn memnode_stderr(&self) -> String {
+        self.memnode.tail()
+    }
+
     /// Fails with the child's stderr when either child has exited.
     pub(crate) fn check_alive(&mut self) -> Result<(), BenchError> {
         self.controller.check_alive()?;

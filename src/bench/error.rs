@@ -46,6 +46,15 @@ pub enum BenchError {
         stderr: String,
     },
 
+    /// The self-started memory node is running but never registered with the controller.
+    #[error("the memory node did not register with the controller within {secs} s; its stderr ended with:\n{stderr}")]
+    NotRegistered {
+        /// How long the harness waited.
+        secs: u64,
+        /// The last lines the memory node wrote to stderr.
+        stderr: String,
+    },
+
     /// A child process printed something other than `listening <addr>` first.
     #[error("{what} printed {line:?} instead of `listening <addr>`; is --farpool-bin a farpool binary of the same version?")]
     BadReadyLine {

@@ -83,6 +83,11 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         })
         .collect();
 
+    // Fail before the first (possibly long) farpool run when a peer is unreachable.
+    for p in &peers {
+        wire::Wire::connect(p.kind.as_str(), &p.addr)?;
+    }
+
     let mut cluster = None;
     let controller = if args.no_farpool {
         None
@@ -93,11 +98,16 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
             Some(b) => b.clone(),
             None => cluster::default_bin()?,
         };
-        let c = LocalCluster::start(&bin, args.transport, args.capacity, args.block_size)?;
+        let mut c = LocalCluster::start(&bin, args.transport, args.capacity, args.block_size)?;
+        wait_for_memory_node(&mut c)?;
         let addr = c.controller_addr().to_string();
-        wait_for_memory_node(&addr)?;
         cluster = Some(c);
         Some(addr)
+    };
+    let transport = match (&controller, &args.controller) {
+        (None, _) => None,
+        (Some(addr), Some(_)) => remote_transport(addr)?,
+        (Some(_), None) => Some(args.transport.as_str()),
     };
 
     let run_id = format!(
@@ -115,6 +125,7 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
             }
             let target = FarpoolTarget {
                 addr,
+                transport,
                 run_id: format!("{run_id}-r{run}"),
                 memnode_pid: cluster.as_ref().map(LocalCluster::memnode_pid),
             };
@@ -129,9 +140,10 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Waits until the controller at `addr` reports a live memory node.
-fn wait_for_memory_node(addr: &str) -> Result<(), BenchError> {
-    let client = crate::client::Client::connect(addr)
+/// Waits until the self-started cluster's controller reports a live memory node.
+fn wait_for_memory_node(cluster: &mut LocalCluster) -> Result<(), BenchError> {
+    let addr = cluster.controller_addr().to_string();
+    let client = crate::client::Client::connect(&addr)
         .map_err(|e| BenchError::client(format!("connecting to the controller at {addr}"), e))?;
     let deadline = Instant::now() + REGISTER_TIMEOUT;
     loop {
@@ -141,22 +153,36 @@ fn wait_for_memory_node(addr: &str) -> Result<(), BenchError> {
         if status.nodes.iter().any(|n| n.alive) {
             return Ok(());
         }
+        cluster.check_alive()?;
         if Instant::now() >= deadline {
-            return Err(BenchError::ChildExited {
-                what: "memory node",
-                stderr: format!(
-                    "it did not register with the controller within {} s",
-                    REGISTER_TIMEOUT.as_secs()
-                ),
+            return Err(BenchError::NotRegistered {
+                secs: REGISTER_TIMEOUT.as_secs(),
+                stderr: cluster.memnode_stderr(),
             });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
+/// The data-plane transport of a running cluster's first live memory node.
+fn remote_transport(addr: &str) -> Result<Option<&'static str>, BenchError> {
+    let status = crate::client::Client::connect(addr)
+        .and_then(|c| c.status())
+        .map_err(|e| {
+            BenchError::client(format!("asking the controller at {addr} for its status"), e)
+        })?;
+    Ok(status
+        .nodes
+        .iter()
+        .find(|n| n.alive)
+        .map(|n| farpool_rdma::TransportKind::from(n.endpoint.transport).as_str()))
+}
+
 /// Where the farpool workload runs.
 struct FarpoolTarget<'a> {
     addr: &'a str,
+    /// The memory node's transport (`soft`, `shm`), when known.
+    transport: Option<&'static str>,
     run_id: String,
     /// The self-started memory node, whose memory can be read from /proc.
     memnode_pid: Option<u32>,
@@ -175,11 +201,6 @@ fn run_farpool(
     target: &FarpoolTarget<'_>,
     run: u32,
 ) -> Result<BenchRecord, BenchError> {
-    let transport = match (&args.controller, args.transport) {
-        // A running cluster's transport is whatever its nodes serve.
-        (Some(_), _) => None,
-        (None, t) => Some(t.as_str()),
-    };
     let spec = RunSpec {
         plan,
         system: "farpool",
@@ -227,7 +248,7 @@ fn run_farpool(
     };
     let mut rec = BenchRecord::new(
         "farpool",
-        transport,
+        target.transport,
         plan.op.as_str(),
         size,
         plan.clients,

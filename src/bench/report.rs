@@ -611,13 +611,12 @@ pub(crate) fn render_records(records: &[BenchRecord]) -> Result<String, BenchErr
 mod tests {
     use super::*;
 
+    /// A record of `(size, clients, depth)` with the given rate, p50 and run index.
     fn rec(
         system: &str,
         transport: Option<&str>,
         op: &str,
-        size: u64,
-        clients: usize,
-        depth: usize,
+        (size, clients, depth): (u64, usize, usize),
         ops: f64,
         p50: f64,
         run: u32,
@@ -641,9 +640,7 @@ mod tests {
             "farpool",
             Some("soft"),
             "read",
-            4096,
-            4,
-            16,
+            (4096, 4, 16),
             123456.789,
             41.23456,
             2,
@@ -678,7 +675,7 @@ mod tests {
         assert!(v.get("first_error").is_none());
         assert!(v.get("node_rss_kib").is_none());
 
-        let peer = rec("redis", None, "read", 4096, 4, 16, 1.0, 1.0, 1);
+        let peer = rec("redis", None, "read", (4096, 4, 16), 1.0, 1.0, 1);
         let v: serde_json::Value = serde_json::from_str(&peer.to_json_line().unwrap()).unwrap();
         assert!(v["transport"].is_null());
         assert!(v.get("node_rss_beyond_region_kib").is_none());
@@ -692,9 +689,7 @@ mod tests {
             "farpool",
             Some("soft"),
             "read",
-            4096,
-            64,
-            1,
+            (4096, 64, 1),
             50_000.0,
             900.0,
             1,
@@ -717,7 +712,7 @@ mod tests {
         assert_eq!(size_label(65536), "64 KiB");
         assert_eq!(size_label(1 << 20), "1 MiB");
         assert_eq!(size_label(1500), "1500 B");
-        assert_eq!(latency_label(3.14159), "3.14");
+        assert_eq!(latency_label(3.14659), "3.15");
         assert_eq!(latency_label(41.26), "41.3");
         assert_eq!(latency_label(1234.5), "1234");
     }
@@ -730,35 +725,43 @@ mod tests {
                 "farpool",
                 Some("soft"),
                 "read",
-                4096,
-                1,
-                1,
+                (4096, 1, 1),
                 20_000.0 + j * 1000.0,
                 45.0 + j,
                 run,
             ));
-            lines.push(rec("redis", None, "read", 4096, 1, 1, 15_000.0, 60.0, run));
+            lines.push(rec(
+                "redis",
+                None,
+                "read",
+                (4096, 1, 1),
+                15_000.0,
+                60.0,
+                run,
+            ));
             lines.push(rec(
                 "farpool",
                 Some("soft"),
                 "read",
-                4096,
-                4,
-                16,
+                (4096, 4, 16),
                 400_000.0 + j,
                 150.0,
                 run,
             ));
             lines.push(rec(
-                "redis", None, "read", 4096, 4, 16, 180_000.0, 300.0, run,
+                "redis",
+                None,
+                "read",
+                (4096, 4, 16),
+                180_000.0,
+                300.0,
+                run,
             ));
             lines.push(rec(
                 "memcached",
                 None,
                 "read",
-                4096,
-                4,
-                16,
+                (4096, 4, 16),
                 250_000.0,
                 250.0,
                 run,
@@ -767,9 +770,7 @@ mod tests {
                 "farpool",
                 Some("soft"),
                 "alloc",
-                1 << 20,
-                1,
-                1,
+                (1 << 20, 1, 1),
                 20_000.0,
                 48.0,
                 run,
@@ -778,9 +779,7 @@ mod tests {
                 "farpool",
                 Some("soft"),
                 "read",
-                4096,
-                64,
-                1,
+                (4096, 64, 1),
                 90_000.0,
                 700.0,
                 run,
