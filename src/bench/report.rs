@@ -401,8 +401,8 @@ pub(crate) fn render_records(records: &[BenchRecord]) -> Result<String, BenchErr
             farpool: measured(f, latency_label, " µs"),
             peer: measured(p, latency_label, " µs"),
             ratio: match (f, p) {
-                (Some(f), Some(p)) if f.median > 0.0 => {
-                    format!("{:.2}× lower", p.median / f.median)
+                (Some(f), Some(p)) if p.median > 0.0 => {
+                    format!("{:.2}× Redis", f.median / p.median)
                 }
                 _ => "—".into(),
             },
@@ -800,7 +800,7 @@ mod tests {
         let md = render_markdown(&sample()).unwrap();
         assert!(md.starts_with("_21 runs of 7 configurations."), "{md}");
         // Targets: p50 ratio, throughput ratios and goals.
-        assert!(md.contains("| soft 4 KiB READ p50, 1 client, depth 1 (vs Redis GET p50) | 47.0 (46.0–48.0) µs | 60.0 (60.0–60.0) µs | 1.28× lower | reported | — |"), "{md}");
+        assert!(md.contains("| soft 4 KiB READ p50, 1 client, depth 1 (vs Redis GET p50) | 47.0 (46.0–48.0) µs | 60.0 (60.0–60.0) µs | 0.78× Redis | reported | — |"), "{md}");
         assert!(md.contains("| soft 4 KiB READ ops/s, 4 clients, depth 16 (vs Redis GET, pipeline 16) | 400.00k (400.00k–400.00k) | 180.00k (180.00k–180.00k) | 2.22× | ≥ 2× | yes |"), "{md}");
         assert!(md.contains("(vs memcached get, pipeline 16) | 400.00k (400.00k–400.00k) | 250.00k (250.00k–250.00k) | 1.60× | ≥ 2× | **no** |"), "{md}");
         assert!(md.contains("| soft 4 KiB WRITE ops/s, 4 clients, depth 16 (vs Redis SET, pipeline 16) | not measured | not measured | — | ≥ 2× | — |"), "{md}");
