@@ -26,6 +26,11 @@ pub struct EmbeddedConfig {
     pub grace: Duration,
     /// Heartbeat interval.
     pub heartbeat: Duration,
+    /// Test-only: start every memory node in torn mode ([`MemNode::set_torn_mode`]),
+    /// so that READ/WRITE tear the way they may on RDMA. Data-structure tests use it
+    /// with the soft transport (shm clients map the region themselves and are not
+    /// affected).
+    pub torn: bool,
 }
 
 impl Default for EmbeddedConfig {
@@ -38,6 +43,7 @@ impl Default for EmbeddedConfig {
             lease: Duration::from_secs(10),
             grace: Duration::from_secs(2),
             heartbeat: Duration::from_millis(500),
+            torn: false,
         }
     }
 }
@@ -74,7 +80,7 @@ impl EmbeddedPool {
         let addr = controller.local_addr();
         let mut nodes = Vec::with_capacity(cfg.nodes);
         for _ in 0..cfg.nodes {
-            nodes.push(MemNode::start(MemNodeConfig {
+            let node = MemNode::start(MemNodeConfig {
                 controller: addr.to_string(),
                 listen: "127.0.0.1:0".into(),
                 capacity: cfg.capacity,
@@ -84,7 +90,11 @@ impl EmbeddedPool {
                 hugepages: false,
                 lock: false,
                 ..MemNodeConfig::default()
-            })?);
+            })?;
+            if cfg.torn {
+                node.set_torn_mode(true);
+            }
+            nodes.push(node);
         }
         Ok(EmbeddedPool {
             nodes,

@@ -285,6 +285,16 @@ impl MemNode {
         self.data.stats()
     }
 
+    /// Turns the region's torn mode on or off (see
+    /// [`farpool_rdma::Region::set_torn_mode`]): READ and WRITE are then copied in small
+    /// pieces with yields in between, so torn reads show up. For tests of code built on
+    /// one-sided operations; it slows the data plane down. It affects operations served
+    /// by this node (the soft transport), not shm clients, which map the region
+    /// themselves.
+    pub fn set_torn_mode(&self, on: bool) {
+        self.data.region.set_torn_mode(on);
+    }
+
     /// Blocks until the node stops (its controller link thread ends).
     pub fn wait(mut self) {
         if let Some(h) = self.link.take() {
