@@ -16,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod controller;
 pub mod demo;
+pub mod ds;
 pub mod embedded;
 pub mod memnode;
 pub mod proto;

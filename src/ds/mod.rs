@@ -1,0 +1,128 @@
+//! Data structures built on one-sided operations: [`File`] and [`Queue`].
+//!
+//! They live at pool paths and are shared by every client that opens the path; all
+//! coordination happens through 8-byte CAS/FAA on memory-node blocks, plus the
+//! controller for allocating and freeing blocks. Nothing relies on more than RDMA
+//! promises (large READ/WRITE may tear, batches complete in any order); see
+//! `docs/DATA_STRUCTURES.md` for the layouts and the concurrency arguments.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), farpool::ds::DsError> {
+//! use farpool::ds::{File, Queue, QueueConfig};
+//! let client = farpool::Client::connect("127.0.0.1:7070")?;
+//! let task = client.task("/job/map/m0")?;
+//! let file = File::create(&task, "out")?;
+//! file.append(b"hello")?;
+//! let queue = Queue::create(&task, "work", QueueConfig::default())?;
+//! queue.enqueue(b"item")?;
+//! // Another client, elsewhere:
+//! let q = Queue::open(&client, "/job/map/m0/work")?;
+//! assert_eq!(q.dequeue()?.as_deref(), Some(&b"item"[..]));
+//! # Ok(()) }
+//! ```
+
+mod file;
+mod object;
+mod queue;
+
+pub use file::File;
+pub use queue::{Queue, QueueConfig};
+
+use crate::client::ClientError;
+use crate::proto::{BlockId, PathError, PoolPath};
+
+/// Why a data-structure operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DsError {
+    /// A control or data-plane call failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A path is malformed.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// Nothing (or nothing finished) lives at the path.
+    #[error(
+        "no {kind} at '{path}'; create it first (File::create, Queue::create) or check the path"
+    )]
+    NotFound {
+        /// What was looked for.
+        kind: &'static str,
+        /// The path.
+        path: PoolPath,
+    },
+    /// The path holds another kind of object, or memory that is not a farpool object.
+    #[error("'{path}' is not a {kind} (magic word {found:#018x}); open it with the type that created it")]
+    WrongKind {
+        /// What was expected.
+        kind: &'static str,
+        /// The path.
+        path: PoolPath,
+        /// The magic word found.
+        found: u64,
+    },
+    /// The object's block directory is full.
+    #[error("'{path}' has used all {entries} entries of its block directory; create a new object, or use a larger block size (the directory lives in one block)")]
+    DirectoryFull {
+        /// The object.
+        path: PoolPath,
+        /// Directory entries.
+        entries: u64,
+    },
+    /// The controller granted a block of an unexpected size.
+    #[error("'{path}' needs blocks of at least {needed} bytes, the pool granted {granted}; all memory nodes of a pool should use one block size")]
+    BlockSize {
+        /// The object.
+        path: PoolPath,
+        /// Bytes needed per block.
+        needed: u64,
+        /// Bytes granted.
+        granted: u64,
+    },
+    /// A queue item does not fit a slot.
+    #[error("item of {len} bytes does not fit the queue's slots ({max} bytes at most); create the queue with a larger QueueConfig::slot_size")]
+    ItemTooLarge {
+        /// Item length.
+        len: usize,
+        /// Largest item.
+        max: usize,
+    },
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Remote memory does not hold what the layout says it must.
+    #[error("'{path}' is corrupt: {what}; it was probably overwritten through raw block handles, recreate it")]
+    Corrupt {
+        /// The object.
+        path: PoolPath,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// Whether `e` says the block was freed since its grant (a newer epoch exists).
+pub(crate) fn is_stale(e: &ClientError) -> bool {
+    use farpool_rdma::{Error, OpError};
+    matches!(
+        e,
+        ClientError::Transport(
+            Error::Op(OpError::StaleEpoch { .. })
+                | Error::Partial {
+                    error: OpError::StaleEpoch { .. },
+                    ..
+                }
+        )
+    )
+}
+
+/// A block id as a directory word: `node << 32 | index` (node ids start at 1).
+pub(crate) fn encode_id(id: BlockId) -> u64 {
+    (u64::from(id.node) << 32) | u64::from(id.index)
+}
+
+/// The block id in a directory word.
+pub(crate) fn decode_id(w: u64) -> BlockId {
+    BlockId {
+        node: (w >> 32) as u32,
+        index: w as u32,
+    }
+}

@@ -1,0 +1,420 @@
+//! `Queue`: a multi-producer multi-consumer FIFO over linear segments of slots.
+
+use super::object::{Entry, Object};
+use super::{is_stale, DsError};
+use crate::client::{BlockHandle, Client, ClientError, Task};
+use crate::proto::PoolPath;
+use parking_lot::Mutex;
+use siphasher::sip::SipHasher13;
+use std::collections::HashMap;
+use std::hash::Hasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"FPQUEUE1");
+// Meta words.
+const SLOT_SIZE: u64 = 8;
+const SLOTS: u64 = 16;
+const HEAD_HINT: u64 = 24;
+const TAIL_HINT: u64 = 32;
+// Segment words.
+const ENQ: u64 = 0;
+const DEQ: u64 = 8;
+const DONE: u64 = 16;
+const SEG_HEADER: u64 = 64;
+// Slot layout: state word, then `len: u32`, 4 zero bytes, checksum, payload.
+const SLOT_HEADER: u64 = 24;
+const EMPTY: u64 = 0;
+const READY: u64 = 1;
+const POISONED: u64 = 2;
+/// Smallest slot: header plus 8 payload bytes.
+const MIN_SLOT: u64 = SLOT_HEADER + 8;
+
+/// Settings of a new queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Bytes per slot, including a 24-byte header: items up to `slot_size - 24` bytes
+    /// fit. A multiple of 8, at least 32. Segments hold `(block size - 64) / slot_size`
+    /// slots.
+    pub slot_size: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { slot_size: 256 }
+    }
+}
+
+/// A FIFO queue in the pool, shared by every client that opens it (any number of
+/// producers and consumers, in any processes).
+///
+/// Every enqueued item is dequeued exactly once; items of one producer (one thread
+/// enqueueing one after the other) are dequeued in the order it enqueued them. The
+/// queue grows by linking a segment (one block) when the last one is full and shrinks
+/// by freeing each segment once all its items were consumed.
+///
+/// A `Queue` handle may be shared by threads (`&self` methods); it caches where the
+/// head and tail are.
+pub struct Queue {
+    obj: Object,
+    slot_size: u64,
+    slots: u64,
+    segs: Mutex<HashMap<u64, BlockHandle>>,
+    head: AtomicU64,
+    tail: AtomicU64,
+    poll: Duration,
+}
+
+/// What a segment number refers to.
+enum Seg {
+    /// Not linked yet.
+    Empty,
+    /// Freed: move on.
+    Freed,
+    /// Live.
+    Live(BlockHandle),
+}
+
+impl Queue {
+    /// Creates the queue `name` under the task's path (or opens it if it exists).
+    pub fn create(task: &Task, name: &str, config: QueueConfig) -> Result<Queue, DsError> {
+        Self::create_at(task.client(), task.path().join(name)?.as_str(), config)
+    }
+
+    /// Creates the queue at the absolute `path` (or opens it if it exists; then the
+    /// existing queue's configuration applies).
+    pub fn create_at(client: &Client, path: &str, config: QueueConfig) -> Result<Queue, DsError> {
+        let path = PoolPath::parse(path)?;
+        let s = config.slot_size;
+        if s < MIN_SLOT || s % 8 != 0 {
+            return Err(DsError::Config(format!(
+                "queue slot size {s} must be a multiple of 8 and at least {MIN_SLOT}"
+            )));
+        }
+        let obj = Object::create(client, path, "queue", MAGIC, "s", |len| {
+            let slots = len.saturating_sub(SEG_HEADER) / s;
+            if slots < 2 {
+                return Err(DsError::Config(format!(
+                    "queue slot size {s} leaves fewer than 2 slots in a block of {len} bytes; use smaller slots"
+                )));
+            }
+            Ok(vec![(SLOT_SIZE, s), (SLOTS, slots)])
+        })?;
+        Self::from_object(obj)
+    }
+
+    /// Opens the queue at `path`.
+    pub fn open(client: &Client, path: &str) -> Result<Queue, DsError> {
+        let path = PoolPath::parse(path)?;
+        let obj = Object::open(client, path, "queue", MAGIC, "s")?;
+        Self::from_object(obj)
+    }
+
+    fn from_object(obj: Object) -> Result<Queue, DsError> {
+        let slot_size = obj.word(SLOT_SIZE)?;
+        let slots = obj.word(SLOTS)?;
+        let fits = slot_size >= MIN_SLOT
+            && slot_size % 8 == 0
+            && slots >= 2
+            && slots
+                .checked_mul(slot_size)
+                .and_then(|b| b.checked_add(SEG_HEADER))
+                .is_some_and(|b| b <= obj.block_len());
+        if !fits {
+            return Err(DsError::Corrupt {
+                path: obj.path().clone(),
+                what: format!(
+                    "{slots} slots of {slot_size} bytes in blocks of {} bytes",
+                    obj.block_len()
+                ),
+            });
+        }
+        let head = obj.word(HEAD_HINT)?;
+        let tail = obj.word(TAIL_HINT)?.max(head);
+        Ok(Queue {
+            obj,
+            slot_size,
+            slots,
+            segs: Mutex::new(HashMap::new()),
+            head: AtomicU64::new(head),
+            tail: AtomicU64::new(tail),
+            poll: Duration::from_millis(2),
+        })
+    }
+
+    /// The queue's path.
+    pub fn path(&self) -> &PoolPath {
+        self.obj.path()
+    }
+
+    /// Largest item in bytes.
+    pub fn max_item(&self) -> usize {
+        (self.slot_size - SLOT_HEADER) as usize
+    }
+
+    /// Slots per segment.
+    pub fn segment_slots(&self) -> u64 {
+        self.slots
+    }
+
+    /// How long a consumer waits for a slow producer (one that took a slot's ticket but
+    /// has not published it yet) before poisoning the slot, which makes the producer
+    /// retry in another slot. Default 2 ms. Shorter waits poison more often (costing
+    /// producers retries); no item is lost either way. Applies to this handle only.
+    pub fn set_poll_wait(&mut self, wait: Duration) {
+        self.poll = wait;
+    }
+
+    /// Appends `item` at the tail.
+    pub fn enqueue(&self, item: &[u8]) -> Result<(), DsError> {
+        if item.len() > self.max_item() {
+            return Err(DsError::ItemTooLarge {
+                len: item.len(),
+                max: self.max_item(),
+            });
+        }
+        let mut k = self.tail.load(Ordering::Relaxed);
+        loop {
+            let seg = match self.segment(k, true)? {
+                Seg::Live(h) => h,
+                Seg::Freed | Seg::Empty => {
+                    k += 1;
+                    continue;
+                }
+            };
+            match self.try_enqueue(&seg, k, item) {
+                Ok(Some(true)) => {
+                    self.tail.fetch_max(k, Ordering::Relaxed);
+                    return Ok(());
+                }
+                // Our slot was poisoned: take another ticket in the same segment.
+                Ok(Some(false)) => {}
+                // The segment is full.
+                Ok(None) => k += 1,
+                Err(e) if is_stale(&e) => {
+                    // Freed: every slot of it was resolved, ours included (poisoned).
+                    self.forget(k);
+                    k += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// One attempt in segment `k`: `None` when it is full, `Some(false)` when the slot
+    /// was poisoned, `Some(true)` when the item is in.
+    fn try_enqueue(
+        &self,
+        seg: &BlockHandle,
+        k: u64,
+        item: &[u8],
+    ) -> Result<Option<bool>, ClientError> {
+        let i = seg.faa(ENQ, 1)?;
+        if i >= self.slots {
+            return Ok(None);
+        }
+        let off = self.slot_off(i);
+        let mut rec = Vec::with_capacity(16 + item.len());
+        rec.extend_from_slice(&(item.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&[0; 4]);
+        rec.extend_from_slice(&checksum(k, i, item).to_le_bytes());
+        rec.extend_from_slice(item);
+        seg.write(off + 8, &rec)?;
+        // Publish after the WRITE completed.
+        Ok(Some(seg.cas(off, EMPTY, READY)? == EMPTY))
+    }
+
+    /// Removes and returns the item at the head, or `None` when the queue is empty.
+    pub fn dequeue(&self) -> Result<Option<Vec<u8>>, DsError> {
+        let mut k = self.head.load(Ordering::Relaxed);
+        loop {
+            let seg = match self.segment(k, false)? {
+                Seg::Empty => return Ok(None),
+                Seg::Freed => {
+                    k += 1;
+                    self.head.fetch_max(k, Ordering::Relaxed);
+                    continue;
+                }
+                Seg::Live(h) => h,
+            };
+            match self.try_dequeue(&seg, k) {
+                Ok(Step::Item(v)) => return Ok(Some(v)),
+                Ok(Step::Empty) => return Ok(None),
+                Ok(Step::Retry) => {}
+                Ok(Step::Next) => {
+                    k += 1;
+                    self.head.fetch_max(k, Ordering::Relaxed);
+                }
+                Err(DsError::Client(e)) if is_stale(&e) => {
+                    self.forget(k);
+                    k += 1;
+                    self.head.fetch_max(k, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn try_dequeue(&self, seg: &BlockHandle, k: u64) -> Result<Step, DsError> {
+        let mut ops = [seg.faa_op(ENQ, 0)?, seg.faa_op(DEQ, 0)?];
+        seg.execute(&mut ops)?;
+        let (enq, deq) = (ops[0].result, ops[1].result);
+        if deq >= self.slots {
+            return Ok(Step::Next);
+        }
+        if deq >= enq {
+            return Ok(Step::Empty);
+        }
+        let i = seg.faa(DEQ, 1)?;
+        if i >= self.slots {
+            return Ok(Step::Next);
+        }
+        // From here on we hold ticket `i`: resolve it, then count it done, whatever
+        // happens, so the segment can be freed.
+        let item = self.resolve(seg, k, i)?;
+        let done = seg.faa(DONE, 1)?;
+        if done + 1 == self.slots {
+            // Every slot is resolved: no one reads this segment again.
+            self.forget(k);
+            self.obj.retire(k, seg.id())?;
+            self.obj.raise(HEAD_HINT, k + 1)?;
+        }
+        Ok(match item {
+            Some(v) => Step::Item(v),
+            None => Step::Retry,
+        })
+    }
+
+    /// Takes slot `i` of segment `k`: the item, or `None` after poisoning it.
+    fn resolve(&self, seg: &BlockHandle, k: u64, i: u64) -> Result<Option<Vec<u8>>, DsError> {
+        let off = self.slot_off(i);
+        let mut buf = vec![0u8; (self.slot_size - 8) as usize];
+        let deadline = Instant::now() + self.poll;
+        let mut ready_reads = 0;
+        loop {
+            // Speculative: the READ may run before or after the state read.
+            let state = {
+                let mut ops = [seg.faa_op(off, 0)?, seg.read_op(off + 8, &mut buf)?];
+                seg.execute(&mut ops)?;
+                ops[0].result
+            };
+            match state {
+                READY => {
+                    if let Some(item) = self.decode(k, i, &buf) {
+                        return Ok(Some(item));
+                    }
+                    // The READ ran before the producer's WRITE. That WRITE completed
+                    // before READY was set, so one more READ must see it.
+                    ready_reads += 1;
+                    if ready_reads > 1 {
+                        return Err(DsError::Corrupt {
+                            path: self.obj.path().clone(),
+                            what: format!(
+                                "slot {i} of segment {k} is ready but fails its checksum"
+                            ),
+                        });
+                    }
+                    seg.read(off + 8, &mut buf)?;
+                    if let Some(item) = self.decode(k, i, &buf) {
+                        return Ok(Some(item));
+                    }
+                }
+                EMPTY if Instant::now() < deadline => std::thread::yield_now(),
+                EMPTY => {
+                    // The producer holding this ticket is slow or gone: poison the slot
+                    // (it will retry elsewhere) unless it publishes first.
+                    if seg.cas(off, EMPTY, POISONED)? == EMPTY {
+                        return Ok(None);
+                    }
+                }
+                other => {
+                    return Err(DsError::Corrupt {
+                        path: self.obj.path().clone(),
+                        what: format!("slot {i} of segment {k} has state {other}"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The item in a slot record, if the record is complete.
+    fn decode(&self, k: u64, i: u64, rec: &[u8]) -> Option<Vec<u8>> {
+        let len = u32::from_le_bytes(rec.get(0..4)?.try_into().ok()?) as usize;
+        let sum = u64::from_le_bytes(rec.get(8..16)?.try_into().ok()?);
+        let item = rec.get(16..16 + len)?;
+        (checksum(k, i, item) == sum).then(|| item.to_vec())
+    }
+
+    fn slot_off(&self, i: u64) -> u64 {
+        SEG_HEADER + i * self.slot_size
+    }
+
+    /// Segment `k`: cached, or looked up in the directory (linked when `link`).
+    fn segment(&self, k: u64, link: bool) -> Result<Seg, DsError> {
+        if let Some(h) = self.segs.lock().get(&k) {
+            return Ok(Seg::Live(h.clone()));
+        }
+        let handle = match self.obj.entry(k)? {
+            Entry::Freed => return Ok(Seg::Freed),
+            Entry::Empty if !link => return Ok(Seg::Empty),
+            Entry::Empty => {
+                let h = self.obj.link(k)?;
+                if h.is_some() {
+                    self.obj.raise(TAIL_HINT, k)?;
+                }
+                h
+            }
+            Entry::Linked(id) => self.obj.child_handle(k, id)?,
+        };
+        Ok(match handle {
+            Some(h) => {
+                let mut segs = self.segs.lock();
+                // Drop handles of segments behind both ends.
+                let low = self
+                    .head
+                    .load(Ordering::Relaxed)
+                    .min(self.tail.load(Ordering::Relaxed));
+                segs.retain(|&s, _| s >= low);
+                segs.insert(k, h.clone());
+                Seg::Live(h)
+            }
+            None => Seg::Freed,
+        })
+    }
+
+    fn forget(&self, k: u64) {
+        self.segs.lock().remove(&k);
+    }
+
+    /// Removes the queue and frees its blocks. Other clients' handles stop working.
+    pub fn remove(self) -> Result<(), DsError> {
+        self.obj.destroy()
+    }
+}
+
+/// Outcome of one dequeue attempt in a segment.
+enum Step {
+    Item(Vec<u8>),
+    Empty,
+    Retry,
+    Next,
+}
+
+/// Checksum of an item in slot `i` of segment `k`; never 0, so a zeroed slot never
+/// validates, and position-keyed, so a record never validates elsewhere.
+fn checksum(k: u64, i: u64, item: &[u8]) -> u64 {
+    let mut h = SipHasher13::new_with_keys(k ^ 0x6661_7270_6f6f_6c71, i);
+    h.write_u64(item.len() as u64);
+    h.write(item);
+    h.finish().max(1)
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("path", self.obj.path())
+            .field("slot_size", &self.slot_size)
+            .field("slots", &self.slots)
+            .finish()
+    }
+}

@@ -1,0 +1,483 @@
+//! Data structures (`farpool::ds`) on an embedded pool: semantics, concurrency with the
+//! memory nodes in torn mode, and proptest state machines against in-memory models.
+
+use farpool::ds::{DsError, File, Queue, QueueConfig};
+use farpool::{Client, EmbeddedConfig, EmbeddedPool};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as PropConfig, TestRunner};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Smallest blocks the memory node accepts, so structures cross block boundaries fast.
+const BS: u64 = 4096;
+
+fn pool(torn: bool) -> EmbeddedPool {
+    EmbeddedPool::start(EmbeddedConfig {
+        nodes: 2,
+        capacity: 8 << 20,
+        block_size: BS,
+        torn,
+        ..EmbeddedConfig::default()
+    })
+    .expect("embedded pool")
+}
+
+/// Blocks owned by `path` and its subtree.
+fn subtree_blocks(c: &Client, path: &str) -> u64 {
+    let st = c.status().expect("status");
+    st.paths
+        .iter()
+        .find(|u| u.path.as_str() == path)
+        .map_or(0, |u| u.subtree_bytes / BS)
+}
+
+#[test]
+fn file_reads_writes_seeks_across_blocks() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let task = client.task("/j/s/t").unwrap();
+    let f = File::create(&task, "out").unwrap();
+    assert_eq!(f.chunk_size(), BS);
+    assert!(f.is_empty().unwrap());
+    assert_eq!(f.complete_len().unwrap(), Some(0));
+
+    let a: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+    assert_eq!(f.append(&a).unwrap(), 0);
+    assert_eq!(f.append(b"tail").unwrap(), 5000);
+    assert_eq!(f.len().unwrap(), 5004);
+    assert_eq!(f.complete_len().unwrap(), Some(5004));
+
+    // Another client sees the same bytes.
+    let other = pool.client().unwrap();
+    let mut g = File::open(&other, "/j/s/t/out").unwrap();
+    let all = g.read_all().unwrap();
+    assert_eq!(&all[..5000], &a[..]);
+    assert_eq!(&all[5000..], b"tail");
+
+    // Overwrite across the block boundary, then a write past the end leaves zeros.
+    g.write_at(4090, &[0xEE; 12]).unwrap();
+    g.write_at(9000, b"far").unwrap();
+    assert_eq!(f.len().unwrap(), 9003);
+    let mut buf = vec![0u8; 20];
+    assert_eq!(f.read_at(4085, &mut buf).unwrap(), 20);
+    assert_eq!(&buf[..5], &a[4085..4090]);
+    assert_eq!(&buf[5..17], &[0xEE; 12]);
+    let mut gap = vec![1u8; 100];
+    assert_eq!(f.read_at(8800, &mut gap).unwrap(), 100);
+    assert!(gap.iter().all(|&b| b == 0), "a gap reads as zeros");
+
+    // std::io: seek, read, write at the cursor.
+    assert_eq!(g.seek(SeekFrom::End(-3)).unwrap(), 9000);
+    let mut s = String::new();
+    g.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "far");
+    g.seek(SeekFrom::Start(1)).unwrap();
+    g.write_all(b"xy").unwrap();
+    g.seek(SeekFrom::Current(-3)).unwrap();
+    let mut three = [0u8; 3];
+    g.read_exact(&mut three).unwrap();
+    assert_eq!(three, [0, b'x', b'y']);
+    assert!(g.seek(SeekFrom::Current(-100)).is_err());
+    assert_eq!(f.read_at(1 << 20, &mut buf).unwrap(), 0, "past the end");
+
+    // Opening a file as a queue, or a missing path, fails clearly.
+    assert!(matches!(
+        Queue::open(&other, "/j/s/t/out"),
+        Err(DsError::WrongKind { .. })
+    ));
+    assert!(matches!(
+        File::open(&other, "/j/s/t/nope"),
+        Err(DsError::NotFound { .. })
+    ));
+    f.remove().unwrap();
+    assert!(matches!(
+        File::open(&other, "/j/s/t/out"),
+        Err(DsError::NotFound { .. })
+    ));
+    task.close().unwrap();
+}
+
+#[test]
+fn concurrent_creators_agree_on_one_file() {
+    let pool = pool(false);
+    let _lease = pool.client().unwrap().lease("/race").unwrap();
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let c = pool.client().unwrap();
+            std::thread::spawn(move || {
+                let f = File::create_at(&c, "/race/f").unwrap();
+                f.append(&[i as u8; 10]).unwrap();
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let c = pool.client().unwrap();
+    let f = File::open(&c, "/race/f").unwrap();
+    let data = f.read_all().unwrap();
+    assert_eq!(data.len(), 40);
+    let mut seen: Vec<u8> = data.chunks(10).map(|c| c[0]).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, vec![0, 1, 2, 3]);
+    // Losing creators gave their meta blocks back: one meta block, one data block.
+    assert_eq!(subtree_blocks(&c, "/race/f"), 2);
+}
+
+/// A self-checking record: `len u32 | producer u32 | seq u32 | payload | sum u64`.
+fn record(p: u32, seq: u32) -> Vec<u8> {
+    let len = 1 + (p * 131 + seq * 17) % 300;
+    let mut r = Vec::new();
+    r.extend_from_slice(&len.to_le_bytes());
+    r.extend_from_slice(&p.to_le_bytes());
+    r.extend_from_slice(&seq.to_le_bytes());
+    r.extend((0..len).map(|i| (i as u8) ^ (seq as u8) ^ (p as u8).rotate_left(3)));
+    let sum: u64 = r.iter().map(|&b| u64::from(b)).sum();
+    r.extend_from_slice(&sum.to_le_bytes());
+    r
+}
+
+/// Parses records; panics on a damaged one. Returns (producer, seq, offset).
+fn parse_records(data: &[u8]) -> Vec<(u32, u32, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < data.len() {
+        let w = |o: usize| u32::from_le_bytes(data[at + o..at + o + 4].try_into().unwrap());
+        let (len, p, seq) = (w(0), w(4), w(8));
+        let expect = record(p, seq);
+        assert_eq!(
+            len as usize + 20,
+            expect.len(),
+            "record header at {at} damaged"
+        );
+        assert_eq!(
+            &data[at..at + expect.len()],
+            &expect[..],
+            "record at {at} damaged"
+        );
+        out.push((p, seq, at));
+        at += expect.len();
+    }
+    out
+}
+
+#[test]
+fn concurrent_appends_are_whole_and_complete_len_is_safe_in_torn_mode() {
+    let pool = pool(true);
+    let owner = pool.client().unwrap();
+    let task = owner.task("/j/append").unwrap();
+    let _f = File::create(&task, "log").unwrap();
+    const PRODUCERS: u32 = 3;
+    const EACH: u32 = 40;
+    let stop = Arc::new(AtomicBool::new(false));
+    let checks = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let c = pool.client().unwrap();
+        let (stop, checks) = (stop.clone(), checks.clone());
+        std::thread::spawn(move || {
+            let f = File::open(&c, "/j/append/log").unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(n) = f.complete_len().unwrap() {
+                    let mut buf = vec![0u8; n as usize];
+                    assert_eq!(f.read_at(0, &mut buf).unwrap(), n as usize);
+                    parse_records(&buf);
+                    checks.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let writers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let c = pool.client().unwrap();
+            std::thread::spawn(move || {
+                let f = File::open(&c, "/j/append/log").unwrap();
+                let mut last = None;
+                for seq in 0..EACH {
+                    let at = f.append(&record(p, seq)).unwrap();
+                    assert!(last < Some(at), "one producer's appends are in order");
+                    last = Some(at);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    let f = File::open(&owner, "/j/append/log").unwrap();
+    let n = f.complete_len().unwrap().expect("no writer in flight");
+    let data = f.read_all().unwrap();
+    assert_eq!(data.len() as u64, n);
+    let recs = parse_records(&data);
+    let set: HashSet<(u32, u32)> = recs.iter().map(|&(p, s, _)| (p, s)).collect();
+    assert_eq!(set.len(), recs.len(), "no record twice");
+    assert_eq!(set.len(), (PRODUCERS * EACH) as usize, "every record once");
+    assert!(checks.load(Ordering::Relaxed) > 0);
+    task.close().unwrap();
+}
+
+#[test]
+fn queue_is_fifo_grows_and_frees_drained_segments() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let task = client.task("/j/q").unwrap();
+    let q = Queue::create(&task, "work", QueueConfig { slot_size: 64 }).unwrap();
+    assert_eq!(q.max_item(), 40);
+    assert_eq!(q.segment_slots(), (BS - 64) / 64);
+    assert!(q.dequeue().unwrap().is_none());
+    assert!(matches!(
+        q.enqueue(&[0; 41]),
+        Err(DsError::ItemTooLarge { len: 41, max: 40 })
+    ));
+    assert!(matches!(
+        Queue::create(&task, "bad", QueueConfig { slot_size: 12 }),
+        Err(DsError::Config(_))
+    ));
+
+    let n = 5 * q.segment_slots() as usize + 7;
+    for i in 0..n {
+        q.enqueue(format!("item-{i}").as_bytes()).unwrap();
+    }
+    // Meta block plus six segments.
+    assert_eq!(subtree_blocks(&client, "/j/q/work"), 7);
+    let other = Queue::open(&pool.client().unwrap(), "/j/q/work").unwrap();
+    for i in 0..n {
+        let got = if i % 2 == 0 { &q } else { &other }.dequeue().unwrap();
+        assert_eq!(got.as_deref(), Some(format!("item-{i}").as_bytes()));
+    }
+    assert!(q.dequeue().unwrap().is_none());
+    assert!(other.dequeue().unwrap().is_none());
+    // The five full segments were freed; the meta block and the last segment remain.
+    assert_eq!(subtree_blocks(&client, "/j/q/work"), 2);
+    // Still usable after shrinking, from a fresh handle too.
+    other.enqueue(b"again").unwrap();
+    let fresh = Queue::open(&client, "/j/q/work").unwrap();
+    assert_eq!(fresh.dequeue().unwrap().as_deref(), Some(&b"again"[..]));
+    q.remove().unwrap();
+    task.close().unwrap();
+}
+
+#[test]
+fn queue_mpmc_exactly_once_in_order_in_torn_mode() {
+    let pool = pool(true);
+    let owner = pool.client().unwrap();
+    let task = owner.task("/j/mpmc").unwrap();
+    let _q = Queue::create(&task, "q", QueueConfig { slot_size: 64 }).unwrap();
+    const PRODUCERS: u32 = 3;
+    const CONSUMERS: usize = 3;
+    const EACH: u32 = 150;
+    let total = (PRODUCERS * EACH) as usize;
+    let taken = Arc::new(AtomicUsize::new(0));
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let c = pool.client().unwrap();
+            std::thread::spawn(move || {
+                let q = Queue::open(&c, "/j/mpmc/q").unwrap();
+                for seq in 0..EACH {
+                    let mut item = p.to_le_bytes().to_vec();
+                    item.extend_from_slice(&seq.to_le_bytes());
+                    item.extend(std::iter::repeat(seq as u8).take((seq % 30) as usize));
+                    q.enqueue(&item).unwrap();
+                }
+            })
+        })
+        .collect();
+    let consumers: Vec<_> = (0..CONSUMERS)
+        .map(|i| {
+            let c = pool.client().unwrap();
+            let taken = taken.clone();
+            std::thread::spawn(move || {
+                let mut q = Queue::open(&c, "/j/mpmc/q").unwrap();
+                if i == 0 {
+                    // Poison slots of slow producers eagerly: they must retry, not lose.
+                    q.set_poll_wait(Duration::ZERO);
+                }
+                let mut got = Vec::new();
+                let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                while taken.load(Ordering::SeqCst) < total {
+                    assert!(std::time::Instant::now() < deadline, "consumers stalled");
+                    match q.dequeue().unwrap() {
+                        Some(item) => {
+                            let p = u32::from_le_bytes(item[0..4].try_into().unwrap());
+                            let seq = u32::from_le_bytes(item[4..8].try_into().unwrap());
+                            assert_eq!(item.len(), 8 + (seq % 30) as usize, "item intact");
+                            assert!(item[8..].iter().all(|&b| b == seq as u8), "item intact");
+                            got.push((p, seq));
+                            taken.fetch_add(1, Ordering::SeqCst);
+                        }
+                        None => std::thread::yield_now(),
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    let mut all = HashSet::new();
+    for c in consumers {
+        let got = c.join().unwrap();
+        let mut last: HashMap<u32, u32> = HashMap::new();
+        for (p, seq) in got {
+            if let Some(&prev) = last.get(&p) {
+                assert!(seq > prev, "producer {p}: {seq} after {prev}");
+            }
+            last.insert(p, seq);
+            assert!(all.insert((p, seq)), "({p}, {seq}) delivered twice");
+        }
+    }
+    assert_eq!(all.len(), total, "every item delivered");
+    let q = Queue::open(&owner, "/j/mpmc/q").unwrap();
+    assert!(q.dequeue().unwrap().is_none());
+    // Drained segments were freed: the meta block and at most the last two remain.
+    let blocks = subtree_blocks(&owner, "/j/mpmc/q");
+    assert!(blocks <= 3, "{blocks} blocks left");
+    task.close().unwrap();
+}
+
+#[derive(Debug, Clone)]
+enum FileOp {
+    Append(Vec<u8>),
+    WriteAt(u64, Vec<u8>),
+    Read(u64, usize),
+    Reopen,
+}
+
+fn file_op() -> impl Strategy<Value = FileOp> {
+    prop_oneof![
+        4 => prop::collection::vec(any::<u8>(), 0..6000).prop_map(FileOp::Append),
+        2 => (0u64..14000, prop::collection::vec(any::<u8>(), 1..3000))
+            .prop_map(|(p, d)| FileOp::WriteAt(p, d)),
+        3 => (0u64..16000, 0usize..9000).prop_map(|(p, n)| FileOp::Read(p, n)),
+        1 => Just(FileOp::Reopen),
+    ]
+}
+
+#[test]
+fn file_matches_a_vec_model() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let _lease = client.lease("/pt").unwrap();
+    let case = AtomicUsize::new(0);
+    let mut runner = TestRunner::new(PropConfig {
+        cases: 24,
+        ..PropConfig::default()
+    });
+    runner
+        .run(&prop::collection::vec(file_op(), 1..25), |ops| {
+            let path = format!("/pt/f{}", case.fetch_add(1, Ordering::Relaxed));
+            let mut f = File::create_at(&client, &path).unwrap();
+            let mut model: Vec<u8> = Vec::new();
+            for op in ops {
+                match op {
+                    FileOp::Append(d) => {
+                        let at = f.append(&d).unwrap();
+                        prop_assert_eq!(at, model.len() as u64);
+                        model.extend_from_slice(&d);
+                    }
+                    FileOp::WriteAt(p, d) => {
+                        f.write_at(p, &d).unwrap();
+                        let end = p as usize + d.len();
+                        if model.len() < end {
+                            model.resize(end, 0);
+                        }
+                        model[p as usize..end].copy_from_slice(&d);
+                    }
+                    FileOp::Read(p, n) => {
+                        let mut buf = vec![0u8; n];
+                        let got = f.read_at(p, &mut buf).unwrap();
+                        let want = model.len().saturating_sub(p as usize).min(n);
+                        prop_assert_eq!(got, want);
+                        if want > 0 {
+                            prop_assert_eq!(&buf[..got], &model[p as usize..p as usize + got]);
+                        }
+                    }
+                    FileOp::Reopen => f = File::open(&client, &path).unwrap(),
+                }
+                prop_assert_eq!(f.len().unwrap(), model.len() as u64);
+                prop_assert_eq!(f.complete_len().unwrap(), Some(model.len() as u64));
+            }
+            prop_assert_eq!(f.read_all().unwrap(), model);
+            f.remove().unwrap();
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[derive(Debug, Clone)]
+enum QueueOp {
+    /// Enqueue on handle `h` this many items.
+    Enqueue(usize, usize),
+    /// Dequeue on handle `h` this many times.
+    Dequeue(usize, usize),
+    /// Replace handle `h` with a freshly opened one.
+    Reopen(usize),
+}
+
+fn queue_op() -> impl Strategy<Value = QueueOp> {
+    prop_oneof![
+        3 => (0usize..3, 1usize..90).prop_map(|(h, n)| QueueOp::Enqueue(h, n)),
+        3 => (0usize..3, 1usize..90).prop_map(|(h, n)| QueueOp::Dequeue(h, n)),
+        1 => (0usize..3).prop_map(QueueOp::Reopen),
+    ]
+}
+
+#[test]
+fn queue_matches_a_vecdeque_model() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let _lease = client.lease("/pq").unwrap();
+    let case = AtomicUsize::new(0);
+    let mut runner = TestRunner::new(PropConfig {
+        cases: 16,
+        ..PropConfig::default()
+    });
+    runner
+        .run(&prop::collection::vec(queue_op(), 1..20), |ops| {
+            let path = format!("/pq/q{}", case.fetch_add(1, Ordering::Relaxed));
+            let first = Queue::create_at(&client, &path, QueueConfig { slot_size: 64 }).unwrap();
+            let slots = first.segment_slots();
+            let mut handles = vec![first];
+            for _ in 0..2 {
+                handles.push(Queue::open(&client, &path).unwrap());
+            }
+            let mut model = VecDeque::new();
+            let mut next = 0u64;
+            for op in ops {
+                match op {
+                    QueueOp::Enqueue(h, n) => {
+                        for _ in 0..n {
+                            let item = next.to_le_bytes()[..(next % 9) as usize].to_vec();
+                            let item = [item, next.to_le_bytes().to_vec()].concat();
+                            handles[h].enqueue(&item).unwrap();
+                            model.push_back(item);
+                            next += 1;
+                        }
+                    }
+                    QueueOp::Dequeue(h, n) => {
+                        for _ in 0..n {
+                            prop_assert_eq!(handles[h].dequeue().unwrap(), model.pop_front());
+                        }
+                    }
+                    QueueOp::Reopen(h) => handles[h] = Queue::open(&client, &path).unwrap(),
+                }
+                // Live segments: at most what the model needs plus the partly consumed
+                // head and the partly filled tail segment (+ the meta block).
+                let blocks = subtree_blocks(&client, &path);
+                prop_assert!(
+                    blocks <= 3 + model.len() as u64 / slots,
+                    "{} blocks for {} items",
+                    blocks,
+                    model.len()
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+}
