@@ -108,7 +108,7 @@ pub enum BenchOp {
     Cas,
     /// 8-byte fetch-and-add (Redis INCRBY, memcached incr).
     Faa,
-    /// Controller block allocation: alloc one block, then free it.
+    /// Controller block allocation: one block per operation; held blocks are freed 16 at a time.
     Alloc,
 }
 
@@ -386,7 +386,7 @@ impl Plan {
     /// Upper bound of the pool memory one client allocates with blocks of `block_size`.
     pub fn bytes_per_client_upper_bound(&self, block_size: u64) -> u64 {
         if self.op == BenchOp::Alloc {
-            return block_size;
+            return crate::bench::farpool_load::ALLOC_FREE_BATCH as u64 * block_size;
         }
         let per_block = (block_size / self.size).max(1);
         self.slots.div_ceil(per_block) * block_size

@@ -456,7 +456,7 @@ pub(crate) fn render_records(records: &[BenchRecord]) -> Result<String, BenchErr
         });
         let rate = find("farpool", None, "alloc", None, 4, None).and_then(Group::ops);
         targets.push(Target {
-            what: "controller allocations/s, 4 clients (alloc + free each)".into(),
+            what: "controller allocations/s, 4 clients (frees batched 16 per request)".into(),
             farpool: measured(rate, human_rate, ""),
             peer: Some("—".into()),
             ratio: "—".into(),
@@ -807,7 +807,7 @@ mod tests {
         assert!(md.contains("| controller block allocation p50, 1 client | 48.0 (48.0–48.0) µs | — | — | ≤ 100 µs | yes |"), "{md}");
         assert!(
             md.contains(
-                "| controller allocations/s, 4 clients (alloc + free each) | not measured |"
+                "| controller allocations/s, 4 clients (frees batched 16 per request) | not measured |"
             ),
             "{md}"
         );
