@@ -1,7 +1,7 @@
 //! Data structures (`farpool::ds`) on an embedded pool: semantics, concurrency with the
 //! memory nodes in torn mode, and proptest state machines against in-memory models.
 
-use farpool::ds::{DsError, File, Queue, QueueConfig};
+use farpool::ds::{DsError, File, Kv, KvConfig, Queue, QueueConfig};
 use farpool::{Client, EmbeddedConfig, EmbeddedPool};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
@@ -476,6 +476,210 @@ fn queue_matches_a_vecdeque_model() {
                     blocks,
                     model.len()
                 );
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn key(i: usize) -> Vec<u8> {
+    format!("key-{i}").into_bytes()
+}
+
+#[test]
+fn kv_puts_gets_deletes_across_clients() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let task = client.task("/j/kv").unwrap();
+    let kv = Kv::create(&task, "t", KvConfig::default()).unwrap();
+    assert_eq!(kv.get(b"a").unwrap(), None);
+    kv.put(b"a", b"1").unwrap();
+    kv.put(b"b", b"").unwrap();
+    kv.put(b"a", b"one").unwrap();
+    let other = Kv::open(&pool.client().unwrap(), "/j/kv/t").unwrap();
+    assert_eq!(other.get(b"a").unwrap().as_deref(), Some(&b"one"[..]));
+    assert_eq!(other.get(b"b").unwrap().as_deref(), Some(&b""[..]));
+    assert!(other.delete(b"a").unwrap());
+    assert!(!other.delete(b"a").unwrap());
+    assert_eq!(kv.get(b"a").unwrap(), None);
+    assert!(matches!(
+        kv.put(b"big", &vec![0u8; BS as usize]),
+        Err(DsError::ItemTooLarge { .. })
+    ));
+    assert!(matches!(
+        Queue::open(&client, "/j/kv/t"),
+        Err(DsError::WrongKind { .. })
+    ));
+    kv.remove().unwrap();
+    task.close().unwrap();
+}
+
+#[test]
+fn kv_partitions_split_as_it_grows_and_merge_as_it_shrinks() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let task = client.task("/j/kvgrow").unwrap();
+    let kv = Kv::create(&task, "t", KvConfig::default()).unwrap();
+    assert_eq!(kv.partitions().unwrap(), 1);
+    const N: usize = 400;
+    for i in 0..N {
+        kv.put(&key(i), format!("value-{i}").as_bytes()).unwrap();
+    }
+    let grown = kv.partitions().unwrap();
+    assert!(grown >= 8, "{grown} partitions for {N} keys");
+    // Meta block, map block, one block per partition: replaced ones were freed.
+    assert_eq!(subtree_blocks(&client, "/j/kvgrow/t"), 2 + grown as u64);
+    let other = Kv::open(&pool.client().unwrap(), "/j/kvgrow/t").unwrap();
+    for i in 0..N {
+        assert_eq!(
+            other.get(&key(i)).unwrap(),
+            Some(format!("value-{i}").into_bytes()),
+            "key {i}"
+        );
+    }
+    for i in 0..N - 10 {
+        assert!(other.delete(&key(i)).unwrap());
+    }
+    let shrunk = kv.partitions().unwrap();
+    assert!(shrunk < grown / 2, "{shrunk} partitions left of {grown}");
+    assert_eq!(subtree_blocks(&client, "/j/kvgrow/t"), 2 + shrunk as u64);
+    for i in 0..N {
+        let want = (i >= N - 10).then(|| format!("value-{i}").into_bytes());
+        assert_eq!(kv.get(&key(i)).unwrap(), want, "key {i}");
+    }
+    task.close().unwrap();
+}
+
+#[test]
+fn kv_is_consistent_under_concurrent_writers_and_repartitioning_in_torn_mode() {
+    let pool = pool(true);
+    let owner = pool.client().unwrap();
+    let task = owner.task("/j/kvc").unwrap();
+    let _kv = Kv::create(&task, "t", KvConfig::default()).unwrap();
+    const WRITERS: usize = 3;
+    const KEYS: usize = 60;
+    const ROUNDS: u32 = 3;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let c = pool.client().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let kv = Kv::open(&c, "/j/kvc/t").unwrap();
+            let mut seen: HashMap<usize, u32> = HashMap::new();
+            let mut reads = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for i in (0..WRITERS * KEYS).step_by(7) {
+                    if let Some(v) = kv.get(&key(i)).unwrap() {
+                        let round = u32::from_le_bytes(v[..4].try_into().unwrap());
+                        assert!(v[4..].iter().all(|&b| b == i as u8), "value intact");
+                        let last = seen.entry(i).or_insert(0);
+                        assert!(
+                            round >= *last,
+                            "key {i} went back from {} to {round}",
+                            *last
+                        );
+                        *last = round;
+                        reads += 1;
+                    }
+                }
+            }
+            reads
+        })
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let c = pool.client().unwrap();
+            std::thread::spawn(move || {
+                let kv = Kv::open(&c, "/j/kvc/t").unwrap();
+                for round in 1..=ROUNDS {
+                    for i in w * KEYS..(w + 1) * KEYS {
+                        let mut v = round.to_le_bytes().to_vec();
+                        v.extend(std::iter::repeat(i as u8).take(i % 40));
+                        kv.put(&key(i), &v).unwrap();
+                    }
+                }
+                // Delete half of the keys again (merges).
+                for i in (w * KEYS..(w + 1) * KEYS).filter(|i| i % 2 == 0) {
+                    assert!(kv.delete(&key(i)).unwrap());
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    let kv = Kv::open(&owner, "/j/kvc/t").unwrap();
+    for i in 0..WRITERS * KEYS {
+        let got = kv.get(&key(i)).unwrap();
+        if i % 2 == 0 {
+            assert_eq!(got, None, "key {i}");
+        } else {
+            let v = got.unwrap_or_else(|| panic!("key {i} lost"));
+            assert_eq!(u32::from_le_bytes(v[..4].try_into().unwrap()), ROUNDS);
+            assert_eq!(v.len(), 4 + i % 40);
+        }
+    }
+    task.close().unwrap();
+}
+
+#[derive(Debug, Clone)]
+enum KvOp {
+    Put(usize, usize, u8),
+    Get(usize, usize),
+    Delete(usize, usize),
+    Reopen(usize),
+}
+
+fn kv_op() -> impl Strategy<Value = KvOp> {
+    prop_oneof![
+        5 => (0usize..2, 0usize..150, any::<u8>()).prop_map(|(h, k, v)| KvOp::Put(h, k, v)),
+        3 => (0usize..2, 0usize..150).prop_map(|(h, k)| KvOp::Get(h, k)),
+        3 => (0usize..2, 0usize..150).prop_map(|(h, k)| KvOp::Delete(h, k)),
+        1 => (0usize..2).prop_map(KvOp::Reopen),
+    ]
+}
+
+#[test]
+fn kv_matches_a_hashmap_model() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let _lease = client.lease("/pk").unwrap();
+    let case = AtomicUsize::new(0);
+    let mut runner = TestRunner::new(PropConfig {
+        cases: 12,
+        ..PropConfig::default()
+    });
+    runner
+        .run(&prop::collection::vec(kv_op(), 1..200), |ops| {
+            let path = format!("/pk/t{}", case.fetch_add(1, Ordering::Relaxed));
+            let mut handles = [
+                Kv::create_at(&client, &path, KvConfig::default()).unwrap(),
+                Kv::open(&client, &path).unwrap(),
+            ];
+            let mut model: HashMap<usize, Vec<u8>> = HashMap::new();
+            for op in ops {
+                match op {
+                    KvOp::Put(h, k, v) => {
+                        let value = vec![v; k % 50];
+                        handles[h].put(&key(k), &value).unwrap();
+                        model.insert(k, value);
+                    }
+                    KvOp::Get(h, k) => {
+                        prop_assert_eq!(handles[h].get(&key(k)).unwrap(), model.get(&k).cloned());
+                    }
+                    KvOp::Delete(h, k) => {
+                        prop_assert_eq!(
+                            handles[h].delete(&key(k)).unwrap(),
+                            model.remove(&k).is_some()
+                        );
+                    }
+                    KvOp::Reopen(h) => handles[h] = Kv::open(&client, &path).unwrap(),
+                }
+            }
+            for (k, v) in &model {
+                prop_assert_eq!(handles[0].get(&key(*k)).unwrap(), Some(v.clone()));
             }
             Ok(())
         })

@@ -1,4 +1,4 @@
-//! Data structures built on one-sided operations: [`File`] and [`Queue`].
+//! Data structures built on one-sided operations: [`File`], [`Queue`] and [`Kv`].
 //!
 //! They live at pool paths and are shared by every client that opens the path; all
 //! coordination happens through 8-byte CAS/FAA on memory-node blocks, plus the
@@ -22,10 +22,12 @@
 //! ```
 
 mod file;
+mod kv;
 mod object;
 mod queue;
 
 pub use file::File;
+pub use kv::{Kv, KvConfig};
 pub use queue::{Queue, QueueConfig};
 
 use crate::client::ClientError;

@@ -1,0 +1,927 @@
+//! `Kv`: a hash table over one-sided operations whose partitions split and merge.
+
+use super::object::{Entry, Object};
+use super::{is_stale, DsError};
+use crate::client::{BlockHandle, Client, ClientError, Task};
+use crate::proto::PoolPath;
+use parking_lot::{Mutex, RwLock};
+use siphasher::sip::SipHasher13;
+use std::collections::HashMap;
+use std::hash::Hasher;
+use std::time::{Duration, Instant};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB1");
+// Meta words.
+const BUCKETS: u64 = 8;
+const GMAX: u64 = 16;
+/// Next unused child index for partitions (changed only under the map lock).
+const NEXT: u64 = 24;
+/// Largest directory: 2^10 partitions.
+const MAX_G: u32 = 10;
+// Map block (child 0): the version word (seqlock: odd while repartitioning), then
+// 2^G entries `child << 8 | depth`.
+const VERSION: u64 = 0;
+const MAP_HEADER: u64 = 64;
+// Partition blocks.
+const HEAP: u64 = 0;
+const COUNT: u64 = 8;
+const PART_HEADER: u64 = 64;
+/// Bucket: a lock word and `SLOTS` slot words, 64 bytes.
+const BUCKET_BYTES: u64 = 64;
+const SLOTS: usize = 7;
+const UNLOCKED: u64 = 0;
+const LOCKED: u64 = 1;
+const FROZEN: u64 = 2;
+/// Record header: key length u32, value length u32.
+const REC_HEADER: usize = 8;
+/// How long to wait for another client's repartitioning before reporting it stuck.
+const REPARTITION_WAIT: Duration = Duration::from_secs(10);
+
+/// Settings of a new hash table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvConfig {
+    /// Expected bytes per key-value record (key + value + 8), used to divide each
+    /// partition block between buckets (7 slots each) and record space.
+    pub expected_record: u64,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        Self {
+            expected_record: 64,
+        }
+    }
+}
+
+/// A hash table in the pool, shared by every client that opens it.
+///
+/// Keys hash to partitions (one block each) through a directory of up to 1024
+/// entries; a partition splits in two when its slots fill up (three quarters) or its
+/// record space runs out, and merges with its buddy when both together hold less
+/// than a quarter of one partition's slots. Reads take two round trips and no lock;
+/// writers lock one bucket (a CAS) and update records out of place.
+///
+/// Linearizable: every `get` returns the value of the latest `put`/`delete` of that
+/// key that completed before it started, or of one concurrent with it.
+pub struct Kv {
+    obj: Object,
+    map_block: BlockHandle,
+    g: u32,
+    buckets: u64,
+    heap_start: u64,
+    map: RwLock<Map>,
+    parts: Mutex<HashMap<u64, BlockHandle>>,
+}
+
+/// A cached copy of the partition directory.
+#[derive(Debug, Clone, Default)]
+struct Map {
+    version: u64,
+    entries: Vec<u64>,
+}
+
+/// Where a key lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Route {
+    child: u64,
+    depth: u32,
+    prefix: u64,
+    version: u64,
+}
+
+/// A decoded key-value record.
+struct Record {
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// Outcome of one attempt against a partition.
+enum Attempt<T> {
+    Done(T),
+    /// The partition is being replaced: reload the map.
+    Moved,
+    /// The partition (or the key's bucket) is full: split it.
+    Full,
+}
+
+impl Kv {
+    /// Creates the table `name` under the task's path (or opens it if it exists).
+    pub fn create(task: &Task, name: &str, config: KvConfig) -> Result<Kv, DsError> {
+        Self::create_at(task.client(), task.path().join(name)?.as_str(), config)
+    }
+
+    /// Creates the table at the absolute `path` (or opens it if it exists; then the
+    /// existing table's configuration applies).
+    pub fn create_at(client: &Client, path: &str, config: KvConfig) -> Result<Kv, DsError> {
+        let path = PoolPath::parse(path)?;
+        let rec = config.expected_record.max(16);
+        let obj = Object::create(client, path, "kv table", MAGIC, "p", |len| {
+            let buckets = len.saturating_sub(PART_HEADER) / (BUCKET_BYTES + SLOTS as u64 * rec);
+            if buckets < 1 {
+                return Err(DsError::Config(format!(
+                    "a block of {len} bytes cannot hold a bucket and records of {rec} bytes; use a smaller expected_record"
+                )));
+            }
+            let g = ((len.saturating_sub(MAP_HEADER) / 8).max(1).ilog2()).min(MAX_G);
+            Ok(vec![(BUCKETS, buckets), (GMAX, u64::from(g))])
+        })?;
+        Self::from_object(obj)
+    }
+
+    /// Opens the table at `path`.
+    pub fn open(client: &Client, path: &str) -> Result<Kv, DsError> {
+        let path = PoolPath::parse(path)?;
+        let obj = Object::open(client, path, "kv table", MAGIC, "p")?;
+        Self::from_object(obj)
+    }
+
+    fn from_object(obj: Object) -> Result<Kv, DsError> {
+        let buckets = obj.word(BUCKETS)?;
+        let g = obj.word(GMAX)?;
+        let len = obj.block_len();
+        let heap_start = buckets
+            .checked_mul(BUCKET_BYTES)
+            .and_then(|b| b.checked_add(PART_HEADER))
+            .filter(|&h| h < len && buckets > 0);
+        let (Some(heap_start), true) = (
+            heap_start,
+            (1..=u64::from(MAX_G)).contains(&g) && MAP_HEADER + (8 << g) <= len,
+        ) else {
+            return Err(DsError::Corrupt {
+                path: obj.path().clone(),
+                what: format!("{buckets} buckets, directory depth {g}, blocks of {len} bytes"),
+            });
+        };
+        let Some(map_block) = obj.link(0)? else {
+            return Err(DsError::Corrupt {
+                path: obj.path().clone(),
+                what: "the partition map block was freed".into(),
+            });
+        };
+        let kv = Kv {
+            obj,
+            map_block,
+            g: g as u32,
+            buckets,
+            heap_start,
+            map: RwLock::new(Map::default()),
+            parts: Mutex::new(HashMap::new()),
+        };
+        kv.reload()?;
+        Ok(kv)
+    }
+
+    /// The table's path.
+    pub fn path(&self) -> &PoolPath {
+        self.obj.path()
+    }
+
+    /// Number of partitions in the current map.
+    pub fn partitions(&self) -> Result<usize, DsError> {
+        self.reload()?;
+        let map = self.map.read();
+        let mut kids: Vec<u64> = map.entries.iter().map(|e| e >> 8).collect();
+        kids.sort_unstable();
+        kids.dedup();
+        Ok(kids.len())
+    }
+
+    /// The value stored under `key`.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DsError> {
+        let h = hash(key);
+        self.retry(h, |part| self.try_get(part, h, key))
+    }
+
+    /// Stores `value` under `key`, replacing any previous value.
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), DsError> {
+        let h = hash(key);
+        let rec = encode(key, value)?;
+        if rec.len() as u64 > self.obj.block_len() - self.heap_start {
+            return Err(DsError::ItemTooLarge {
+                len: rec.len(),
+                max: (self.obj.block_len() - self.heap_start) as usize,
+            });
+        }
+        let count = self.retry(h, |part| self.try_put(part, h, key, &rec))?;
+        if let Some(count) = count {
+            if count >= self.split_at() {
+                let route = self.route(h)?;
+                self.split(route)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `key`; returns whether it was present.
+    pub fn delete(&self, key: &[u8]) -> Result<bool, DsError> {
+        let h = hash(key);
+        let count = self.retry(h, |part| self.try_delete(part, h, key))?;
+        match count {
+            Some(count) => {
+                if count <= self.merge_at() {
+                    let route = self.route(h)?;
+                    self.merge(route)?;
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Removes the table and frees its blocks. Other clients' handles stop working.
+    pub fn remove(self) -> Result<(), DsError> {
+        self.obj.destroy()
+    }
+
+    fn slots_total(&self) -> u64 {
+        self.buckets * SLOTS as u64
+    }
+
+    fn split_at(&self) -> u64 {
+        (self.slots_total() * 3 / 4).max(1)
+    }
+
+    fn merge_at(&self) -> u64 {
+        self.slots_total() / 4
+    }
+
+    /// Runs `op` against the partition of hash `h`, reloading the map and splitting
+    /// as the attempts ask.
+    fn retry<T>(
+        &self,
+        h: u64,
+        op: impl Fn(&BlockHandle) -> Result<Attempt<T>, ClientError>,
+    ) -> Result<T, DsError> {
+        loop {
+            let route = self.route(h)?;
+            let Some(part) = self.partition(route.child)? else {
+                self.reload_after(route.version)?;
+                continue;
+            };
+            match op(&part) {
+                Ok(Attempt::Done(v)) => return Ok(v),
+                Ok(Attempt::Moved) => self.reload_after(route.version)?,
+                Ok(Attempt::Full) => self.split(route)?,
+                Err(e) if is_stale(&e) => {
+                    self.parts.lock().remove(&route.child);
+                    self.reload_after(route.version)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn try_get(
+        &self,
+        part: &BlockHandle,
+        h: u64,
+        key: &[u8],
+    ) -> Result<Attempt<Option<Vec<u8>>>, ClientError> {
+        let b = self.bucket_off(h);
+        // Atomic reads of the lock word and every slot (plain READs could tear).
+        let mut ops = (0..=SLOTS as u64)
+            .map(|i| part.faa_op(b + 8 * i, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        part.execute(&mut ops)?;
+        if ops[0].result == FROZEN {
+            return Ok(Attempt::Moved);
+        }
+        let slots: Vec<u64> = ops[1..].iter().map(|o| o.result).collect();
+        Ok(Attempt::Done(
+            self.find(part, h, key, &slots)?.map(|(_, rec)| rec.value),
+        ))
+    }
+
+    /// Inserts or replaces; `Some(count)` after inserting a new key.
+    fn try_put(
+        &self,
+        part: &BlockHandle,
+        h: u64,
+        key: &[u8],
+        rec: &[u8],
+    ) -> Result<Attempt<Option<u64>>, ClientError> {
+        let need = (rec.len() as u64).next_multiple_of(8);
+        let off = part.faa(HEAP, need)?;
+        if off.saturating_add(need) > part.len() || off < self.heap_start {
+            return Ok(Attempt::Full);
+        }
+        part.write(off, rec)?;
+        let word = slot_word(off, need, h);
+        let b = self.bucket_off(h);
+        if !self.lock(part, b)? {
+            return Ok(Attempt::Moved);
+        }
+        let result = self.put_locked(part, b, h, key, word);
+        part.cas(b, LOCKED, UNLOCKED)?;
+        match result? {
+            Some(true) => Ok(Attempt::Done(Some(part.faa(COUNT, 1)? + 1))),
+            Some(false) => Ok(Attempt::Done(None)),
+            None => Ok(Attempt::Full),
+        }
+    }
+
+    /// Under bucket `b`'s lock: `Some(true)` when a new key went in, `Some(false)`
+    /// when a value was replaced, `None` when the bucket is full.
+    fn put_locked(
+        &self,
+        part: &BlockHandle,
+        b: u64,
+        h: u64,
+        key: &[u8],
+        word: u64,
+    ) -> Result<Option<bool>, ClientError> {
+        let slots = self.read_slots(part, b)?;
+        if let Some((i, _)) = self.find(part, h, key, &slots)? {
+            part.cas(b + 8 * (i as u64 + 1), slots[i], word)?;
+            return Ok(Some(false));
+        }
+        let Some(i) = slots.iter().position(|&s| s == 0) else {
+            return Ok(None);
+        };
+        part.cas(b + 8 * (i as u64 + 1), 0, word)?;
+        Ok(Some(true))
+    }
+
+    /// Deletes; `Some(count)` when the key was there.
+    fn try_delete(
+        &self,
+        part: &BlockHandle,
+        h: u64,
+        key: &[u8],
+    ) -> Result<Attempt<Option<u64>>, ClientError> {
+        let b = self.bucket_off(h);
+        if !self.lock(part, b)? {
+            return Ok(Attempt::Moved);
+        }
+        let result = self.delete_locked(part, b, h, key);
+        part.cas(b, LOCKED, UNLOCKED)?;
+        if result? {
+            Ok(Attempt::Done(Some(
+                part.faa(COUNT, u64::MAX)?.wrapping_sub(1),
+            )))
+        } else {
+            Ok(Attempt::Done(None))
+        }
+    }
+
+    /// Under bucket `b`'s lock: whether `key` was there (and is gone now).
+    fn delete_locked(
+        &self,
+        part: &BlockHandle,
+        b: u64,
+        h: u64,
+        key: &[u8],
+    ) -> Result<bool, ClientError> {
+        let slots = self.read_slots(part, b)?;
+        match self.find(part, h, key, &slots)? {
+            Some((i, _)) => {
+                part.cas(b + 8 * (i as u64 + 1), slots[i], 0)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Takes the bucket's writer lock; `false` when the bucket is frozen.
+    fn lock(&self, part: &BlockHandle, b: u64) -> Result<bool, ClientError> {
+        loop {
+            match part.cas(b, UNLOCKED, LOCKED)? {
+                UNLOCKED => return Ok(true),
+                FROZEN => return Ok(false),
+                _ => std::thread::yield_now(),
+            }
+        }
+    }
+
+    /// The slot words of bucket `b`. Only lock holders change slots, so under the lock
+    /// a plain READ cannot tear.
+    fn read_slots(&self, part: &BlockHandle, b: u64) -> Result<Vec<u64>, ClientError> {
+        let mut buf = [0u8; SLOTS * 8];
+        part.read(b + 8, &mut buf)?;
+        Ok(buf
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect())
+    }
+
+    /// The slot holding `key` among `slots`, with its record. Records are immutable
+    /// once a slot points at them, so plain READs of them are safe.
+    fn find(
+        &self,
+        part: &BlockHandle,
+        h: u64,
+        key: &[u8],
+        slots: &[u64],
+    ) -> Result<Option<(usize, Record)>, ClientError> {
+        let fp = fingerprint(h);
+        let cands: Vec<(usize, u64, u64)> = slots
+            .iter()
+            .enumerate()
+            .filter(|&(_, &s)| s != 0 && (s >> 48) & 0x7FFF == fp)
+            .map(|(i, &s)| (i, (s & 0xFFFF_FFFF) * 8, ((s >> 32) & 0xFFFF) * 8))
+            .filter(|&(_, off, len)| off >= self.heap_start && off + len <= part.len())
+            .collect();
+        if cands.is_empty() {
+            return Ok(None);
+        }
+        let mut bufs: Vec<Vec<u8>> = cands.iter().map(|c| vec![0u8; c.2 as usize]).collect();
+        let mut ops = cands
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(c, buf)| part.read_op(c.1, buf))
+            .collect::<Result<Vec<_>, _>>()?;
+        part.execute(&mut ops)?;
+        drop(ops);
+        for (c, buf) in cands.iter().zip(bufs) {
+            if let Some(rec) = decode(&buf) {
+                if rec.key == key {
+                    return Ok(Some((c.0, rec)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn bucket_off(&self, h: u64) -> u64 {
+        PART_HEADER + ((h & 0xFFFF_FFFF) % self.buckets) * BUCKET_BYTES
+    }
+
+    fn route(&self, h: u64) -> Result<Route, DsError> {
+        let map = self.map.read();
+        let e = (h >> (64 - self.g)) as usize;
+        let word = map.entries.get(e).copied().unwrap_or(0);
+        let depth = (word & 0xFF) as u32;
+        if word >> 8 == 0 || depth > self.g {
+            return Err(self.corrupt(format!("directory entry {e} is {word:#x}")));
+        }
+        Ok(Route {
+            child: word >> 8,
+            depth,
+            prefix: if depth == 0 { 0 } else { h >> (64 - depth) },
+            version: map.version,
+        })
+    }
+
+    fn partition(&self, child: u64) -> Result<Option<BlockHandle>, DsError> {
+        if let Some(p) = self.parts.lock().get(&child) {
+            return Ok(Some(p.clone()));
+        }
+        let handle = match self.obj.entry(child)? {
+            Entry::Linked(id) => self.obj.child_handle(child, id)?,
+            Entry::Empty | Entry::Freed => None,
+        };
+        if let Some(p) = &handle {
+            self.parts.lock().insert(child, p.clone());
+        }
+        Ok(handle)
+    }
+
+    /// Reloads the map, waiting until it is newer than `seen` (the partition we used
+    /// is being replaced) or a while has passed.
+    fn reload_after(&self, seen: u64) -> Result<(), DsError> {
+        let deadline = Instant::now() + REPARTITION_WAIT;
+        loop {
+            self.reload()?;
+            if self.map.read().version != seen {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.stuck());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Reads the map (a seqlock: version, entries, version again).
+    fn reload(&self) -> Result<(), DsError> {
+        let deadline = Instant::now() + REPARTITION_WAIT;
+        let n = 1usize << self.g;
+        loop {
+            let v1 = self.map_block.faa(VERSION, 0)?;
+            if v1 == 0 {
+                self.init()?;
+                continue;
+            }
+            if v1 % 2 == 1 {
+                if Instant::now() > deadline {
+                    return Err(self.stuck());
+                }
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let mut buf = vec![0u8; n * 8];
+            self.map_block.read(MAP_HEADER, &mut buf)?;
+            let v2 = self.map_block.faa(VERSION, 0)?;
+            if v1 == v2 {
+                let entries = buf
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect();
+                *self.map.write() = Map {
+                    version: v1,
+                    entries,
+                };
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sets up the first partition, once (whoever moves the version from 0 to 1).
+    fn init(&self) -> Result<(), DsError> {
+        if self.map_block.cas(VERSION, 0, 1)? != 0 {
+            return Ok(());
+        }
+        let child = self.obj.meta().faa(NEXT, 2)?.max(1);
+        let part = self.link_new(child)?;
+        self.write_partition(&part, &[])?;
+        let entry = child << 8;
+        let bytes: Vec<u8> = (0..1u64 << self.g)
+            .flat_map(|_| entry.to_le_bytes())
+            .collect();
+        self.map_block.write(MAP_HEADER, &bytes)?;
+        // Publish after the partition and the entries are written.
+        self.map_block.faa(VERSION, 1)?;
+        Ok(())
+    }
+
+    fn link_new(&self, child: u64) -> Result<BlockHandle, DsError> {
+        match self.obj.link(child)? {
+            Some(p) => {
+                self.parts.lock().insert(child, p.clone());
+                Ok(p)
+            }
+            None => Err(self.corrupt(format!("new partition {child} was freed before use"))),
+        }
+    }
+
+    /// Takes the map lock (version even → odd); `false` when someone else holds it.
+    fn lock_map(&self) -> Result<Option<u64>, DsError> {
+        let v = self.map_block.faa(VERSION, 0)?;
+        if v == 0 || v % 2 == 1 {
+            return Ok(None);
+        }
+        Ok((self.map_block.cas(VERSION, v, v + 1)? == v).then_some(v + 1))
+    }
+
+    /// The map entries, read by the holder of the map lock.
+    fn locked_entries(&self) -> Result<Vec<u64>, DsError> {
+        let mut buf = vec![0u8; 8usize << self.g];
+        self.map_block.read(MAP_HEADER, &mut buf)?;
+        Ok(buf
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect())
+    }
+
+    /// Splits the partition at `route` in two (if it still is what `route` says).
+    fn split(&self, route: Route) -> Result<(), DsError> {
+        if route.depth >= self.g {
+            return Err(DsError::Config(format!(
+                "'{}' is full: a partition at the deepest split level ({}) ran out of room; use a larger block size or a larger expected_record",
+                self.obj.path(),
+                self.g
+            )));
+        }
+        let Some(locked) = self.lock_map()? else {
+            return self.reload_after(route.version);
+        };
+        let outcome = self.split_locked(route);
+        // Unlock (publish) whatever happened: the map is consistent either way.
+        self.map_block.faa(VERSION, 1)?;
+        debug_assert!(locked % 2 == 1);
+        let retired = outcome?;
+        self.reload()?;
+        if let Some((child, part)) = retired {
+            self.parts.lock().remove(&child);
+            self.obj.retire(child, part.id())?;
+        }
+        Ok(())
+    }
+
+    fn split_locked(&self, route: Route) -> Result<Option<(u64, BlockHandle)>, DsError> {
+        let mut entries = self.locked_entries()?;
+        let range = self.range(route.depth, route.prefix);
+        let word = route.child << 8 | u64::from(route.depth);
+        if entries[range.clone()].iter().any(|&e| e != word) {
+            return Ok(None); // already repartitioned
+        }
+        let Some(old) = self.partition(route.child)? else {
+            return Ok(None);
+        };
+        self.freeze(&old)?;
+        match self.split_frozen(route, &old, &mut entries, range) {
+            Ok(()) => Ok(Some((route.child, old))),
+            Err(e) => {
+                // Nothing was published: let writers back in.
+                self.unfreeze(&old)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn split_frozen(
+        &self,
+        route: Route,
+        old: &BlockHandle,
+        entries: &mut [u64],
+        range: std::ops::Range<usize>,
+    ) -> Result<(), DsError> {
+        let records = self.collect(old)?;
+        let bit = 63 - route.depth;
+        let (ones, zeros): (Vec<_>, Vec<_>) =
+            records.into_iter().partition(|(h, _)| h >> bit & 1 == 1);
+        let next = self.obj.meta().faa(NEXT, 2)?;
+        let (a, b) = (self.link_new(next)?, self.link_new(next + 1)?);
+        self.write_partition(&a, &zeros)?;
+        self.write_partition(&b, &ones)?;
+        let half = range.len() / 2;
+        let depth = u64::from(route.depth + 1);
+        for (i, e) in entries[range.clone()].iter_mut().enumerate() {
+            *e = if i < half {
+                next << 8 | depth
+            } else {
+                (next + 1) << 8 | depth
+            };
+        }
+        self.write_entries(&entries[range.clone()], range.start)
+    }
+
+    /// Merges the partition at `route` with its buddy when both are small enough.
+    fn merge(&self, route: Route) -> Result<(), DsError> {
+        if route.depth == 0 {
+            return Ok(());
+        }
+        let Some(_locked) = self.lock_map()? else {
+            return Ok(()); // someone else is repartitioning; merging can wait
+        };
+        let outcome = self.merge_locked(route);
+        self.map_block.faa(VERSION, 1)?;
+        let retired = outcome?;
+        self.reload()?;
+        for (child, part) in retired {
+            self.parts.lock().remove(&child);
+            self.obj.retire(child, part.id())?;
+        }
+        Ok(())
+    }
+
+    fn merge_locked(&self, route: Route) -> Result<Vec<(u64, BlockHandle)>, DsError> {
+        let mut entries = self.locked_entries()?;
+        let buddy_prefix = route.prefix ^ 1;
+        let (mine, theirs) = (
+            self.range(route.depth, route.prefix),
+            self.range(route.depth, buddy_prefix),
+        );
+        let word = route.child << 8 | u64::from(route.depth);
+        let buddy_word = entries[theirs.start];
+        if entries[mine.clone()].iter().any(|&e| e != word)
+            || entries[theirs.clone()].iter().any(|&e| e != buddy_word)
+            || (buddy_word & 0xFF) as u32 != route.depth
+        {
+            return Ok(vec![]); // the buddy is split further, or the map changed
+        }
+        let buddy_child = buddy_word >> 8;
+        let (Some(p), Some(q)) = (self.partition(route.child)?, self.partition(buddy_child)?)
+        else {
+            return Ok(vec![]);
+        };
+        let total = p.faa(COUNT, 0)?.wrapping_add(q.faa(COUNT, 0)?);
+        if total > self.merge_at() {
+            return Ok(vec![]);
+        }
+        self.freeze(&p)?;
+        if let Err(e) = self.freeze(&q) {
+            self.unfreeze(&p)?;
+            return Err(e);
+        }
+        match self.merge_frozen(route, &p, &q, &mut entries) {
+            Ok(true) => Ok(vec![(route.child, p), (buddy_child, q)]),
+            result => {
+                // Nothing was published: let writers back in.
+                self.unfreeze(&p)?;
+                self.unfreeze(&q)?;
+                result.map(|_| vec![])
+            }
+        }
+    }
+
+    /// Builds and publishes the merge of frozen `p` and `q`; `false` when they do not
+    /// fit one partition.
+    fn merge_frozen(
+        &self,
+        route: Route,
+        p: &BlockHandle,
+        q: &BlockHandle,
+        entries: &mut [u64],
+    ) -> Result<bool, DsError> {
+        let mut records = self.collect(p)?;
+        records.extend(self.collect(q)?);
+        if !self.fits(&records) {
+            return Ok(false);
+        }
+        let next = self.obj.meta().faa(NEXT, 2)?;
+        let merged = self.link_new(next)?;
+        self.write_partition(&merged, &records)?;
+        let range = self.range(route.depth - 1, route.prefix >> 1);
+        for e in &mut entries[range.clone()] {
+            *e = next << 8 | u64::from(route.depth - 1);
+        }
+        self.write_entries(&entries[range.clone()], range.start)?;
+        Ok(true)
+    }
+
+    /// Directory entries covered by the partition `prefix` at `depth`.
+    fn range(&self, depth: u32, prefix: u64) -> std::ops::Range<usize> {
+        let shift = self.g - depth;
+        let start = (prefix << shift) as usize;
+        start..start + (1usize << shift)
+    }
+
+    fn write_entries(&self, entries: &[u64], start: usize) -> Result<(), DsError> {
+        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+        self.map_block
+            .write(MAP_HEADER + 8 * start as u64, &bytes)?;
+        Ok(())
+    }
+
+    /// Locks every bucket of `part` for good: writers then reload the map.
+    fn freeze(&self, part: &BlockHandle) -> Result<(), DsError> {
+        self.set_locks(part, UNLOCKED, FROZEN)
+    }
+
+    fn unfreeze(&self, part: &BlockHandle) -> Result<(), DsError> {
+        self.set_locks(part, FROZEN, UNLOCKED)
+    }
+
+    fn set_locks(&self, part: &BlockHandle, from: u64, to: u64) -> Result<(), DsError> {
+        let mut pending: Vec<u64> = (0..self.buckets).collect();
+        let deadline = Instant::now() + REPARTITION_WAIT;
+        while !pending.is_empty() {
+            let mut left = Vec::new();
+            for chunk in pending.chunks(256) {
+                let mut ops = chunk
+                    .iter()
+                    .map(|&b| part.cas_op(PART_HEADER + b * BUCKET_BYTES, from, to))
+                    .collect::<Result<Vec<_>, _>>()?;
+                part.execute(&mut ops)?;
+                for (op, &b) in ops.iter().zip(chunk) {
+                    // `to` already: an earlier attempt got there (idempotent).
+                    if op.result != from && op.result != to {
+                        left.push(b); // a writer holds the bucket: retry
+                    }
+                }
+            }
+            if !left.is_empty() {
+                if Instant::now() > deadline {
+                    return Err(self.corrupt(
+                        "a bucket lock was held for over 10 s; a writer probably crashed inside it"
+                            .into(),
+                    ));
+                }
+                std::thread::yield_now();
+            }
+            pending = left;
+        }
+        Ok(())
+    }
+
+    /// Every record of a frozen partition, with its key's hash.
+    fn collect(&self, part: &BlockHandle) -> Result<Vec<(u64, Record)>, DsError> {
+        let heap_end = part.faa(HEAP, 0)?.clamp(self.heap_start, part.len());
+        let mut image = vec![0u8; heap_end as usize];
+        part.read(0, &mut image)?;
+        let mut out = Vec::new();
+        for b in 0..self.buckets {
+            for i in 0..SLOTS as u64 {
+                let at = (PART_HEADER + b * BUCKET_BYTES + 8 + 8 * i) as usize;
+                let s = u64::from_le_bytes(image[at..at + 8].try_into().unwrap_or([0; 8]));
+                if s == 0 {
+                    continue;
+                }
+                let (off, len) = ((s & 0xFFFF_FFFF) * 8, ((s >> 32) & 0xFFFF) * 8);
+                let rec = image
+                    .get(off as usize..(off + len) as usize)
+                    .filter(|_| off >= self.heap_start)
+                    .and_then(decode)
+                    .ok_or_else(|| {
+                        self.corrupt(format!("slot {i} of bucket {b} points at no record"))
+                    })?;
+                out.push((hash(&rec.key), rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `records` fit one partition.
+    fn fits(&self, records: &[(u64, Record)]) -> bool {
+        let mut per_bucket = vec![0usize; self.buckets as usize];
+        let mut heap = self.heap_start;
+        for (h, r) in records {
+            let b = ((h & 0xFFFF_FFFF) % self.buckets) as usize;
+            per_bucket[b] += 1;
+            heap += ((REC_HEADER + r.key.len() + r.value.len()) as u64).next_multiple_of(8);
+        }
+        per_bucket.iter().all(|&n| n <= SLOTS) && heap <= self.obj.block_len()
+    }
+
+    /// Writes a fresh partition holding `records` (all fit: a split only halves a
+    /// partition's buckets and records; a merge checks [`Kv::fits`] first).
+    fn write_partition(
+        &self,
+        part: &BlockHandle,
+        records: &[(u64, Record)],
+    ) -> Result<(), DsError> {
+        let mut image = vec![0u8; self.heap_start as usize];
+        for (h, r) in records {
+            let b = PART_HEADER + ((h & 0xFFFF_FFFF) % self.buckets) * BUCKET_BYTES;
+            let rec = encode(&r.key, &r.value)?;
+            let off = image.len() as u64;
+            let need = (rec.len() as u64).next_multiple_of(8);
+            image.extend_from_slice(&rec);
+            image.resize((off + need) as usize, 0);
+            let slot = (0..SLOTS as u64)
+                .map(|i| (b + 8 + 8 * i) as usize)
+                .find(|&at| image[at..at + 8] == [0; 8])
+                .ok_or_else(|| self.corrupt(format!("bucket at {b} overflows while rebuilding")))?;
+            image[slot..slot + 8].copy_from_slice(&slot_word(off, need, *h).to_le_bytes());
+        }
+        if image.len() as u64 > part.len() {
+            return Err(self.corrupt("records overflow a partition while rebuilding".into()));
+        }
+        let heap = image.len() as u64;
+        image[HEAP as usize..HEAP as usize + 8].copy_from_slice(&heap.to_le_bytes());
+        image[COUNT as usize..COUNT as usize + 8]
+            .copy_from_slice(&(records.len() as u64).to_le_bytes());
+        // Not visible to anyone until the map points at it.
+        part.write(0, &image)?;
+        Ok(())
+    }
+
+    fn corrupt(&self, what: String) -> DsError {
+        DsError::Corrupt {
+            path: self.obj.path().clone(),
+            what,
+        }
+    }
+
+    fn stuck(&self) -> DsError {
+        DsError::Corrupt {
+            path: self.obj.path().clone(),
+            what: "the partition map has been locked for repartitioning for over 10 s; the client doing it probably crashed (recreate the table)".into(),
+        }
+    }
+}
+
+fn hash(key: &[u8]) -> u64 {
+    let mut h = SipHasher13::new_with_keys(0x6661_7270_6f6f_6c6b, 0x7620_6861_7368_2121);
+    h.write(key);
+    h.finish()
+}
+
+fn fingerprint(h: u64) -> u64 {
+    (h >> 32) & 0x7FFF
+}
+
+/// A slot pointing at the record at `off` of `len` bytes (both multiples of 8).
+fn slot_word(off: u64, len: u64, h: u64) -> u64 {
+    (fingerprint(h) << 48) | ((len / 8) << 32) | (off / 8)
+}
+
+fn encode(key: &[u8], value: &[u8]) -> Result<Vec<u8>, DsError> {
+    let too_large = || DsError::ItemTooLarge {
+        len: key.len() + value.len(),
+        max: (0xFFFF * 8) - REC_HEADER,
+    };
+    let (k, v) = (
+        u32::try_from(key.len()).map_err(|_| too_large())?,
+        u32::try_from(value.len()).map_err(|_| too_large())?,
+    );
+    let total = REC_HEADER + key.len() + value.len();
+    if total.next_multiple_of(8) > 0xFFFF * 8 {
+        return Err(too_large());
+    }
+    let mut r = Vec::with_capacity(total);
+    r.extend_from_slice(&k.to_le_bytes());
+    r.extend_from_slice(&v.to_le_bytes());
+    r.extend_from_slice(key);
+    r.extend_from_slice(value);
+    Ok(r)
+}
+
+fn decode(rec: &[u8]) -> Option<Record> {
+    let k = u32::from_le_bytes(rec.get(0..4)?.try_into().ok()?) as usize;
+    let v = u32::from_le_bytes(rec.get(4..8)?.try_into().ok()?) as usize;
+    let key = rec.get(REC_HEADER..REC_HEADER + k)?.to_vec();
+    let value = rec.get(REC_HEADER + k..REC_HEADER + k + v)?.to_vec();
+    Some(Record { key, value })
+}
+
+impl std::fmt::Debug for Kv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kv")
+            .field("path", self.obj.path())
+            .field("buckets", &self.buckets)
+            .field("max_depth", &self.g)
+            .finish()
+    }
+}
