@@ -92,7 +92,7 @@ fn file_reads_writes_seeks_across_blocks() {
         File::open(&other, "/j/s/t/nope"),
         Err(DsError::NotFound { .. })
     ));
-    f.remove().unwrap();
+    f.destroy().unwrap();
     assert!(matches!(
         File::open(&other, "/j/s/t/out"),
         Err(DsError::NotFound { .. })
@@ -179,12 +179,22 @@ fn concurrent_appends_are_whole_and_complete_len_is_safe_in_torn_mode() {
         let (stop, checks) = (stop.clone(), checks.clone());
         std::thread::spawn(move || {
             let f = File::open(&c, "/j/append/log").unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(n) = f.complete_len().unwrap() {
+            loop {
+                // One last check after the writers are done (then it must succeed).
+                let last = stop.load(Ordering::Relaxed);
+                let complete = f.complete_len().unwrap();
+                assert!(
+                    complete.is_some() || !last,
+                    "no writer is in flight any more"
+                );
+                if let Some(n) = complete {
                     let mut buf = vec![0u8; n as usize];
                     assert_eq!(f.read_at(0, &mut buf).unwrap(), n as usize);
                     parse_records(&buf);
                     checks.fetch_add(1, Ordering::Relaxed);
+                }
+                if last {
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -258,7 +268,7 @@ fn queue_is_fifo_grows_and_frees_drained_segments() {
     other.enqueue(b"again").unwrap();
     let fresh = Queue::open(&client, "/j/q/work").unwrap();
     assert_eq!(fresh.dequeue().unwrap().as_deref(), Some(&b"again"[..]));
-    q.remove().unwrap();
+    q.destroy().unwrap();
     task.close().unwrap();
 }
 
@@ -301,16 +311,22 @@ fn queue_mpmc_exactly_once_in_order_in_torn_mode() {
                 let deadline = std::time::Instant::now() + Duration::from_secs(120);
                 while taken.load(Ordering::SeqCst) < total {
                     assert!(std::time::Instant::now() < deadline, "consumers stalled");
-                    match q.dequeue().unwrap() {
-                        Some(item) => {
-                            let p = u32::from_le_bytes(item[0..4].try_into().unwrap());
-                            let seq = u32::from_le_bytes(item[4..8].try_into().unwrap());
-                            assert_eq!(item.len(), 8 + (seq % 30) as usize, "item intact");
-                            assert!(item[8..].iter().all(|&b| b == seq as u8), "item intact");
-                            got.push((p, seq));
-                            taken.fetch_add(1, Ordering::SeqCst);
-                        }
-                        None => std::thread::yield_now(),
+                    // Consumer 1 takes runs of slots; the others one item at a time.
+                    let items = if i == 1 {
+                        q.dequeue_many(16).unwrap()
+                    } else {
+                        q.dequeue().unwrap().into_iter().collect()
+                    };
+                    if items.is_empty() {
+                        std::thread::yield_now();
+                    }
+                    for item in items {
+                        let p = u32::from_le_bytes(item[0..4].try_into().unwrap());
+                        let seq = u32::from_le_bytes(item[4..8].try_into().unwrap());
+                        assert_eq!(item.len(), 8 + (seq % 30) as usize, "item intact");
+                        assert!(item[8..].iter().all(|&b| b == seq as u8), "item intact");
+                        got.push((p, seq));
+                        taken.fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 got
@@ -404,7 +420,7 @@ fn file_matches_a_vec_model() {
                 prop_assert_eq!(f.complete_len().unwrap(), Some(model.len() as u64));
             }
             prop_assert_eq!(f.read_all().unwrap(), model);
-            f.remove().unwrap();
+            f.destroy().unwrap();
             Ok(())
         })
         .unwrap();
@@ -493,24 +509,48 @@ fn kv_puts_gets_deletes_across_clients() {
     let task = client.task("/j/kv").unwrap();
     let kv = Kv::create(&task, "t", KvConfig::default()).unwrap();
     assert_eq!(kv.get(b"a").unwrap(), None);
-    kv.put(b"a", b"1").unwrap();
-    kv.put(b"b", b"").unwrap();
-    kv.put(b"a", b"one").unwrap();
+    kv.upsert(b"a", b"1").unwrap();
+    kv.upsert(b"b", b"").unwrap();
+    kv.upsert(b"a", b"one").unwrap();
     let other = Kv::open(&pool.client().unwrap(), "/j/kv/t").unwrap();
     assert_eq!(other.get(b"a").unwrap().as_deref(), Some(&b"one"[..]));
     assert_eq!(other.get(b"b").unwrap().as_deref(), Some(&b""[..]));
-    assert!(other.delete(b"a").unwrap());
-    assert!(!other.delete(b"a").unwrap());
+    assert!(other.remove(b"a").unwrap());
+    assert!(!other.remove(b"a").unwrap());
     assert_eq!(kv.get(b"a").unwrap(), None);
+    // Jiffy's vocabulary: put inserts only, update replaces only, upsert does either.
+    assert!(kv.put(b"c", b"first").unwrap());
+    assert!(!kv.put(b"c", b"second").unwrap());
+    assert_eq!(kv.get(b"c").unwrap().as_deref(), Some(&b"first"[..]));
+    assert!(kv.update(b"c", b"third").unwrap());
+    assert!(!kv.update(b"missing", b"x").unwrap());
+    assert!(!kv.exists(b"missing").unwrap());
+    assert!(kv.exists(b"c").unwrap());
+    kv.upsert_many(&[(b"m1", b"v1"), (b"m2", b"v2")]).unwrap();
+    assert_eq!(
+        other.get_many(&[&b"m2"[..], b"nope", b"c"]).unwrap(),
+        vec![Some(b"v2".to_vec()), None, Some(b"third".to_vec())]
+    );
     assert!(matches!(
-        kv.put(b"big", &vec![0u8; BS as usize]),
+        Kv::create(
+            &task,
+            "badcfg",
+            KvConfig {
+                merge_load: 0.6,
+                ..KvConfig::default()
+            }
+        ),
+        Err(DsError::Config(_))
+    ));
+    assert!(matches!(
+        kv.upsert(b"big", &vec![0u8; BS as usize]),
         Err(DsError::ItemTooLarge { .. })
     ));
     assert!(matches!(
         Queue::open(&client, "/j/kv/t"),
         Err(DsError::WrongKind { .. })
     ));
-    kv.remove().unwrap();
+    kv.destroy().unwrap();
     task.close().unwrap();
 }
 
@@ -519,11 +559,16 @@ fn kv_partitions_split_as_it_grows_and_merge_as_it_shrinks() {
     let pool = pool(false);
     let client = pool.client().unwrap();
     let task = client.task("/j/kvgrow").unwrap();
-    let kv = Kv::create(&task, "t", KvConfig::default()).unwrap();
+    let config = KvConfig {
+        split_load: 0.75,
+        merge_load: 0.25,
+        ..KvConfig::default()
+    };
+    let kv = Kv::create(&task, "t", config).unwrap();
     assert_eq!(kv.partitions().unwrap(), 1);
     const N: usize = 400;
     for i in 0..N {
-        kv.put(&key(i), format!("value-{i}").as_bytes()).unwrap();
+        kv.upsert(&key(i), format!("value-{i}").as_bytes()).unwrap();
     }
     let grown = kv.partitions().unwrap();
     assert!(grown >= 8, "{grown} partitions for {N} keys");
@@ -538,7 +583,7 @@ fn kv_partitions_split_as_it_grows_and_merge_as_it_shrinks() {
         );
     }
     for i in 0..N - 10 {
-        assert!(other.delete(&key(i)).unwrap());
+        assert!(other.remove(&key(i)).unwrap());
     }
     let shrunk = kv.partitions().unwrap();
     assert!(shrunk < grown / 2, "{shrunk} partitions left of {grown}");
@@ -555,7 +600,12 @@ fn kv_is_consistent_under_concurrent_writers_and_repartitioning_in_torn_mode() {
     let pool = pool(true);
     let owner = pool.client().unwrap();
     let task = owner.task("/j/kvc").unwrap();
-    let _kv = Kv::create(&task, "t", KvConfig::default()).unwrap();
+    let config = KvConfig {
+        split_load: 0.75,
+        merge_load: 0.25,
+        ..KvConfig::default()
+    };
+    let _kv = Kv::create(&task, "t", config).unwrap();
     const WRITERS: usize = 3;
     const KEYS: usize = 60;
     const ROUNDS: u32 = 3;
@@ -595,12 +645,12 @@ fn kv_is_consistent_under_concurrent_writers_and_repartitioning_in_torn_mode() {
                     for i in w * KEYS..(w + 1) * KEYS {
                         let mut v = round.to_le_bytes().to_vec();
                         v.extend(std::iter::repeat(i as u8).take(i % 40));
-                        kv.put(&key(i), &v).unwrap();
+                        kv.upsert(&key(i), &v).unwrap();
                     }
                 }
                 // Delete half of the keys again (merges).
                 for i in (w * KEYS..(w + 1) * KEYS).filter(|i| i % 2 == 0) {
-                    assert!(kv.delete(&key(i)).unwrap());
+                    assert!(kv.remove(&key(i)).unwrap());
                 }
             })
         })
@@ -655,7 +705,17 @@ fn kv_matches_a_hashmap_model() {
         .run(&prop::collection::vec(kv_op(), 1..200), |ops| {
             let path = format!("/pk/t{}", case.fetch_add(1, Ordering::Relaxed));
             let mut handles = [
-                Kv::create_at(&client, &path, KvConfig::default()).unwrap(),
+                // Low thresholds far apart: many splits and merges per sequence.
+                Kv::create_at(
+                    &client,
+                    &path,
+                    KvConfig {
+                        split_load: 0.6,
+                        merge_load: 0.25,
+                        ..KvConfig::default()
+                    },
+                )
+                .unwrap(),
                 Kv::open(&client, &path).unwrap(),
             ];
             let mut model: HashMap<usize, Vec<u8>> = HashMap::new();
@@ -663,7 +723,7 @@ fn kv_matches_a_hashmap_model() {
                 match op {
                     KvOp::Put(h, k, v) => {
                         let value = vec![v; k % 50];
-                        handles[h].put(&key(k), &value).unwrap();
+                        handles[h].upsert(&key(k), &value).unwrap();
                         model.insert(k, value);
                     }
                     KvOp::Get(h, k) => {
@@ -671,7 +731,7 @@ fn kv_matches_a_hashmap_model() {
                     }
                     KvOp::Delete(h, k) => {
                         prop_assert_eq!(
-                            handles[h].delete(&key(k)).unwrap(),
+                            handles[h].remove(&key(k)).unwrap(),
                             model.remove(&k).is_some()
                         );
                     }
@@ -684,4 +744,71 @@ fn kv_matches_a_hashmap_model() {
             Ok(())
         })
         .unwrap();
+}
+
+#[test]
+fn queue_batches_len_and_front() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let task = client.task("/j/qb").unwrap();
+    let q = Queue::create(&task, "q", QueueConfig { slot_size: 64 }).unwrap();
+    assert_eq!(q.len().unwrap(), 0);
+    assert!(q.is_empty().unwrap());
+    assert_eq!(q.front().unwrap(), None);
+    assert!(q.dequeue_many(10).unwrap().is_empty());
+    let n = 2 * q.segment_slots() as usize + 5;
+    let items: Vec<Vec<u8>> = (0..n).map(|i| format!("i{i}").into_bytes()).collect();
+    q.enqueue_many(&items).unwrap();
+    assert_eq!(q.len().unwrap(), n as u64);
+    assert_eq!(q.front().unwrap().as_deref(), Some(&b"i0"[..]));
+    assert_eq!(q.len().unwrap(), n as u64, "front does not remove");
+    // Runs cross segment boundaries (and free the drained ones).
+    let mut got = Vec::new();
+    while got.len() < n {
+        let run = q.dequeue_many(40).unwrap();
+        assert!(!run.is_empty());
+        got.extend(run);
+        assert_eq!(q.len().unwrap(), (n - got.len()) as u64);
+        if got.len() < n {
+            assert_eq!(q.front().unwrap(), Some(items[got.len()].clone()));
+        }
+    }
+    assert_eq!(got, items);
+    assert_eq!(q.dequeue().unwrap(), None);
+    assert_eq!(subtree_blocks(&client, "/j/qb/q"), 2);
+    task.close().unwrap();
+}
+
+#[test]
+fn every_structure_works_over_shm() {
+    let pool = EmbeddedPool::start(EmbeddedConfig {
+        nodes: 1,
+        capacity: 4 << 20,
+        block_size: BS,
+        transport: farpool_rdma::TransportKind::Shm,
+        ..EmbeddedConfig::default()
+    })
+    .expect("embedded shm pool");
+    let client = pool.client().unwrap();
+    let task = client.task("/shm/t").unwrap();
+    let f = File::create(&task, "f").unwrap();
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    f.append(&data).unwrap();
+    assert_eq!(f.read_all().unwrap(), data);
+    let q = Queue::create(&task, "q", QueueConfig { slot_size: 64 }).unwrap();
+    for i in 0..200u32 {
+        q.enqueue(&i.to_le_bytes()).unwrap();
+    }
+    for i in 0..200u32 {
+        assert_eq!(q.dequeue().unwrap(), Some(i.to_le_bytes().to_vec()));
+    }
+    let kv = Kv::create(&task, "kv", KvConfig::default()).unwrap();
+    for i in 0..300 {
+        kv.upsert(&key(i), &[i as u8; 20]).unwrap();
+    }
+    assert!(kv.partitions().unwrap() > 1);
+    for i in 0..300 {
+        assert_eq!(kv.get(&key(i)).unwrap(), Some(vec![i as u8; 20]));
+    }
+    task.close().unwrap();
 }

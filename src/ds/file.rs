@@ -175,7 +175,7 @@ impl File {
     }
 
     /// Removes the file and frees its blocks. Other clients' handles stop working.
-    pub fn remove(self) -> Result<(), DsError> {
+    pub fn destroy(self) -> Result<(), DsError> {
         self.obj.destroy()
     }
 

@@ -16,6 +16,10 @@ const BUCKETS: u64 = 8;
 const GMAX: u64 = 16;
 /// Next unused child index for partitions (changed only under the map lock).
 const NEXT: u64 = 24;
+/// Split threshold, in thousandths of a partition's slots.
+const SPLIT_PERMILLE: u64 = 32;
+/// Merge threshold, in thousandths of a partition's slots.
+const MERGE_PERMILLE: u64 = 40;
 /// Largest directory: 2^10 partitions.
 const MAX_G: u32 = 10;
 // Map block (child 0): the version word (seqlock: odd while repartitioning), then
@@ -38,27 +42,67 @@ const REC_HEADER: usize = 8;
 const REPARTITION_WAIT: Duration = Duration::from_secs(10);
 
 /// Settings of a new hash table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KvConfig {
     /// Expected bytes per key-value record (key + value + 8), used to divide each
     /// partition block between buckets (7 slots each) and record space.
     pub expected_record: u64,
+    /// A partition splits when this fraction of its slots is used (or a bucket or its
+    /// record space is full). In `(0, 1]`; default 0.95.
+    pub split_load: f64,
+    /// A partition merges with its buddy when both together use at most this fraction
+    /// of one partition's slots. In `[0, split_load / 2)`; default 0.05.
+    pub merge_load: f64,
 }
 
 impl Default for KvConfig {
     fn default() -> Self {
         Self {
             expected_record: 64,
+            split_load: 0.95,
+            merge_load: 0.05,
         }
     }
+}
+
+/// What a write does when the key is present or absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Only when absent.
+    Insert,
+    /// Only when present.
+    Update,
+    /// Either way.
+    Upsert,
+}
+
+/// What a write did under the bucket lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Locked {
+    Inserted,
+    Replaced,
+    Unchanged,
+    /// The bucket has no free slot.
+    Full,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wrote {
+    /// A new key went in; the partition now holds this many keys.
+    Inserted(u64),
+    /// The value was replaced.
+    Replaced,
+    /// Nothing changed (the mode did not allow it).
+    Unchanged,
 }
 
 /// A hash table in the pool, shared by every client that opens it.
 ///
 /// Keys hash to partitions (one block each) through a directory of up to 1024
-/// entries; a partition splits in two when its slots fill up (three quarters) or its
-/// record space runs out, and merges with its buddy when both together hold less
-/// than a quarter of one partition's slots. Reads take two round trips and no lock;
+/// entries; a partition splits in two when its load passes [`KvConfig::split_load`]
+/// (or a bucket or its record space is full), and merges with its buddy when both
+/// together are below [`KvConfig::merge_load`]. Reads take two round trips and no lock;
 /// writers lock one bucket (a CAS) and update records out of place.
 ///
 /// Linearizable: every `get` returns the value of the latest `put`/`delete` of that
@@ -69,6 +113,8 @@ pub struct Kv {
     g: u32,
     buckets: u64,
     heap_start: u64,
+    split_at: u64,
+    merge_at: u64,
     map: RwLock<Map>,
     parts: Mutex<HashMap<u64, BlockHandle>>,
 }
@@ -115,6 +161,14 @@ impl Kv {
     pub fn create_at(client: &Client, path: &str, config: KvConfig) -> Result<Kv, DsError> {
         let path = PoolPath::parse(path)?;
         let rec = config.expected_record.max(16);
+        let (split, merge) = (config.split_load, config.merge_load);
+        if !(split > 0.0 && split <= 1.0 && merge >= 0.0 && merge < split / 2.0) {
+            return Err(DsError::Config(format!(
+                "split_load {split} must be in (0, 1] and merge_load {merge} in [0, split_load / 2)"
+            )));
+        }
+        let split = (split * 1000.0).round() as u64;
+        let merge = (merge * 1000.0).round() as u64;
         let obj = Object::create(client, path, "kv table", MAGIC, "p", |len| {
             let buckets = len.saturating_sub(PART_HEADER) / (BUCKET_BYTES + SLOTS as u64 * rec);
             if buckets < 1 {
@@ -123,7 +177,12 @@ impl Kv {
                 )));
             }
             let g = ((len.saturating_sub(MAP_HEADER) / 8).max(1).ilog2()).min(MAX_G);
-            Ok(vec![(BUCKETS, buckets), (GMAX, u64::from(g))])
+            Ok(vec![
+                (BUCKETS, buckets),
+                (GMAX, u64::from(g)),
+                (SPLIT_PERMILLE, split),
+                (MERGE_PERMILLE, merge),
+            ])
         })?;
         Self::from_object(obj)
     }
@@ -138,7 +197,14 @@ impl Kv {
     fn from_object(obj: Object) -> Result<Kv, DsError> {
         let buckets = obj.word(BUCKETS)?;
         let g = obj.word(GMAX)?;
+        let (split, merge) = (obj.word(SPLIT_PERMILLE)?, obj.word(MERGE_PERMILLE)?);
         let len = obj.block_len();
+        if split == 0 || split > 1000 || merge * 2 >= split {
+            return Err(DsError::Corrupt {
+                path: obj.path().clone(),
+                what: format!("split threshold {split}‰, merge threshold {merge}‰"),
+            });
+        }
         let heap_start = buckets
             .checked_mul(BUCKET_BYTES)
             .and_then(|b| b.checked_add(PART_HEADER))
@@ -164,6 +230,8 @@ impl Kv {
             g: g as u32,
             buckets,
             heap_start,
+            split_at: (buckets * SLOTS as u64 * split / 1000).max(1),
+            merge_at: buckets * SLOTS as u64 * merge / 1000,
             map: RwLock::new(Map::default()),
             parts: Mutex::new(HashMap::new()),
         };
@@ -192,33 +260,69 @@ impl Kv {
         self.retry(h, |part| self.try_get(part, h, key))
     }
 
-    /// Stores `value` under `key`, replacing any previous value.
-    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), DsError> {
+    /// Whether `key` is present.
+    pub fn exists(&self, key: &[u8]) -> Result<bool, DsError> {
+        Ok(self.get(key)?.is_some())
+    }
+
+    /// Inserts `key` with `value` if it is absent; returns whether it did (an
+    /// existing value is left alone).
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<bool, DsError> {
+        Ok(self.write(key, value, Mode::Insert)? != Wrote::Unchanged)
+    }
+
+    /// Replaces the value of `key` if it is present; returns whether it did.
+    pub fn update(&self, key: &[u8], value: &[u8]) -> Result<bool, DsError> {
+        Ok(self.write(key, value, Mode::Update)? != Wrote::Unchanged)
+    }
+
+    /// Stores `value` under `key`, inserting or replacing.
+    pub fn upsert(&self, key: &[u8], value: &[u8]) -> Result<(), DsError> {
+        self.write(key, value, Mode::Upsert).map(|_| ())
+    }
+
+    /// The values of `keys`, in order.
+    pub fn get_many<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<Vec<Option<Vec<u8>>>, DsError> {
+        keys.iter().map(|k| self.get(k.as_ref())).collect()
+    }
+
+    /// Upserts every pair, in order.
+    pub fn upsert_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        pairs: &[(K, V)],
+    ) -> Result<(), DsError> {
+        pairs
+            .iter()
+            .try_for_each(|(k, v)| self.upsert(k.as_ref(), v.as_ref()))
+    }
+
+    fn write(&self, key: &[u8], value: &[u8], mode: Mode) -> Result<Wrote, DsError> {
         let h = hash(key);
         let rec = encode(key, value)?;
-        if rec.len() as u64 > self.obj.block_len() - self.heap_start {
+        let room = self.obj.block_len() - self.heap_start;
+        if rec.len() as u64 > room {
             return Err(DsError::ItemTooLarge {
                 len: rec.len(),
-                max: (self.obj.block_len() - self.heap_start) as usize,
+                max: room as usize,
             });
         }
-        let count = self.retry(h, |part| self.try_put(part, h, key, &rec))?;
-        if let Some(count) = count {
-            if count >= self.split_at() {
+        let wrote = self.retry(h, |part| self.try_write(part, h, key, &rec, mode))?;
+        if let Wrote::Inserted(count) = wrote {
+            if count >= self.split_at {
                 let route = self.route(h)?;
                 self.split(route)?;
             }
         }
-        Ok(())
+        Ok(wrote)
     }
 
     /// Removes `key`; returns whether it was present.
-    pub fn delete(&self, key: &[u8]) -> Result<bool, DsError> {
+    pub fn remove(&self, key: &[u8]) -> Result<bool, DsError> {
         let h = hash(key);
         let count = self.retry(h, |part| self.try_delete(part, h, key))?;
         match count {
             Some(count) => {
-                if count <= self.merge_at() {
+                if count <= self.merge_at {
                     let route = self.route(h)?;
                     self.merge(route)?;
                 }
@@ -229,20 +333,8 @@ impl Kv {
     }
 
     /// Removes the table and frees its blocks. Other clients' handles stop working.
-    pub fn remove(self) -> Result<(), DsError> {
+    pub fn destroy(self) -> Result<(), DsError> {
         self.obj.destroy()
-    }
-
-    fn slots_total(&self) -> u64 {
-        self.buckets * SLOTS as u64
-    }
-
-    fn split_at(&self) -> u64 {
-        (self.slots_total() * 3 / 4).max(1)
-    }
-
-    fn merge_at(&self) -> u64 {
-        self.slots_total() / 4
     }
 
     /// Runs `op` against the partition of hash `h`, reloading the map and splitting
@@ -292,54 +384,63 @@ impl Kv {
         ))
     }
 
-    /// Inserts or replaces; `Some(count)` after inserting a new key.
-    fn try_put(
+    /// One write attempt in `part`.
+    fn try_write(
         &self,
         part: &BlockHandle,
         h: u64,
         key: &[u8],
         rec: &[u8],
-    ) -> Result<Attempt<Option<u64>>, ClientError> {
+        mode: Mode,
+    ) -> Result<Attempt<Wrote>, ClientError> {
         let need = (rec.len() as u64).next_multiple_of(8);
         let off = part.faa(HEAP, need)?;
         if off.saturating_add(need) > part.len() || off < self.heap_start {
             return Ok(Attempt::Full);
         }
+        // The record is complete before any slot can point at it.
         part.write(off, rec)?;
         let word = slot_word(off, need, h);
         let b = self.bucket_off(h);
         if !self.lock(part, b)? {
             return Ok(Attempt::Moved);
         }
-        let result = self.put_locked(part, b, h, key, word);
+        let result = self.write_locked(part, b, h, key, word, mode);
         part.cas(b, LOCKED, UNLOCKED)?;
         match result? {
-            Some(true) => Ok(Attempt::Done(Some(part.faa(COUNT, 1)? + 1))),
-            Some(false) => Ok(Attempt::Done(None)),
-            None => Ok(Attempt::Full),
+            Locked::Inserted => Ok(Attempt::Done(Wrote::Inserted(part.faa(COUNT, 1)? + 1))),
+            Locked::Replaced => Ok(Attempt::Done(Wrote::Replaced)),
+            Locked::Unchanged => Ok(Attempt::Done(Wrote::Unchanged)),
+            Locked::Full => Ok(Attempt::Full),
         }
     }
 
-    /// Under bucket `b`'s lock: `Some(true)` when a new key went in, `Some(false)`
-    /// when a value was replaced, `None` when the bucket is full.
-    fn put_locked(
+    /// Under bucket `b`'s lock: point the key's slot (or a free one) at `word`.
+    fn write_locked(
         &self,
         part: &BlockHandle,
         b: u64,
         h: u64,
         key: &[u8],
         word: u64,
-    ) -> Result<Option<bool>, ClientError> {
+        mode: Mode,
+    ) -> Result<Locked, ClientError> {
         let slots = self.read_slots(part, b)?;
         if let Some((i, _)) = self.find(part, h, key, &slots)? {
+            if mode == Mode::Insert {
+                return Ok(Locked::Unchanged);
+            }
             part.cas(b + 8 * (i as u64 + 1), slots[i], word)?;
-            return Ok(Some(false));
+            return Ok(Locked::Replaced);
+        }
+        if mode == Mode::Update {
+            return Ok(Locked::Unchanged);
         }
         let Some(i) = slots.iter().position(|&s| s == 0) else {
-            return Ok(None);
+            return Ok(Locked::Full);
         };
         part.cas(b + 8 * (i as u64 + 1), 0, word)?;
-        Ok(Some(true))
+        Ok(Locked::Inserted)
     }
 
     /// Deletes; `Some(count)` when the key was there.
@@ -686,7 +787,7 @@ impl Kv {
             return Ok(vec![]);
         };
         let total = p.faa(COUNT, 0)?.wrapping_add(q.faa(COUNT, 0)?);
-        if total > self.merge_at() {
+        if total > self.merge_at {
             return Ok(vec![]);
         }
         self.freeze(&p)?;

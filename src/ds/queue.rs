@@ -224,6 +224,210 @@ impl Queue {
         Ok(Some(seg.cas(off, EMPTY, READY)? == EMPTY))
     }
 
+    /// Appends `items` in order (as consecutive [`Queue::enqueue`] calls: the items of
+    /// one call keep their order, and so do the calls of one producer).
+    pub fn enqueue_many<T: AsRef<[u8]>>(&self, items: &[T]) -> Result<(), DsError> {
+        if let Some(big) = items.iter().find(|i| i.as_ref().len() > self.max_item()) {
+            return Err(DsError::ItemTooLarge {
+                len: big.as_ref().len(),
+                max: self.max_item(),
+            });
+        }
+        for item in items {
+            self.enqueue(item.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Removes and returns up to `max` items from the head, in queue order: one
+    /// fetch-and-add takes a run of slots and one batch reads them. Fewer (or none)
+    /// when the queue holds fewer.
+    pub fn dequeue_many(&self, max: usize) -> Result<Vec<Vec<u8>>, DsError> {
+        let mut out = Vec::new();
+        let mut k = self.head.load(Ordering::Relaxed);
+        while out.len() < max {
+            let seg = match self.segment(k, false)? {
+                Seg::Empty => break,
+                Seg::Freed => {
+                    k += 1;
+                    self.head.fetch_max(k, Ordering::Relaxed);
+                    continue;
+                }
+                Seg::Live(h) => h,
+            };
+            match self.try_dequeue_run(&seg, k, max - out.len(), &mut out) {
+                Ok(Step::Empty) => break,
+                Ok(Step::Next) => {
+                    k += 1;
+                    self.head.fetch_max(k, Ordering::Relaxed);
+                }
+                Ok(Step::Retry | Step::Item(_)) => {}
+                Err(DsError::Client(e)) if is_stale(&e) => {
+                    self.forget(k);
+                    k += 1;
+                    self.head.fetch_max(k, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes a run of up to `want` tickets in segment `k` and appends their items.
+    fn try_dequeue_run(
+        &self,
+        seg: &BlockHandle,
+        k: u64,
+        want: usize,
+        out: &mut Vec<Vec<u8>>,
+    ) -> Result<Step, DsError> {
+        let mut ops = [seg.faa_op(ENQ, 0)?, seg.faa_op(DEQ, 0)?];
+        seg.execute(&mut ops)?;
+        let (enq, deq) = (ops[0].result, ops[1].result);
+        if deq >= self.slots {
+            return Ok(Step::Next);
+        }
+        if deq >= enq {
+            return Ok(Step::Empty);
+        }
+        let m = (want as u64).min(enq.min(self.slots) - deq).clamp(1, 64);
+        let first = seg.faa(DEQ, m)?;
+        let tickets: Vec<u64> = (first..first + m).filter(|&i| i < self.slots).collect();
+        if tickets.is_empty() {
+            return Ok(Step::Next);
+        }
+        // Speculative reads of every slot in one batch; slots not ready (or read before
+        // their WRITE) are resolved one by one, in ticket order.
+        let rec = (self.slot_size - 8) as usize;
+        let mut bufs = vec![0u8; rec * tickets.len()];
+        let mut states = vec![EMPTY; tickets.len()];
+        {
+            let mut batch = Vec::with_capacity(2 * tickets.len());
+            for (&i, buf) in tickets.iter().zip(bufs.chunks_mut(rec)) {
+                batch.push(seg.faa_op(self.slot_off(i), 0)?);
+                batch.push(seg.read_op(self.slot_off(i) + 8, buf)?);
+            }
+            seg.execute(&mut batch)?;
+            for (j, st) in states.iter_mut().enumerate() {
+                *st = batch[2 * j].result;
+            }
+        }
+        for (j, &i) in tickets.iter().enumerate() {
+            let fast = (states[j] == READY)
+                .then(|| self.decode(k, i, &bufs[j * rec..(j + 1) * rec]))
+                .flatten();
+            match fast {
+                Some(item) => out.push(item),
+                None => {
+                    if let Some(item) = self.resolve(seg, k, i)? {
+                        out.push(item);
+                    }
+                }
+            }
+        }
+        let n = tickets.len() as u64;
+        let done = seg.faa(DONE, n)?;
+        if done + n == self.slots {
+            self.forget(k);
+            self.obj.retire(k, seg.id())?;
+            self.obj.raise(HEAD_HINT, k + 1)?;
+        }
+        Ok(Step::Retry)
+    }
+
+    /// A copy of the item at the head without removing it (`None` when empty). Under
+    /// concurrent consumers it may be gone by the time it is returned.
+    pub fn front(&self) -> Result<Option<Vec<u8>>, DsError> {
+        let mut k = self.head.load(Ordering::Relaxed);
+        loop {
+            let seg = match self.segment(k, false)? {
+                Seg::Empty => return Ok(None),
+                Seg::Freed => {
+                    k += 1;
+                    continue;
+                }
+                Seg::Live(h) => h,
+            };
+            match self.peek(&seg, k) {
+                Ok(Step::Item(item)) => return Ok(Some(item)),
+                Ok(Step::Empty) => return Ok(None),
+                Ok(Step::Next | Step::Retry) => k += 1,
+                Err(DsError::Client(e)) if is_stale(&e) => k += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The first published, untaken item of segment `k` (`Next`: look further on).
+    fn peek(&self, seg: &BlockHandle, k: u64) -> Result<Step, DsError> {
+        let mut ops = [seg.faa_op(ENQ, 0)?, seg.faa_op(DEQ, 0)?];
+        seg.execute(&mut ops)?;
+        let (enq, deq) = (ops[0].result, ops[1].result);
+        let mut buf = vec![0u8; (self.slot_size - 8) as usize];
+        for i in deq..enq.min(self.slots) {
+            let off = self.slot_off(i);
+            let deadline = Instant::now() + self.poll;
+            loop {
+                match seg.faa(off, 0)? {
+                    READY => {
+                        seg.read(off + 8, &mut buf)?;
+                        return match self.decode(k, i, &buf) {
+                            Some(item) => Ok(Step::Item(item)),
+                            None => Err(self.corrupt_slot(k, i)),
+                        };
+                    }
+                    // A producer is publishing: wait for it a little, as a consumer would.
+                    EMPTY if Instant::now() < deadline => std::thread::yield_now(),
+                    // Poisoned, or a slow producer a consumer will poison: skip.
+                    _ => break,
+                }
+            }
+        }
+        if enq >= self.slots {
+            // Everything else is in later segments.
+            return Ok(Step::Next);
+        }
+        Ok(Step::Empty)
+    }
+
+    fn corrupt_slot(&self, k: u64, i: u64) -> DsError {
+        DsError::Corrupt {
+            path: self.obj.path().clone(),
+            what: format!("slot {i} of segment {k} is ready but fails its checksum"),
+        }
+    }
+
+    /// Items in the queue: published or being published, not yet taken. Exact when
+    /// no one enqueues or dequeues meanwhile; a snapshot otherwise.
+    pub fn len(&self) -> Result<u64, DsError> {
+        let mut total = 0u64;
+        let mut k = self.obj.word(HEAD_HINT)?;
+        while k < self.obj.entries() {
+            match self.segment(k, false)? {
+                Seg::Empty => break,
+                Seg::Freed => {}
+                Seg::Live(seg) => {
+                    let mut ops = [seg.faa_op(ENQ, 0)?, seg.faa_op(DEQ, 0)?];
+                    match seg.execute(&mut ops) {
+                        Ok(()) => {
+                            let n = self.slots;
+                            total += ops[0].result.min(n).saturating_sub(ops[1].result.min(n));
+                        }
+                        Err(e) if is_stale(&e) => self.forget(k),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            k += 1;
+        }
+        Ok(total)
+    }
+
+    /// Whether [`Queue::len`] is 0.
+    pub fn is_empty(&self) -> Result<bool, DsError> {
+        Ok(self.len()? == 0)
+    }
+
     /// Removes and returns the item at the head, or `None` when the queue is empty.
     pub fn dequeue(&self) -> Result<Option<Vec<u8>>, DsError> {
         let mut k = self.head.load(Ordering::Relaxed);
@@ -307,12 +511,7 @@ impl Queue {
                     // before READY was set, so one more READ must see it.
                     ready_reads += 1;
                     if ready_reads > 1 {
-                        return Err(DsError::Corrupt {
-                            path: self.obj.path().clone(),
-                            what: format!(
-                                "slot {i} of segment {k} is ready but fails its checksum"
-                            ),
-                        });
+                        return Err(self.corrupt_slot(k, i));
                     }
                     seg.read(off + 8, &mut buf)?;
                     if let Some(item) = self.decode(k, i, &buf) {
@@ -387,7 +586,7 @@ impl Queue {
     }
 
     /// Removes the queue and frees its blocks. Other clients' handles stop working.
-    pub fn remove(self) -> Result<(), DsError> {
+    pub fn destroy(self) -> Result<(), DsError> {
         self.obj.destroy()
     }
 }
