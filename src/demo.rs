@@ -74,65 +74,35 @@ pub enum DemoError {
 
 const JOB: &str = "/wordcount";
 
-/// Generates a deterministic corpus with a skewed (Zipf-like) word distribution.
+/// Generates a deterministic corpus over a vocabulary of about 20,000 made-up words
+/// with a skewed (Zipf-like) distribution, so a few words are very common and most are
+/// rare, as in natural text; the shuffle then carries a realistic amount of data.
 pub fn generate_corpus(words: usize) -> String {
-    const VOCAB: &[&str] = &[
-        "the",
-        "of",
-        "and",
-        "to",
-        "in",
-        "memory",
-        "pool",
-        "task",
-        "block",
-        "lease",
-        "serverless",
-        "shuffle",
-        "reduce",
-        "map",
-        "stage",
-        "job",
-        "far",
-        "remote",
-        "rdma",
-        "elastic",
-        "queue",
-        "file",
-        "hash",
-        "table",
-        "node",
-        "controller",
-        "epoch",
-        "grant",
-        "write",
-        "read",
-        "atomic",
-        "counter",
-        "fan",
-        "dag",
-        "executor",
-        "partition",
-        "split",
-        "merge",
-        "spill",
-        "tier",
-        "lambda",
-        "function",
-        "data",
-        "intermediate",
-        "analytics",
+    const SYLLABLES: &[&str] = &[
+        "ka", "lo", "mi", "ren", "tu", "sha", "vo", "dri", "pe", "lun", "ax", "zo", "fi", "gar",
+        "ne", "bo", "qui", "sa", "tor", "el",
     ];
-    let mut out = String::with_capacity(words * 7);
+    const VOCAB: u64 = 20_000;
+    let word = |mut i: u64, out: &mut String| {
+        // Base-20 digits of the word index pick its syllables: 1 to 4 of them.
+        loop {
+            out.push_str(SYLLABLES[(i % 20) as usize]);
+            i /= 20;
+            if i == 0 {
+                break;
+            }
+        }
+    };
+    let mut out = String::with_capacity(words * 8);
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for i in 0..words {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        // Square a uniform draw to skew towards the front of the vocabulary.
-        let u = (x % 10_000) as f64 / 10_000.0;
-        let idx = ((u * u) * VOCAB.len() as f64) as usize;
-        out.push_str(VOCAB[idx.min(VOCAB.len() - 1)]);
+        // Cube a uniform draw to skew towards the front of the vocabulary.
+        let u = (x % 1_000_000) as f64 / 1_000_000.0;
+        let idx = ((u * u * u) * VOCAB as f64) as u64;
+        word(idx.min(VOCAB - 1), &mut out);
         out.push(if i % 16 == 15 { '\n' } else { ' ' });
     }
     out
@@ -278,7 +248,7 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     let pool = EmbeddedPool::start(EmbeddedConfig {
         nodes: args.nodes,
         capacity: 64 << 20,
-        block_size: 256 << 10,
+        block_size: 64 << 10,
         transport: args.transport,
         ..EmbeddedConfig::default()
     })?;
