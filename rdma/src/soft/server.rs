@@ -331,11 +331,14 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             .stack_size(CONN_STACK)
             .spawn(move || {
                 serve(&worker_shared, stream, peer);
-                worker_shared.conns.lock().remove(&id);
+                // Count the connection gone before leaving the table: `shutdown` joins
+                // the threads it finds in the table, so once it returns the count is
+                // final either way.
                 worker_shared
                     .counters
                     .connections
                     .fetch_sub(1, Ordering::Relaxed);
+                worker_shared.conns.lock().remove(&id);
             });
         match spawned {
             Ok(handle) => {
