@@ -5,6 +5,9 @@ use std::ops::{Deref, DerefMut};
 /// A local, 64-byte aligned buffer. Backends that need registered memory (verbs) hand
 /// these out from a registered pool so that operations on them need no bounce copy.
 pub struct LocalBuf {
+    /// Keeps a registration of `words` alive (verbs). Declared first so that it is
+    /// dropped (deregistered) before the memory it covers is freed.
+    registration: Option<Box<dyn std::any::Any + Send + Sync>>,
     words: Vec<Align64>,
     len: usize,
     /// Registration handle (lkey) on backends that register memory; `None` otherwise.
@@ -20,10 +23,23 @@ impl LocalBuf {
     pub fn new(len: usize) -> Self {
         let words = vec![Align64([0; 64]); len.div_ceil(64)];
         Self {
+            registration: None,
             words,
             len,
             lkey: None,
         }
+    }
+
+    /// Attaches a registration of this buffer's memory (`lkey` and a handle that keeps it
+    /// alive, dropped before the memory is freed). Used by backends that register memory.
+    #[cfg_attr(not(feature = "verbs"), allow(dead_code))]
+    pub(crate) fn set_registration(
+        &mut self,
+        lkey: u32,
+        handle: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        self.lkey = Some(lkey);
+        self.registration = Some(handle);
     }
 
     /// Length in bytes.

@@ -62,6 +62,10 @@ pub enum OpError {
     /// The operation was not executed because the batch was rejected as a whole.
     #[error("not executed: {0}")]
     NotExecuted(String),
+    /// The RDMA device completed the operation with an error status other than a remote
+    /// access error (which is [`OpError::AccessDenied`]); the queue pair was re-created.
+    #[error("the RDMA device failed the operation: {0}")]
+    Device(String),
 }
 
 /// Why a connection (or its setup) failed.
@@ -88,6 +92,84 @@ pub enum TransportError {
     /// A region could not be created, mapped or opened.
     #[error("region error: {0}")]
     Region(String),
+    /// The RDMA verbs backend could not find, open or use a device, or set up a queue pair.
+    #[error(transparent)]
+    Verbs(#[from] VerbsError),
+}
+
+/// Why the RDMA verbs backend could not be set up or used. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum VerbsError {
+    /// This binary was built without the `verbs` cargo feature.
+    #[error("this build has no RDMA verbs support; rebuild with `--features verbs` (after scripts/setup-rdma.sh) or use --transport soft")]
+    NotBuilt,
+    /// libibverbs found no RDMA device at all.
+    #[error("no RDMA device found (libibverbs lists none); load a driver (for Soft-RoCE: `modprobe rdma_rxe; rdma link add rxe0 type rxe netdev eth0`), check `ibv_devices`, or use --transport soft")]
+    NoDevice,
+    /// The requested device name is not in the device list.
+    #[error("RDMA device '{name}' not found; available: {available}; pick one with --rdma-device")]
+    DeviceNotFound {
+        /// The name asked for.
+        name: String,
+        /// The devices that exist, comma-separated.
+        available: String,
+    },
+    /// The port is not ACTIVE.
+    #[error("port {port} of RDMA device '{device}' is {state}, not ACTIVE; bring the link up (`ip link set <netdev> up`, check `ibv_devinfo`) or choose another device")]
+    PortDown {
+        /// Device name.
+        device: String,
+        /// Port number (1-based).
+        port: u8,
+        /// Its state as reported by the device.
+        state: String,
+    },
+    /// No usable GID at the requested (or any) index.
+    #[error("RDMA device '{device}' port {port} has no usable GID{detail}; assign an IP address to its network interface or pass --gid-index (see `show_gids` or `ibv_devinfo -v`)")]
+    NoGid {
+        /// Device name.
+        device: String,
+        /// Port number.
+        port: u8,
+        /// Extra detail (which index was asked for).
+        detail: String,
+    },
+    /// A verbs call failed.
+    #[error("RDMA {what} failed: {source}{hint}")]
+    Call {
+        /// What was being done.
+        what: &'static str,
+        /// The error libibverbs reported.
+        #[source]
+        source: io::Error,
+        /// What to check (may be empty).
+        hint: &'static str,
+    },
+    /// The queue-pair connection handshake over TCP failed or the peer sent nonsense.
+    #[error("RDMA connection handshake with {peer} failed: {detail}")]
+    Handshake {
+        /// The peer's address.
+        peer: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Completions did not arrive in time: the peer or the fabric is gone.
+    #[error("no RDMA completion within {waited:?} for a window of {window} operations (batch indices {first}..={last}, {completions} completions seen); the memory node or the path to it is gone; the queue pair will be re-created on the next call")]
+    Timeout {
+        /// How long the transport waited.
+        waited: std::time::Duration,
+        /// Operations in the window that did not complete.
+        window: usize,
+        /// Batch index of the window's first operation.
+        first: usize,
+        /// Batch index of its last (signaled) operation.
+        last: usize,
+        /// Successful completions polled meanwhile (normally 0: only the last is signaled).
+        completions: usize,
+    },
+    /// The queue pair failed as a whole (an error completion for the connection).
+    #[error("RDMA queue pair failed: {0}; it will be re-created on the next call")]
+    QueuePair(String),
 }
 
 /// The result of executing a batch (or a single operation).

@@ -9,6 +9,8 @@
 //! - [`shm`]: a same-host region shared by mapping a file in `/dev/shm`; operations are
 //!   memcpy and CPU atomics. **Trusted mode**: a client that maps the region can touch all
 //!   of it; the access check runs in the client library and catches bugs, not attackers.
+//! - `verbs` (cargo feature `verbs`): RDMA RC queue pairs through libibverbs, loaded at
+//!   run time; see the `verbs` module.
 //!
 //! Every backend promises exactly what RDMA RC promises and no more: aligned 8-byte
 //! atomics are atomic with respect to each other; larger reads and writes may tear.
@@ -27,10 +29,12 @@ pub mod region;
 pub mod shm;
 pub mod soft;
 pub mod transport;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 pub use access::AccessTable;
 pub use buf::LocalBuf;
-pub use error::{Error, OpError, TransportError};
+pub use error::{Error, OpError, TransportError, VerbsError};
 pub use op::{finish_batch, Op, OpCode, OpKind, OpStatus, RKey, RemoteAddr};
 pub use region::{Region, RegionOptions};
 pub use transport::{Transport, TransportKind};

@@ -187,6 +187,13 @@ impl Region {
         })
     }
 
+    /// Address of the first byte, for registering the region with an RDMA device.
+    /// Region memory must only be accessed through raw pointers or atomics.
+    #[cfg(feature = "verbs")]
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
     /// Length of the region in bytes.
     pub fn len(&self) -> u64 {
         self.len

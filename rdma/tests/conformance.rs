@@ -4,6 +4,13 @@
 //! every case against a fresh soft server (TCP on 127.0.0.1) and a fresh shm region,
 //! each both normally and in torn mode (READ/WRITE copied in small pieces with yields,
 //! shm batches run in reverse), so no case relies on more than RDMA promises.
+//!
+//! With the `verbs` feature, the cases that do not depend on per-grant keys also run
+//! against the verbs backend (module `verbs`) on a real RDMA device: by default the first
+//! one, or `FARPOOL_RDMA_DEVICE` / `FARPOOL_GID_INDEX`. Without a device those tests
+//! print why and pass, unless `FARPOOL_VERBS_REQUIRE=1` (as `scripts/softroce-test.sh`
+//! sets). Key and epoch cases (`stale_epoch`, `wrong_key`, `read_only_key`,
+//! `partial_batch`) wait for memory windows: the verbs backend uses the region rkey.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -160,7 +167,127 @@ backends!(
     large_ops,
     large_batch,
     concurrent_batches,
+    registered_buffers,
 );
+
+#[cfg(feature = "verbs")]
+fn with_verbs(case: fn(&dyn Transport, &Fixture)) {
+    use farpool_rdma::verbs::{
+        DeviceConfig, VerbsClientConfig, VerbsServer, VerbsServerConfig, VerbsTransport,
+    };
+    use farpool_rdma::{TransportError, VerbsError};
+    let device = DeviceConfig {
+        device: std::env::var("FARPOOL_RDMA_DEVICE").ok(),
+        port: 1,
+        gid_index: std::env::var("FARPOOL_GID_INDEX")
+            .ok()
+            .map(|v| v.parse().expect("FARPOOL_GID_INDEX must be a number")),
+    };
+    let (region, access) = region();
+    let server = match VerbsServer::bind(
+        "127.0.0.1:0",
+        region.clone(),
+        access.clone(),
+        VerbsServerConfig {
+            device: device.clone(),
+            ..VerbsServerConfig::default()
+        },
+    ) {
+        Ok(s) => s,
+        Err(TransportError::Verbs(VerbsError::NoDevice))
+            if std::env::var("FARPOOL_VERBS_REQUIRE").as_deref() != Ok("1") =>
+        {
+            eprintln!("skipped: no RDMA device (set FARPOOL_VERBS_REQUIRE=1 to fail instead)");
+            return;
+        }
+        Err(e) => panic!("verbs server: {e}"),
+    };
+    // Knobs for experiments on a device: FARPOOL_VERBS_SQ (send-queue depth),
+    // FARPOOL_VERBS_BASIC=1 (ibv_post_send instead of ibv_wr_*), FARPOOL_VERBS_TIMEOUT_S.
+    let env_num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let defaults = VerbsClientConfig::default();
+    let t = VerbsTransport::connect(
+        &server.local_addr().to_string(),
+        VerbsClientConfig {
+            device,
+            send_queue: env_num("FARPOOL_VERBS_SQ").map_or(defaults.send_queue, |v| v as u32),
+            extended_api: std::env::var("FARPOOL_VERBS_BASIC").as_deref() != Ok("1"),
+            op_timeout: env_num("FARPOOL_VERBS_TIMEOUT_S")
+                .map_or(defaults.op_timeout, std::time::Duration::from_secs),
+            ..defaults
+        },
+    )
+    .unwrap_or_else(|e| panic!("verbs client: {e}"));
+    assert_eq!(t.kind(), TransportKind::Verbs);
+    assert_eq!(t.max_op_bytes(), MIB as usize);
+    case(&t, &Fixture { region, access });
+    drop(t);
+    server.shutdown();
+}
+
+#[cfg(feature = "verbs")]
+macro_rules! verbs_backend {
+    ($($case:ident),* $(,)?) => {
+        mod verbs {
+            $( #[test] fn $case() { super::with_verbs(super::$case); } )*
+        }
+    };
+}
+
+#[cfg(feature = "verbs")]
+verbs_backend!(
+    every_operation,
+    reads_see_writes,
+    node_and_client_see_each_other,
+    zero_length_and_empty_batch,
+    bounds,
+    misaligned_atomics,
+    too_large,
+    concurrent_fetch_add,
+    cas_counter_is_linearizable,
+    mixed_batch,
+    large_ops,
+    large_batch,
+    concurrent_batches,
+    registered_buffers,
+);
+
+/// Operations on buffers from `alloc_buf` (registered memory on verbs) and on plain
+/// slices mixed in one batch.
+fn registered_buffers(t: &dyn Transport, fx: &Fixture) {
+    let g = fx.grant(7);
+    let mut src = t.alloc_buf(64 * 1024).unwrap();
+    let data = pattern(src.len(), 77);
+    src.copy_from_slice(&data);
+    let mut dst = t.alloc_buf(64 * 1024).unwrap();
+    let mut plain = vec![0u8; 4096];
+    let mut ops = vec![
+        Op::write(g.rw(0), &src),
+        Op::write(g.rw(200_000), &data[..4096]),
+        Op::fetch_add(g.rw(300_000), 9),
+    ];
+    t.execute(&mut ops).unwrap();
+    drop(ops);
+    let mut ops = vec![
+        Op::read(g.rw(0), &mut dst),
+        Op::read(g.rw(200_000), &mut plain),
+    ];
+    t.execute(&mut ops).unwrap();
+    drop(ops);
+    assert!(dst[..] == data[..]);
+    assert!(plain[..] == data[..4096]);
+    // Part of a registered buffer works too.
+    let mut part = [0u8; 100];
+    t.read(g.rw(1000), &mut dst[5..105]).unwrap();
+    part.copy_from_slice(&dst[5..105]);
+    assert_eq!(part[..], data[1000..1100]);
+    drop(src);
+    // A new buffer after one was dropped is registered afresh.
+    let mut again = t.alloc_buf(4096).unwrap();
+    t.read(g.rw(0), &mut again).unwrap();
+    assert!(again[..] == data[..4096]);
+    assert_eq!(fx.region.fetch_add(g.base + 300_000, 0).unwrap(), 9);
+}
 
 fn op_err(r: Result<impl std::fmt::Debug, Error>) -> OpError {
     match r {

@@ -360,7 +360,9 @@ pub fn encode_error(err: &OpError, out: &mut [u8; MAX_ERROR_PAYLOAD]) -> (u8, us
             out[0] = op;
             (STATUS_UNKNOWN_OP, 8)
         }
-        OpError::Aborted | OpError::NotExecuted(_) => (STATUS_ABORTED, 0),
+        // The soft server never produces device errors; if one is passed here it goes
+        // out as "aborted" (effect unknown), like a batch-level rejection.
+        OpError::Aborted | OpError::NotExecuted(_) | OpError::Device(_) => (STATUS_ABORTED, 0),
     }
 }
 
