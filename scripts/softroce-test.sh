@@ -1,0 +1,162 @@
+#!/bin/bash
+# softroce-test.sh: run farpool's verbs tests on a real Soft-RoCE (rdma_rxe) device.
+#
+# Hosts without an RDMA NIC (and kernels without InfiniBand support) cannot load rdma_rxe,
+# so this boots Debian's stock kernel (linux-image-amd64 ships rdma_rxe.ko) in qemu, with
+# this host's root filesystem shared read-only over 9p: the guest runs the very binaries
+# built here, at the same paths. Inside the guest it loads rdma_rxe, creates rxe0 on a
+# dummy interface (10.11.12.1/24, no route out, no NIC at all: -nic none), and runs the
+# verbs conformance suite. It prints one plain line `N passed, N failed` and exits non-zero
+# when anything failed (or the guest did not report).
+#
+# Usage: scripts/softroce-test.sh            build the tests, boot the guest, run them
+#        scripts/softroce-test.sh --no-build  reuse the last build
+# Needs: scripts/setup-rdma.sh (qemu-system-x86, linux-image-amd64, busybox-static, rdma-core,
+#        cmake/clang for the `verbs` feature). Run as root (qemu reads /boot and /lib/modules).
+# Env:   WORK (scratch dir, default ${TMPDIR:-/tmp}/farpool-softroce), MEM (2G), SMP (2),
+#        VMTIMEOUT (seconds, 1200), ACCEL (auto|kvm|tcg; auto uses KVM only where it can run
+#        a stock kernel), TEST_THREADS (2), TEST_FILTER (libtest filter, verbs::),
+#        GUEST_EXTRA (a command run in the guest before the suite, for experiments; its
+#        test lines are shown), CARGO_TARGET_DIR (as for cargo).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=${WORK:-${TMPDIR:-/tmp}/farpool-softroce}
+VM=$WORK/vm
+RES=$WORK/results
+mkdir -p "$VM" "$RES"
+BUILD=1
+[ "${1:-}" = --no-build ] && BUILD=0
+
+die() { echo "softroce-test: $*" >&2; echo "0 passed, 1 failed"; exit 1; }
+
+# --- prerequisites --------------------------------------------------------------------
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing; run scripts/setup-rdma.sh"
+[ -x /usr/bin/busybox ] || die "busybox missing; run scripts/setup-rdma.sh"
+KVER=$(ls /lib/modules 2>/dev/null | sort -V | tail -1 || true)
+[ -n "$KVER" ] && [ -f "/boot/vmlinuz-$KVER" ] || die "no Debian kernel in /boot; run scripts/setup-rdma.sh (installs linux-image-amd64)"
+modinfo -k "$KVER" -n rdma_rxe >/dev/null 2>&1 || die "kernel $KVER has no rdma_rxe module"
+
+# --- build the test binaries on the host -----------------------------------------------
+TESTBIN_FILE=$VM/testbins
+if [ "$BUILD" = 1 ]; then
+  echo "softroce-test: building the verbs conformance suite (cargo test --features verbs --no-run)" >&2
+  (cd "$ROOT" && cargo test -p farpool-rdma --features verbs --test conformance --no-run \
+      --message-format=json 2>"$WORK/build.log") \
+    | grep -o '"executable":"[^"]*"' | sed 's/"executable":"//; s/"$//' > "$TESTBIN_FILE" \
+    || { tail -20 "$WORK/build.log" >&2; die "build failed (see $WORK/build.log)"; }
+fi
+[ -s "$TESTBIN_FILE" ] || die "no test binary recorded; run without --no-build"
+CONFORMANCE=$(grep '/conformance-' "$TESTBIN_FILE" | head -1)
+[ -x "$CONFORMANCE" ] || die "test binary $CONFORMANCE missing"
+
+# --- tiny initramfs: mount the host root over virtio-9p, switch_root into it -----------
+MODS="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p"
+if [ ! -f "$VM/initrd-$KVER.img" ]; then
+  D=$VM/initramfs; rm -rf "$D"; mkdir -p "$D"/{bin,mods,proc,dev,newroot}
+  cp /usr/bin/busybox "$D/bin/busybox"
+  for m in $MODS; do
+    f=$(modinfo -k "$KVER" -n "$m" 2>/dev/null || echo builtin)
+    case $f in
+      *.ko) cp "$f" "$D/mods/";;
+      *.ko.xz) xz -dc "$f" > "$D/mods/$m.ko";;
+      *.ko.zst) zstd -qdc "$f" > "$D/mods/$m.ko";;
+      *) ;;  # built into the kernel
+    esac
+  done
+  cat > "$D/init" <<EOI
+#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t devtmpfs dev /dev
+for m in $MODS; do [ -f /mods/\$m.ko ] && /bin/busybox insmod /mods/\$m.ko; done
+/bin/busybox mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose hostroot /newroot \
+  || { echo "guest: 9p mount of the host root failed"; echo o > /proc/sysrq-trigger; }
+/bin/busybox mount --move /dev /newroot/dev
+/bin/busybox umount /proc
+exec /bin/busybox switch_root /newroot \$guestinit
+EOI
+  chmod +x "$D/init"
+  (cd "$D" && find . | cpio -o -H newc --quiet | gzip -1) > "$VM/initrd-$KVER.img.tmp"
+  mv "$VM/initrd-$KVER.img.tmp" "$VM/initrd-$KVER.img"
+fi
+
+# --- what runs in the guest (PID 1, from the host's root filesystem) --------------------
+cat > "$VM/guest-init.sh" <<EOI
+#!/bin/bash
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+mount -t proc proc /proc; mount -t sysfs sys /sys
+mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /var/tmp
+mkdir -p /run/ovl/u /run/ovl/w
+# /tmp: the host's /tmp read-only below a tmpfs, so it is writable and host files stay visible.
+modprobe overlay && mount -t overlay overlay -o lowerdir=/tmp,upperdir=/run/ovl/u,workdir=/run/ovl/w /tmp \
+  || mount -t tmpfs tmpfs /tmp
+mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
+mkdir -p "$WORK"; mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 work "$WORK"
+ulimit -l unlimited
+ip link set lo up
+bash "$VM/guest-run.sh" > "$RES/guest.log" 2>&1; echo \$? > "$RES/rc"
+cd /; sync; umount "$WORK"
+echo o > /proc/sysrq-trigger; sleep 10
+EOI
+chmod +x "$VM/guest-init.sh"
+
+cat > "$VM/guest-run.sh" <<EOI
+set -u
+echo "guest up after \$(cut -d' ' -f1 /proc/uptime)s: kernel \$(uname -r)"
+modprobe rdma_rxe || { echo "guest: modprobe rdma_rxe failed"; exit 3; }
+ip link add dummy0 type dummy && ip addr add 10.11.12.1/24 dev dummy0 && ip link set dummy0 up \
+  && rdma link add rxe0 type rxe netdev dummy0 || { echo "guest: creating rxe0 failed"; exit 3; }
+rdma link show
+cd "$ROOT"
+export FARPOOL_VERBS_REQUIRE=1 FARPOOL_RDMA_DEVICE=rxe0 RUST_BACKTRACE=1
+if [ -n "${GUEST_EXTRA:-}" ]; then echo "--- extra: ${GUEST_EXTRA:-}"; ( ${GUEST_EXTRA:-} ) 2>&1 | grep -E "${GUEST_GREP:-^test |test result|panicked|Timeout}" ; fi
+echo "--- verbs conformance suite"
+timeout 900 "$CONFORMANCE" ${TEST_FILTER:-verbs::} --test-threads=${TEST_THREADS:-2} > "$RES/conformance.log" 2>&1
+crc=\$?
+echo "conformance exit status \$crc"
+grep -E '^test |test result' "$RES/conformance.log"
+echo "guest done after \$(cut -d' ' -f1 /proc/uptime)s"
+exit \$crc
+EOI
+
+# --- boot ---------------------------------------------------------------------------------
+ACCEL=${ACCEL:-auto}
+if [ "$ACCEL" = auto ]; then
+  ACCEL=tcg
+  # kvm-pvm (a /dev/kvm that only runs specially built guest kernels) cannot boot Debian's.
+  if [ -w /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ] && grep -qE 'vmx|svm' /proc/cpuinfo; then
+    ACCEL=kvm
+  fi
+fi
+A="-accel tcg,thread=multi -cpu max"
+[ "$ACCEL" = kvm ] && A="-accel kvm -cpu host"
+rm -f "$RES"/*
+echo "softroce-test: booting $KVER in qemu ($ACCEL), running the suite (this takes minutes under tcg)" >&2
+start=$(date +%s)
+# shellcheck disable=SC2086
+timeout "${VMTIMEOUT:-1200}" qemu-system-x86_64 -M q35 $A -smp "${SMP:-2}" -m "${MEM:-2G}" \
+  -nodefaults -no-user-config -display none -nic none -serial stdio -no-reboot \
+  -kernel "/boot/vmlinuz-$KVER" -initrd "$VM/initrd-$KVER.img" \
+  -append "console=ttyS0 quiet loglevel=1 panic=-1 guestinit=$VM/guest-init.sh" \
+  -fsdev local,id=root,path=/,readonly=on,security_model=none,multidevs=remap \
+  -device virtio-9p-pci,fsdev=root,mount_tag=hostroot \
+  -fsdev local,id=work,path="$WORK",security_model=none,multidevs=remap \
+  -device virtio-9p-pci,fsdev=work,mount_tag=work </dev/null > "$WORK/console.log" 2>&1 || true
+echo "softroce-test: guest ran $(( $(date +%s) - start )) s" >&2
+
+[ -f "$RES/guest.log" ] || { tail -20 "$WORK/console.log" >&2; die "the guest did not report (console: $WORK/console.log)"; }
+cat "$RES/guest.log" >&2
+passed=0; failed=0
+if [ -f "$RES/conformance.log" ]; then
+  line=$(grep -E '^test result:' "$RES/conformance.log" | tail -1 || true)
+  passed=$(sed -n 's/.* \([0-9][0-9]*\) passed.*/\1/p' <<<"$line")
+  failed=$(sed -n 's/.* \([0-9][0-9]*\) failed.*/\1/p' <<<"$line")
+  passed=${passed:-0}; failed=${failed:-0}
+  if [ -z "$line" ]; then failed=$((failed + 1)); echo "softroce-test: the suite did not finish (see $RES/conformance.log)" >&2; fi
+else
+  failed=1
+fi
+guest_rc=$(cat "$RES/rc" 2>/dev/null || echo 255)
+if [ "$guest_rc" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ] && [ "$passed" -gt 0 ]
