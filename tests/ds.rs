@@ -543,7 +543,7 @@ fn kv_puts_gets_deletes_across_clients() {
         Err(DsError::Config(_))
     ));
     assert!(matches!(
-        kv.upsert(b"big", &vec![0u8; BS as usize]),
+        kv.upsert(b"big", &vec![0u8; BS as usize + 1]),
         Err(DsError::ItemTooLarge { .. })
     ));
     assert!(matches!(
@@ -644,7 +644,7 @@ fn kv_is_consistent_under_concurrent_writers_and_repartitioning_in_torn_mode() {
                 for round in 1..=ROUNDS {
                     for i in w * KEYS..(w + 1) * KEYS {
                         let mut v = round.to_le_bytes().to_vec();
-                        v.extend(std::iter::repeat(i as u8).take(i % 40));
+                        v.extend(std::iter::repeat(i as u8).take(value_len(i)));
                         kv.upsert(&key(i), &v).unwrap();
                     }
                 }
@@ -668,9 +668,78 @@ fn kv_is_consistent_under_concurrent_writers_and_repartitioning_in_torn_mode() {
         } else {
             let v = got.unwrap_or_else(|| panic!("key {i} lost"));
             assert_eq!(u32::from_le_bytes(v[..4].try_into().unwrap()), ROUNDS);
-            assert_eq!(v.len(), 4 + i % 40);
+            assert_eq!(v.len(), 4 + value_len(i));
         }
     }
+    task.close().unwrap();
+}
+
+/// Value sizes of the concurrent Kv test: every tenth value lives in a block of its own.
+fn value_len(i: usize) -> usize {
+    if i % 10 == 3 {
+        600 + i
+    } else {
+        i % 40
+    }
+}
+
+#[test]
+fn kv_values_up_to_a_block_live_in_blocks_of_their_own() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let task = client.task("/j/kvbig").unwrap();
+    let kv = Kv::create(&task, "t", KvConfig::default()).unwrap();
+    let blocks = || subtree_blocks(&client, "/j/kvbig/t");
+    let base = blocks(); // meta, map, one partition
+    let big = |n: usize, b: u8| vec![b; n];
+    kv.upsert(b"a", &big(3000, 1)).unwrap();
+    assert_eq!(blocks(), base + 1);
+    assert_eq!(kv.get(b"a").unwrap(), Some(big(3000, 1)));
+    kv.upsert(b"a", &big(BS as usize, 2)).unwrap();
+    assert_eq!(blocks(), base + 1, "the replaced value's block was freed");
+    assert_eq!(kv.get(b"a").unwrap(), Some(big(BS as usize, 2)));
+    assert!(!kv.put(b"a", &big(2000, 3)).unwrap());
+    assert_eq!(blocks(), base + 1, "an unused value block is given back");
+    assert!(kv.update(b"a", b"small").unwrap());
+    assert_eq!(blocks(), base);
+    assert_eq!(kv.get(b"a").unwrap().as_deref(), Some(&b"small"[..]));
+    kv.upsert(b"b", &big(1000, 4)).unwrap();
+    assert!(kv.remove(b"b").unwrap());
+    assert_eq!(blocks(), base);
+    assert!(matches!(
+        kv.upsert(b"c", &big(BS as usize + 1, 5)),
+        Err(DsError::ItemTooLarge { .. })
+    ));
+    assert_eq!(blocks(), base);
+    // Remote values move with their records through splits.
+    for i in 0..120 {
+        kv.upsert(&key(i), &big(if i % 7 == 0 { 900 } else { 10 }, i as u8))
+            .unwrap();
+    }
+    assert!(kv.partitions().unwrap() > 1);
+    for i in 0..120 {
+        let want = big(if i % 7 == 0 { 900 } else { 10 }, i as u8);
+        assert_eq!(kv.get(&key(i)).unwrap(), Some(want), "key {i}");
+    }
+    task.close().unwrap();
+}
+
+#[test]
+fn kv_holds_a_one_mib_value() {
+    let pool = EmbeddedPool::start(EmbeddedConfig {
+        nodes: 1,
+        capacity: 16 << 20,
+        block_size: 1 << 20,
+        ..EmbeddedConfig::default()
+    })
+    .expect("embedded pool");
+    let client = pool.client().unwrap();
+    let task = client.task("/j/mib").unwrap();
+    let kv = Kv::create(&task, "t", KvConfig::default()).unwrap();
+    let value: Vec<u8> = (0..1usize << 20).map(|i| (i % 253) as u8).collect();
+    kv.upsert(b"big", &value).unwrap();
+    let other = Kv::open(&pool.client().unwrap(), "/j/mib/t").unwrap();
+    assert_eq!(other.get(b"big").unwrap(), Some(value));
     task.close().unwrap();
 }
 
@@ -722,7 +791,8 @@ fn kv_matches_a_hashmap_model() {
             for op in ops {
                 match op {
                     KvOp::Put(h, k, v) => {
-                        let value = vec![v; k % 50];
+                        // Some values are too large for a partition's records.
+                        let value = vec![v; if k % 13 == 0 { 700 } else { k % 50 }];
                         handles[h].upsert(&key(k), &value).unwrap();
                         model.insert(k, value);
                     }

@@ -1,7 +1,7 @@
 //! `Kv`: a hash table over one-sided operations whose partitions split and merge.
 
 use super::object::{Entry, Object};
-use super::{is_stale, DsError};
+use super::{decode_id, encode_id, is_stale, DsError};
 use crate::client::{BlockHandle, Client, ClientError, Task};
 use crate::proto::PoolPath;
 use parking_lot::{Mutex, RwLock};
@@ -76,11 +76,20 @@ enum Mode {
     Upsert,
 }
 
+/// What a remove did.
+struct Removed {
+    /// Keys left in the partition.
+    count: u64,
+    /// The removed value's nonce, if it was remote.
+    old: Option<u64>,
+}
+
 /// What a write did under the bucket lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Locked {
     Inserted,
-    Replaced,
+    /// Replaced a value (remote in the block named by this nonce).
+    Replaced(Option<u64>),
     Unchanged,
     /// The bucket has no free slot.
     Full,
@@ -91,8 +100,8 @@ enum Locked {
 enum Wrote {
     /// A new key went in; the partition now holds this many keys.
     Inserted(u64),
-    /// The value was replaced.
-    Replaced,
+    /// The value was replaced (the old one was remote under this nonce).
+    Replaced(Option<u64>),
     /// Nothing changed (the mode did not allow it).
     Unchanged,
 }
@@ -138,8 +147,42 @@ struct Route {
 /// A decoded key-value record.
 struct Record {
     key: Vec<u8>,
-    value: Vec<u8>,
+    value: Value,
 }
+
+/// A record's value: in the record, or in a block of its own at `<path>/v<nonce>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Value {
+    Inline(Vec<u8>),
+    Remote {
+        /// Names the value's child path.
+        nonce: u64,
+        /// The value block's id ([`super::encode_id`]).
+        block: u64,
+        /// Value length.
+        len: u64,
+        /// Checksum of the value (keyed by the nonce): a READ racing the block's
+        /// revocation may see zeroes without an error, and must not be accepted.
+        sum: u64,
+    },
+}
+
+impl Value {
+    /// The nonce of a remote value.
+    fn remote(&self) -> Option<u64> {
+        match self {
+            Value::Remote { nonce, .. } => Some(*nonce),
+            Value::Inline(_) => None,
+        }
+    }
+}
+
+/// Bit of the record's key-length word marking a remote value.
+const REMOTE: u32 = 1 << 31;
+/// Bytes of a remote value's reference in a record.
+const REMOTE_REF: usize = 32;
+/// Bound on immediate retries of one operation (each follows a concurrent change).
+const MAX_RETRIES: u32 = 10_000;
 
 /// Outcome of one attempt against a partition.
 enum Attempt<T> {
@@ -148,6 +191,8 @@ enum Attempt<T> {
     Moved,
     /// The partition (or the key's bucket) is full: split it.
     Full,
+    /// Something changed underneath (a remote value was replaced): try again.
+    Retry,
 }
 
 impl Kv {
@@ -298,30 +343,77 @@ impl Kv {
 
     fn write(&self, key: &[u8], value: &[u8], mode: Mode) -> Result<Wrote, DsError> {
         let h = hash(key);
-        let rec = encode(key, value)?;
-        let room = self.obj.block_len() - self.heap_start;
-        if rec.len() as u64 > room {
+        let inline_max = self.inline_max();
+        if REC_HEADER + key.len() + REMOTE_REF > inline_max {
             return Err(DsError::ItemTooLarge {
-                len: rec.len(),
-                max: room as usize,
+                len: key.len(),
+                max: inline_max - REC_HEADER - REMOTE_REF,
             });
         }
-        let wrote = self.retry(h, |part| self.try_write(part, h, key, &rec, mode))?;
-        if let Wrote::Inserted(count) = wrote {
-            if count >= self.split_at {
-                let route = self.route(h)?;
-                self.split(route)?;
+        let val = if REC_HEADER + key.len() + value.len() <= inline_max {
+            Value::Inline(value.to_vec())
+        } else {
+            self.store_value(value)?
+        };
+        let ours = val.remote();
+        let rec = encode(key, &val)?;
+        let wrote = match self.retry(h, |part| self.try_write(part, h, key, &rec, mode)) {
+            Ok(w) => w,
+            Err(e) => {
+                // Best effort: the value block is reclaimed with the table anyway.
+                let _ = self.drop_value(ours);
+                return Err(e);
             }
+        };
+        match wrote {
+            Wrote::Inserted(count) => {
+                if count >= self.split_at {
+                    let route = self.route(h)?;
+                    self.split(route)?;
+                }
+            }
+            Wrote::Replaced(old) => self.drop_value(old)?,
+            Wrote::Unchanged => self.drop_value(ours)?,
         }
         Ok(wrote)
+    }
+
+    /// Largest record kept in a partition; larger values get a block of their own.
+    fn inline_max(&self) -> usize {
+        (((self.obj.block_len() - self.heap_start) / 8) as usize).max(64)
+    }
+
+    /// Writes `value` to a block of its own (before any record points at it).
+    fn store_value(&self, value: &[u8]) -> Result<Value, DsError> {
+        if value.len() as u64 > self.obj.block_len() {
+            return Err(DsError::ItemTooLarge {
+                len: value.len(),
+                max: self.obj.block_len() as usize,
+            });
+        }
+        let nonce = rand::random::<u64>();
+        let block = self
+            .obj
+            .alloc_named(&value_name(nonce), value.len() as u64)?;
+        if let Err(e) = block.write(0, value) {
+            let _ = self.drop_value(Some(nonce));
+            return Err(e.into());
+        }
+        Ok(Value::Remote {
+            nonce,
+            block: encode_id(block.id()),
+            len: value.len() as u64,
+            sum: value_sum(nonce, value),
+        })
     }
 
     /// Removes `key`; returns whether it was present.
     pub fn remove(&self, key: &[u8]) -> Result<bool, DsError> {
         let h = hash(key);
-        let count = self.retry(h, |part| self.try_delete(part, h, key))?;
-        match count {
-            Some(count) => {
+        let removed = self.retry(h, |part| self.try_delete(part, h, key))?;
+        match removed {
+            Some(Removed { count, old }) => {
+                self.drop_value(old)?;
                 if count <= self.merge_at {
                     let route = self.route(h)?;
                     self.merge(route)?;
@@ -342,8 +434,9 @@ impl Kv {
     fn retry<T>(
         &self,
         h: u64,
-        op: impl Fn(&BlockHandle) -> Result<Attempt<T>, ClientError>,
+        op: impl Fn(&BlockHandle) -> Result<Attempt<T>, DsError>,
     ) -> Result<T, DsError> {
+        let mut retries = 0u32;
         loop {
             let route = self.route(h)?;
             let Some(part) = self.partition(route.child)? else {
@@ -354,11 +447,17 @@ impl Kv {
                 Ok(Attempt::Done(v)) => return Ok(v),
                 Ok(Attempt::Moved) => self.reload_after(route.version)?,
                 Ok(Attempt::Full) => self.split(route)?,
-                Err(e) if is_stale(&e) => {
+                Ok(Attempt::Retry) => {
+                    retries += 1;
+                    if retries > MAX_RETRIES {
+                        return Err(self.corrupt("a value block keeps failing its checksum".into()));
+                    }
+                }
+                Err(DsError::Client(e)) if is_stale(&e) => {
                     self.parts.lock().remove(&route.child);
                     self.reload_after(route.version)?;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -368,7 +467,7 @@ impl Kv {
         part: &BlockHandle,
         h: u64,
         key: &[u8],
-    ) -> Result<Attempt<Option<Vec<u8>>>, ClientError> {
+    ) -> Result<Attempt<Option<Vec<u8>>>, DsError> {
         let b = self.bucket_off(h);
         // Atomic reads of the lock word and every slot (plain READs could tear).
         let mut ops = (0..=SLOTS as u64)
@@ -379,9 +478,51 @@ impl Kv {
             return Ok(Attempt::Moved);
         }
         let slots: Vec<u64> = ops[1..].iter().map(|o| o.result).collect();
-        Ok(Attempt::Done(
-            self.find(part, h, key, &slots)?.map(|(_, rec)| rec.value),
-        ))
+        match self.find(part, h, key, &slots)?.map(|(_, rec)| rec.value) {
+            None => Ok(Attempt::Done(None)),
+            Some(Value::Inline(v)) => Ok(Attempt::Done(Some(v))),
+            Some(Value::Remote {
+                nonce,
+                block,
+                len,
+                sum,
+            }) => Ok(match self.fetch(nonce, block, len, sum)? {
+                Some(v) => Attempt::Done(Some(v)),
+                None => Attempt::Retry,
+            }),
+        }
+    }
+
+    /// Reads a remote value; `None` when its block is gone (replaced meanwhile).
+    fn fetch(
+        &self,
+        nonce: u64,
+        block: u64,
+        len: u64,
+        sum: u64,
+    ) -> Result<Option<Vec<u8>>, DsError> {
+        let Some(h) = self
+            .obj
+            .lookup_named(&value_name(nonce), decode_id(block))?
+        else {
+            return Ok(None);
+        };
+        let len =
+            usize::try_from(len).map_err(|_| self.corrupt(format!("value of {len} bytes")))?;
+        let mut buf = vec![0u8; len];
+        match h.read(0, &mut buf) {
+            Ok(()) => Ok((value_sum(nonce, &buf) == sum).then_some(buf)),
+            Err(e) if is_stale(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Frees a remote value's block (after nothing points at it any more).
+    fn drop_value(&self, nonce: Option<u64>) -> Result<(), DsError> {
+        match nonce {
+            Some(n) => self.obj.remove_named(&value_name(n)),
+            None => Ok(()),
+        }
     }
 
     /// One write attempt in `part`.
@@ -392,7 +533,7 @@ impl Kv {
         key: &[u8],
         rec: &[u8],
         mode: Mode,
-    ) -> Result<Attempt<Wrote>, ClientError> {
+    ) -> Result<Attempt<Wrote>, DsError> {
         let need = (rec.len() as u64).next_multiple_of(8);
         let off = part.faa(HEAP, need)?;
         if off.saturating_add(need) > part.len() || off < self.heap_start {
@@ -409,7 +550,7 @@ impl Kv {
         part.cas(b, LOCKED, UNLOCKED)?;
         match result? {
             Locked::Inserted => Ok(Attempt::Done(Wrote::Inserted(part.faa(COUNT, 1)? + 1))),
-            Locked::Replaced => Ok(Attempt::Done(Wrote::Replaced)),
+            Locked::Replaced(old) => Ok(Attempt::Done(Wrote::Replaced(old))),
             Locked::Unchanged => Ok(Attempt::Done(Wrote::Unchanged)),
             Locked::Full => Ok(Attempt::Full),
         }
@@ -426,12 +567,12 @@ impl Kv {
         mode: Mode,
     ) -> Result<Locked, ClientError> {
         let slots = self.read_slots(part, b)?;
-        if let Some((i, _)) = self.find(part, h, key, &slots)? {
+        if let Some((i, old)) = self.find(part, h, key, &slots)? {
             if mode == Mode::Insert {
                 return Ok(Locked::Unchanged);
             }
             part.cas(b + 8 * (i as u64 + 1), slots[i], word)?;
-            return Ok(Locked::Replaced);
+            return Ok(Locked::Replaced(old.value.remote()));
         }
         if mode == Mode::Update {
             return Ok(Locked::Unchanged);
@@ -449,37 +590,38 @@ impl Kv {
         part: &BlockHandle,
         h: u64,
         key: &[u8],
-    ) -> Result<Attempt<Option<u64>>, ClientError> {
+    ) -> Result<Attempt<Option<Removed>>, DsError> {
         let b = self.bucket_off(h);
         if !self.lock(part, b)? {
             return Ok(Attempt::Moved);
         }
         let result = self.delete_locked(part, b, h, key);
         part.cas(b, LOCKED, UNLOCKED)?;
-        if result? {
-            Ok(Attempt::Done(Some(
-                part.faa(COUNT, u64::MAX)?.wrapping_sub(1),
-            )))
-        } else {
-            Ok(Attempt::Done(None))
+        match result? {
+            Some(old) => {
+                let count = part.faa(COUNT, u64::MAX)?.wrapping_sub(1);
+                Ok(Attempt::Done(Some(Removed { count, old })))
+            }
+            None => Ok(Attempt::Done(None)),
         }
     }
 
-    /// Under bucket `b`'s lock: whether `key` was there (and is gone now).
+    /// Under bucket `b`'s lock: `Some` (with the old value's nonce if it was remote)
+    /// when `key` was there and is gone now.
     fn delete_locked(
         &self,
         part: &BlockHandle,
         b: u64,
         h: u64,
         key: &[u8],
-    ) -> Result<bool, ClientError> {
+    ) -> Result<Option<Option<u64>>, ClientError> {
         let slots = self.read_slots(part, b)?;
         match self.find(part, h, key, &slots)? {
-            Some((i, _)) => {
+            Some((i, old)) => {
                 part.cas(b + 8 * (i as u64 + 1), slots[i], 0)?;
-                Ok(true)
+                Ok(Some(old.value.remote()))
             }
-            None => Ok(false),
+            None => Ok(None),
         }
     }
 
@@ -920,7 +1062,7 @@ impl Kv {
         for (h, r) in records {
             let b = ((h & 0xFFFF_FFFF) % self.buckets) as usize;
             per_bucket[b] += 1;
-            heap += ((REC_HEADER + r.key.len() + r.value.len()) as u64).next_multiple_of(8);
+            heap += (record_len(r) as u64).next_multiple_of(8);
         }
         per_bucket.iter().all(|&n| n <= SLOTS) && heap <= self.obj.block_len()
     }
@@ -988,33 +1130,89 @@ fn slot_word(off: u64, len: u64, h: u64) -> u64 {
     (fingerprint(h) << 48) | ((len / 8) << 32) | (off / 8)
 }
 
-fn encode(key: &[u8], value: &[u8]) -> Result<Vec<u8>, DsError> {
-    let too_large = || DsError::ItemTooLarge {
-        len: key.len() + value.len(),
-        max: (0xFFFF * 8) - REC_HEADER,
+/// Bytes of `r` encoded.
+fn record_len(r: &Record) -> usize {
+    REC_HEADER
+        + r.key.len()
+        + match &r.value {
+            Value::Inline(v) => v.len(),
+            Value::Remote { .. } => REMOTE_REF,
+        }
+}
+
+/// `klen u32 (REMOTE bit for a remote value) | vlen u32 | key | value or reference`.
+fn encode(key: &[u8], value: &Value) -> Result<Vec<u8>, DsError> {
+    let payload: Vec<u8> = match value {
+        Value::Inline(v) => v.clone(),
+        Value::Remote {
+            nonce,
+            block,
+            len,
+            sum,
+        } => [nonce, block, len, sum]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect(),
     };
-    let (k, v) = (
-        u32::try_from(key.len()).map_err(|_| too_large())?,
-        u32::try_from(value.len()).map_err(|_| too_large())?,
-    );
-    let total = REC_HEADER + key.len() + value.len();
+    let total = REC_HEADER + key.len() + payload.len();
+    let too_large = || DsError::ItemTooLarge {
+        len: total,
+        max: 0xFFFF * 8,
+    };
+    let k = u32::try_from(key.len())
+        .ok()
+        .filter(|&k| k < REMOTE)
+        .ok_or_else(too_large)?;
+    let v = u32::try_from(payload.len()).map_err(|_| too_large())?;
     if total.next_multiple_of(8) > 0xFFFF * 8 {
         return Err(too_large());
     }
+    let flag = if value.remote().is_some() { REMOTE } else { 0 };
     let mut r = Vec::with_capacity(total);
-    r.extend_from_slice(&k.to_le_bytes());
+    r.extend_from_slice(&(k | flag).to_le_bytes());
     r.extend_from_slice(&v.to_le_bytes());
     r.extend_from_slice(key);
-    r.extend_from_slice(value);
+    r.extend_from_slice(&payload);
     Ok(r)
 }
 
 fn decode(rec: &[u8]) -> Option<Record> {
-    let k = u32::from_le_bytes(rec.get(0..4)?.try_into().ok()?) as usize;
+    let kw = u32::from_le_bytes(rec.get(0..4)?.try_into().ok()?);
+    let k = (kw & !REMOTE) as usize;
     let v = u32::from_le_bytes(rec.get(4..8)?.try_into().ok()?) as usize;
     let key = rec.get(REC_HEADER..REC_HEADER + k)?.to_vec();
-    let value = rec.get(REC_HEADER + k..REC_HEADER + k + v)?.to_vec();
+    let payload = rec.get(REC_HEADER + k..REC_HEADER + k + v)?;
+    let value = if kw & REMOTE == 0 {
+        Value::Inline(payload.to_vec())
+    } else {
+        if payload.len() != REMOTE_REF {
+            return None;
+        }
+        let w = |i: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(
+                payload.get(8 * i..8 * i + 8)?.try_into().ok()?,
+            ))
+        };
+        Value::Remote {
+            nonce: w(0)?,
+            block: w(1)?,
+            len: w(2)?,
+            sum: w(3)?,
+        }
+    };
     Some(Record { key, value })
+}
+
+/// The child path of a remote value.
+fn value_name(nonce: u64) -> String {
+    format!("v{nonce:016x}")
+}
+
+/// Checksum of a remote value (never 0).
+fn value_sum(nonce: u64, value: &[u8]) -> u64 {
+    let mut h = SipHasher13::new_with_keys(nonce, 0x7661_6c75_6573_756d);
+    h.write(value);
+    h.finish().max(1)
 }
 
 impl std::fmt::Debug for Kv {

@@ -265,6 +265,35 @@ impl Object {
         }
     }
 
+    /// Allocates one block of at least `bytes` at the child path `name` (outside the
+    /// directory: the caller records the block id itself).
+    pub(crate) fn alloc_named(&self, name: &str, bytes: u64) -> Result<BlockHandle, DsError> {
+        alloc_one(&self.client, &self.path.join(name)?, bytes.max(1))
+    }
+
+    /// The handle of block `id` at the child path `name`; `None` when it is gone.
+    pub(crate) fn lookup_named(
+        &self,
+        name: &str,
+        id: BlockId,
+    ) -> Result<Option<BlockHandle>, DsError> {
+        match lookup(&self.client, &self.path.join(name)?) {
+            Ok(grants) => Ok(grants.into_iter().find(|g| g.id() == id)),
+            Err(ClientError::Control(ControlError::NotFound(_))) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the child path `name` and frees its blocks (nothing if it is gone).
+    pub(crate) fn remove_named(&self, name: &str) -> Result<(), DsError> {
+        match self.client.request(Request::Remove {
+            path: self.path.join(name)?,
+        }) {
+            Ok(_) | Err(ClientError::Control(ControlError::NotFound(_))) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Removes the object and everything under it.
     pub(crate) fn destroy(&self) -> Result<(), DsError> {
         self.client.remove(self.path.as_str())?;
