@@ -626,11 +626,17 @@ impl Kv {
     }
 
     /// Takes the bucket's writer lock; `false` when the bucket is frozen.
-    fn lock(&self, part: &BlockHandle, b: u64) -> Result<bool, ClientError> {
+    fn lock(&self, part: &BlockHandle, b: u64) -> Result<bool, DsError> {
+        let deadline = Instant::now() + REPARTITION_WAIT;
         loop {
             match part.cas(b, UNLOCKED, LOCKED)? {
                 UNLOCKED => return Ok(true),
                 FROZEN => return Ok(false),
+                _ if Instant::now() > deadline => {
+                    return Err(self.corrupt(format!(
+                        "bucket at offset {b} has been locked for over 10 s; a writer probably crashed inside it"
+                    )))
+                }
                 _ => std::thread::yield_now(),
             }
         }
