@@ -882,3 +882,23 @@ fn every_structure_works_over_shm() {
     }
     task.close().unwrap();
 }
+
+#[test]
+fn kv_compacts_a_partition_full_of_replaced_values_instead_of_splitting() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let task = client.task("/j/kvcompact").unwrap();
+    let kv = Kv::create(&task, "t", KvConfig::default()).unwrap();
+    // Few keys, many overwrites: the record space fills with garbage.
+    for round in 0..200u32 {
+        for i in 0..4 {
+            kv.upsert(&key(i), &[round as u8; 300]).unwrap();
+        }
+    }
+    assert_eq!(kv.partitions().unwrap(), 1, "compacted, not split");
+    for i in 0..4 {
+        assert_eq!(kv.get(&key(i)).unwrap(), Some(vec![199u8; 300]));
+    }
+    assert_eq!(subtree_blocks(&client, "/j/kvcompact/t"), 3);
+    task.close().unwrap();
+}

@@ -822,15 +822,9 @@ impl Kv {
             .collect())
     }
 
-    /// Splits the partition at `route` in two (if it still is what `route` says).
+    /// Splits the partition at `route` in two, or compacts it when its live records
+    /// use little of it (if it still is what `route` says).
     fn split(&self, route: Route) -> Result<(), DsError> {
-        if route.depth >= self.g {
-            return Err(DsError::Config(format!(
-                "'{}' is full: a partition at the deepest split level ({}) ran out of room; use a larger block size or a larger expected_record",
-                self.obj.path(),
-                self.g
-            )));
-        }
         let Some(locked) = self.lock_map()? else {
             return self.reload_after(route.version);
         };
@@ -876,6 +870,23 @@ impl Kv {
         range: std::ops::Range<usize>,
     ) -> Result<(), DsError> {
         let records = self.collect(old)?;
+        if self.roomy(&records) {
+            // The record space filled up with replaced values: compact into one fresh
+            // partition at the same place instead of splitting.
+            let next = self.obj.meta().faa(NEXT, 1)?;
+            let part = self.link_new(next)?;
+            self.write_partition(&part, &records)?;
+            let word = next << 8 | u64::from(route.depth);
+            entries[range.clone()].iter_mut().for_each(|e| *e = word);
+            return self.write_entries(&entries[range.clone()], range.start);
+        }
+        if route.depth >= self.g {
+            return Err(DsError::Config(format!(
+                "'{}' is full: a partition at the deepest split level ({}) ran out of room; use a larger block size or a larger expected_record",
+                self.obj.path(),
+                self.g
+            )));
+        }
         let bit = 63 - route.depth;
         let (ones, zeros): (Vec<_>, Vec<_>) =
             records.into_iter().partition(|(h, _)| h >> bit & 1 == 1);
@@ -1059,6 +1070,20 @@ impl Kv {
             }
         }
         Ok(out)
+    }
+
+    /// Whether `records` fit one partition with room to spare: no bucket full, at most
+    /// half the record space, fewer keys than the split threshold.
+    fn roomy(&self, records: &[(u64, Record)]) -> bool {
+        let mut per_bucket = vec![0usize; self.buckets as usize];
+        let mut heap = 0;
+        for (h, r) in records {
+            per_bucket[((h & 0xFFFF_FFFF) % self.buckets) as usize] += 1;
+            heap += (record_len(r) as u64).next_multiple_of(8);
+        }
+        per_bucket.iter().all(|&n| n < SLOTS)
+            && heap <= (self.obj.block_len() - self.heap_start) / 2
+            && (records.len() as u64) < self.split_at
     }
 
     /// Whether `records` fit one partition.
