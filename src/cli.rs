@@ -79,9 +79,17 @@ pub struct MemNodeArgs {
     /// Block size, a power of two of at least 4 KiB.
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     pub block_size: u64,
-    /// Data-plane transport: soft (TCP) or shm (same host, trusted).
+    /// Data-plane transport: soft (TCP), shm (same host, trusted) or verbs (RDMA; needs a
+    /// build with `--features verbs`). verbs listens on --listen for queue-pair setup.
     #[arg(long, default_value = "soft")]
     pub transport: TransportKind,
+    /// RDMA device for --transport verbs (see `ibv_devices`); default: the first one.
+    #[arg(long, env = "FARPOOL_RDMA_DEVICE")]
+    pub rdma_device: Option<String>,
+    /// GID index for --transport verbs (RoCE; see `show_gids`); default: the first RoCE v2
+    /// GID holding an IPv4 address.
+    #[arg(long, env = "FARPOOL_GID_INDEX")]
+    pub gid_index: Option<u32>,
     /// Directory for the shm region file.
     #[arg(long, default_value = "/dev/shm")]
     pub shm_dir: PathBuf,
@@ -188,6 +196,8 @@ fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
         shm_dir: a.shm_dir,
         hugepages: !a.no_hugepages,
         lock: !a.no_lock,
+        rdma_device: a.rdma_device,
+        gid_index: a.gid_index,
         ..MemNodeConfig::default()
     })
     .map_err(|e| e.to_string())?;

@@ -31,13 +31,35 @@ impl DataPlane {
             WireTransport::Shm => {
                 Arc::new(ShmTransport::open(Path::new(&ep.addr)).map_err(node_err)?)
             }
-            WireTransport::Verbs => {
-                return Err(node_err(farpool_rdma::TransportError::Protocol(
-                    "this build has no RDMA verbs backend; rebuild with --features verbs".into(),
-                )))
-            }
+            WireTransport::Verbs => verbs(&ep.addr).map_err(node_err)?,
         };
         let mut nodes = self.nodes.write();
         Ok(nodes.entry(ep.clone()).or_insert(t).clone())
     }
+}
+
+/// A verbs transport to `addr`; the device comes from `FARPOOL_RDMA_DEVICE` and
+/// `FARPOOL_GID_INDEX` when set.
+#[cfg(feature = "verbs")]
+fn verbs(addr: &str) -> Result<Arc<dyn Transport>, farpool_rdma::TransportError> {
+    use farpool_rdma::verbs::{DeviceConfig, VerbsClientConfig, VerbsTransport};
+    let device = DeviceConfig {
+        device: std::env::var("FARPOOL_RDMA_DEVICE").ok(),
+        port: 1,
+        gid_index: std::env::var("FARPOOL_GID_INDEX")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    };
+    Ok(Arc::new(VerbsTransport::connect(
+        addr,
+        VerbsClientConfig {
+            device,
+            ..VerbsClientConfig::default()
+        },
+    )?))
+}
+
+#[cfg(not(feature = "verbs"))]
+fn verbs(_addr: &str) -> Result<Arc<dyn Transport>, farpool_rdma::TransportError> {
+    Err(farpool_rdma::VerbsError::NotBuilt.into())
 }

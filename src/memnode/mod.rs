@@ -47,6 +47,10 @@ pub struct MemNodeConfig {
     pub lock: bool,
     /// Largest single READ/WRITE served on the soft transport.
     pub max_op_bytes: u32,
+    /// RDMA device for the verbs transport (`None`: the first one).
+    pub rdma_device: Option<String>,
+    /// GID index for the verbs transport (`None`: the first RoCE v2 IPv4 GID).
+    pub gid_index: Option<u32>,
 }
 
 impl Default for MemNodeConfig {
@@ -62,6 +66,8 @@ impl Default for MemNodeConfig {
             hugepages: true,
             lock: true,
             max_op_bytes: 1 << 20,
+            rdma_device: None,
+            gid_index: None,
         }
     }
 }
@@ -87,6 +93,12 @@ pub(crate) struct DataPlane {
     pub(crate) soft: Option<SoftServer>,
     /// Keeps the shm file mapped (and removes it on drop).
     pub(crate) _shm: Option<ShmRegion>,
+    /// The verbs endpoint (keeps the region registered with the RDMA device).
+    #[cfg(feature = "verbs")]
+    pub(crate) _verbs: Option<farpool_rdma::verbs::VerbsServer>,
+    /// Whether the access table sees every write (soft, shm). The RDMA device writes
+    /// without it, so on verbs a block is scrubbed whole when it changes owner.
+    pub(crate) tracks_writes: bool,
     pub(crate) data_addr: String,
 }
 
@@ -112,7 +124,12 @@ impl DataPlane {
         const CHUNK: usize = 64 << 10;
         static ZEROS: [u8; CHUNK] = [0; CHUNK];
         let bs = self.access.block_size();
-        let dirty = self.access.take_written(block).min(bs);
+        let written = self.access.take_written(block);
+        let dirty = if self.tracks_writes {
+            written.min(bs)
+        } else {
+            bs
+        };
         let start = u64::from(block) * bs;
         let mut off = 0;
         while off < dirty {
@@ -240,6 +257,9 @@ impl MemNode {
                     access,
                     soft: Some(server),
                     _shm: None,
+                    #[cfg(feature = "verbs")]
+                    _verbs: None,
+                    tracks_writes: true,
                     data_addr,
                 })
             }
@@ -257,12 +277,67 @@ impl MemNode {
                     soft: None,
                     data_addr: path.to_string_lossy().into_owned(),
                     _shm: Some(shm),
+                    #[cfg(feature = "verbs")]
+                    _verbs: None,
+                    tracks_writes: true,
                 })
             }
-            TransportKind::Verbs => Err(MemNodeError::Config(
-                "this build has no RDMA verbs backend; rebuild with --features verbs".into(),
-            )),
+            TransportKind::Verbs => Self::verbs_plane(config, capacity, opts),
         }
+    }
+
+    #[cfg(not(feature = "verbs"))]
+    fn verbs_plane(
+        _config: &MemNodeConfig,
+        _capacity: u64,
+        _opts: RegionOptions,
+    ) -> Result<DataPlane, MemNodeError> {
+        Err(farpool_rdma::TransportError::Verbs(farpool_rdma::VerbsError::NotBuilt).into())
+    }
+
+    #[cfg(feature = "verbs")]
+    fn verbs_plane(
+        config: &MemNodeConfig,
+        capacity: u64,
+        opts: RegionOptions,
+    ) -> Result<DataPlane, MemNodeError> {
+        use farpool_rdma::verbs::{DeviceConfig, VerbsServer, VerbsServerConfig};
+        let len = usize::try_from(capacity)
+            .map_err(|_| MemNodeError::Config("capacity exceeds the address space".into()))?;
+        let region = Arc::new(Region::anonymous(len, opts)?);
+        let access = Arc::new(AccessTable::new(capacity, config.block_size)?);
+        let server = VerbsServer::bind(
+            &config.listen,
+            region.clone(),
+            access.clone(),
+            VerbsServerConfig {
+                device: DeviceConfig {
+                    device: config.rdma_device.clone(),
+                    port: 1,
+                    gid_index: config.gid_index,
+                },
+                max_op_bytes: u64::from(config.max_op_bytes),
+                ..VerbsServerConfig::default()
+            },
+        )?;
+        tracing::warn!(
+            device = %server.device().name,
+            "verbs data plane without memory windows: clients use the region's rkey, so \
+             grants are checked by the client library only (trusted mode, like shm)"
+        );
+        let data_addr = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| server.local_addr().to_string());
+        Ok(DataPlane {
+            region,
+            access,
+            soft: None,
+            _shm: None,
+            _verbs: Some(server),
+            tracks_writes: false,
+            data_addr,
+        })
     }
 
     /// The address (soft) or file path (shm) clients use to reach the data plane.

@@ -388,3 +388,12 @@ pub(crate) fn random_psn() -> u32 {
     );
     (h.finish() as u32) & 0x00FF_FFFF
 }
+
+/// Names of the RDMA devices libibverbs lists (empty when there are none, or when the
+/// kernel has no RDMA support at all).
+pub fn device_names() -> Vec<String> {
+    match DeviceList::new() {
+        Ok(list) => list.iter().map(|d| d.name()).collect(),
+        Err(_) => Vec::new(),
+    }
+}

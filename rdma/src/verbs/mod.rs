@@ -34,5 +34,5 @@ mod server;
 pub mod wire;
 
 pub use client::{VerbsClientConfig, VerbsTransport};
-pub use device::{DeviceConfig, DeviceInfo};
+pub use device::{device_names, DeviceConfig, DeviceInfo};
 pub use server::{VerbsServer, VerbsServerConfig};
