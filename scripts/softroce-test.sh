@@ -12,6 +12,9 @@
 #
 # Usage: scripts/softroce-test.sh            build the tests, boot the guest, run them
 #        scripts/softroce-test.sh --no-build  reuse the last build
+#        scripts/softroce-test.sh --perf      also build farpool (release, verbs) and, after the
+#            tests, run `farpool bench` against a verbs memory node next to perftest's
+#            ib_read_bw / ib_read_lat on the same rxe0 (figures only; never fails the run)
 # Needs: scripts/setup-rdma.sh (qemu-system-x86, linux-image-amd64, busybox-static, rdma-core,
 #        cmake/clang for the `verbs` feature). Run as root (qemu reads /boot and /lib/modules).
 # Env:   WORK (scratch dir, default ${TMPDIR:-/tmp}/farpool-softroce), MEM (2G), SMP (2),
@@ -27,7 +30,14 @@ VM=$WORK/vm
 RES=$WORK/results
 mkdir -p "$VM" "$RES"
 BUILD=1
-[ "${1:-}" = --no-build ] && BUILD=0
+PERF=0
+for arg in "$@"; do
+  case $arg in
+    --no-build) BUILD=0 ;;
+    --perf) PERF=1 ;;
+    *) echo "usage: $0 [--no-build] [--perf]" >&2; exit 2 ;;
+  esac
+done
 
 die() { echo "softroce-test: $*" >&2; echo "0 passed, 1 failed"; exit 1; }
 
@@ -52,6 +62,16 @@ CONFORMANCE=$(grep '/conformance-' "$TESTBIN_FILE" | head -1)
 CLUSTER=$(grep '/verbs_cluster-' "$TESTBIN_FILE" | head -1)
 [ -x "$CONFORMANCE" ] || die "test binary $CONFORMANCE missing"
 [ -x "$CLUSTER" ] || die "test binary $CLUSTER missing"
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+FARPOOL_REL=$TARGET_DIR/release/farpool
+if [ "$PERF" = 1 ]; then
+  if [ "$BUILD" = 1 ]; then
+    echo "softroce-test: building farpool --release --features verbs for --perf" >&2
+    (cd "$ROOT" && cargo build --release --features verbs --bin farpool 2>>"$WORK/build.log") \
+      || die "release build failed (see $WORK/build.log)"
+  fi
+  [ -x "$FARPOOL_REL" ] || die "$FARPOOL_REL missing; run --perf without --no-build"
+fi
 
 # --- tiny initramfs: mount the host root over virtio-9p, switch_root into it -----------
 MODS="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p"
@@ -127,6 +147,34 @@ timeout 600 "$CLUSTER" ${CLUSTER_FILTER:-} --test-threads=1 > "$RES/cluster.log"
 erc=\$?
 echo "end-to-end exit status \$erc"
 grep -E '^test |test result' "$RES/cluster.log"
+if [ "$PERF" = 1 ]; then
+  echo "--- perf: farpool bench (verbs) and perftest on rxe0 (\$(cut -d' ' -f1 /proc/uptime)s)"
+  FP="$FARPOOL_REL"
+  wait_line() { for _ in \$(seq 200); do grep -q '^listening ' "\$1" 2>/dev/null && { sed -n 's/^listening //p' "\$1" | head -1; return 0; }; sleep 0.1; done; return 1; }
+  RUST_LOG=error "\$FP" controller --listen 127.0.0.1:0 > /tmp/ctl.out 2>&1 & CTLPID=\$!
+  CTL=\$(wait_line /tmp/ctl.out)
+  RUST_LOG=error "\$FP" memnode --controller "\$CTL" --listen 127.0.0.1:0 --capacity 256MiB \
+    --transport verbs --no-lock --no-hugepages > /tmp/mn.out 2>&1 & MNPID=\$!
+  wait_line /tmp/mn.out >/dev/null || { echo "perf: memory node did not start"; cat /tmp/mn.out; }
+  for spec in "read 4KiB 1" "read 4KiB 32" "read 4KiB 128" "read 8 1" "write 4KiB 32"; do
+    set -- \$spec
+    echo "farpool bench --op \$1 --size \$2 --depth \$3:"
+    timeout 120 "\$FP" bench --controller "\$CTL" --op \$1 --size \$2 --depth \$3 --duration 5s --warmup 1s --json --no-progress 2>&1 | tail -2
+  done
+  kill \$MNPID \$CTLPID 2>/dev/null; wait 2>/dev/null
+  pair() { # name addr perftest-args...
+    local name=\$1 addr=\$2; shift 2
+    timeout 120 "\$@" > /tmp/\$name.srv 2>&1 & local sp=\$!
+    sleep 1
+    timeout 120 "\$@" "\$addr" > /tmp/\$name.cli 2>&1 || { echo "\$name: client failed"; tail -3 /tmp/\$name.cli; }
+    wait \$sp
+    printf '%-14s %s\\n' "\$name" "\$(grep -A1 '#bytes' /tmp/\$name.cli | tail -1)"
+  }
+  echo "perftest (lat: #bytes #iter t_min t_max t_typical t_avg t_stdev p99 p99.9 us; bw: #bytes #iter BWpeak BWavg MB/s Mpps):"
+  pair read_bw_4k 127.0.0.1 ib_read_bw -d rxe0 -x 1 -F -s 4096 -n 2000
+  pair write_bw_4k 127.0.0.1 ib_write_bw -d rxe0 -x 1 -F -s 4096 -n 2000
+  pair read_lat_8 127.0.0.1 ib_read_lat -d rxe0 -x 1 -F -s 8 -n 1000
+fi
 echo "guest done after \$(cut -d' ' -f1 /proc/uptime)s"
 [ \$crc = 0 ] && exit \$erc
 exit \$crc

@@ -275,35 +275,46 @@ fn open_conn(
 enum WindowEnd {
     /// Every posted operation completed.
     Done,
-    /// The operation at this position of the window failed; the queue pair is dead.
-    Failed(usize, OpError),
+    /// The operation at this position of the window failed with this completion status;
+    /// the queue pair is dead.
+    Failed(usize, u32),
 }
 
-/// Maps an error completion status to the operation's error.
-fn status_error(status: u32) -> OpError {
+/// Maps an error completion status: `Ok` with the operation's own error when the
+/// failure is the operation's (the responder or the local device refused it, and nothing
+/// after it in the window executed), `Err` with a description when the queue pair or the
+/// path failed and the effect of the operation and of those after it is unknown.
+fn status_error(status: u32) -> Result<OpError, String> {
     use WorkCompletionStatus as S;
     if status == S::RemoteAccessError as u32 {
-        return OpError::AccessDenied;
+        return Ok(OpError::AccessDenied);
     }
     // Named without `WorkCompletionStatus::from`, which panics on codes it does not know.
-    let known = [
+    let op_level = [
         (S::LocalLengthError, "local length error"),
         (S::LocalQueuePairOperationError, "local QP operation error"),
         (
             S::LocalProtectionError,
             "local protection error (unregistered local buffer)",
         ),
-        (
-            S::WorkRequestFlushedError,
-            "flushed (the queue pair was in error)",
-        ),
-        (S::BadResponseError, "bad response"),
         (S::LocalAccessError, "local access error"),
         (
             S::RemoteInvalidRequestError,
             "remote invalid request (length or opcode the responder rejects)",
         ),
         (S::RemoteOperationError, "remote operation error"),
+    ];
+    if let Some((_, name)) = op_level.iter().find(|(s, _)| *s as u32 == status) {
+        return Ok(OpError::Device(format!(
+            "{name} (work completion status {status})"
+        )));
+    }
+    let connection_level = [
+        (
+            S::WorkRequestFlushedError,
+            "flushed (the queue pair was in error)",
+        ),
+        (S::BadResponseError, "bad response"),
         (
             S::RetryCounterExceededError,
             "transport retry counter exceeded (the memory node or the path to it is gone)",
@@ -317,11 +328,11 @@ fn status_error(status: u32) -> OpError {
         (S::ResponseTimeoutError, "response timeout"),
         (S::GeneralError, "general error"),
     ];
-    let name = known
+    let name = connection_level
         .iter()
         .find(|(s, _)| *s as u32 == status)
         .map_or("unknown status", |(_, n)| n);
-    OpError::Device(format!("{name} (work completion status {status})"))
+    Err(format!("{name} (work completion status {status})"))
 }
 
 impl Conn {
@@ -395,10 +406,20 @@ impl Conn {
             }
             match self.post_and_wait(ops, &window, timeout)? {
                 WindowEnd::Done => self.finish(ops, &window),
-                WindowEnd::Failed(pos, err) => {
+                WindowEnd::Failed(pos, status) => {
+                    // RC completes in order: everything before `pos` is done.
                     self.finish(ops, &window[..pos]);
-                    ops[window[pos].0].status = OpStatus::Failed(err);
-                    return Ok(true);
+                    match status_error(status) {
+                        Ok(err) => {
+                            // Only this operation failed; the rest stay pending and go
+                            // out again on a new queue pair.
+                            ops[window[pos].0].status = OpStatus::Failed(err);
+                            return Ok(true);
+                        }
+                        // The effect of this operation and the later ones is unknown:
+                        // they complete as aborted.
+                        Err(what) => return Err(VerbsError::QueuePair(what).into()),
+                    }
                 }
             }
         }
@@ -496,7 +517,7 @@ impl Conn {
                                     .iter()
                                     .position(|&(i, _)| i as u64 == wc.wr_id())
                                     .unwrap_or(0);
-                                failed = Some((pos, status_error(status)));
+                                failed = Some((pos, status));
                             }
                         } else if wc.wr_id() == last {
                             done = true;
