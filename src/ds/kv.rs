@@ -539,20 +539,68 @@ impl Kv {
         if off.saturating_add(need) > part.len() || off < self.heap_start {
             return Ok(Attempt::Full);
         }
-        // The record is complete before any slot can point at it.
-        part.write(off, rec)?;
         let word = slot_word(off, need, h);
         let b = self.bucket_off(h);
-        if !self.lock(part, b)? {
+        // The record WRITE and the lock CAS are independent, so they share a round
+        // trip; the record is complete before the slot CAS, which comes later.
+        if !self.write_and_lock(part, off, rec, b)? {
             return Ok(Attempt::Moved);
         }
         let result = self.write_locked(part, b, h, key, word, mode);
-        part.cas(b, LOCKED, UNLOCKED)?;
+        let inserted = matches!(result, Ok(Locked::Inserted));
+        let count = self.unlock(part, b, inserted.then_some(1))?;
         match result? {
-            Locked::Inserted => Ok(Attempt::Done(Wrote::Inserted(part.faa(COUNT, 1)? + 1))),
+            Locked::Inserted => Ok(Attempt::Done(Wrote::Inserted(count + 1))),
             Locked::Replaced(old) => Ok(Attempt::Done(Wrote::Replaced(old))),
             Locked::Unchanged => Ok(Attempt::Done(Wrote::Unchanged)),
             Locked::Full => Ok(Attempt::Full),
+        }
+    }
+
+    /// Writes `rec` at `off` and takes bucket `b`'s lock, in one batch when the record
+    /// fits one operation. `false` when the bucket is frozen.
+    fn write_and_lock(
+        &self,
+        part: &BlockHandle,
+        off: u64,
+        rec: &[u8],
+        b: u64,
+    ) -> Result<bool, DsError> {
+        if rec.len() > part.transport().max_op_bytes() {
+            part.write(off, rec)?;
+            return self.lock(part, b);
+        }
+        let mut ops = [part.write_op(off, rec)?, part.cas_op(b, UNLOCKED, LOCKED)?];
+        let done = part.execute(&mut ops);
+        let locked = ops[1].outcome();
+        if let Err(e) = done {
+            if locked == Ok(UNLOCKED) {
+                // The record failed but the lock is ours: give it back.
+                part.cas(b, LOCKED, UNLOCKED)?;
+            }
+            return Err(e.into());
+        }
+        match locked {
+            Ok(UNLOCKED) => Ok(true),
+            Ok(FROZEN) => Ok(false),
+            _ => self.lock(part, b),
+        }
+    }
+
+    /// Releases bucket `b`'s lock and, in the same round trip, adds `delta` to the
+    /// partition's key count (both after the slot CAS completed). Returns the count
+    /// before the addition (0 without a delta).
+    fn unlock(&self, part: &BlockHandle, b: u64, delta: Option<u64>) -> Result<u64, DsError> {
+        match delta {
+            None => {
+                part.cas(b, LOCKED, UNLOCKED)?;
+                Ok(0)
+            }
+            Some(d) => {
+                let mut ops = [part.cas_op(b, LOCKED, UNLOCKED)?, part.faa_op(COUNT, d)?];
+                part.execute(&mut ops)?;
+                Ok(ops[1].result)
+            }
         }
     }
 
@@ -596,12 +644,13 @@ impl Kv {
             return Ok(Attempt::Moved);
         }
         let result = self.delete_locked(part, b, h, key);
-        part.cas(b, LOCKED, UNLOCKED)?;
+        let removed = matches!(result, Ok(Some(_)));
+        let count = self.unlock(part, b, removed.then_some(u64::MAX))?;
         match result? {
-            Some(old) => {
-                let count = part.faa(COUNT, u64::MAX)?.wrapping_sub(1);
-                Ok(Attempt::Done(Some(Removed { count, old })))
-            }
+            Some(old) => Ok(Attempt::Done(Some(Removed {
+                count: count.wrapping_sub(1),
+                old,
+            }))),
             None => Ok(Attempt::Done(None)),
         }
     }
