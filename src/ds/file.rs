@@ -6,6 +6,7 @@ use crate::client::{BlockHandle, Client, Task};
 use crate::proto::PoolPath;
 use parking_lot::Mutex;
 use std::io::{self, SeekFrom};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"FPFILE01");
 /// Data bytes per data block (the meta block's length).
@@ -28,6 +29,9 @@ pub struct File {
     obj: Object,
     chunk: u64,
     blocks: Mutex<Vec<Option<BlockHandle>>>,
+    /// The largest tail this handle has seen: the tail never shrinks, so reads and
+    /// writes inside it need not read the tail again.
+    seen: AtomicU64,
     pos: u64,
 }
 
@@ -68,6 +72,7 @@ impl File {
             obj,
             chunk,
             blocks: Mutex::new(Vec::new()),
+            seen: AtomicU64::new(0),
             pos: 0,
         })
     }
@@ -85,7 +90,13 @@ impl File {
     /// Bytes reserved so far: the end of the last append or write. Bytes reserved by
     /// writers still in flight may not be written yet (see [`File::complete_len`]).
     pub fn len(&self) -> Result<u64, DsError> {
-        Ok(self.obj.word(TAIL)?)
+        let tail = self.obj.word(TAIL)?;
+        self.saw(tail);
+        Ok(tail)
+    }
+
+    fn saw(&self, tail: u64) {
+        self.seen.fetch_max(tail, Ordering::Relaxed);
     }
 
     /// Whether nothing was written yet.
@@ -108,7 +119,8 @@ impl File {
     pub fn append(&self, data: &[u8]) -> Result<u64, DsError> {
         let n = data.len() as u64;
         let pos = self.obj.meta().faa(TAIL, n)?;
-        pos.checked_add(n).ok_or_else(|| self.too_long(pos, n))?;
+        let end = pos.checked_add(n).ok_or_else(|| self.too_long(pos, n))?;
+        self.saw(end);
         self.write_pieces(pos, data)?;
         // Publish only after the data is written (never in the same batch).
         self.obj.meta().faa(COMMITTED, n)?;
@@ -122,7 +134,10 @@ impl File {
         let end = pos.checked_add(n).ok_or_else(|| self.too_long(pos, n))?;
         // Raise the tail to `end`, counting the bytes this call added.
         let mut added = 0;
-        let mut cur = self.obj.word(TAIL)?;
+        let mut cur = self.seen.load(Ordering::Relaxed);
+        if cur < end {
+            cur = self.len()?;
+        }
         while cur < end {
             let found = self.obj.meta().cas(TAIL, cur, end)?;
             if found == cur {
@@ -131,6 +146,7 @@ impl File {
             }
             cur = found;
         }
+        self.saw(end);
         self.write_pieces(pos, data)?;
         if added > 0 {
             self.obj.meta().faa(COMMITTED, added)?;
@@ -140,7 +156,11 @@ impl File {
 
     /// Reads up to `buf.len()` bytes at `pos`; returns how many (0 at or past the end).
     pub fn read_at(&self, pos: u64, buf: &mut [u8]) -> Result<usize, DsError> {
-        let len = self.len()?;
+        let want = pos.saturating_add(buf.len() as u64);
+        let len = match self.seen.load(Ordering::Relaxed) {
+            seen if seen >= want => seen,
+            _ => self.len()?,
+        };
         if pos >= len {
             return Ok(0);
         }
