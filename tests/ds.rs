@@ -1,7 +1,7 @@
 //! Data structures (`farpool::ds`) on an embedded pool: semantics, concurrency with the
 //! memory nodes in torn mode, and proptest state machines against in-memory models.
 
-use farpool::ds::{DsError, File, Kv, KvConfig, Queue, QueueConfig};
+use farpool::ds::{DsError, File, Kv, KvConfig, Log, Queue, QueueConfig};
 use farpool::{Client, EmbeddedConfig, EmbeddedPool};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
@@ -880,6 +880,12 @@ fn every_structure_works_over_shm() {
     for i in 0..300 {
         assert_eq!(kv.get(&key(i)).unwrap(), Some(vec![i as u8; 20]));
     }
+    let log = Log::create(&task, "log").unwrap();
+    for i in 0..100u32 {
+        log.append(&i.to_le_bytes(), &[i % 2]).unwrap();
+    }
+    let odd = log.scan(0, u64::MAX, &[1]).unwrap();
+    assert_eq!(odd.entries.len(), 50);
     task.close().unwrap();
 }
 
@@ -901,4 +907,206 @@ fn kv_compacts_a_partition_full_of_replaced_values_instead_of_splitting() {
     }
     assert_eq!(subtree_blocks(&client, "/j/kvcompact/t"), 3);
     task.close().unwrap();
+}
+
+#[test]
+fn log_appends_scans_by_stream_and_trims() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let task = client.task("/j/log").unwrap();
+    let log = Log::create(&task, "l").unwrap();
+    let empty = log.scan(0, u64::MAX, &[]).unwrap();
+    assert_eq!((empty.entries.len(), empty.next), (0, 0));
+    let mut positions = Vec::new();
+    for i in 0..200u32 {
+        let data = vec![i as u8; (i as usize * 37) % 500];
+        let streams = if i % 5 == 0 { vec![0, 1] } else { vec![i % 3] };
+        positions.push(log.append(&data, &streams).unwrap());
+    }
+    assert!(positions.windows(2).all(|w| w[0] < w[1]));
+    let other = Log::open(&pool.client().unwrap(), "/j/log/l").unwrap();
+    let all = other.scan(0, u64::MAX, &[]).unwrap();
+    assert_eq!(all.entries.len(), 200);
+    assert_eq!(all.next, log.end().unwrap());
+    for (i, e) in all.entries.iter().enumerate() {
+        assert_eq!(e.position, positions[i]);
+        assert_eq!(e.data, vec![i as u8; (i * 37) % 500]);
+    }
+    let ones = other.scan(0, u64::MAX, &[1]).unwrap();
+    let want: Vec<u64> = (0..200)
+        .filter(|i| i % 5 == 0 || i % 3 == 1)
+        .map(|i| positions[i])
+        .collect();
+    assert_eq!(
+        ones.entries.iter().map(|e| e.position).collect::<Vec<_>>(),
+        want
+    );
+    // A window [positions[10], positions[20]).
+    let window = other.scan(positions[10], positions[20], &[]).unwrap();
+    assert_eq!(window.entries.len(), 10);
+    assert_eq!(window.next, positions[20]);
+
+    let before = subtree_blocks(&client, "/j/log/l");
+    log.trim(positions[150]).unwrap();
+    assert_eq!(log.start().unwrap(), positions[150]);
+    assert!(
+        subtree_blocks(&client, "/j/log/l") < before,
+        "trimmed blocks freed"
+    );
+    assert!(matches!(
+        other.scan(positions[10], u64::MAX, &[]),
+        Err(DsError::Trimmed { .. })
+    ));
+    let rest = other.scan(positions[150], u64::MAX, &[]).unwrap();
+    assert_eq!(rest.entries.len(), 50);
+    let p = other.append(b"after trim", &[7]).unwrap();
+    let last = log.scan(p, u64::MAX, &[7]).unwrap();
+    assert_eq!(last.entries[0].data, b"after trim");
+    assert!(log.trim(u64::MAX).is_err());
+    task.close().unwrap();
+}
+
+#[test]
+fn log_concurrent_appends_scan_as_complete_prefixes_in_torn_mode() {
+    let pool = pool(true);
+    let owner = pool.client().unwrap();
+    let task = owner.task("/j/logc").unwrap();
+    let _log = Log::create(&task, "l").unwrap();
+    const P: u32 = 3;
+    const EACH: u32 = 60;
+    let stop = Arc::new(AtomicBool::new(false));
+    let check = |entries: &[farpool::ds::LogEntry]| {
+        let mut last: HashMap<u32, u32> = HashMap::new();
+        for e in entries {
+            let p = u32::from_le_bytes(e.data[0..4].try_into().unwrap());
+            let seq = u32::from_le_bytes(e.data[4..8].try_into().unwrap());
+            assert_eq!(e.streams, vec![p]);
+            assert_eq!(e.data.len(), 8 + (seq as usize * 13) % 200);
+            assert!(
+                last.get(&p).map_or(true, |&prev| seq == prev + 1),
+                "gap or reorder"
+            );
+            last.insert(p, seq);
+        }
+    };
+    let scanner = {
+        let c = pool.client().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let log = Log::open(&c, "/j/logc/l").unwrap();
+            let mut scans = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let s = log.scan(0, u64::MAX, &[]).unwrap();
+                check(&s.entries);
+                scans += 1;
+            }
+            scans
+        })
+    };
+    let writers: Vec<_> = (0..P)
+        .map(|p| {
+            let c = pool.client().unwrap();
+            std::thread::spawn(move || {
+                let log = Log::open(&c, "/j/logc/l").unwrap();
+                for seq in 0..EACH {
+                    let mut d = p.to_le_bytes().to_vec();
+                    d.extend_from_slice(&seq.to_le_bytes());
+                    d.resize(8 + (seq as usize * 13) % 200, seq as u8);
+                    log.append(&d, &[p]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(scanner.join().unwrap() > 0);
+    let log = Log::open(&owner, "/j/logc/l").unwrap();
+    let all = log.scan(0, u64::MAX, &[]).unwrap();
+    assert_eq!(all.entries.len(), (P * EACH) as usize, "every entry once");
+    assert_eq!(all.next, log.end().unwrap());
+    check(&all.entries);
+    task.close().unwrap();
+}
+
+#[derive(Debug, Clone)]
+enum LogOp {
+    Append(Vec<u8>, Vec<u32>),
+    /// Scan from entry index a to entry index b (of the model), on a stream filter.
+    Scan(usize, usize, Vec<u32>),
+    /// Trim to entry index.
+    Trim(usize),
+}
+
+fn log_op() -> impl Strategy<Value = LogOp> {
+    prop_oneof![
+        5 => (prop::collection::vec(any::<u8>(), 0..1500), prop::collection::vec(0u32..4, 0..3))
+            .prop_map(|(d, s)| LogOp::Append(d, s)),
+        3 => (0usize..60, 0usize..60, prop::collection::vec(0u32..4, 0..2))
+            .prop_map(|(a, b, s)| LogOp::Scan(a, b, s)),
+        1 => (0usize..60).prop_map(LogOp::Trim),
+    ]
+}
+
+#[test]
+fn log_matches_a_vec_model() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let _lease = client.lease("/pl").unwrap();
+    let case = AtomicUsize::new(0);
+    let mut runner = TestRunner::new(PropConfig {
+        cases: 16,
+        ..PropConfig::default()
+    });
+    runner
+        .run(&prop::collection::vec(log_op(), 1..60), |ops| {
+            let path = format!("/pl/l{}", case.fetch_add(1, Ordering::Relaxed));
+            let log = Log::create_at(&client, &path).unwrap();
+            // (position, streams, data); entries before `trimmed` are gone.
+            let mut model: Vec<(u64, Vec<u32>, Vec<u8>)> = Vec::new();
+            let mut trimmed = 0usize;
+            for op in ops {
+                match op {
+                    LogOp::Append(d, s) => {
+                        let p = log.append(&d, &s).unwrap();
+                        prop_assert!(model.last().map_or(true, |l| l.0 < p));
+                        model.push((p, s, d));
+                    }
+                    LogOp::Scan(a, b, filter) => {
+                        let n = model.len();
+                        let (a, b) = (a.min(n), b.min(n));
+                        let pos = |i: usize| model.get(i).map_or(log.end().unwrap(), |e| e.0);
+                        let got = log.scan(pos(a), pos(b), &filter);
+                        if a < trimmed {
+                            let trimmed_err = matches!(got, Err(DsError::Trimmed { .. }));
+                            prop_assert!(trimmed_err, "scan from a trimmed position");
+                            continue;
+                        }
+                        let got = got.unwrap();
+                        let want: Vec<_> = model[a..b.max(a)]
+                            .iter()
+                            .filter(|e| filter.is_empty() || e.1.iter().any(|s| filter.contains(s)))
+                            .collect();
+                        prop_assert_eq!(got.entries.len(), want.len());
+                        for (g, w) in got.entries.iter().zip(want) {
+                            prop_assert_eq!(g.position, w.0);
+                            prop_assert_eq!(&g.streams, &w.1);
+                            prop_assert_eq!(&g.data, &w.2);
+                        }
+                    }
+                    LogOp::Trim(i) => {
+                        let i = i.min(model.len());
+                        if i >= trimmed {
+                            let p = model.get(i).map_or(log.end().unwrap(), |e| e.0);
+                            log.trim(p).unwrap();
+                            trimmed = i;
+                        }
+                    }
+                }
+            }
+            log.destroy().unwrap();
+            Ok(())
+        })
+        .unwrap();
 }

@@ -45,18 +45,60 @@ impl File {
     /// Creates the file at the absolute `path` (or opens it if it exists). Its lease
     /// is that of the path's nearest renewed ancestor.
     pub fn create_at(client: &Client, path: &str) -> Result<File, DsError> {
-        let path = PoolPath::parse(path)?;
-        let obj = Object::create(client, path, "file", MAGIC, "b", |len| {
-            Ok(vec![(CHUNK, len)])
-        })?;
-        Self::from_object(obj)
+        Self::create_kind(client, path, "file", MAGIC)
     }
 
     /// Opens the file at `path`.
     pub fn open(client: &Client, path: &str) -> Result<File, DsError> {
+        Self::open_kind(client, path, "file", MAGIC)
+    }
+
+    /// A byte stream for another object kind built on it (the shared log).
+    pub(crate) fn create_kind(
+        client: &Client,
+        path: &str,
+        kind: &'static str,
+        magic: u64,
+    ) -> Result<File, DsError> {
         let path = PoolPath::parse(path)?;
-        let obj = Object::open(client, path, "file", MAGIC, "b")?;
+        let obj = Object::create(client, path, kind, magic, "b", |len| Ok(vec![(CHUNK, len)]))?;
         Self::from_object(obj)
+    }
+
+    /// Opens a byte stream of another object kind.
+    pub(crate) fn open_kind(
+        client: &Client,
+        path: &str,
+        kind: &'static str,
+        magic: u64,
+    ) -> Result<File, DsError> {
+        let path = PoolPath::parse(path)?;
+        let obj = Object::open(client, path, kind, magic, "b")?;
+        Self::from_object(obj)
+    }
+
+    /// The object behind the stream.
+    pub(crate) fn object(&self) -> &Object {
+        &self.obj
+    }
+
+    /// Frees data block `k` (a trimmed log prefix). Readers of it then see zeros or
+    /// `StaleEpoch`.
+    pub(crate) fn retire_block(&self, k: u64) -> Result<(), DsError> {
+        if let Ok(idx) = usize::try_from(k) {
+            if let Some(slot) = self.blocks.lock().get_mut(idx) {
+                *slot = None;
+            }
+        }
+        match self.obj.entry(k)? {
+            Entry::Linked(id) => self.obj.retire(k, id),
+            Entry::Empty | Entry::Freed => Ok(()),
+        }
+    }
+
+    /// Drops cached block handles (after a `StaleEpoch`).
+    pub(crate) fn forget_blocks(&self) {
+        self.blocks.lock().clear();
     }
 
     fn from_object(obj: Object) -> Result<File, DsError> {
@@ -117,14 +159,25 @@ impl File {
     /// Appends `data` atomically with respect to other appends; returns the offset it
     /// was written at.
     pub fn append(&self, data: &[u8]) -> Result<u64, DsError> {
-        let n = data.len() as u64;
+        let pos = self.reserve(data.len() as u64)?;
+        self.commit_reserved(pos, data)?;
+        Ok(pos)
+    }
+
+    /// Reserves `n` bytes at the end; returns where they start.
+    pub(crate) fn reserve(&self, n: u64) -> Result<u64, DsError> {
         let pos = self.obj.meta().faa(TAIL, n)?;
         let end = pos.checked_add(n).ok_or_else(|| self.too_long(pos, n))?;
         self.saw(end);
+        Ok(pos)
+    }
+
+    /// Writes `data` into the range [`File::reserve`] returned, then publishes it.
+    pub(crate) fn commit_reserved(&self, pos: u64, data: &[u8]) -> Result<(), DsError> {
         self.write_pieces(pos, data)?;
         // Publish only after the data is written (never in the same batch).
-        self.obj.meta().faa(COMMITTED, n)?;
-        Ok(pos)
+        self.obj.meta().faa(COMMITTED, data.len() as u64)?;
+        Ok(())
     }
 
     /// Writes `data` at `pos`, extending the file if it ends past the current length

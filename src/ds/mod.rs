@@ -1,4 +1,5 @@
-//! Data structures built on one-sided operations: [`File`], [`Queue`] and [`Kv`].
+//! Data structures built on one-sided operations: [`File`], [`Queue`], [`Kv`] and
+//! the shared [`Log`].
 //!
 //! They live at pool paths and are shared by every client that opens the path; all
 //! coordination happens through 8-byte CAS/FAA on memory-node blocks, plus the
@@ -23,11 +24,13 @@
 
 mod file;
 mod kv;
+mod log;
 mod object;
 mod queue;
 
 pub use file::File;
 pub use kv::{Kv, KvConfig};
+pub use log::{Log, LogEntry, Scan, MAX_STREAMS};
 pub use queue::{Queue, QueueConfig};
 
 use crate::client::ClientError;
@@ -87,6 +90,16 @@ pub enum DsError {
         len: usize,
         /// Largest item.
         max: usize,
+    },
+    /// The log position was trimmed.
+    #[error("position {position} of log '{path}' was trimmed; the log now starts at {start}")]
+    Trimmed {
+        /// The log.
+        path: PoolPath,
+        /// The position asked for.
+        position: u64,
+        /// The first position still held.
+        start: u64,
     },
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]

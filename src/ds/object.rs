@@ -251,6 +251,9 @@ impl Object {
     /// Marks child `k` (block `id`) freed and removes its path, freeing the block.
     pub(crate) fn retire(&self, k: u64, id: BlockId) -> Result<(), DsError> {
         let found = self.meta.cas(self.dir_off(k)?, encode_id(id), FREED)?;
+        if found == FREED {
+            return Ok(()); // another client retired it (a log trimmed concurrently)
+        }
         if found != encode_id(id) {
             return Err(DsError::Corrupt {
                 path: self.path.clone(),
