@@ -151,17 +151,19 @@ if [ "$PERF" = 1 ]; then
   echo "--- perf: farpool bench (verbs) and perftest on rxe0 (\$(cut -d' ' -f1 /proc/uptime)s)"
   FP="$FARPOOL_REL"
   wait_line() { for _ in \$(seq 200); do grep -q '^listening ' "\$1" 2>/dev/null && { sed -n 's/^listening //p' "\$1" | head -1; return 0; }; sleep 0.1; done; return 1; }
-  RUST_LOG=error "\$FP" controller --listen 127.0.0.1:0 > /tmp/ctl.out 2>&1 & CTLPID=\$!
-  CTL=\$(wait_line /tmp/ctl.out)
-  RUST_LOG=error "\$FP" memnode --controller "\$CTL" --listen 127.0.0.1:0 --capacity 256MiB \
-    --transport verbs --no-lock --no-hugepages > /tmp/mn.out 2>&1 & MNPID=\$!
-  wait_line /tmp/mn.out >/dev/null || { echo "perf: memory node did not start"; cat /tmp/mn.out; }
+  # A fresh controller and memory node per measurement, so blocks of the last one
+  # (freed only when its lease lapses) do not fill the region.
   for spec in "read 4KiB 1" "read 4KiB 32" "read 4KiB 128" "read 8 1" "write 4KiB 32"; do
     set -- \$spec
+    RUST_LOG=error "\$FP" controller --listen 127.0.0.1:0 > /tmp/ctl.out 2>&1 & CTLPID=\$!
+    CTL=\$(wait_line /tmp/ctl.out)
+    RUST_LOG=error "\$FP" memnode --controller "\$CTL" --listen 127.0.0.1:0 --capacity 256MiB \
+      --transport verbs --no-lock --no-hugepages > /tmp/mn.out 2>&1 & MNPID=\$!
+    wait_line /tmp/mn.out >/dev/null || { echo "perf: memory node did not start"; cat /tmp/mn.out; }
     echo "farpool bench --op \$1 --size \$2 --depth \$3:"
     timeout 120 "\$FP" bench --controller "\$CTL" --op \$1 --size \$2 --depth \$3 --duration 5s --warmup 1s --json --no-progress 2>&1 | tail -2
+    kill \$MNPID \$CTLPID 2>/dev/null; wait \$MNPID \$CTLPID 2>/dev/null
   done
-  kill \$MNPID \$CTLPID 2>/dev/null; wait 2>/dev/null
   pair() { # name addr perftest-args...
     local name=\$1 addr=\$2; shift 2
     timeout 120 "\$@" > /tmp/\$name.srv 2>&1 & local sp=\$!
@@ -171,9 +173,9 @@ if [ "$PERF" = 1 ]; then
     printf '%-14s %s\\n' "\$name" "\$(grep -A1 '#bytes' /tmp/\$name.cli | tail -1)"
   }
   echo "perftest (lat: #bytes #iter t_min t_max t_typical t_avg t_stdev p99 p99.9 us; bw: #bytes #iter BWpeak BWavg MB/s Mpps):"
-  pair read_bw_4k 127.0.0.1 ib_read_bw -d rxe0 -x 1 -F -s 4096 -n 2000
-  pair write_bw_4k 127.0.0.1 ib_write_bw -d rxe0 -x 1 -F -s 4096 -n 2000
-  pair read_lat_8 127.0.0.1 ib_read_lat -d rxe0 -x 1 -F -s 8 -n 1000
+  pair read_bw_4k 127.0.0.1 ib_read_bw -d rxe0 -x 1 -F -s 4096 -D 5
+  pair write_bw_4k 127.0.0.1 ib_write_bw -d rxe0 -x 1 -F -s 4096 -D 5
+  pair read_lat_8 127.0.0.1 ib_read_lat -d rxe0 -x 1 -F -s 8 -n 5000
 fi
 echo "guest done after \$(cut -d' ' -f1 /proc/uptime)s"
 [ \$crc = 0 ] && exit \$erc
@@ -197,7 +199,7 @@ boot() {
   timeout "${VMTIMEOUT:-1200}" qemu-system-x86_64 -M q35 $A -smp "${SMP:-2}" -m "${MEM:-2G}" \
     -nodefaults -no-user-config -display none -nic none -serial stdio -no-reboot \
     -kernel "/boot/vmlinuz-$KVER" -initrd "$VM/initrd-$KVER.img" \
-    -append "console=ttyS0 quiet loglevel=1 panic=-1 guestinit=$VM/guest-init.sh" \
+    -append "console=ttyS0 quiet loglevel=1 panic=-1 clocksource=tsc tsc=reliable guestinit=$VM/guest-init.sh" \
     -fsdev local,id=root,path=/,readonly=on,security_model=none,multidevs=remap \
     -device virtio-9p-pci,fsdev=root,mount_tag=hostroot \
     -fsdev local,id=work,path="$WORK",security_model=none,multidevs=remap \

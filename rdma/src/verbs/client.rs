@@ -501,8 +501,13 @@ impl Conn {
         })?;
 
         let last = window[window.len() - 1].0 as u64;
-        let deadline = Instant::now() + timeout;
-        let mut spins = 0u32;
+        // Busy-poll first, without reading the clock (on some hosts, VMs in particular,
+        // a clock read is a slow system call); later yield now and then and check the
+        // deadline, which counts from the first clock read.
+        const BUSY_POLLS: u64 = 4096;
+        const CLOCK_EVERY: u64 = 256;
+        let mut deadline: Option<Instant> = None;
+        let mut spins = 0u64;
         let mut seen = 0usize;
         loop {
             let mut failed = None;
@@ -543,8 +548,14 @@ impl Conn {
                 return Ok(WindowEnd::Done);
             }
             spins += 1;
-            if spins > 256 {
-                if Instant::now() > deadline {
+            if spins < BUSY_POLLS || spins % 16 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            std::thread::yield_now();
+            if spins % CLOCK_EVERY == 0 {
+                let now = Instant::now();
+                if now > *deadline.get_or_insert(now + timeout) {
                     return Err(VerbsError::Timeout {
                         waited: timeout,
                         window: window.len(),
@@ -554,9 +565,6 @@ impl Conn {
                     }
                     .into());
                 }
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
             }
         }
     }
