@@ -138,7 +138,7 @@ cd "$ROOT"
 export FARPOOL_VERBS_REQUIRE=1 FARPOOL_RDMA_DEVICE=rxe0 RUST_BACKTRACE=1
 $EXTRA
 echo "--- verbs conformance suite"
-timeout 900 "$CONFORMANCE" ${TEST_FILTER:-verbs::} --test-threads=${TEST_THREADS:-2} > "$RES/conformance.log" 2>&1
+timeout 900 "$CONFORMANCE" ${TEST_FILTER:-verbs} --test-threads=${TEST_THREADS:-2} > "$RES/conformance.log" 2>&1
 crc=\$?
 echo "conformance exit status \$crc"
 grep -E '^test |test result' "$RES/conformance.log"

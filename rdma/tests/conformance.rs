@@ -252,6 +252,56 @@ verbs_backend!(
     registered_buffers,
 );
 
+/// A memory node that goes away makes operations fail with a typed transport error (an
+/// error completion, or the client's `op_timeout` when the device reports nothing: under
+/// Soft-RoCE no retry-exceeded completion arrived within 30 s), never a hang, and later
+/// calls fail to reconnect, also typed.
+#[cfg(feature = "verbs")]
+#[test]
+fn verbs_memory_node_gone() {
+    use farpool_rdma::verbs::{
+        device_names, VerbsClientConfig, VerbsServer, VerbsServerConfig, VerbsTransport,
+    };
+    use farpool_rdma::TransportError;
+    if device_names().is_empty() {
+        assert_ne!(std::env::var("FARPOOL_VERBS_REQUIRE").as_deref(), Ok("1"));
+        eprintln!("skipped: no RDMA device");
+        return;
+    }
+    let (region, access) = region();
+    let server = VerbsServer::bind(
+        "127.0.0.1:0",
+        region.clone(),
+        access.clone(),
+        VerbsServerConfig::default(),
+    )
+    .unwrap();
+    let addr = server.local_addr().to_string();
+    let t = VerbsTransport::connect(
+        &addr,
+        VerbsClientConfig {
+            op_timeout: std::time::Duration::from_secs(5),
+            ..VerbsClientConfig::default()
+        },
+    )
+    .unwrap();
+    let fx = Fixture { region, access };
+    let g = fx.grant(1);
+    t.write(g.rw(0), b"alive").unwrap();
+    server.shutdown();
+    let started = std::time::Instant::now();
+    let mut b = [0u8; 5];
+    match t.read(g.rw(0), &mut b) {
+        Err(Error::Transport(TransportError::Verbs(_))) => {}
+        other => panic!("expected a verbs transport error, got {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    match t.read(g.rw(0), &mut b) {
+        Err(Error::Transport(TransportError::Connect { .. })) => {}
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+}
+
 /// Operations on buffers from `alloc_buf` (registered memory on verbs) and on plain
 /// slices mixed in one batch.
 fn registered_buffers(t: &dyn Transport, fx: &Fixture) {
