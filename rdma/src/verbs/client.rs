@@ -2,10 +2,11 @@
 
 use std::io::BufReader;
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use sideway::ibverbs::completion::{
     GenericCompletionQueue, PollCompletionQueueError, WorkCompletionStatus,
 };
@@ -38,6 +39,10 @@ pub struct VerbsClientConfig {
     /// [`Transport::alloc_buf`], and atomic results. Raised to at least the memory node's
     /// largest operation plus room for atomics. Default 4 MiB.
     pub bounce_bytes: usize,
+    /// Queue pairs per transport (opened as concurrent batches need them): batches from
+    /// several threads run on different queue pairs; more batches than queue pairs take
+    /// turns. Default 4.
+    pub queue_pairs: usize,
     /// Post through the extended `ibv_wr_*` API where the device offers it (else
     /// `ibv_post_send` with a linked list; both ring one doorbell per window). Default true.
     pub extended_api: bool,
@@ -57,6 +62,7 @@ impl Default for VerbsClientConfig {
             send_queue: 256,
             max_inline: 64,
             bounce_bytes: 4 << 20,
+            queue_pairs: 4,
             extended_api: true,
             connect_timeout: Duration::from_secs(5),
             op_timeout: Duration::from_secs(30),
@@ -101,16 +107,19 @@ enum Local {
 /// A client transport over RDMA verbs (RC queue pair) to one memory node.
 ///
 /// Every batch is posted in windows of up to [`VerbsClientConfig::send_queue`]
-/// operations, each window with one doorbell and one signaled completion. Batches from
-/// several threads take turns on the queue pair (open several transports for parallel
-/// queue pairs). After an error completion the queue pair is re-created and the batch's
-/// operations that had not executed yet are posted again.
+/// operations, each window with one doorbell and one signaled completion. Concurrent
+/// batches use up to [`VerbsClientConfig::queue_pairs`] queue pairs, each with its own
+/// completion queue and bounce buffer. After an error completion the queue pair is
+/// re-created and the batch's operations that had not executed yet are posted again.
 pub struct VerbsTransport {
     addr: String,
     dev: Device,
     cfg: VerbsClientConfig,
     geometry: Accept,
-    conn: Mutex<Option<Conn>>,
+    /// Queue-pair slots; `None` until needed, or after a failure.
+    conns: Vec<Mutex<Option<Conn>>>,
+    /// Where the next batch starts looking for a free slot.
+    next_slot: AtomicUsize,
     regs: Mutex<Vec<Registered>>,
 }
 
@@ -123,7 +132,13 @@ impl VerbsTransport {
         Ok(VerbsTransport {
             addr: addr.to_string(),
             geometry: conn.remote,
-            conn: Mutex::new(Some(conn)),
+            conns: {
+                let mut first = Some(conn);
+                (0..cfg.queue_pairs.max(1))
+                    .map(|_| Mutex::new(first.take()))
+                    .collect()
+            },
+            next_slot: AtomicUsize::new(0),
             regs: Mutex::new(Vec::new()),
             dev,
             cfg,
@@ -170,6 +185,23 @@ impl VerbsTransport {
             return Err(OpError::Misaligned { addr });
         }
         Ok(())
+    }
+
+    /// A queue-pair slot for one batch: a free open one, else a free empty one (the
+    /// batch opens it), else the next one in turn, waiting for it.
+    fn slot(&self) -> MutexGuard<'_, Option<Conn>> {
+        let n = self.conns.len();
+        let start = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        for want_open in [true, false] {
+            for i in 0..n {
+                if let Some(g) = self.conns[(start + i) % n].try_lock() {
+                    if g.is_some() || !want_open {
+                        return g;
+                    }
+                }
+            }
+        }
+        self.conns[start % n].lock()
     }
 
     /// The registration covering `ptr..ptr+len`, if the bytes are from `alloc_buf`.
@@ -604,7 +636,7 @@ impl Transport for VerbsTransport {
                 op.status = OpStatus::Failed(e);
             }
         }
-        let mut conn = self.conn.lock();
+        let mut conn = self.slot();
         // Each round either completes every pending operation or fails one of them, so
         // this ends after at most `ops.len() + 1` rounds.
         loop {
