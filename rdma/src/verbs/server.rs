@@ -42,9 +42,9 @@ impl Default for VerbsServerConfig {
 }
 
 struct Shared {
-    // Field order matters: the memory region is deregistered before the region it
-    // covers can be unmapped.
-    mr: Arc<MemoryRegion>,
+    // Keeps the region registered. Field order matters: the memory region is
+    // deregistered before the region it covers can be unmapped.
+    _mr: Arc<MemoryRegion>,
     dev: Device,
     accept_template: Accept,
     _region: Arc<Region>,
@@ -132,7 +132,7 @@ impl VerbsServer {
             max_op_bytes: config.max_op_bytes.min(access.block_size()).max(1),
         };
         let shared = Arc::new(Shared {
-            mr,
+            _mr: mr,
             dev,
             accept_template,
             _region: region,
@@ -297,5 +297,4 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         }
     }
     drop(live);
-    let _ = shared.mr.lkey();
 }
