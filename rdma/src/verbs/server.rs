@@ -89,7 +89,7 @@ impl VerbsServer {
             .map_err(|_| TransportError::Region("region larger than the address space".into()))?;
         let base = region.base_ptr() as usize;
         // SAFETY: `base..base + len` is the region's mapping, which stays mapped while the
-        // `Arc<Region>` kept in `Shared` lives; `Shared` declares `mr` first, so the memory
+        // `Arc<Region>` kept in `Shared` lives; `Shared` declares `_mr` first, so the memory
         // region is deregistered before that `Arc` is released. Remote access only ever
         // reaches the region through the device, as the region's own contract allows.
         let mr = unsafe {
