@@ -17,6 +17,11 @@ pub const MAX_SLOTS: u64 = 16 * 1024;
 /// child processes on 127.0.0.1 and stops them when it ends.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
+    /// What to measure: raw one-sided operations on blocks (`raw`, the default) or a
+    /// data structure (`kv`, `queue`, `file`, `log`).
+    #[arg(value_enum, default_value_t = Workload::Raw)]
+    pub workload: Workload,
+
     /// Controller of a running cluster to measure (host:port). Without it, a controller
     /// and a memory node are started as child processes on 127.0.0.1.
     #[arg(long, value_name = "ADDR")]
@@ -26,18 +31,20 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = BenchTransport::Soft)]
     pub transport: BenchTransport,
 
-    /// Operation to measure.
-    #[arg(long, value_enum, default_value_t = BenchOp::Read)]
-    pub op: BenchOp,
+    /// Operation to measure. raw: read|write|cas|faa|alloc (default read); kv: get|put
+    /// (default get); queue: enqueue|dequeue (default enqueue); file: append|read
+    /// (default read); log: append|scan (default append).
+    #[arg(long, value_enum)]
+    pub op: Option<BenchOp>,
 
     /// Bytes per READ/WRITE (e.g. 64, 4KiB, 64KiB). Atomics always use 8 bytes.
     /// Default: 4 KiB for read and write, 8 for cas and faa.
     #[arg(long, value_parser = parse_size_arg)]
     pub size: Option<u64>,
 
-    /// Client threads, each with its own connection.
-    #[arg(long, default_value_t = 1)]
-    pub clients: usize,
+    /// Client threads, each with its own connection (default 1; 4 with --verify).
+    #[arg(long)]
+    pub clients: Option<usize>,
 
     /// Operations per batch (pipeline depth) per client.
     #[arg(long, default_value_t = 1)]
@@ -56,9 +63,10 @@ pub struct BenchArgs {
     pub repeat: u32,
 
     /// Block size of the self-started memory node; also the smallest working set per
-    /// client.
-    #[arg(long, default_value = "1MiB", value_parser = parse_size_arg)]
-    pub block_size: u64,
+    /// client. Default 1 MiB; 64 KiB with --verify (smaller partitions and segments
+    /// repartition more often).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub block_size: Option<u64>,
 
     /// Region size of the self-started memory node.
     #[arg(long, default_value = "256MiB", value_parser = parse_size_arg)]
@@ -91,10 +99,26 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_progress: bool,
 
+    /// Instead of measuring, run concurrent clients through many splits and merges of a
+    /// `kv` or `queue` with low thresholds for --duration, check every acknowledged
+    /// write, print `lost=N duplicated=N reordered=N splits=N merges=N` and fail when
+    /// anything was lost, duplicated or reordered.
+    #[arg(long)]
+    pub verify: bool,
+
     /// Render the markdown tables for docs/BENCHMARKS.md from FILE (output of
     /// `--json`, one object per line) to stdout, and run nothing.
     #[arg(long, value_name = "FILE")]
     pub render: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The block size of the self-started memory node: `--block-size`, or its default
+    /// (1 MiB; 64 KiB with `--verify`).
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+            .unwrap_or(if self.verify { 64 << 10 } else { 1 << 20 })
+    }
 }
 
 /// The operation a benchmark measures.
@@ -110,6 +134,18 @@ pub enum BenchOp {
     Faa,
     /// Controller block allocation: one block per operation; held blocks are freed 16 at a time.
     Alloc,
+    /// Kv `get` of a pre-populated key (Redis GET).
+    Get,
+    /// Kv `upsert` of an existing key (Redis SET).
+    Put,
+    /// Queue `enqueue`, each followed by an untimed `dequeue` (Redis RPUSH, then LPOP).
+    Enqueue,
+    /// Queue `dequeue`, each preceded by an untimed `enqueue` (Redis LPOP, after RPUSH).
+    Dequeue,
+    /// File or log append; a client starts a new file (log) each block (Redis APPEND).
+    Append,
+    /// Log `scan` of one pre-written entry (no peer).
+    Scan,
 }
 
 impl BenchOp {
@@ -121,6 +157,12 @@ impl BenchOp {
             Self::Cas => "cas",
             Self::Faa => "faa",
             Self::Alloc => "alloc",
+            Self::Get => "get",
+            Self::Put => "put",
+            Self::Enqueue => "enqueue",
+            Self::Dequeue => "dequeue",
+            Self::Append => "append",
+            Self::Scan => "scan",
         }
     }
 
@@ -131,7 +173,75 @@ impl BenchOp {
 
     /// Whether the operation moves `size` payload bytes (counted in MiB/s).
     pub fn moves_payload(self) -> bool {
-        matches!(self, Self::Read | Self::Write)
+        !matches!(self, Self::Cas | Self::Faa | Self::Alloc)
+    }
+}
+
+/// What `farpool bench` measures: raw block operations or one data structure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum Workload {
+    /// One-sided READ/WRITE/CAS/FAA on blocks, or controller allocations.
+    #[default]
+    Raw,
+    /// The [`crate::ds::Kv`] hash table.
+    Kv,
+    /// The [`crate::ds::Queue`] FIFO.
+    Queue,
+    /// The [`crate::ds::File`] byte stream.
+    File,
+    /// The shared [`crate::ds::Log`].
+    Log,
+}
+
+impl Workload {
+    /// Lowercase name as used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Kv => "kv",
+            Self::Queue => "queue",
+            Self::File => "file",
+            Self::Log => "log",
+        }
+    }
+
+    /// The operations this workload accepts; the first is the default.
+    pub fn ops(self) -> &'static [BenchOp] {
+        match self {
+            Self::Raw => &[
+                BenchOp::Read,
+                BenchOp::Write,
+                BenchOp::Cas,
+                BenchOp::Faa,
+                BenchOp::Alloc,
+            ],
+            Self::Kv => &[BenchOp::Get, BenchOp::Put],
+            Self::Queue => &[BenchOp::Enqueue, BenchOp::Dequeue],
+            Self::File => &[BenchOp::Read, BenchOp::Append],
+            Self::Log => &[BenchOp::Append, BenchOp::Scan],
+        }
+    }
+
+    /// The `system` name of farpool's results: `farpool` for raw, `farpool-kv` etc.
+    pub fn farpool_system(self) -> &'static str {
+        match self {
+            Self::Raw => "farpool",
+            Self::Kv => "farpool-kv",
+            Self::Queue => "farpool-queue",
+            Self::File => "farpool-file",
+            Self::Log => "farpool-log",
+        }
+    }
+
+    /// Whether this is a data structure (not raw block operations).
+    pub fn is_structure(self) -> bool {
+        self != Self::Raw
+    }
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -187,10 +297,20 @@ impl PeerKind {
         }
     }
 
-    /// Why `op` cannot be compared on this peer, or `None` when it can.
-    pub fn unsupported_reason(self, op: BenchOp) -> Option<&'static str> {
+    /// Why `op` of `workload` cannot be compared on this peer, or `None` when it can.
+    pub fn unsupported_reason(self, workload: Workload, op: BenchOp) -> Option<&'static str> {
+        if self == Self::Memcached && workload.is_structure() {
+            return Some("the data-structure workloads compare against Redis commands only");
+        }
         match (self, op) {
             (_, BenchOp::Read | BenchOp::Write | BenchOp::Faa) => None,
+            (Self::Redis, BenchOp::Get | BenchOp::Put | BenchOp::Enqueue | BenchOp::Dequeue) => {
+                None
+            }
+            (Self::Redis, BenchOp::Append) if workload == Workload::File => None,
+            (_, BenchOp::Append | BenchOp::Scan) => {
+                Some("a shared log with positions and streams has no comparable Redis command")
+            }
             (Self::Redis, BenchOp::Cas) => Some(
                 "Redis has no single-command compare-and-swap on a word (WATCH/MULTI or a Lua script are not comparable)",
             ),
@@ -198,6 +318,7 @@ impl PeerKind {
                 "memcached's cas needs a gets round trip for its token, which is not comparable to one CAS",
             ),
             (_, BenchOp::Alloc) => Some("block allocation is a farpool controller operation"),
+            (Self::Memcached, _) => Some("memcached has no comparable command"),
         }
     }
 }
@@ -274,6 +395,8 @@ pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 /// Validated parameters of one benchmark configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// Raw block operations or a data structure.
+    pub workload: Workload,
     /// Operation.
     pub op: BenchOp,
     /// Bytes per operation (8 for atomics; the block size for `alloc`, filled in once
@@ -298,11 +421,41 @@ impl Plan {
     /// (`--block-size`) and at least `depth` of them, so the operations of a batch always
     /// touch distinct slots; at most [`MAX_SLOTS`].
     pub fn from_args(args: &BenchArgs) -> Result<Self, BenchError> {
-        if args.clients == 0 {
+        let workload = args.workload;
+        let clients = args.clients.unwrap_or(if args.verify { 4 } else { 1 });
+        if clients == 0 {
             return Err(BenchError::Args("--clients must be at least 1".into()));
         }
         if args.depth == 0 {
             return Err(BenchError::Args("--depth must be at least 1".into()));
+        }
+        let op = args.op.unwrap_or(workload.ops()[0]);
+        if !workload.ops().contains(&op) {
+            let names: Vec<&str> = workload.ops().iter().map(|o| o.as_str()).collect();
+            return Err(BenchError::Args(format!(
+                "--op {op} is not a {workload} operation; use one of {}",
+                names.join(", ")
+            )));
+        }
+        if workload.is_structure() && args.depth != 1 {
+            return Err(BenchError::Args(format!(
+                "the {workload} benchmark issues one operation at a time per client (the structures have no pipelined API); use --depth 1 and more --clients"
+            )));
+        }
+        if args.verify && !matches!(workload, Workload::Kv | Workload::Queue) {
+            return Err(BenchError::Args(format!(
+                "--verify checks the structures that split and merge: run `farpool bench kv --verify` or `farpool bench queue --verify`, not {workload}"
+            )));
+        }
+        if args.verify && !args.peers.is_empty() {
+            return Err(BenchError::Args(
+                "--verify checks farpool only; drop --peer".into(),
+            ));
+        }
+        if args.verify && args.no_farpool {
+            return Err(BenchError::Args(
+                "--verify checks farpool; drop --no-farpool".into(),
+            ));
         }
         if args.repeat == 0 {
             return Err(BenchError::Args("--repeat must be at least 1".into()));
@@ -320,12 +473,12 @@ impl Plan {
                 "--report-node-memory measures farpool's memory node; drop --no-farpool".into(),
             ));
         }
-        if args.block_size == 0 {
+        if args.block_size() == 0 {
             return Err(BenchError::Args(
                 "--block-size must be larger than 0".into(),
             ));
         }
-        let size = match (args.op, args.size) {
+        let size = match (op, args.size) {
             (op, Some(s)) if op.is_atomic() && s != 8 => {
                 return Err(BenchError::Args(format!(
                     "--op {op} works on 8-byte words; omit --size or pass --size 8"
@@ -337,20 +490,20 @@ impl Plan {
                     "--op alloc allocates one block at a time; set the block size with --block-size instead of --size".into(),
                 ))
             }
-            (BenchOp::Alloc, None) => args.block_size,
+            (BenchOp::Alloc, None) => args.block_size(),
             (_, Some(0)) => return Err(BenchError::Args("--size must be larger than 0".into())),
             (_, Some(s)) => s,
             (_, None) => 4096,
         };
-        if args.op == BenchOp::Alloc && args.depth != 1 {
+        if op == BenchOp::Alloc && args.depth != 1 {
             return Err(BenchError::Args(
                 "--op alloc issues one allocation at a time per client; use --depth 1".into(),
             ));
         }
-        if args.op.moves_payload() && size > args.block_size && args.controller.is_none() {
+        if op.moves_payload() && size > args.block_size() && args.controller.is_none() {
             return Err(BenchError::Args(format!(
                 "--size {size} is larger than --block-size {}; an operation must fit in one block, raise --block-size",
-                args.block_size
+                args.block_size()
             )));
         }
         let depth = args.depth as u64;
@@ -359,22 +512,23 @@ impl Plan {
                 "--depth {depth} is larger than the {MAX_SLOTS} slots a client cycles through; lower it"
             )));
         }
-        let slots = (args.block_size / size).max(depth).clamp(1, MAX_SLOTS);
+        let slots = (args.block_size() / size).max(depth).clamp(1, MAX_SLOTS);
         let plan = Self {
-            op: args.op,
+            workload,
+            op,
             size,
-            clients: args.clients,
+            clients,
             depth: args.depth,
             duration: args.duration,
             warmup: args.warmup,
             slots,
         };
         if args.controller.is_none() && !args.no_farpool {
-            let needed = plan.bytes_per_client_upper_bound(args.block_size) * args.clients as u64;
+            let needed = plan.bytes_per_client_upper_bound(args.block_size()) * clients as u64;
             if needed > args.capacity {
                 return Err(BenchError::Args(format!(
                     "{} clients need about {} of pool memory but --capacity is {}; raise --capacity",
-                    args.clients,
+                    clients,
                     crate::size::format_size(needed),
                     crate::size::format_size(args.capacity)
                 )));
@@ -387,6 +541,12 @@ impl Plan {
     pub fn bytes_per_client_upper_bound(&self, block_size: u64) -> u64 {
         if self.op == BenchOp::Alloc {
             return crate::bench::farpool_load::ALLOC_FREE_BATCH as u64 * block_size;
+        }
+        if self.workload.is_structure() {
+            // Out-of-place records, half-full partitions after splits, directories and
+            // a file or log being replaced: a generous bound.
+            let data = (self.slots * self.size).div_ceil(block_size).max(1) * block_size;
+            return data * 4 + 4 * block_size;
         }
         let per_block = (block_size / self.size).max(1);
         self.slots.div_ceil(per_block) * block_size
@@ -422,11 +582,14 @@ mod tests {
     #[test]
     fn defaults_and_plan() {
         let a = parse(&[]);
-        assert_eq!(a.op, BenchOp::Read);
+        assert_eq!(a.workload, Workload::Raw);
+        assert_eq!(a.op, None);
         assert_eq!(a.transport, BenchTransport::Soft);
         assert_eq!(a.duration, Duration::from_secs(5));
         assert_eq!(a.warmup, Duration::from_secs(1));
         let p = Plan::from_args(&a).unwrap();
+        assert_eq!(p.op, BenchOp::Read);
+        assert_eq!(p.clients, 1);
         assert_eq!(p.size, 4096);
         assert_eq!(p.slots, 256);
         assert_eq!(p.payload_bytes(), 4096);
@@ -488,12 +651,94 @@ mod tests {
 
     #[test]
     fn peers_skip_what_they_cannot_compare() {
-        assert!(PeerKind::Redis.unsupported_reason(BenchOp::Cas).is_some());
-        assert!(PeerKind::Memcached
-            .unsupported_reason(BenchOp::Alloc)
+        use Workload::*;
+        assert!(PeerKind::Redis
+            .unsupported_reason(Raw, BenchOp::Cas)
             .is_some());
         assert!(PeerKind::Memcached
-            .unsupported_reason(BenchOp::Faa)
+            .unsupported_reason(Raw, BenchOp::Alloc)
+            .is_some());
+        assert!(PeerKind::Memcached
+            .unsupported_reason(Raw, BenchOp::Faa)
             .is_none());
+        for (w, op) in [
+            (Kv, BenchOp::Get),
+            (Kv, BenchOp::Put),
+            (Queue, BenchOp::Enqueue),
+            (Queue, BenchOp::Dequeue),
+            (File, BenchOp::Append),
+            (File, BenchOp::Read),
+        ] {
+            assert!(
+                PeerKind::Redis.unsupported_reason(w, op).is_none(),
+                "{w} {op}"
+            );
+            assert!(PeerKind::Memcached.unsupported_reason(w, op).is_some());
+        }
+        assert!(PeerKind::Redis
+            .unsupported_reason(Log, BenchOp::Append)
+            .is_some());
+        assert!(PeerKind::Redis
+            .unsupported_reason(Log, BenchOp::Scan)
+            .is_some());
+    }
+
+    #[test]
+    fn structure_workloads_parse_and_validate() {
+        let a = parse(&["kv"]);
+        assert_eq!(a.workload, Workload::Kv);
+        let p = Plan::from_args(&a).unwrap();
+        assert_eq!(
+            (p.workload, p.op, p.size),
+            (Workload::Kv, BenchOp::Get, 4096)
+        );
+        let p = Plan::from_args(&parse(&["queue", "--op", "dequeue", "--clients", "4"])).unwrap();
+        assert_eq!((p.op, p.clients, p.depth), (BenchOp::Dequeue, 4, 1));
+        assert_eq!(
+            Plan::from_args(&parse(&["file"])).unwrap().op,
+            BenchOp::Read
+        );
+        assert_eq!(
+            Plan::from_args(&parse(&["log"])).unwrap().op,
+            BenchOp::Append
+        );
+        assert_eq!(
+            Plan::from_args(&parse(&["raw", "--op", "faa"]))
+                .unwrap()
+                .size,
+            8
+        );
+        // Operations of another workload, pipelining, and --verify where it does not apply.
+        for bad in [
+            &["kv", "--op", "read"][..],
+            &["queue", "--op", "get"],
+            &["--op", "get"],
+            &["log", "--op", "read"],
+            &["kv", "--depth", "4"],
+            &["file", "--verify"],
+            &["raw", "--verify"],
+            &["kv", "--verify", "--peer", "redis=127.0.0.1:6379"],
+        ] {
+            let err = Plan::from_args(&parse(bad)).unwrap_err();
+            assert!(matches!(err, BenchError::Args(_)), "{bad:?}: {err}");
+        }
+        let err = Plan::from_args(&parse(&["kv", "--depth", "4"])).unwrap_err();
+        assert!(err.to_string().contains("--depth 1"), "{err}");
+        let p = Plan::from_args(&parse(&["kv", "--verify"])).unwrap();
+        assert_eq!(p.clients, 4);
+        assert_eq!(Workload::Queue.farpool_system(), "farpool-queue");
+        assert!(clap_names_match());
+    }
+
+    /// The command-line names of the workloads are their `as_str` names.
+    fn clap_names_match() -> bool {
+        use clap::ValueEnum;
+        Workload::value_variants().iter().all(|w| {
+            w.to_possible_value()
+                .is_some_and(|v| v.get_name() == w.as_str())
+        }) && BenchOp::value_variants().iter().all(|o| {
+            o.to_possible_value()
+                .is_some_and(|v| v.get_name() == o.as_str())
+        })
     }
 }

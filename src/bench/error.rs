@@ -134,6 +134,27 @@ pub enum BenchError {
     #[error("a benchmark thread panicked; this is a bug in the harness, please report it")]
     WorkerPanicked,
 
+    /// A data-structure operation needed to set up or tear down a benchmark failed.
+    #[error("farpool data structure failed while {during}: {source}")]
+    Structure {
+        /// What the harness was doing.
+        during: String,
+        /// The underlying error.
+        #[source]
+        source: crate::ds::DsError,
+    },
+
+    /// `--verify` found acknowledged writes lost, duplicated or reordered.
+    #[error("verification failed: lost={lost} duplicated={duplicated} reordered={reordered}; this is a bug in the data structure, please report it with the command line")]
+    VerifyFailed {
+        /// Acknowledged writes missing afterwards.
+        lost: u64,
+        /// Items delivered twice, or removed keys that came back.
+        duplicated: u64,
+        /// Items out of per-producer order, or values older than the last acknowledged.
+        reordered: u64,
+    },
+
     /// A file could not be read or written.
     #[error("cannot access {path}: {source}")]
     File {

@@ -188,6 +188,16 @@ impl Connection for DataConn {
                     "alloc is measured by the allocation benchmark, not on blocks".into(),
                 ))
             }
+            BenchOp::Get
+            | BenchOp::Put
+            | BenchOp::Enqueue
+            | BenchOp::Dequeue
+            | BenchOp::Append
+            | BenchOp::Scan => {
+                return Err(BenchError::Args(format!(
+                    "{op} is a data-structure operation, measured on a structure, not on blocks"
+                )))
+            }
         }
         let result = exec.transport().execute(&mut ops);
         let mut outcome = BatchOutcome::default();

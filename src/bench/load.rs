@@ -260,6 +260,7 @@ mod tests {
 
     fn plan(clients: usize, depth: usize) -> Plan {
         Plan {
+            workload: crate::bench::args::Workload::Raw,
             op: BenchOp::Read,
             size: 64,
             clients,

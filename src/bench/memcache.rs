@@ -83,7 +83,14 @@ pub(crate) fn read_reply<R: BufRead>(
             "NOT_FOUND" => Ok(McReply::NotFound),
             _ => text.parse().map(McReply::Number).map_err(|_| unexpected()),
         },
-        BenchOp::Cas | BenchOp::Alloc => Err(ProtoError::Malformed(format!(
+        BenchOp::Cas
+        | BenchOp::Alloc
+        | BenchOp::Get
+        | BenchOp::Put
+        | BenchOp::Enqueue
+        | BenchOp::Dequeue
+        | BenchOp::Append
+        | BenchOp::Scan => Err(ProtoError::Malformed(format!(
             "{op} is not a memcached benchmark operation"
         ))),
     }
@@ -103,7 +110,14 @@ fn command_name(op: BenchOp) -> &'static str {
         BenchOp::Read => "get",
         BenchOp::Write => "set",
         BenchOp::Faa => "incr",
-        BenchOp::Cas | BenchOp::Alloc => "an unsupported command",
+        BenchOp::Cas
+        | BenchOp::Alloc
+        | BenchOp::Get
+        | BenchOp::Put
+        | BenchOp::Enqueue
+        | BenchOp::Dequeue
+        | BenchOp::Append
+        | BenchOp::Scan => "an unsupported command",
     }
 }
 

@@ -12,13 +12,21 @@
 //! or as one JSON object per line with `--json`; `--render FILE` turns such a file into
 //! the markdown tables of `docs/BENCHMARKS.md`.
 //!
+//! `farpool bench kv|queue|file|log` measures a data structure of [`crate::ds`] the
+//! same way (depth 1), against the comparable Redis commands; `--verify` instead runs
+//! concurrent clients through many splits and merges and checks every acknowledged
+//! write (see [`verify`]).
+//!
 //! ```text
 //! farpool bench --op read --size 4KiB --clients 4 --depth 16 --duration 5 \
 //!     --peer redis=127.0.0.1:6379 --peer memcached=127.0.0.1:11211
+//! farpool bench kv --op put --clients 4 --peer redis=127.0.0.1:6379
+//! farpool bench queue --verify --duration 15
 //! ```
 
 mod args;
 mod cluster;
+mod ds_load;
 mod error;
 mod farpool_load;
 mod load;
@@ -28,15 +36,18 @@ mod progress;
 mod report;
 mod resp;
 mod stats;
+mod verify;
 mod wire;
 
-pub use args::{BenchArgs, BenchOp, BenchTransport, PeerKind, PeerSpec, Plan, MAX_SLOTS};
+pub use args::{BenchArgs, BenchOp, BenchTransport, PeerKind, PeerSpec, Plan, Workload, MAX_SLOTS};
 pub use error::BenchError;
 pub use memory::{measure as measure_node_memory, NodeMemory};
 pub use report::{human_header, human_row, render_markdown, BenchRecord};
 pub use stats::{LatencyHistogram, Summary, Tally};
+pub use verify::VerifyReport;
 
 use cluster::LocalCluster;
+use ds_load::DsConn;
 use farpool_load::{AllocConn, DataConn};
 use load::{run_load, RunSpec};
 use memcache::MemcachedConn;
@@ -70,17 +81,20 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
     let peers: Vec<&PeerSpec> = args
         .peers
         .iter()
-        .filter(|p| match p.kind.unsupported_reason(plan.op) {
-            Some(why) => {
-                eprintln!(
-                    "note: not running --op {} on {}: {why}",
-                    plan.op,
-                    p.kind.as_str()
-                );
-                false
-            }
-            None => true,
-        })
+        .filter(
+            |p| match p.kind.unsupported_reason(plan.workload, plan.op) {
+                Some(why) => {
+                    eprintln!(
+                        "note: not running {} --op {} on {}: {why}",
+                        plan.workload,
+                        plan.op,
+                        p.kind.as_str()
+                    );
+                    false
+                }
+                None => true,
+            },
+        )
         .collect();
 
     // Fail before the first (possibly long) farpool run when a peer is unreachable.
@@ -98,7 +112,7 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
             Some(b) => b.clone(),
             None => cluster::default_bin()?,
         };
-        let mut c = LocalCluster::start(&bin, args.transport, args.capacity, args.block_size)?;
+        let mut c = LocalCluster::start(&bin, args.transport, args.capacity, args.block_size())?;
         wait_for_memory_node(&mut c)?;
         let addr = c.controller_addr().to_string();
         cluster = Some(c);
@@ -117,6 +131,19 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis())
     );
+    if args.verify {
+        let Some(addr) = &controller else {
+            return Err(BenchError::Args(
+                "--verify needs a farpool cluster; drop --no-farpool".into(),
+            ));
+        };
+        let report = verify::run(addr, &plan, &format!("/bench/{run_id}/verify"))?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{report}")
+            .and_then(|()| out.flush())
+            .map_err(BenchError::Output)?;
+        return report.check();
+    }
     let mut printer = Printer::new(args.json);
     for run in 1..=args.repeat {
         if let Some(addr) = &controller {
@@ -201,10 +228,11 @@ fn run_farpool(
     target: &FarpoolTarget<'_>,
     run: u32,
 ) -> Result<BenchRecord, BenchError> {
+    let system = plan.workload.farpool_system();
     let spec = RunSpec {
         plan,
-        system: "farpool",
-        label: label("farpool", plan, run, args.repeat),
+        system,
+        label: label(system, plan, run, args.repeat),
         progress: !args.no_progress,
     };
     let sample = || -> Result<MemorySample, BenchError> {
@@ -229,7 +257,14 @@ fn run_farpool(
     };
     let path = |i: usize| format!("/bench/{}/c{i}", target.run_id);
     let block_len = AtomicU64::new(0);
-    let (tally, mem) = if plan.op == BenchOp::Alloc {
+    let (tally, mem) = if plan.workload.is_structure() {
+        let base = format!("/bench/{}", target.run_id);
+        run_load(
+            &spec,
+            |i| DsConn::connect(target.addr, &base, i, plan),
+            sample,
+        )?
+    } else if plan.op == BenchOp::Alloc {
         run_load(
             &spec,
             |i| AllocConn::connect(target.addr, &path(i), &block_len),
@@ -247,7 +282,7 @@ fn run_farpool(
         len => len,
     };
     let mut rec = BenchRecord::new(
-        "farpool",
+        system,
         target.transport,
         plan.op.as_str(),
         size,
@@ -256,6 +291,7 @@ fn run_farpool(
         run,
         &tally.summary(plan.payload_bytes()),
     );
+    rec.structure = structure_of(plan);
     rec.node_rss_beyond_region_kib = mem.beyond_region_kib;
     rec.node_rss_kib = mem.total_kib;
     rec.first_error = tally.first_error;
@@ -297,14 +333,28 @@ fn run_peer(
         run,
         &tally.summary(plan.payload_bytes()),
     );
+    rec.structure = structure_of(plan);
     rec.first_error = tally.first_error;
     Ok(rec)
 }
 
-/// Progress label such as `farpool read 4 KiB c4 d16 [2/3]`.
+/// The `structure` field of a record of `plan`.
+fn structure_of(plan: &Plan) -> Option<String> {
+    plan.workload
+        .is_structure()
+        .then(|| plan.workload.as_str().to_string())
+}
+
+/// Progress label such as `farpool read 4 KiB c4 d16 [2/3]` (`redis kv get ...` for a
+/// peer of a structure).
 fn label(system: &str, plan: &Plan, run: u32, repeat: u32) -> String {
+    let workload = if plan.workload.is_structure() && !system.starts_with("farpool") {
+        format!(" {}", plan.workload)
+    } else {
+        String::new()
+    };
     let mut s = format!(
-        "{system} {} {} c{} d{}",
+        "{system}{workload} {} {} c{} d{}",
         plan.op,
         crate::size::format_size(plan.size),
         plan.clients,
@@ -367,7 +417,8 @@ mod tests {
 
     #[test]
     fn labels_name_the_run() {
-        let plan = Plan {
+        let mut plan = Plan {
+            workload: Workload::Raw,
             op: BenchOp::Read,
             size: 4096,
             clients: 4,
@@ -381,5 +432,16 @@ mod tests {
             "redis read 4.0 KiB c4 d16 [2/3]"
         );
         assert_eq!(label("redis", &plan, 1, 1), "redis read 4.0 KiB c4 d16");
+        plan.workload = Workload::Queue;
+        plan.op = BenchOp::Enqueue;
+        plan.depth = 1;
+        assert_eq!(
+            label("redis", &plan, 1, 1),
+            "redis queue enqueue 4.0 KiB c4 d1"
+        );
+        assert_eq!(
+            label("farpool-queue", &plan, 1, 1),
+            "farpool-queue enqueue 4.0 KiB c4 d1"
+        );
     }
 }

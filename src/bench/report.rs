@@ -11,8 +11,13 @@ use std::fmt::Write as _;
 /// One measured run, as printed by `farpool bench --json` (one object per line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BenchRecord {
-    /// `farpool`, `redis` or `memcached`.
+    /// `farpool`, `redis` or `memcached`; `farpool-kv`, `farpool-queue`,
+    /// `farpool-file` or `farpool-log` for the data-structure workloads.
     pub system: String,
+    /// The data-structure workload (`kv`, `queue`, `file`, `log`) for farpool and its
+    /// peers; absent for raw block operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structure: Option<String>,
     /// farpool's data-plane transport (`soft`, `shm`); `null` for peers.
     pub transport: Option<String>,
     /// `read`, `write`, `cas`, `faa` or `alloc`.
@@ -74,6 +79,7 @@ impl BenchRecord {
         };
         Self {
             system: system.to_string(),
+            structure: None,
             transport: transport.map(str::to_string),
             op: op.to_string(),
             size,
@@ -108,7 +114,7 @@ impl BenchRecord {
 /// The header of the human-readable result table.
 pub fn human_header() -> String {
     format!(
-        "{:<10} {:<5} {:<5} {:>8} {:>7} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>3}",
+        "{:<13} {:<5} {:<7} {:>8} {:>7} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>3}",
         "system",
         "trans",
         "op",
@@ -128,7 +134,7 @@ pub fn human_header() -> String {
 /// One record as a row of the human-readable table, with notes on following lines.
 pub fn human_row(r: &BenchRecord) -> String {
     let mut s = format!(
-        "{:<10} {:<5} {:<5} {:>8} {:>7} {:>5} {:>10} {:>9.1} {:>9} {:>9} {:>9} {:>7} {:>3}",
+        "{:<13} {:<5} {:<7} {:>8} {:>7} {:>5} {:>10} {:>9.1} {:>9} {:>9} {:>9} {:>7} {:>3}",
         r.system,
         r.transport_label(),
         r.op,
@@ -258,7 +264,10 @@ impl GroupKey {
                 "alloc" => 4,
                 _ => 5,
             },
-            op: r.op.clone(),
+            op: match &r.structure {
+                Some(s) => format!("{s} {}", r.op),
+                None => r.op.clone(),
+            },
             size: r.size,
             clients: r.clients,
             depth: r.depth,

@@ -3,12 +3,19 @@
 //! READ is `GET key` (keys pre-populated with values of the benchmark size), WRITE is
 //! `SET key value`, FAA is `INCRBY key 1`. A batch of `depth` commands is written and
 //! flushed once, then the `depth` replies are read in order (Redis pipelining).
+//!
+//! The data-structure workloads use the comparable commands: kv `get`/`put` are
+//! GET/SET; queue `enqueue` is a timed RPUSH followed by an untimed LPOP on one list
+//! shared by all clients (`dequeue` the other way round); file `append` is APPEND to a
+//! per-client string (deleted, untimed, once it holds `slots * size` bytes) and file
+//! `read` is GETRANGE of a random `size` slice of a pre-written string.
 
-use super::args::{BenchOp, Plan};
+use super::args::{BenchOp, Plan, Workload};
 use super::error::BenchError;
 use super::load::{BatchOutcome, Connection};
 use super::wire::{parse_int, read_block, read_line, ProtoError, Wire};
 use std::io::{BufRead, Write};
+use std::time::{Duration, Instant};
 
 const SYSTEM: &str = "redis";
 
@@ -113,9 +120,20 @@ pub(crate) fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
 }
 
 /// Whether `reply` is the expected answer to `op`; `Err` holds the message to count.
+///
+/// For the queue and file operations it checks the reply to the timed command (RPUSH
+/// and APPEND: an integer; LPOP and GETRANGE: `size` bytes).
 pub(crate) fn check_reply(op: BenchOp, size: u64, reply: &Reply) -> Result<(), String> {
     match (op, reply) {
         (_, Reply::Error(msg)) => Err(format!("redis error: {msg}")),
+        (BenchOp::Get | BenchOp::Dequeue, Reply::Bulk(Some(n))) if *n as u64 == size => Ok(()),
+        (BenchOp::Get | BenchOp::Dequeue, Reply::Bulk(n)) => Err(format!(
+            "{} returned {} instead of {size} bytes",
+            if op == BenchOp::Get { "GET" } else { "LPOP" },
+            n.map_or_else(|| "nil".to_string(), |n| format!("{n} bytes"))
+        )),
+        (BenchOp::Put, Reply::Simple(s)) if s == "OK" => Ok(()),
+        (BenchOp::Enqueue | BenchOp::Append, Reply::Integer(n)) if *n > 0 => Ok(()),
         (BenchOp::Read, Reply::Bulk(Some(n))) if *n as u64 == size => Ok(()),
         (BenchOp::Read, Reply::Bulk(Some(n))) => Err(format!(
             "GET returned {n} bytes instead of {size}; another writer changed the key"
@@ -133,8 +151,13 @@ pub(crate) fn check_reply(op: BenchOp, size: u64, reply: &Reply) -> Result<(), S
 pub(crate) struct RedisConn {
     wire: Wire,
     addr: String,
+    workload: Workload,
     op: BenchOp,
     size: u64,
+    /// The list (queue) or string (file) key of the structure workloads.
+    key: Vec<u8>,
+    /// Length at which the file string is deleted and started again.
+    limit: u64,
     /// Encoded command per slot for GET and INCRBY; the key per slot for SET.
     per_slot: Vec<Vec<u8>>,
     value: Vec<u8>,
@@ -151,17 +174,40 @@ impl RedisConn {
             .map(|s| format!("bench:{client}:{s}").into_bytes())
             .collect();
         let value = super::payload(plan.size);
+        let key = match plan.workload {
+            Workload::Queue => b"bench:queue".to_vec(),
+            _ => format!("bench:file:{client}").into_bytes(),
+        };
         let mut conn = Self {
             wire,
             addr: addr.to_string(),
+            workload: plan.workload,
             op: plan.op,
             size: plan.size,
+            key,
+            limit: (plan.slots * plan.size).max(plan.size),
             per_slot: Vec::new(),
             value,
             out: Vec::new(),
             line: Vec::new(),
             bulk: Vec::new(),
         };
+        match (plan.workload, plan.op) {
+            (Workload::Queue, _) => return Ok(conn),
+            (Workload::File, BenchOp::Append) => {
+                conn.out.clear();
+                encode_command(&mut conn.out, &[b"DEL", &conn.key]);
+                conn.exchange()?;
+                return Ok(conn);
+            }
+            (Workload::File, _) => {
+                let whole = super::payload(conn.limit);
+                let key = conn.key.clone();
+                conn.populate(&[key], &whole)?;
+                return Ok(conn);
+            }
+            _ => {}
+        }
         let initial: Vec<u8> = if plan.op == BenchOp::Faa {
             b"0".to_vec()
         } else {
@@ -169,7 +215,7 @@ impl RedisConn {
         };
         conn.populate(&keys, &initial)?;
         conn.per_slot = match plan.op {
-            BenchOp::Read => keys
+            BenchOp::Read | BenchOp::Get => keys
                 .iter()
                 .map(|k| {
                     let mut c = Vec::new();
@@ -203,6 +249,69 @@ impl RedisConn {
         self.wire.writer.flush().map_err(io)
     }
 
+    /// Sends the command in `out` and reads its reply.
+    fn exchange(&mut self) -> Result<Reply, BenchError> {
+        self.send()?;
+        read_reply(&mut self.wire.reader, &mut self.line, &mut self.bulk).map_err(|e| self.proto(e))
+    }
+
+    /// One queue or file operation on `slot`: the timed part's latency and whether its
+    /// reply was the expected one.
+    fn structure_op(&mut self, slot: usize) -> Result<(Duration, Result<(), String>), BenchError> {
+        self.out.clear();
+        match (self.workload, self.op) {
+            (Workload::Queue, _) => {
+                encode_command(&mut self.out, &[b"RPUSH", &self.key, &self.value]);
+                let t0 = Instant::now();
+                let pushed = self.exchange()?;
+                let t1 = Instant::now();
+                self.out.clear();
+                encode_command(&mut self.out, &[b"LPOP", &self.key]);
+                let popped = self.exchange()?;
+                let (took, reply) = if self.op == BenchOp::Enqueue {
+                    (t1 - t0, pushed)
+                } else {
+                    (t1.elapsed(), popped)
+                };
+                Ok((took, check_reply(self.op, self.size, &reply)))
+            }
+            (Workload::File, BenchOp::Append) => {
+                encode_command(&mut self.out, &[b"APPEND", &self.key, &self.value]);
+                let t0 = Instant::now();
+                let reply = self.exchange()?;
+                let took = t0.elapsed();
+                if let Reply::Integer(len) = reply {
+                    if u64::try_from(len).unwrap_or(0) >= self.limit {
+                        self.out.clear();
+                        encode_command(&mut self.out, &[b"DEL", &self.key]);
+                        self.exchange()?;
+                    }
+                }
+                Ok((took, check_reply(self.op, self.size, &reply)))
+            }
+            (Workload::File, _) => {
+                let start = slot as u64 * self.size;
+                let end = start + self.size - 1;
+                encode_command(
+                    &mut self.out,
+                    &[
+                        b"GETRANGE",
+                        &self.key,
+                        start.to_string().as_bytes(),
+                        end.to_string().as_bytes(),
+                    ],
+                );
+                let t0 = Instant::now();
+                let reply = self.exchange()?;
+                let took = t0.elapsed();
+                Ok((took, check_reply(BenchOp::Get, self.size, &reply)))
+            }
+            (w, op) => Err(BenchError::Args(format!(
+                "--op {op} of {w} has no Redis equivalent"
+            ))),
+        }
+    }
+
     fn populate(&mut self, keys: &[Vec<u8>], value: &[u8]) -> Result<(), BenchError> {
         for chunk in keys.chunks(POPULATE_CHUNK) {
             self.out.clear();
@@ -228,12 +337,26 @@ impl RedisConn {
 
 impl Connection for RedisConn {
     fn run_batch(&mut self, slots: &[usize]) -> Result<BatchOutcome, BenchError> {
+        if matches!(self.workload, Workload::Queue | Workload::File) {
+            let mut outcome = BatchOutcome::default();
+            let mut timed = Duration::ZERO;
+            for &s in slots {
+                let (took, checked) = self.structure_op(s)?;
+                timed += took;
+                if let Err(msg) = checked {
+                    outcome.failed += 1;
+                    outcome.error.get_or_insert(msg);
+                }
+            }
+            outcome.latency = Some(timed);
+            return Ok(outcome);
+        }
         self.out.clear();
         for &s in slots {
             let Some(entry) = self.per_slot.get(s) else {
                 return Err(BenchError::Args(format!("slot {s} is out of range")));
             };
-            if self.op == BenchOp::Write {
+            if matches!(self.op, BenchOp::Write | BenchOp::Put) {
                 encode_command(&mut self.out, &[b"SET", entry, &self.value]);
             } else {
                 self.out.extend_from_slice(entry);

@@ -8,6 +8,7 @@ use parking_lot::{Mutex, RwLock};
 use siphasher::sip::SipHasher13;
 use std::collections::HashMap;
 use std::hash::Hasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB1");
@@ -63,6 +64,17 @@ impl Default for KvConfig {
             merge_load: 0.05,
         }
     }
+}
+
+/// Repartitionings one [`Kv`] handle carried out (see [`Kv::repartitions`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvRepartitions {
+    /// Partitions split in two.
+    pub splits: u64,
+    /// Pairs of buddy partitions merged into one.
+    pub merges: u64,
+    /// Partitions rewritten in place to reclaim record space left by replaced values.
+    pub compactions: u64,
 }
 
 /// What a write does when the key is present or absent.
@@ -126,6 +138,9 @@ pub struct Kv {
     merge_at: u64,
     map: RwLock<Map>,
     parts: Mutex<HashMap<u64, BlockHandle>>,
+    splits: AtomicU64,
+    merges: AtomicU64,
+    compactions: AtomicU64,
 }
 
 /// A cached copy of the partition directory.
@@ -279,6 +294,9 @@ impl Kv {
             merge_at: buckets * SLOTS as u64 * merge / 1000,
             map: RwLock::new(Map::default()),
             parts: Mutex::new(HashMap::new()),
+            splits: AtomicU64::new(0),
+            merges: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
         };
         kv.reload()?;
         Ok(kv)
@@ -287,6 +305,17 @@ impl Kv {
     /// The table's path.
     pub fn path(&self) -> &PoolPath {
         self.obj.path()
+    }
+
+    /// The splits, merges and compactions this handle published (not other handles'
+    /// or other clients'): sum them over every handle to count a table's
+    /// repartitionings.
+    pub fn repartitions(&self) -> KvRepartitions {
+        KvRepartitions {
+            splits: self.splits.load(Ordering::Relaxed),
+            merges: self.merges.load(Ordering::Relaxed),
+            compactions: self.compactions.load(Ordering::Relaxed),
+        }
     }
 
     /// Number of partitions in the current map.
@@ -882,15 +911,25 @@ impl Kv {
         self.map_block.faa(VERSION, 1)?;
         debug_assert!(locked % 2 == 1);
         let retired = outcome?;
+        if let Some((_, _, split)) = &retired {
+            let counter = if *split {
+                &self.splits
+            } else {
+                &self.compactions
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         self.reload()?;
-        if let Some((child, part)) = retired {
+        if let Some((child, part, _)) = retired {
             self.parts.lock().remove(&child);
             self.obj.retire(child, part.id())?;
         }
         Ok(())
     }
 
-    fn split_locked(&self, route: Route) -> Result<Option<(u64, BlockHandle)>, DsError> {
+    /// The retired partition and whether it was split (`false`: compacted), or `None`
+    /// when nothing was repartitioned.
+    fn split_locked(&self, route: Route) -> Result<Option<(u64, BlockHandle, bool)>, DsError> {
         let mut entries = self.locked_entries()?;
         let range = self.range(route.depth, route.prefix);
         let word = route.child << 8 | u64::from(route.depth);
@@ -902,7 +941,7 @@ impl Kv {
         };
         self.freeze(&old)?;
         match self.split_frozen(route, &old, &mut entries, range) {
-            Ok(()) => Ok(Some((route.child, old))),
+            Ok(split) => Ok(Some((route.child, old, split))),
             Err(e) => {
                 // Nothing was published: let writers back in.
                 self.unfreeze(&old)?;
@@ -917,7 +956,7 @@ impl Kv {
         old: &BlockHandle,
         entries: &mut [u64],
         range: std::ops::Range<usize>,
-    ) -> Result<(), DsError> {
+    ) -> Result<bool, DsError> {
         let records = self.collect(old)?;
         if self.roomy(&records) {
             // The record space filled up with replaced values: compact into one fresh
@@ -927,7 +966,9 @@ impl Kv {
             self.write_partition(&part, &records)?;
             let word = next << 8 | u64::from(route.depth);
             entries[range.clone()].iter_mut().for_each(|e| *e = word);
-            return self.write_entries(&entries[range.clone()], range.start);
+            return self
+                .write_entries(&entries[range.clone()], range.start)
+                .map(|()| false);
         }
         if route.depth >= self.g {
             return Err(DsError::Config(format!(
@@ -953,6 +994,7 @@ impl Kv {
             };
         }
         self.write_entries(&entries[range.clone()], range.start)
+            .map(|()| true)
     }
 
     /// Merges the partition at `route` with its buddy when both are small enough.
@@ -966,6 +1008,9 @@ impl Kv {
         let outcome = self.merge_locked(route);
         self.map_block.faa(VERSION, 1)?;
         let retired = outcome?;
+        if !retired.is_empty() {
+            self.merges.fetch_add(1, Ordering::Relaxed);
+        }
         self.reload()?;
         for (child, part) in retired {
             self.parts.lock().remove(&child);

@@ -29,9 +29,9 @@ mod object;
 mod queue;
 
 pub use file::File;
-pub use kv::{Kv, KvConfig};
+pub use kv::{Kv, KvConfig, KvRepartitions};
 pub use log::{Log, LogEntry, Scan, MAX_STREAMS};
-pub use queue::{Queue, QueueConfig};
+pub use queue::{Queue, QueueConfig, QueueSegments};
 
 use crate::client::ClientError;
 use crate::proto::{BlockId, PathError, PoolPath};

@@ -63,6 +63,21 @@ pub struct Queue {
     head: AtomicU64,
     tail: AtomicU64,
     poll: Duration,
+    /// One more than the highest segment number this handle found linked.
+    seen_segments: AtomicU64,
+    /// Segments this handle freed.
+    freed_segments: AtomicU64,
+}
+
+/// How far a queue grew and shrank, as seen by one [`Queue`] handle (see
+/// [`Queue::segments`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueSegments {
+    /// Segments `0..linked` were linked (by any client) when this handle last used the
+    /// newest of them: take the maximum over handles.
+    pub linked: u64,
+    /// Segments this handle freed after their last item was taken: sum over handles.
+    pub freed: u64,
 }
 
 /// What a segment number refers to.
@@ -139,7 +154,18 @@ impl Queue {
             head: AtomicU64::new(head),
             tail: AtomicU64::new(tail),
             poll: Duration::from_millis(2),
+            seen_segments: AtomicU64::new(0),
+            freed_segments: AtomicU64::new(0),
         })
+    }
+
+    /// How many segments were linked (up to the newest this handle used) and how many
+    /// this handle freed: the queue's growth and shrinkage, for monitoring and tests.
+    pub fn segments(&self) -> QueueSegments {
+        QueueSegments {
+            linked: self.seen_segments.load(Ordering::Relaxed),
+            freed: self.freed_segments.load(Ordering::Relaxed),
+        }
     }
 
     /// The queue's path.
@@ -330,6 +356,7 @@ impl Queue {
         if done + n == self.slots {
             self.forget(k);
             self.obj.retire(k, seg.id())?;
+            self.freed_segments.fetch_add(1, Ordering::Relaxed);
             self.obj.raise(HEAD_HINT, k + 1)?;
         }
         Ok(Step::Retry)
@@ -481,6 +508,7 @@ impl Queue {
             // Every slot is resolved: no one reads this segment again.
             self.forget(k);
             self.obj.retire(k, seg.id())?;
+            self.freed_segments.fetch_add(1, Ordering::Relaxed);
             self.obj.raise(HEAD_HINT, k + 1)?;
         }
         Ok(match item {
@@ -567,6 +595,7 @@ impl Queue {
         };
         Ok(match handle {
             Some(h) => {
+                self.seen_segments.fetch_max(k + 1, Ordering::Relaxed);
                 let mut segs = self.segs.lock();
                 // Drop handles of segments behind both ends.
                 let low = self
