@@ -15,6 +15,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod controller;
+pub mod dag;
 pub mod demo;
 pub mod ds;
 pub mod embedded;

@@ -1,0 +1,80 @@
+//! The centralized baseline: one scheduler (the submitting thread) tracks in-degrees
+//! in its own memory and dispatches each ready task to the same executor pool. Small
+//! outputs come back to the scheduler and go out with the next dispatch (as in Dask);
+//! large ones go through the same pool objects as in the Wukong executor.
+
+use super::job::{Event, Job};
+use super::plan::TaskId;
+use super::DagError;
+use std::collections::HashMap;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+
+/// Runs the whole job; returns the sink outputs.
+pub(crate) fn run(
+    job: &Arc<Job>,
+    events: &Receiver<Event>,
+) -> Result<HashMap<TaskId, Arc<Vec<u8>>>, DagError> {
+    let plan = &job.plan;
+    let mut remaining: Vec<usize> = (0..plan.len()).map(|t| plan.parents(t).len()).collect();
+    let mut inline: HashMap<TaskId, Arc<Vec<u8>>> = HashMap::new();
+    let mut sinks = HashMap::new();
+    for &leaf in plan.leaves() {
+        dispatch(job, leaf, Vec::new())?;
+    }
+    let mut done = 0;
+    while done < plan.len() {
+        let event = events.recv().map_err(|_| DagError::ExecutorsGone)?;
+        let (t, out) = match event {
+            Event::Done(t, out) => (t, out),
+            Event::Failed(e) => return Err(e),
+            Event::Sink(t, out) => (t, Some(out)),
+        };
+        done += 1;
+        if let Some(out) = out {
+            if plan.children(t).is_empty() {
+                sinks.insert(t, out);
+            } else {
+                inline.insert(t, out);
+            }
+        }
+        for &c in plan.children(t) {
+            remaining[c] -= 1;
+            if remaining[c] == 0 {
+                let known = plan
+                    .parents(c)
+                    .iter()
+                    .filter_map(|p| inline.get(p).map(|v| (*p, v.clone())))
+                    .collect();
+                dispatch(job, c, known)?;
+            }
+        }
+    }
+    Ok(sinks)
+}
+
+fn dispatch(
+    job: &Arc<Job>,
+    task: TaskId,
+    known: Vec<(TaskId, Arc<Vec<u8>>)>,
+) -> Result<(), DagError> {
+    let j = job.clone();
+    job.invoke(move || {
+        let result = j.execute(task, |p| {
+            known.iter().find(|(k, _)| *k == p).map(|(_, v)| v.clone())
+        });
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => return j.fail(e),
+        };
+        let is_sink = j.plan.children(task).is_empty();
+        if is_sink || out.len() <= j.inline_limit {
+            j.send(Event::Done(task, Some(out)));
+        } else {
+            match j.store.put(j.plan.name(task), &out) {
+                Ok(()) => j.send(Event::Done(task, None)),
+                Err(e) => j.fail(e),
+            }
+        }
+    })
+}

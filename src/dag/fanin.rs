@@ -1,0 +1,232 @@
+//! Fan-in counters in pool blocks: one counter region per job.
+//!
+//! Every task with more than one parent gets a region of 8-byte words inside one block:
+//!
+//! ```text
+//! [ counter | claim | flag(edge 0) | flag(edge 1) | ... ]
+//! ```
+//!
+//! A parent arriving on edge `e` first sets `flag(e)` with CAS 0 -> mark, where the
+//! nonzero mark says where the parent's output is (see `docs/DAG.md`). Only the CAS
+//! winner adds 1 to `counter` with FAA, so a retried (replayed) arrival never counts
+//! twice. The FAA is issued in one batch with a READ of all the child's flags. The
+//! arrival that sees the counter reach the number of parents, or sees every flag set,
+//! claims the child with CAS `claim` 0 -> 1, and the claimer runs it. The flags are the
+//! ground truth and the counter the fast path: if an executor dies between its flag CAS
+//! and its FAA, the counter stays short, but the last flag setter still sees every flag
+//! set; a replay of an arrival whose flag is already set reads the flags and claims if
+//! they are all set. The claim CAS lets only one of them run the child.
+
+use super::plan::{Plan, TaskId};
+use super::DagError;
+use crate::client::{BlockHandle, Task};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What an arrival at a fan-in means for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arrival {
+    /// Every parent has arrived and this caller claimed the child: it must run it.
+    /// Holds every edge's mark, in the order of the child's parents.
+    Run(Vec<u64>),
+    /// Other parents have not arrived yet, or another arrival claimed the child.
+    Wait,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    block: usize,
+    offset: u64,
+    parents: u64,
+}
+
+const COUNTER: u64 = 0;
+const CLAIM: u64 = 8;
+const FLAGS: u64 = 16;
+
+/// The fan-in counters of one job, in blocks owned by the job's pool path.
+#[derive(Debug)]
+pub struct FanIn {
+    job: String,
+    blocks: Vec<BlockHandle>,
+    regions: Vec<Option<Region>>,
+    ops: AtomicU64,
+}
+
+impl FanIn {
+    /// Allocates zeroed counter blocks for every fan-in of `plan` under `job`'s path.
+    /// A plan without fan-ins allocates nothing.
+    pub fn create(job: &Task, plan: &Plan) -> Result<FanIn, DagError> {
+        let mut regions = vec![None; plan.len()];
+        let mut blocks = Vec::new();
+        let wide: Vec<TaskId> = (0..plan.len())
+            .filter(|&t| plan.parents(t).len() > 1)
+            .collect();
+        if !wide.is_empty() {
+            blocks = job.alloc(1)?;
+            let block_len = blocks.first().map(|b| b.len()).unwrap_or(0);
+            let (mut block, mut offset) = (0usize, 0u64);
+            for t in wide {
+                let parents = plan.parents(t).len() as u64;
+                let size = FLAGS + 8 * parents;
+                if size > block_len {
+                    return Err(DagError::FanInTooWide {
+                        task: plan.name(t).to_string(),
+                        parents: parents as usize,
+                        block_len,
+                    });
+                }
+                if offset + size > block_len {
+                    block += 1;
+                    offset = 0;
+                }
+                regions[t] = Some(Region {
+                    block,
+                    offset,
+                    parents,
+                });
+                offset += size;
+            }
+            if block > 0 {
+                blocks.extend(job.alloc(block as u64 * block_len)?);
+            }
+            if blocks.len() <= block {
+                return Err(DagError::Corrupt {
+                    job: job.path().to_string(),
+                    what: format!(
+                        "asked for {} counter blocks, the pool granted {}",
+                        block + 1,
+                        blocks.len()
+                    ),
+                });
+            }
+        }
+        Ok(FanIn {
+            job: job.path().to_string(),
+            blocks,
+            regions,
+            ops: AtomicU64::new(0),
+        })
+    }
+
+    /// Counters for a job without fan-ins in the pool (the centralized scheduler
+    /// counts in its own memory).
+    pub(crate) fn empty(job: String) -> FanIn {
+        FanIn {
+            job,
+            blocks: Vec::new(),
+            regions: Vec::new(),
+            ops: AtomicU64::new(0),
+        }
+    }
+
+    fn region(&self, child: TaskId) -> Result<(Region, &BlockHandle), DagError> {
+        let region =
+            self.regions
+                .get(child)
+                .copied()
+                .flatten()
+                .ok_or_else(|| DagError::Corrupt {
+                    job: self.job.clone(),
+                    what: format!("task {child} has no fan-in counter"),
+                })?;
+        let block = self
+            .blocks
+            .get(region.block)
+            .ok_or_else(|| DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("counter block {} is missing", region.block),
+            })?;
+        Ok((region, block))
+    }
+
+    /// Records that the parent on `edge` (its index in the child's parents) finished,
+    /// leaving `mark` (nonzero) in its flag, and says whether the caller must run
+    /// `child`. Safe to call again for the same edge (a retried executor): the counter
+    /// is not incremented twice, the first mark stays, and the child is claimed at most
+    /// once.
+    pub fn arrive(&self, child: TaskId, edge: usize, mark: u64) -> Result<Arrival, DagError> {
+        if mark == 0 {
+            return Err(DagError::Config(
+                "a fan-in mark must be nonzero (0 means 'not arrived')".to_string(),
+            ));
+        }
+        let (region, block) = self.region(child)?;
+        if edge as u64 >= region.parents {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("edge {edge} of a task with {} parents", region.parents),
+            });
+        }
+        let flag = region.offset + FLAGS + 8 * edge as u64;
+        let mut flags = vec![0u8; 8 * region.parents as usize];
+        let first = block.cas(flag, 0, mark)? == 0;
+        let mut complete = false;
+        if first {
+            let before = {
+                let mut ops = [
+                    block.faa_op(region.offset + COUNTER, 1)?,
+                    block.read_op(region.offset + FLAGS, &mut flags)?,
+                ];
+                block.execute(&mut ops)?;
+                ops[0].result
+            };
+            self.ops.fetch_add(3, Ordering::Relaxed);
+            if before >= region.parents {
+                return Err(DagError::Corrupt {
+                    job: self.job.clone(),
+                    what: format!(
+                        "counter of task {child} passed its {} parents",
+                        region.parents
+                    ),
+                });
+            }
+            complete = before + 1 == region.parents;
+        } else {
+            block.read(region.offset + FLAGS, &mut flags)?;
+            self.ops.fetch_add(2, Ordering::Relaxed);
+        }
+        // Flags are set once by CAS and never change. A READ may tear a word being
+        // CASed, but any nonzero byte means that CAS has landed.
+        complete = complete || flags.chunks_exact(8).all(|w| w.iter().any(|&b| b != 0));
+        if !complete {
+            return Ok(Arrival::Wait);
+        }
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        if block.cas(region.offset + CLAIM, 0, 1)? == 0 {
+            Ok(Arrival::Run(self.marks(block, region)?))
+        } else {
+            Ok(Arrival::Wait)
+        }
+    }
+
+    /// Every edge's mark read atomically (CAS 0 -> 0 returns the word unchanged), in
+    /// one batch.
+    fn marks(&self, block: &BlockHandle, region: Region) -> Result<Vec<u64>, DagError> {
+        let mut ops = (0..region.parents)
+            .map(|e| block.cas_op(region.offset + FLAGS + 8 * e, 0, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        block.execute(&mut ops)?;
+        self.ops.fetch_add(region.parents, Ordering::Relaxed);
+        let marks: Vec<u64> = ops.iter().map(|op| op.result).collect();
+        if marks.contains(&0) {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: "a claimed fan-in has an edge that never arrived".to_string(),
+            });
+        }
+        Ok(marks)
+    }
+
+    /// The counter of `child`: how many distinct parents have counted themselves.
+    pub fn count(&self, child: TaskId) -> Result<u64, DagError> {
+        let (region, block) = self.region(child)?;
+        let mut word = [0u8; 8];
+        block.read(region.offset + COUNTER, &mut word)?;
+        Ok(u64::from_le_bytes(word))
+    }
+
+    /// Pool operations (CAS, FAA, READ) issued so far.
+    pub fn ops(&self) -> u64 {
+        self.ops.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,127 @@
+//! One running job: what both schedulers share (plan, functions, output store,
+//! fan-in counters, executor invoker, event channel to the submitter, statistics).
+
+use super::executor::Invoker;
+use super::fanin::FanIn;
+use super::graph::Registry;
+use super::plan::{Plan, Source, TaskId};
+use super::store::OutputStore;
+use super::typed::Inputs;
+use super::DagError;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+/// What executors tell the submitter.
+pub(crate) enum Event {
+    /// A sink finished with this output.
+    Sink(TaskId, Arc<Vec<u8>>),
+    /// (Centralized) a task finished; small outputs come along, large ones are in the
+    /// pool.
+    Done(TaskId, Option<Arc<Vec<u8>>>),
+    /// The job failed.
+    Failed(DagError),
+}
+
+/// Per-job counts shared by the executors and the submitter.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub tasks_run: AtomicU64,
+    pub invocations: AtomicU64,
+}
+
+pub(crate) struct Job {
+    pub plan: Arc<Plan>,
+    pub registry: Arc<Registry>,
+    pub store: Arc<OutputStore>,
+    pub fanin: Arc<FanIn>,
+    pub counters: Arc<Counters>,
+    pub invoker: Invoker,
+    pub inline_limit: usize,
+    pub cluster: bool,
+    pub replay_fan_in: bool,
+    pub events: Sender<Event>,
+    pub failed: AtomicBool,
+}
+
+impl Job {
+    /// Whether the job already failed (executors stop at their next task).
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Reports the first failure; later ones are dropped.
+    pub(crate) fn fail(&self, e: DagError) {
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            // The submitter may have given up already; nothing else to tell.
+            let _ = self.events.send(Event::Failed(e));
+        }
+    }
+
+    pub(crate) fn send(&self, event: Event) {
+        // A closed channel means the submitter gave up (the job failed).
+        let _ = self.events.send(event);
+    }
+
+    /// Queues `work` on a free executor.
+    pub(crate) fn invoke(&self, work: impl FnOnce() + Send + 'static) -> Result<(), DagError> {
+        self.counters.invocations.fetch_add(1, Ordering::Relaxed);
+        if self.invoker.invoke(work) {
+            Ok(())
+        } else {
+            Err(DagError::ExecutorsGone)
+        }
+    }
+
+    /// Runs task `t`: gathers its inputs (from `local` where present, else from the
+    /// pool) and calls its function, turning errors and panics into
+    /// [`DagError::TaskFailed`].
+    pub(crate) fn execute(
+        &self,
+        t: TaskId,
+        local: impl Fn(TaskId) -> Option<Arc<Vec<u8>>>,
+    ) -> Result<Arc<Vec<u8>>, DagError> {
+        let task = &self.plan.tasks[t];
+        let mut inputs = Inputs::default();
+        for (name, source) in &task.inputs {
+            let value = match source {
+                Source::Const(bytes) => bytes.clone(),
+                Source::Parent(edge) => {
+                    let p = task.parents[*edge];
+                    match local(p) {
+                        Some(v) => v,
+                        None => self.store.get(self.plan.name(p))?,
+                    }
+                }
+            };
+            inputs.insert(name.clone(), value);
+        }
+        let function =
+            self.registry
+                .get(&task.function)
+                .ok_or_else(|| DagError::UnknownFunction {
+                    task: task.name.clone(),
+                    function: task.function.clone(),
+                })?;
+        self.counters.tasks_run.fetch_add(1, Ordering::Relaxed);
+        match catch_unwind(AssertUnwindSafe(|| function(&inputs))) {
+            Ok(Ok(out)) => Ok(Arc::new(out)),
+            Ok(Err(e)) => Err(DagError::TaskFailed {
+                task: task.name.clone(),
+                message: e.0,
+            }),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "the function panicked".to_string());
+                Err(DagError::TaskFailed {
+                    task: task.name.clone(),
+                    message: format!("panicked: {message}"),
+                })
+            }
+        }
+    }
+}

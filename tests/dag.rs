@@ -1,0 +1,324 @@
+//! DAG executor tests over an embedded pool: tree reductions under both schedulers,
+//! diamonds, large outputs through pool objects, replayed fan-in arrivals, failures.
+
+use farpool::dag::{
+    encode, Arrival, DagError, DagRuntime, FanIn, Graph, Input, Plan, Registry, RuntimeConfig,
+    Scheduler, TaskError,
+};
+use farpool::{EmbeddedConfig, EmbeddedPool};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+fn pool() -> EmbeddedPool {
+    EmbeddedPool::start(EmbeddedConfig {
+        nodes: 2,
+        capacity: 32 << 20,
+        block_size: 256 << 10,
+        ..EmbeddedConfig::default()
+    })
+    .expect("embedded pool")
+}
+
+/// Functions: `leaf` returns its constant, `sum` adds every input (u64s), `pad` adds a
+/// large ballast so outputs go through pool objects. `calls` counts runs per task.
+fn registry(calls: Arc<Mutex<HashMap<u64, u64>>>) -> Registry {
+    let mut r = Registry::new();
+    r.register("leaf", |inputs| Ok(encode(&inputs.get::<u64>("v")?)?));
+    let c = calls.clone();
+    r.register("sum", move |inputs| {
+        let mut total = 0u64;
+        for name in inputs.names() {
+            let (v, _): (u64, Vec<u8>) = match inputs.get::<(u64, Vec<u8>)>(name) {
+                Ok(x) => x,
+                Err(_) => (inputs.get::<u64>(name)?, Vec::new()),
+            };
+            total += v;
+        }
+        *c.lock()
+            .map_err(|_| TaskError::msg("poisoned"))?
+            .entry(total)
+            .or_default() += 1;
+        Ok(encode(&total)?)
+    });
+    r.register("pad", |inputs| {
+        let v: u64 = inputs.get("v")?;
+        Ok(encode(&(v, vec![7u8; 64 << 10]))?)
+    });
+    r
+}
+
+/// A binary tree reduction over `leaves` leaves holding 1..=leaves; the sink is `r`.
+fn tree(leaves: u64, leaf_fn: &str) -> Graph {
+    let mut g = Graph::new();
+    let mut level: Vec<String> = Vec::new();
+    for i in 0..leaves {
+        let name = format!("l{i}");
+        g.add(&name, leaf_fn, [("v", Input::value(&(i + 1)).unwrap())])
+            .unwrap();
+        level.push(name);
+    }
+    let mut depth = 0;
+    while level.len() > 1 {
+        let mut next = Vec::new();
+        for (j, pair) in level.chunks(2).enumerate() {
+            let name = if level.len() <= 2 {
+                "r".to_string()
+            } else {
+                format!("s{depth}-{j}")
+            };
+            let inputs: Vec<(String, Input)> = pair
+                .iter()
+                .enumerate()
+                .map(|(k, p)| (format!("in{k}"), Input::task(p)))
+                .collect();
+            g.add(&name, "sum", inputs).unwrap();
+            next.push(name);
+        }
+        level = next;
+        depth += 1;
+    }
+    g
+}
+
+fn runtime(
+    pool: &EmbeddedPool,
+    config: RuntimeConfig,
+) -> (DagRuntime, Arc<Mutex<HashMap<u64, u64>>>) {
+    let calls = Arc::new(Mutex::new(HashMap::new()));
+    let rt = DagRuntime::new(pool.client().unwrap(), registry(calls.clone()), config).unwrap();
+    (rt, calls)
+}
+
+#[test]
+fn tree_reduction_both_schedulers() {
+    let pool = pool();
+    let (rt, _) = runtime(&pool, RuntimeConfig::default());
+    for leaves in [64u64, 1024] {
+        let g = tree(leaves, "leaf");
+        for s in [Scheduler::Wukong, Scheduler::Central] {
+            let out = rt.run(&g, s).unwrap();
+            assert_eq!(
+                out.get::<u64>("r").unwrap(),
+                leaves * (leaves + 1) / 2,
+                "{s:?}"
+            );
+            let st = out.stats();
+            assert_eq!(
+                st.tasks_run, st.tasks,
+                "{s:?}: every task runs exactly once"
+            );
+            assert_eq!(st.tasks, 2 * leaves - 1);
+            match s {
+                Scheduler::Wukong => {
+                    assert!(st.counter_ops > 0);
+                    // One executor per leaf; fan-ins are resolved, never invoked.
+                    assert_eq!(st.invocations, leaves);
+                }
+                Scheduler::Central => {
+                    assert_eq!(st.counter_ops, 0);
+                    assert_eq!(st.invocations, st.tasks);
+                    // Small outputs travel through the scheduler, never the pool.
+                    assert_eq!(st.bytes_written, 0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn replayed_fan_in_counts_once() {
+    let pool = pool();
+    let (rt, calls) = runtime(
+        &pool,
+        RuntimeConfig {
+            replay_fan_in: true,
+            ..RuntimeConfig::default()
+        },
+    );
+    let g = tree(128, "leaf");
+    let out = rt.run(&g, Scheduler::Wukong).unwrap();
+    assert_eq!(out.get::<u64>("r").unwrap(), 128 * 129 / 2);
+    assert_eq!(out.stats().tasks_run, out.stats().tasks);
+    // The root's total is unique: it ran once.
+    assert_eq!(calls.lock().unwrap().get(&(128 * 129 / 2)), Some(&1));
+}
+
+#[test]
+fn fan_in_arrival_is_replay_safe() {
+    let pool = pool();
+    let client = pool.client().unwrap();
+    let mut r = Registry::new();
+    r.register("f", |_| Ok(Vec::new()));
+    let mut g = Graph::new();
+    for p in ["a", "b", "c"] {
+        g.add(p, "f", Vec::<(String, Input)>::new()).unwrap();
+    }
+    g.add(
+        "d",
+        "f",
+        [
+            ("x", Input::task("a")),
+            ("y", Input::task("b")),
+            ("z", Input::task("c")),
+        ],
+    )
+    .unwrap();
+    let plan = Plan::new(&g, &r).unwrap();
+    let d = plan.id("d").unwrap();
+    let job = client.task("/fanin-replay").unwrap();
+    let fanin = FanIn::create(&job, &plan).unwrap();
+    assert_eq!(fanin.arrive(d, 0, 10).unwrap(), Arrival::Wait);
+    assert_eq!(
+        fanin.arrive(d, 0, 11).unwrap(),
+        Arrival::Wait,
+        "replay of edge 0"
+    );
+    assert_eq!(fanin.count(d).unwrap(), 1, "the replay did not count");
+    assert_eq!(fanin.arrive(d, 1, 20).unwrap(), Arrival::Wait);
+    assert_eq!(
+        fanin.arrive(d, 2, 30).unwrap(),
+        Arrival::Run(vec![10, 20, 30]),
+        "last arriver runs the child; the replay's mark did not replace the first"
+    );
+    assert_eq!(fanin.count(d).unwrap(), 3);
+    // Replays after completion neither count nor run the child again.
+    for e in 0..3 {
+        assert_eq!(fanin.arrive(d, e, 99).unwrap(), Arrival::Wait);
+    }
+    assert_eq!(fanin.count(d).unwrap(), 3);
+    assert!(fanin.arrive(d, 3, 1).is_err(), "no such edge");
+    assert!(fanin.arrive(d, 0, 0).is_err(), "mark 0 means 'not arrived'");
+    job.close().unwrap();
+}
+
+#[test]
+fn lost_counter_increment_is_healed_by_flags() {
+    // An executor that set its flag and died before its FAA: the counter stays short,
+    // yet the last flag setter sees every flag set and runs the child, once.
+    let pool = pool();
+    let client = pool.client().unwrap();
+    let mut r = Registry::new();
+    r.register("f", |_| Ok(Vec::new()));
+    let mut g = Graph::new();
+    g.add("a", "f", Vec::<(String, Input)>::new()).unwrap();
+    g.add("b", "f", Vec::<(String, Input)>::new()).unwrap();
+    g.add("c", "f", [("x", Input::task("a")), ("y", Input::task("b"))])
+        .unwrap();
+    let plan = Plan::new(&g, &r).unwrap();
+    let c = plan.id("c").unwrap();
+    let job = client.task("/fanin-lost").unwrap();
+    let fanin = FanIn::create(&job, &plan).unwrap();
+    // Simulate edge 0's flag CAS without its FAA: block 0, region at 0, flags at 16.
+    let block = job.blocks().unwrap().remove(0);
+    assert_eq!(block.cas(16, 0, 5).unwrap(), 0);
+    assert_eq!(fanin.arrive(c, 1, 7).unwrap(), Arrival::Run(vec![5, 7]));
+    assert_eq!(fanin.count(c).unwrap(), 1);
+    assert_eq!(
+        fanin.arrive(c, 0, 5).unwrap(),
+        Arrival::Wait,
+        "retry of edge 0"
+    );
+    job.close().unwrap();
+}
+
+#[test]
+fn diamonds_and_large_outputs() {
+    let pool = pool();
+    for cluster in [true, false] {
+        let (rt, calls) = runtime(
+            &pool,
+            RuntimeConfig {
+                cluster_large_outputs: cluster,
+                ..RuntimeConfig::default()
+            },
+        );
+        // a -> {b, c} -> d, twice in a row, with 64 KiB outputs (above the inline limit).
+        let mut g = Graph::new();
+        g.add("a", "pad", [("v", Input::value(&1u64).unwrap())])
+            .unwrap();
+        g.add("b", "sum", [("x", Input::task("a"))]).unwrap();
+        g.add(
+            "c",
+            "sum",
+            [
+                ("x", Input::task("a")),
+                ("k", Input::value(&10u64).unwrap()),
+            ],
+        )
+        .unwrap();
+        g.add(
+            "d",
+            "sum",
+            [("l", Input::task("b")), ("r", Input::task("c"))],
+        )
+        .unwrap();
+        g.add("e", "pad", [("v", Input::task("d"))]).unwrap();
+        g.add("f", "sum", [("x", Input::task("e"))]).unwrap();
+        g.add(
+            "g",
+            "sum",
+            [("x", Input::task("e")), ("y", Input::task("d"))],
+        )
+        .unwrap();
+        for s in [Scheduler::Wukong, Scheduler::Central] {
+            calls.lock().unwrap().clear();
+            let out = rt.run(&g, s).unwrap();
+            assert_eq!(out.get::<u64>("f").unwrap(), 12, "{s:?} cluster={cluster}");
+            assert_eq!(out.get::<u64>("g").unwrap(), 24, "{s:?} cluster={cluster}");
+            assert_eq!(out.outputs().len(), 2);
+            assert!(matches!(out.bytes("d"), Err(DagError::NoSuchOutput(_))));
+            assert_eq!(out.stats().tasks_run, 7);
+            assert!(
+                out.stats().bytes_written >= 64 << 10,
+                "{s:?}: large outputs in the pool"
+            );
+        }
+    }
+}
+
+#[test]
+fn errors_are_reported() {
+    let pool = pool();
+    let mut r = Registry::new();
+    let runs = Arc::new(AtomicU64::new(0));
+    let r2 = runs.clone();
+    r.register("ok", move |_| {
+        r2.fetch_add(1, Ordering::Relaxed);
+        Ok(Vec::new())
+    });
+    r.register("bad", |_| Err(TaskError::msg("boom")));
+    r.register("panics", |_| panic!("kaput"));
+    let rt = DagRuntime::new(pool.client().unwrap(), r, RuntimeConfig::default()).unwrap();
+
+    let mut g = Graph::new();
+    g.add("a", "ok", [("x", Input::task("b"))]).unwrap();
+    g.add("b", "ok", [("x", Input::task("a"))]).unwrap();
+    assert!(matches!(
+        rt.run(&g, Scheduler::Wukong),
+        Err(DagError::Cycle(_))
+    ));
+
+    let mut g = Graph::new();
+    g.add("a", "ok", [("x", Input::task("zz"))]).unwrap();
+    assert!(matches!(
+        rt.run(&g, Scheduler::Central),
+        Err(DagError::MissingInput { .. })
+    ));
+
+    for f in ["bad", "panics"] {
+        let mut g = Graph::new();
+        g.add("a", "ok", Vec::<(String, Input)>::new()).unwrap();
+        g.add("b", "ok", Vec::<(String, Input)>::new()).unwrap();
+        g.add("c", f, [("x", Input::task("a")), ("y", Input::task("b"))])
+            .unwrap();
+        g.add("d", "ok", [("x", Input::task("c"))]).unwrap();
+        for s in [Scheduler::Wukong, Scheduler::Central] {
+            match rt.run(&g, s) {
+                Err(DagError::TaskFailed { task, .. }) => assert_eq!(task, "c"),
+                other => panic!("{f} {s:?}: {other:?}"),
+            }
+        }
+    }
+    assert!(runs.load(Ordering::Relaxed) > 0);
+}
