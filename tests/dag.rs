@@ -10,11 +10,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Torn mode: READ/WRITE tear the way they may on RDMA, so the fan-in protocol and the
+/// inline log are checked against what the data plane really promises.
 fn pool() -> EmbeddedPool {
     EmbeddedPool::start(EmbeddedConfig {
         nodes: 2,
         capacity: 32 << 20,
         block_size: 256 << 10,
+        torn: true,
         ..EmbeddedConfig::default()
     })
     .expect("embedded pool")
