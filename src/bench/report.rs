@@ -843,6 +843,34 @@ mod tests {
     }
 
     #[test]
+    fn structure_records_round_trip_and_group_apart_from_raw_ops() {
+        let mut file = rec("redis", None, "read", (4096, 4, 1), 100.0, 30.0, 1);
+        file.structure = Some("file".into());
+        let line = file.to_json_line().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["structure"], "file");
+        let back: BenchRecord = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, file);
+        let raw = rec("redis", None, "read", (4096, 4, 1), 200.0, 20.0, 1);
+        let raw_line = raw.to_json_line().unwrap();
+        assert!(!raw_line.contains("structure"), "{raw_line}");
+        let md = render_markdown(&format!("{line}\n{raw_line}\n")).unwrap();
+        assert!(
+            md.contains("| redis | - | file read | 4 KiB | 4 | 1 | 1 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| redis | - | read | 4 KiB | 4 | 1 | 1 |"),
+            "{md}"
+        );
+        let row = human_row(&file);
+        assert_eq!(
+            row.lines().next().unwrap().chars().count(),
+            human_header().chars().count()
+        );
+    }
+
+    #[test]
     fn rejects_lines_that_are_not_records() {
         let err = render_markdown("{\"system\": \"farpool\"}\n").unwrap_err();
         assert!(

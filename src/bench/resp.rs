@@ -474,4 +474,20 @@ mod tests {
         let e = check_reply(BenchOp::Faa, 8, &Reply::Error("ERR not an integer".into()));
         assert_eq!(e.unwrap_err(), "redis error: ERR not an integer");
     }
+
+    #[test]
+    fn checks_structure_replies() {
+        assert!(check_reply(BenchOp::Get, 4, &Reply::Bulk(Some(4))).is_ok());
+        assert!(check_reply(BenchOp::Dequeue, 4, &Reply::Bulk(Some(4))).is_ok());
+        let e = check_reply(BenchOp::Dequeue, 4, &Reply::Bulk(None)).unwrap_err();
+        assert_eq!(e, "LPOP returned nil instead of 4 bytes");
+        let e = check_reply(BenchOp::Get, 4, &Reply::Bulk(Some(2))).unwrap_err();
+        assert_eq!(e, "GET returned 2 bytes instead of 4 bytes");
+        assert!(check_reply(BenchOp::Put, 4, &Reply::Simple("OK".into())).is_ok());
+        assert!(check_reply(BenchOp::Enqueue, 4, &Reply::Integer(3)).is_ok());
+        assert!(check_reply(BenchOp::Append, 4, &Reply::Integer(8)).is_ok());
+        assert!(check_reply(BenchOp::Append, 4, &Reply::Integer(0)).is_err());
+        assert!(check_reply(BenchOp::Enqueue, 4, &Reply::Simple("OK".into())).is_err());
+        assert!(check_reply(BenchOp::Scan, 4, &Reply::Integer(1)).is_err());
+    }
 }
