@@ -183,13 +183,13 @@ pub enum Workload {
     /// One-sided READ/WRITE/CAS/FAA on blocks, or controller allocations.
     #[default]
     Raw,
-    /// The [`crate::ds::Kv`] hash table.
+    /// The Kv hash table (`farpool::ds::Kv`): get / put.
     Kv,
-    /// The [`crate::ds::Queue`] FIFO.
+    /// The Queue FIFO (`farpool::ds::Queue`): enqueue / dequeue.
     Queue,
-    /// The [`crate::ds::File`] byte stream.
+    /// The File byte stream (`farpool::ds::File`): read / append.
     File,
-    /// The shared [`crate::ds::Log`].
+    /// The shared Log (`farpool::ds::Log`): append / scan.
     Log,
 }
 
