@@ -270,25 +270,7 @@ impl AccessTable {
     /// [`OpError::ReadOnly`].
     #[inline]
     pub fn check(&self, addr: u64, len: u64, rkey: RKey, write: bool) -> Result<(), OpError> {
-        if addr >= self.region_len {
-            return Err(OpError::OutOfBounds {
-                addr,
-                len,
-                start: 0,
-                end: self.region_len,
-            });
-        }
-        let block = addr / self.block_size;
-        let start = block * self.block_size;
-        let end = start + self.block_size;
-        if len > end - addr {
-            return Err(OpError::OutOfBounds {
-                addr,
-                len,
-                start,
-                end,
-            });
-        }
+        let (block, start) = block_bounds(addr, len, self.region_len, self.block_size)?;
         let Some((epoch, key_rw, key_ro)) = self.entries()[block as usize].snapshot() else {
             return Err(OpError::AccessDenied);
         };
@@ -316,6 +298,38 @@ impl AccessTable {
         }
         Err(OpError::AccessDenied)
     }
+}
+
+/// Checks that `addr..addr+len` lies inside one block of a region of `region_len` bytes
+/// cut into `block_size`-byte blocks, and returns that block's index and start. The
+/// error names the block's bounds, or the region's when `addr` is past its end.
+#[inline]
+pub fn block_bounds(
+    addr: u64,
+    len: u64,
+    region_len: u64,
+    block_size: u64,
+) -> Result<(u64, u64), OpError> {
+    if addr >= region_len {
+        return Err(OpError::OutOfBounds {
+            addr,
+            len,
+            start: 0,
+            end: region_len,
+        });
+    }
+    let block = addr / block_size;
+    let start = block * block_size;
+    let end = start + block_size;
+    if len > end - addr {
+        return Err(OpError::OutOfBounds {
+            addr,
+            len,
+            start,
+            end,
+        });
+    }
+    Ok((block, start))
 }
 
 impl std::fmt::Debug for AccessTable {

@@ -159,24 +159,7 @@ impl VerbsTransport {
             return Err(OpError::TooLarge { len, max });
         }
         let addr = op.remote.addr;
-        if addr >= g.region_len {
-            return Err(OpError::OutOfBounds {
-                addr,
-                len,
-                start: 0,
-                end: g.region_len,
-            });
-        }
-        let start = addr / g.block_size * g.block_size;
-        let end = start + g.block_size;
-        if len > end - addr {
-            return Err(OpError::OutOfBounds {
-                addr,
-                len,
-                start,
-                end,
-            });
-        }
+        crate::access::block_bounds(addr, len, g.region_len, g.block_size)?;
         if matches!(
             op.kind,
             OpKind::CompareSwap { .. } | OpKind::FetchAdd { .. }
