@@ -55,6 +55,10 @@ pub struct ControllerArgs {
     /// Heartbeats a node may miss before it is declared dead.
     #[arg(long, default_value_t = 3)]
     pub missed_heartbeats: u32,
+    /// Shut down when standard input closes (used by `farpool bench`, so the processes
+    /// it starts never outlive it).
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
     /// Longest time a free waits for memory nodes to confirm its revocations, in
     /// milliseconds (0: answer at once).
     #[arg(long, default_value_t = 5000)]
@@ -99,6 +103,10 @@ pub struct MemNodeArgs {
     /// Don't try to lock the region in memory.
     #[arg(long)]
     pub no_lock: bool,
+    /// Shut down when standard input closes (used by `farpool bench`, so the processes
+    /// it starts never outlive it).
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
 }
 
 /// `farpool status`.
@@ -127,6 +135,11 @@ fn announce(addr: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening {addr}");
     let _ = out.flush();
+}
+
+/// Blocks until standard input reaches end of file (or fails).
+fn wait_for_stdin_eof() {
+    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
 }
 
 fn secs(v: f64, what: &str) -> Result<Duration, String> {
@@ -182,6 +195,11 @@ fn run_controller(a: ControllerArgs) -> Result<(), String> {
     };
     let c = Controller::start(config).map_err(|e| e.to_string())?;
     announce(&c.local_addr().to_string());
+    if a.exit_with_stdin {
+        wait_for_stdin_eof();
+        c.shutdown();
+        return Ok(());
+    }
     c.wait().map_err(|e| e.to_string())
 }
 
@@ -202,6 +220,11 @@ fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     announce(node.data_addr());
+    if a.exit_with_stdin {
+        wait_for_stdin_eof();
+        node.shutdown();
+        return Ok(());
+    }
     node.wait();
     Ok(())
 }

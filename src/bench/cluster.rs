@@ -88,7 +88,7 @@ impl LocalCluster {
         let (controller, controller_addr) = spawn_ready(
             "controller",
             bin,
-            &["controller", "--listen", "127.0.0.1:0"],
+            &["controller", "--listen", "127.0.0.1:0", "--exit-with-stdin"],
             READY_TIMEOUT,
         )?;
         let capacity = capacity.to_string();
@@ -108,6 +108,7 @@ impl LocalCluster {
                 &block_size,
                 "--transport",
                 transport.as_str(),
+                "--exit-with-stdin",
             ],
             READY_TIMEOUT,
         )?;
@@ -158,7 +159,9 @@ pub(crate) fn spawn_ready(
 ) -> Result<(ChildGuard, String), BenchError> {
     let mut child = Command::new(bin)
         .args(args)
-        .stdin(Stdio::null())
+        // Never written: the pipe closes when this process ends, however it ends, and
+        // children started with `--exit-with-stdin` then shut down instead of lingering.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

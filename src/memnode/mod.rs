@@ -162,6 +162,39 @@ impl DataPlane {
     }
 }
 
+/// Removes region files (`farpool-<pid>-<hex>`) in `dir` whose memory node process no
+/// longer exists. A node killed without a chance to clean up (SIGKILL, a crash) leaves
+/// its file behind, and files in `/dev/shm` hold memory until removed. A file whose pid
+/// has been reused by another process is left alone.
+fn reap_orphaned_regions(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("farpool-"))
+            .and_then(|rest| rest.split_once('-'))
+            .filter(|(_, hex)| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {
+                tracing::info!(file = %entry.path().display(), "removed the region file of a memory node that is gone")
+            }
+            Err(e) => {
+                tracing::debug!(file = %entry.path().display(), error = %e, "cannot remove an orphaned region file")
+            }
+        }
+    }
+}
+
 /// A running memory node.
 pub struct MemNode {
     data: Arc<DataPlane>,
@@ -264,6 +297,7 @@ impl MemNode {
                 })
             }
             TransportKind::Shm => {
+                reap_orphaned_regions(&config.shm_dir);
                 let name = format!(
                     "farpool-{}-{:016x}",
                     std::process::id(),
@@ -396,5 +430,28 @@ impl MemNode {
 impl Drop for MemNode {
     fn drop(&mut self) {
         self.stop_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reap_orphaned_regions;
+
+    #[test]
+    fn reaps_only_files_of_dead_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        // 999999999 is above the kernel's pid limit; our own pid is alive.
+        let dead = dir.path().join("farpool-999999999-00112233aabbccdd");
+        let alive = dir
+            .path()
+            .join(format!("farpool-{}-00112233aabbccdd", std::process::id()));
+        let other = dir.path().join("farpool-999999999-notahexsuffix");
+        for p in [&dead, &alive, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        reap_orphaned_regions(dir.path());
+        assert!(!dead.exists());
+        assert!(alive.exists());
+        assert!(other.exists());
     }
 }
