@@ -288,8 +288,7 @@ impl Connection for DsConn {
             match self.one(s) {
                 Ok(part) => timed += part.unwrap_or_default(),
                 Err(msg) => {
-                    outcome.failed += 1;
-                    outcome.error.get_or_insert(msg);
+                    outcome.fail(|| msg);
                 }
             }
         }

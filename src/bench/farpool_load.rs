@@ -217,8 +217,7 @@ impl Connection for DataConn {
                     }
                 }
                 Err(err) => {
-                    outcome.failed += 1;
-                    outcome.error.get_or_insert_with(|| err.to_string());
+                    outcome.fail(|| err.to_string());
                 }
             }
         }

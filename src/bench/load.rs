@@ -32,6 +32,14 @@ pub(crate) struct BatchOutcome {
     pub latency: Option<Duration>,
 }
 
+impl BatchOutcome {
+    /// Counts one failed operation, keeping the first failure's message.
+    pub fn fail(&mut self, msg: impl FnOnce() -> String) {
+        self.failed += 1;
+        self.error.get_or_insert_with(msg);
+    }
+}
+
 /// One client's connection to the system under test.
 pub(crate) trait Connection {
     /// Runs one batch on `slots`: distinct indices below [`Plan::slots`], as many as the

@@ -246,8 +246,7 @@ impl Connection for MemcachedConn {
         for _ in slots {
             let reply = self.read(self.op)?;
             if let Err(msg) = check_reply(self.op, self.size, &reply) {
-                outcome.failed += 1;
-                outcome.error.get_or_insert(msg);
+                outcome.fail(|| msg);
             }
         }
         Ok(outcome)

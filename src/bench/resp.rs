@@ -344,8 +344,7 @@ impl Connection for RedisConn {
                 let (took, checked) = self.structure_op(s)?;
                 timed += took;
                 if let Err(msg) = checked {
-                    outcome.failed += 1;
-                    outcome.error.get_or_insert(msg);
+                    outcome.fail(|| msg);
                 }
             }
             outcome.latency = Some(timed);
@@ -368,8 +367,7 @@ impl Connection for RedisConn {
             let reply = read_reply(&mut self.wire.reader, &mut self.line, &mut self.bulk)
                 .map_err(|e| self.proto(e))?;
             if let Err(msg) = check_reply(self.op, self.size, &reply) {
-                outcome.failed += 1;
-                outcome.error.get_or_insert(msg);
+                outcome.fail(|| msg);
             }
         }
         Ok(outcome)

@@ -299,6 +299,22 @@ impl Queue {
         Ok(out)
     }
 
+    /// Reads the segment's enqueue and dequeue counters in one round trip (FAA of 0).
+    /// `Err(step)` when there is nothing to take here: the segment is used up
+    /// ([`Step::Next`]) or has no item yet ([`Step::Empty`]).
+    fn counters(&self, seg: &BlockHandle) -> Result<Result<(u64, u64), Step>, DsError> {
+        let mut ops = [seg.faa_op(ENQ, 0)?, seg.faa_op(DEQ, 0)?];
+        seg.execute(&mut ops)?;
+        let (enq, deq) = (ops[0].result, ops[1].result);
+        if deq >= self.slots {
+            return Ok(Err(Step::Next));
+        }
+        if deq >= enq {
+            return Ok(Err(Step::Empty));
+        }
+        Ok(Ok((enq, deq)))
+    }
+
     /// Takes a run of up to `want` tickets in segment `k` and appends their items.
     fn try_dequeue_run(
         &self,
@@ -307,15 +323,10 @@ impl Queue {
         want: usize,
         out: &mut Vec<Vec<u8>>,
     ) -> Result<Step, DsError> {
-        let mut ops = [seg.faa_op(ENQ, 0)?, seg.faa_op(DEQ, 0)?];
-        seg.execute(&mut ops)?;
-        let (enq, deq) = (ops[0].result, ops[1].result);
-        if deq >= self.slots {
-            return Ok(Step::Next);
-        }
-        if deq >= enq {
-            return Ok(Step::Empty);
-        }
+        let (enq, deq) = match self.counters(seg)? {
+            Ok(c) => c,
+            Err(step) => return Ok(step),
+        };
         let m = (want as u64).min(enq.min(self.slots) - deq).clamp(1, 64);
         let first = seg.faa(DEQ, m)?;
         let tickets: Vec<u64> = (first..first + m).filter(|&i| i < self.slots).collect();
@@ -487,14 +498,8 @@ impl Queue {
     }
 
     fn try_dequeue(&self, seg: &BlockHandle, k: u64) -> Result<Step, DsError> {
-        let mut ops = [seg.faa_op(ENQ, 0)?, seg.faa_op(DEQ, 0)?];
-        seg.execute(&mut ops)?;
-        let (enq, deq) = (ops[0].result, ops[1].result);
-        if deq >= self.slots {
-            return Ok(Step::Next);
-        }
-        if deq >= enq {
-            return Ok(Step::Empty);
+        if let Err(step) = self.counters(seg)? {
+            return Ok(step);
         }
         let i = seg.faa(DEQ, 1)?;
         if i >= self.slots {

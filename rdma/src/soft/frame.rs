@@ -91,6 +91,20 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
+/// Checks the magic and version that open both preambles.
+fn check_preamble(b: &[u8]) -> Result<(), FrameError> {
+    let mut magic = [0u8; 8];
+    magic.copy_from_slice(&b[..8]);
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let v = u32_at(b, 8);
+    if v != VERSION {
+        return Err(FrameError::Version(v));
+    }
+    Ok(())
+}
+
 /// The client's preamble.
 pub fn encode_client_hello() -> [u8; CLIENT_HELLO_LEN] {
     let mut b = [0u8; CLIENT_HELLO_LEN];
@@ -101,16 +115,8 @@ pub fn encode_client_hello() -> [u8; CLIENT_HELLO_LEN] {
 
 /// Validates a client preamble; returns the version it names.
 pub fn decode_client_hello(b: &[u8; CLIENT_HELLO_LEN]) -> Result<u32, FrameError> {
-    let mut magic = [0u8; 8];
-    magic.copy_from_slice(&b[..8]);
-    if magic != MAGIC {
-        return Err(FrameError::BadMagic(magic));
-    }
-    let v = u32_at(b, 8);
-    if v != VERSION {
-        return Err(FrameError::Version(v));
-    }
-    Ok(v)
+    check_preamble(b)?;
+    Ok(VERSION)
 }
 
 /// The server's preamble, announcing the largest READ/WRITE it accepts.
@@ -124,15 +130,7 @@ pub fn encode_server_hello(max_op_bytes: u32) -> [u8; SERVER_HELLO_LEN] {
 
 /// Validates a server preamble; returns the server's `max_op_bytes`.
 pub fn decode_server_hello(b: &[u8; SERVER_HELLO_LEN]) -> Result<u32, FrameError> {
-    let mut magic = [0u8; 8];
-    magic.copy_from_slice(&b[..8]);
-    if magic != MAGIC {
-        return Err(FrameError::BadMagic(magic));
-    }
-    let v = u32_at(b, 8);
-    if v != VERSION {
-        return Err(FrameError::Version(v));
-    }
+    check_preamble(b)?;
     Ok(u32_at(b, 12))
 }
 
