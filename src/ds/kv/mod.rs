@@ -1,9 +1,13 @@
 //! `Kv`: a hash table over one-sided operations whose partitions split and merge.
 
+mod batch;
+mod bucket;
+
 use super::object::{Entry, Object};
 use super::{decode_id, encode_id, is_stale, DsError};
 use crate::client::{BlockHandle, Client, ClientError, Task};
 use crate::proto::PoolPath;
+use bucket::{Bucket, BUCKET_BYTES, FROZEN, LOCKED, SLOTS, SLOTS_AT, UNLOCKED};
 use parking_lot::{Mutex, RwLock};
 use siphasher::sip::SipHasher13;
 use std::collections::HashMap;
@@ -31,12 +35,6 @@ const MAP_HEADER: u64 = 64;
 const HEAP: u64 = 0;
 const COUNT: u64 = 8;
 const PART_HEADER: u64 = 64;
-/// Bucket: a lock word and `SLOTS` slot words, 64 bytes.
-const BUCKET_BYTES: u64 = 64;
-const SLOTS: usize = 7;
-const UNLOCKED: u64 = 0;
-const LOCKED: u64 = 1;
-const FROZEN: u64 = 2;
 /// Record header: key length u32, value length u32.
 const REC_HEADER: usize = 8;
 /// How long to wait for another client's repartitioning before reporting it stuck.
@@ -198,6 +196,10 @@ const REMOTE: u32 = 1 << 31;
 const REMOTE_REF: usize = 32;
 /// Bound on immediate retries of one operation (each follows a concurrent change).
 const MAX_RETRIES: u32 = 10_000;
+
+/// A bucket's slots as read under its lock, and the slot holding the key looked up
+/// (with its record), if any.
+type Lookup = ([u64; SLOTS], Option<(usize, Record)>);
 
 /// Outcome of one attempt against a partition.
 enum Attempt<T> {
@@ -498,27 +500,53 @@ impl Kv {
         key: &[u8],
     ) -> Result<Attempt<Option<Vec<u8>>>, DsError> {
         let b = self.bucket_off(h);
-        // Atomic reads of the lock word and every slot (plain READs could tear).
-        let mut ops = (0..=SLOTS as u64)
-            .map(|i| part.faa_op(b + 8 * i, 0))
-            .collect::<Result<Vec<_>, _>>()?;
-        part.execute(&mut ops)?;
-        if ops[0].result == FROZEN {
+        let bucket = self.read_bucket(part, b)?;
+        if bucket.lock == FROZEN {
             return Ok(Attempt::Moved);
         }
-        let slots: Vec<u64> = ops[1..].iter().map(|o| o.result).collect();
-        match self.find(part, h, key, &slots)?.map(|(_, rec)| rec.value) {
+        match self
+            .find(part, h, key, &bucket.slots)?
+            .map(|(_, rec)| rec.value)
+        {
             None => Ok(Attempt::Done(None)),
-            Some(Value::Inline(v)) => Ok(Attempt::Done(Some(v))),
-            Some(Value::Remote {
+            Some(v) => self.resolve(v),
+        }
+    }
+
+    /// The value a record holds: inline, or fetched from its own block (`Retry` when
+    /// that block was replaced meanwhile).
+    fn resolve(&self, value: Value) -> Result<Attempt<Option<Vec<u8>>>, DsError> {
+        match value {
+            Value::Inline(v) => Ok(Attempt::Done(Some(v))),
+            Value::Remote {
                 nonce,
                 block,
                 len,
                 sum,
-            }) => Ok(match self.fetch(nonce, block, len, sum)? {
+            } => Ok(match self.fetch(nonce, block, len, sum)? {
                 Some(v) => Attempt::Done(Some(v)),
                 None => Attempt::Retry,
             }),
+        }
+    }
+
+    /// Reads bucket `b` without a lock: one READ, repeated while it races a writer
+    /// (its checksum does not match). Bounded: a bucket that never validates is
+    /// reported as damaged.
+    fn read_bucket(&self, part: &BlockHandle, b: u64) -> Result<Bucket, DsError> {
+        let deadline = Instant::now() + REPARTITION_WAIT;
+        loop {
+            let mut buf = [0u8; BUCKET_BYTES as usize];
+            part.read(b, &mut buf)?;
+            if let Some(bucket) = bucket::decode(b, &buf) {
+                return Ok(bucket);
+            }
+            if Instant::now() > deadline {
+                return Err(self.corrupt(format!(
+                    "bucket at offset {b} has failed its checksum for over 10 s"
+                )));
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -554,7 +582,9 @@ impl Kv {
         }
     }
 
-    /// One write attempt in `part`.
+    /// One write attempt in `part`: reserve record space, lock the bucket and peek at
+    /// it (one round trip); write the record, read the bucket under the lock and the
+    /// records the peek suggests (one); publish the slot (one); unlock (one).
     fn try_write(
         &self,
         part: &BlockHandle,
@@ -564,18 +594,43 @@ impl Kv {
         mode: Mode,
     ) -> Result<Attempt<Wrote>, DsError> {
         let need = (rec.len() as u64).next_multiple_of(8);
-        let off = part.faa(HEAP, need)?;
-        if off.saturating_add(need) > part.len() || off < self.heap_start {
-            return Ok(Attempt::Full);
-        }
-        let word = slot_word(off, need, h);
         let b = self.bucket_off(h);
-        // The record WRITE and the lock CAS are independent, so they share a round
-        // trip; the record is complete before the slot CAS, which comes later.
-        if !self.write_and_lock(part, off, rec, b)? {
+        let mut peek = [0u8; BUCKET_BYTES as usize];
+        let (heap, lock) = {
+            let mut ops = [
+                part.faa_op(HEAP, need)?,
+                part.cas_op(b, UNLOCKED, LOCKED)?,
+                part.read_op(b, &mut peek)?,
+            ];
+            let done = part.execute(&mut ops);
+            let (heap, lock) = (ops[0].outcome(), ops[1].outcome());
+            if let Err(e) = done {
+                if lock == Ok(UNLOCKED) {
+                    part.cas(b, LOCKED, UNLOCKED)?;
+                }
+                return Err(e.into());
+            }
+            (heap, lock)
+        };
+        let (Ok(off), Ok(lock)) = (heap, lock) else {
+            return Err(self.corrupt("an atomic completed without a value".into()));
+        };
+        let locked = match lock {
+            UNLOCKED => true,
+            FROZEN => false,
+            _ => self.lock(part, b)?,
+        };
+        if !locked {
             return Ok(Attempt::Moved);
         }
-        let result = self.write_locked(part, b, h, key, word, mode);
+        // The bucket is ours: every path below unlocks it.
+        let result = if off.saturating_add(need) > part.len() || off < self.heap_start {
+            Ok(Locked::Full)
+        } else {
+            let peek = bucket::decode(b, &peek).map(|p| p.slots);
+            let word = slot_word(off, need, h);
+            self.write_locked(part, b, h, key, (off, rec), word, mode, peek)
+        };
         let inserted = matches!(result, Ok(Locked::Inserted));
         let count = self.unlock(part, b, inserted.then_some(1))?;
         match result? {
@@ -586,38 +641,8 @@ impl Kv {
         }
     }
 
-    /// Writes `rec` at `off` and takes bucket `b`'s lock, in one batch when the record
-    /// fits one operation. `false` when the bucket is frozen.
-    fn write_and_lock(
-        &self,
-        part: &BlockHandle,
-        off: u64,
-        rec: &[u8],
-        b: u64,
-    ) -> Result<bool, DsError> {
-        if rec.len() > part.transport().max_op_bytes() {
-            part.write(off, rec)?;
-            return self.lock(part, b);
-        }
-        let mut ops = [part.write_op(off, rec)?, part.cas_op(b, UNLOCKED, LOCKED)?];
-        let done = part.execute(&mut ops);
-        let locked = ops[1].outcome();
-        if let Err(e) = done {
-            if locked == Ok(UNLOCKED) {
-                // The record failed but the lock is ours: give it back.
-                part.cas(b, LOCKED, UNLOCKED)?;
-            }
-            return Err(e.into());
-        }
-        match locked {
-            Ok(UNLOCKED) => Ok(true),
-            Ok(FROZEN) => Ok(false),
-            _ => self.lock(part, b),
-        }
-    }
-
     /// Releases bucket `b`'s lock and, in the same round trip, adds `delta` to the
-    /// partition's key count (both after the slot CAS completed). Returns the count
+    /// partition's key count (both after the slot update completed). Returns the count
     /// before the addition (0 without a delta).
     fn unlock(&self, part: &BlockHandle, b: u64, delta: Option<u64>) -> Result<u64, DsError> {
         match delta {
@@ -633,32 +658,108 @@ impl Kv {
         }
     }
 
-    /// Under bucket `b`'s lock: point the key's slot (or a free one) at `word`.
+    /// Under bucket `b`'s lock: write the record `rec = (offset, bytes)` and point the
+    /// key's slot (or a free one) at it with `word`. `peek` is the bucket as read
+    /// before the lock was known to be held: the records it points at are read in the
+    /// same round trip as the bucket itself, and used where the bucket still agrees.
+    #[allow(clippy::too_many_arguments)]
     fn write_locked(
         &self,
         part: &BlockHandle,
         b: u64,
         h: u64,
         key: &[u8],
+        rec: (u64, &[u8]),
         word: u64,
         mode: Mode,
-    ) -> Result<Locked, ClientError> {
-        let slots = self.read_slots(part, b)?;
-        if let Some((i, old)) = self.find(part, h, key, &slots)? {
-            if mode == Mode::Insert {
-                return Ok(Locked::Unchanged);
+        peek: Option<[u64; SLOTS]>,
+    ) -> Result<Locked, DsError> {
+        let (slots, found) = self.locked_lookup(part, b, h, key, Some(rec), peek)?;
+        let mut slots = slots;
+        let old = match found {
+            Some((i, old)) => {
+                if mode == Mode::Insert {
+                    return Ok(Locked::Unchanged);
+                }
+                slots[i] = word;
+                Some(old.value.remote())
             }
-            part.cas(b + 8 * (i as u64 + 1), slots[i], word)?;
-            return Ok(Locked::Replaced(old.value.remote()));
-        }
-        if mode == Mode::Update {
-            return Ok(Locked::Unchanged);
-        }
-        let Some(i) = slots.iter().position(|&s| s == 0) else {
-            return Ok(Locked::Full);
+            None => {
+                if mode == Mode::Update {
+                    return Ok(Locked::Unchanged);
+                }
+                let Some(i) = slots.iter().position(|&s| s == 0) else {
+                    return Ok(Locked::Full);
+                };
+                slots[i] = word;
+                None
+            }
         };
-        part.cas(b + 8 * (i as u64 + 1), 0, word)?;
-        Ok(Locked::Inserted)
+        part.write(b + SLOTS_AT, &bucket::encode_body(b, &slots))?;
+        Ok(match old {
+            Some(remote) => Locked::Replaced(remote),
+            None => Locked::Inserted,
+        })
+    }
+
+    /// Under bucket `b`'s lock: the bucket's slots and the slot holding `key` with its
+    /// record. Writes `rec` (offset, bytes) in the same round trip when given, and
+    /// reads the records `peek` points at alongside the bucket.
+    fn locked_lookup(
+        &self,
+        part: &BlockHandle,
+        b: u64,
+        h: u64,
+        key: &[u8],
+        rec: Option<(u64, &[u8])>,
+        peek: Option<[u64; SLOTS]>,
+    ) -> Result<Lookup, DsError> {
+        let mut raw = [0u8; BUCKET_BYTES as usize];
+        let guesses: Vec<(usize, u64, u64)> = peek
+            .map(|p| self.candidates(part, h, &p))
+            .unwrap_or_default();
+        let mut bufs: Vec<Vec<u8>> = guesses.iter().map(|c| vec![0u8; c.2 as usize]).collect();
+        {
+            let max = part.transport().max_op_bytes().max(1);
+            let mut ops = Vec::with_capacity(2 + guesses.len());
+            if let Some((off, bytes)) = rec {
+                for (i, chunk) in bytes.chunks(max).enumerate() {
+                    ops.push(part.write_op(off + (i * max) as u64, chunk)?);
+                }
+            }
+            ops.push(part.read_op(b, &mut raw)?);
+            for (c, buf) in guesses.iter().zip(bufs.iter_mut()) {
+                ops.push(part.read_op(c.1, buf)?);
+            }
+            part.execute(&mut ops)?;
+        }
+        let Some(now) = bucket::decode(b, &raw) else {
+            return Err(self.corrupt(format!(
+                "bucket at offset {b} fails its checksum under its lock"
+            )));
+        };
+        let slots = now.slots;
+        // Records the peek read are valid where the slot still holds the same word
+        // (records never change while a slot points at them).
+        let still = |i: usize| peek.is_some_and(|p| p[i] == slots[i]);
+        for (c, buf) in guesses.iter().zip(bufs) {
+            if !still(c.0) {
+                continue;
+            }
+            if let Some(r) = decode(&buf) {
+                if r.key == key {
+                    return Ok((slots, Some((c.0, r))));
+                }
+            }
+        }
+        let all_seen = self
+            .candidates(part, h, &slots)
+            .iter()
+            .all(|c| still(c.0) && guesses.iter().any(|g| g.0 == c.0));
+        if all_seen {
+            return Ok((slots, None));
+        }
+        Ok((slots, self.find(part, h, key, &slots)?))
     }
 
     /// Deletes; `Some(count)` when the key was there.
@@ -669,10 +770,32 @@ impl Kv {
         key: &[u8],
     ) -> Result<Attempt<Option<Removed>>, DsError> {
         let b = self.bucket_off(h);
-        if !self.lock(part, b)? {
+        let mut peek = [0u8; BUCKET_BYTES as usize];
+        let lock = {
+            let mut ops = [
+                part.cas_op(b, UNLOCKED, LOCKED)?,
+                part.read_op(b, &mut peek)?,
+            ];
+            let done = part.execute(&mut ops);
+            let lock = ops[0].outcome();
+            if let Err(e) = done {
+                if lock == Ok(UNLOCKED) {
+                    part.cas(b, LOCKED, UNLOCKED)?;
+                }
+                return Err(e.into());
+            }
+            lock
+        };
+        let locked = match lock {
+            Ok(UNLOCKED) => true,
+            Ok(FROZEN) => false,
+            _ => self.lock(part, b)?,
+        };
+        if !locked {
             return Ok(Attempt::Moved);
         }
-        let result = self.delete_locked(part, b, h, key);
+        let peek = bucket::decode(b, &peek).map(|p| p.slots);
+        let result = self.delete_locked(part, b, h, key, peek);
         let removed = matches!(result, Ok(Some(_)));
         let count = self.unlock(part, b, removed.then_some(u64::MAX))?;
         match result? {
@@ -692,11 +815,13 @@ impl Kv {
         b: u64,
         h: u64,
         key: &[u8],
-    ) -> Result<Option<Option<u64>>, ClientError> {
-        let slots = self.read_slots(part, b)?;
-        match self.find(part, h, key, &slots)? {
+        peek: Option<[u64; SLOTS]>,
+    ) -> Result<Option<Option<u64>>, DsError> {
+        let (mut slots, found) = self.locked_lookup(part, b, h, key, None, peek)?;
+        match found {
             Some((i, old)) => {
-                part.cas(b + 8 * (i as u64 + 1), slots[i], 0)?;
+                slots[i] = 0;
+                part.write(b + SLOTS_AT, &bucket::encode_body(b, &slots))?;
                 Ok(Some(old.value.remote()))
             }
             None => Ok(None),
@@ -720,17 +845,6 @@ impl Kv {
         }
     }
 
-    /// The slot words of bucket `b`. Only lock holders change slots, so under the lock
-    /// a plain READ cannot tear.
-    fn read_slots(&self, part: &BlockHandle, b: u64) -> Result<Vec<u64>, ClientError> {
-        let mut buf = [0u8; SLOTS * 8];
-        part.read(b + 8, &mut buf)?;
-        Ok(buf
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect())
-    }
-
     /// The slot holding `key` among `slots`, with its record. Records are immutable
     /// once a slot points at them, so plain READs of them are safe.
     fn find(
@@ -740,14 +854,7 @@ impl Kv {
         key: &[u8],
         slots: &[u64],
     ) -> Result<Option<(usize, Record)>, ClientError> {
-        let fp = fingerprint(h);
-        let cands: Vec<(usize, u64, u64)> = slots
-            .iter()
-            .enumerate()
-            .filter(|&(_, &s)| s != 0 && (s >> 48) & 0x7FFF == fp)
-            .map(|(i, &s)| (i, (s & 0xFFFF_FFFF) * 8, ((s >> 32) & 0xFFFF) * 8))
-            .filter(|&(_, off, len)| off >= self.heap_start && off + len <= part.len())
-            .collect();
+        let cands = self.candidates(part, h, slots);
         if cands.is_empty() {
             return Ok(None);
         }
@@ -767,6 +874,19 @@ impl Kv {
             }
         }
         Ok(None)
+    }
+
+    /// The slots among `slots` whose fingerprint matches hash `h`, as
+    /// `(slot, record offset, record length)`.
+    fn candidates(&self, part: &BlockHandle, h: u64, slots: &[u64]) -> Vec<(usize, u64, u64)> {
+        let fp = fingerprint(h);
+        slots
+            .iter()
+            .enumerate()
+            .filter(|&(_, &s)| s != 0 && (s >> 48) & 0x7FFF == fp)
+            .map(|(i, &s)| (i, (s & 0xFFFF_FFFF) * 8, ((s >> 32) & 0xFFFF) * 8))
+            .filter(|&(_, off, len)| off >= self.heap_start && off + len <= part.len())
+            .collect()
     }
 
     fn bucket_off(&self, h: u64) -> u64 {
@@ -1147,7 +1267,7 @@ impl Kv {
         let mut out = Vec::new();
         for b in 0..self.buckets {
             for i in 0..SLOTS as u64 {
-                let at = (PART_HEADER + b * BUCKET_BYTES + 8 + 8 * i) as usize;
+                let at = (PART_HEADER + b * BUCKET_BYTES + SLOTS_AT + 8 * i) as usize;
                 let s = u64::from_le_bytes(image[at..at + 8].try_into().unwrap_or([0; 8]));
                 if s == 0 {
                     continue;
@@ -1200,21 +1320,28 @@ impl Kv {
         records: &[(u64, Record)],
     ) -> Result<(), DsError> {
         let mut image = vec![0u8; self.heap_start as usize];
+        let mut slots = vec![[0u64; SLOTS]; self.buckets as usize];
         for (h, r) in records {
-            let b = PART_HEADER + ((h & 0xFFFF_FFFF) % self.buckets) * BUCKET_BYTES;
+            let bi = ((h & 0xFFFF_FFFF) % self.buckets) as usize;
             let rec = encode(&r.key, &r.value)?;
             let off = image.len() as u64;
             let need = (rec.len() as u64).next_multiple_of(8);
             image.extend_from_slice(&rec);
             image.resize((off + need) as usize, 0);
-            let slot = (0..SLOTS as u64)
-                .map(|i| (b + 8 + 8 * i) as usize)
-                .find(|&at| image[at..at + 8] == [0; 8])
-                .ok_or_else(|| self.corrupt(format!("bucket at {b} overflows while rebuilding")))?;
-            image[slot..slot + 8].copy_from_slice(&slot_word(off, need, *h).to_le_bytes());
+            let slot = slots[bi]
+                .iter_mut()
+                .find(|s| **s == 0)
+                .ok_or_else(|| self.corrupt(format!("bucket {bi} overflows while rebuilding")))?;
+            *slot = slot_word(off, need, *h);
         }
         if image.len() as u64 > part.len() {
             return Err(self.corrupt("records overflow a partition while rebuilding".into()));
+        }
+        // Every bucket gets its checksum, the empty ones too.
+        for (bi, s) in slots.iter().enumerate() {
+            let b = PART_HEADER + bi as u64 * BUCKET_BYTES;
+            let at = (b + SLOTS_AT) as usize;
+            image[at..at + bucket::BODY_BYTES].copy_from_slice(&bucket::encode_body(b, s));
         }
         let heap = image.len() as u64;
         image[HEAP as usize..HEAP as usize + 8].copy_from_slice(&heap.to_le_bytes());

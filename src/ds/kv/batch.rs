@@ -1,0 +1,1 @@
+//! Batched operations of [`Kv`](super::Kv).
