@@ -15,7 +15,7 @@ use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB1");
+const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB2");
 // Meta words.
 const BUCKETS: u64 = 8;
 const GMAX: u64 = 16;
