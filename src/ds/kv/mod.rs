@@ -2,6 +2,7 @@
 
 mod batch;
 mod bucket;
+mod record;
 
 use super::object::{Entry, Object};
 use super::{decode_id, encode_id, is_stale, DsError};
@@ -9,6 +10,10 @@ use crate::client::{BlockHandle, Client, ClientError, Task};
 use crate::proto::PoolPath;
 use bucket::{Bucket, BUCKET_BYTES, FROZEN, LOCKED, SLOTS, SLOTS_AT, UNLOCKED};
 use parking_lot::{Mutex, RwLock};
+use record::{
+    decode, encode, record_len, value_name, value_sum, Decoded, Record, Value, REC_HEADER,
+    REMOTE_REF,
+};
 use siphasher::sip::SipHasher13;
 use std::collections::HashMap;
 use std::hash::Hasher;
@@ -35,8 +40,6 @@ const MAP_HEADER: u64 = 64;
 const HEAP: u64 = 0;
 const COUNT: u64 = 8;
 const PART_HEADER: u64 = 64;
-/// Record header: key length u32, value length u32.
-const REC_HEADER: usize = 8;
 /// How long to wait for another client's repartitioning before reporting it stuck.
 const REPARTITION_WAIT: Duration = Duration::from_secs(10);
 
@@ -98,8 +101,12 @@ struct Removed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Locked {
     Inserted,
-    /// Replaced a value (remote in the block named by this nonce).
+    /// Replaced a value (remote in the block named by this nonce), pointing the slot
+    /// at a new record.
     Replaced(Option<u64>),
+    /// Replaced a value by rewriting its record in place (same size; the old value was
+    /// remote in the block named by this nonce).
+    InPlace(Option<u64>),
     Unchanged,
     /// The bucket has no free slot.
     Full,
@@ -135,10 +142,26 @@ pub struct Kv {
     split_at: u64,
     merge_at: u64,
     map: RwLock<Map>,
-    parts: Mutex<HashMap<u64, BlockHandle>>,
+    parts: Mutex<HashMap<u64, CachedPart>>,
     splits: AtomicU64,
     merges: AtomicU64,
     compactions: AtomicU64,
+}
+
+/// A partition this handle has used: its block, and record space this handle
+/// reserved in it and has not used yet (`next..end`).
+struct CachedPart {
+    handle: BlockHandle,
+    space: (u64, u64),
+}
+
+impl CachedPart {
+    fn new(handle: BlockHandle) -> Self {
+        Self {
+            handle,
+            space: (0, 0),
+        }
+    }
 }
 
 /// A cached copy of the partition directory.
@@ -157,45 +180,18 @@ struct Route {
     version: u64,
 }
 
-/// A decoded key-value record.
-struct Record {
-    key: Vec<u8>,
-    value: Value,
-}
-
-/// A record's value: in the record, or in a block of its own at `<path>/v<nonce>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Value {
-    Inline(Vec<u8>),
-    Remote {
-        /// Names the value's child path.
-        nonce: u64,
-        /// The value block's id ([`super::encode_id`]).
-        block: u64,
-        /// Value length.
-        len: u64,
-        /// Checksum of the value (keyed by the nonce): a READ racing the block's
-        /// revocation may see zeroes without an error, and must not be accepted.
-        sum: u64,
-    },
-}
-
-impl Value {
-    /// The nonce of a remote value.
-    fn remote(&self) -> Option<u64> {
-        match self {
-            Value::Remote { nonce, .. } => Some(*nonce),
-            Value::Inline(_) => None,
-        }
-    }
-}
-
-/// Bit of the record's key-length word marking a remote value.
-const REMOTE: u32 = 1 << 31;
-/// Bytes of a remote value's reference in a record.
-const REMOTE_REF: usize = 32;
 /// Bound on immediate retries of one operation (each follows a concurrent change).
 const MAX_RETRIES: u32 = 10_000;
+
+/// What looking a key up among a bucket's slots found.
+enum Found {
+    /// The key, in this slot, with its record.
+    Key(usize, Record),
+    /// The key is not there.
+    Absent,
+    /// A candidate record failed its checksum: it is being rewritten (or damaged).
+    Torn,
+}
 
 /// A bucket's slots as read under its lock, and the slot holding the key looked up
 /// (with its record), if any.
@@ -333,7 +329,7 @@ impl Kv {
     /// The value stored under `key`.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DsError> {
         let h = hash(key);
-        self.retry(h, |part| self.try_get(part, h, key))
+        self.retry(h, |part, _| self.try_get(part, h, key))
     }
 
     /// Whether `key` is present.
@@ -388,7 +384,9 @@ impl Kv {
         };
         let ours = val.remote();
         let rec = encode(key, &val)?;
-        let wrote = match self.retry(h, |part| self.try_write(part, h, key, &rec, mode)) {
+        let wrote = match self.retry(h, |part, child| {
+            self.try_write(part, child, h, key, &rec, mode)
+        }) {
             Ok(w) => w,
             Err(e) => {
                 // Best effort: the value block is reclaimed with the table anyway.
@@ -441,7 +439,7 @@ impl Kv {
     /// Removes `key`; returns whether it was present.
     pub fn remove(&self, key: &[u8]) -> Result<bool, DsError> {
         let h = hash(key);
-        let removed = self.retry(h, |part| self.try_delete(part, h, key))?;
+        let removed = self.retry(h, |part, _| self.try_delete(part, h, key))?;
         match removed {
             Some(Removed { count, old }) => {
                 self.drop_value(old)?;
@@ -465,7 +463,7 @@ impl Kv {
     fn retry<T>(
         &self,
         h: u64,
-        op: impl Fn(&BlockHandle) -> Result<Attempt<T>, DsError>,
+        op: impl Fn(&BlockHandle, u64) -> Result<Attempt<T>, DsError>,
     ) -> Result<T, DsError> {
         let mut retries = 0u32;
         loop {
@@ -474,14 +472,15 @@ impl Kv {
                 self.reload_after(route.version)?;
                 continue;
             };
-            match op(&part) {
+            match op(&part, route.child) {
                 Ok(Attempt::Done(v)) => return Ok(v),
                 Ok(Attempt::Moved) => self.reload_after(route.version)?,
                 Ok(Attempt::Full) => self.split(route)?,
                 Ok(Attempt::Retry) => {
                     retries += 1;
                     if retries > MAX_RETRIES {
-                        return Err(self.corrupt("a value block keeps failing its checksum".into()));
+                        return Err(self
+                            .corrupt("a record or value block keeps failing its checksum".into()));
                     }
                 }
                 Err(DsError::Client(e)) if is_stale(&e) => {
@@ -504,12 +503,10 @@ impl Kv {
         if bucket.lock == FROZEN {
             return Ok(Attempt::Moved);
         }
-        match self
-            .find(part, h, key, &bucket.slots)?
-            .map(|(_, rec)| rec.value)
-        {
-            None => Ok(Attempt::Done(None)),
-            Some(v) => self.resolve(v),
+        match self.find(part, h, key, &bucket.slots)? {
+            Found::Absent => Ok(Attempt::Done(None)),
+            Found::Key(_, rec) => self.resolve(rec.value),
+            Found::Torn => Ok(Attempt::Retry),
         }
     }
 
@@ -582,12 +579,16 @@ impl Kv {
         }
     }
 
-    /// One write attempt in `part`: reserve record space, lock the bucket and peek at
-    /// it (one round trip); write the record, read the bucket under the lock and the
-    /// records the peek suggests (one); publish the slot (one); unlock (one).
+    /// One write attempt in partition `child` (`part`). Four round trips in the common
+    /// cases: (1) lock the bucket and peek at it, reserving a chunk of record space for
+    /// this handle when its last one is used up; (2) read the bucket under the lock and
+    /// the records the peek points at, writing the new record into this handle's space
+    /// unless the peek suggests the key is there; (3) rewrite the old record in place
+    /// (same size) or point the slot at the new record; (4) unlock.
     fn try_write(
         &self,
         part: &BlockHandle,
+        child: u64,
         h: u64,
         key: &[u8],
         rec: &[u8],
@@ -595,49 +596,102 @@ impl Kv {
     ) -> Result<Attempt<Wrote>, DsError> {
         let need = (rec.len() as u64).next_multiple_of(8);
         let b = self.bucket_off(h);
+        let mut spot = self.take_space(child, need);
+        let chunk = self.chunk_len(need);
         let mut peek = [0u8; BUCKET_BYTES as usize];
-        let (heap, lock) = {
-            let mut ops = [
-                part.faa_op(HEAP, need)?,
+        let (lock, reserved) = {
+            let mut ops = vec![
                 part.cas_op(b, UNLOCKED, LOCKED)?,
                 part.read_op(b, &mut peek)?,
             ];
+            if spot.is_none() {
+                ops.push(part.faa_op(HEAP, chunk)?);
+            }
             let done = part.execute(&mut ops);
-            let (heap, lock) = (ops[0].outcome(), ops[1].outcome());
+            let lock = ops[0].outcome();
+            let reserved = ops.get(2).map(|o| o.outcome());
             if let Err(e) = done {
                 if lock == Ok(UNLOCKED) {
                     part.cas(b, LOCKED, UNLOCKED)?;
                 }
                 return Err(e.into());
             }
-            (heap, lock)
+            (lock, reserved)
         };
-        let (Ok(off), Ok(lock)) = (heap, lock) else {
-            return Err(self.corrupt("an atomic completed without a value".into()));
-        };
+        if let Some(Ok(start)) = reserved {
+            let end = start.saturating_add(chunk);
+            if start >= self.heap_start && end <= part.len() {
+                self.add_space(child, start + need, end);
+                spot = Some(start);
+            }
+        }
         let locked = match lock {
-            UNLOCKED => true,
-            FROZEN => false,
+            Ok(UNLOCKED) => true,
+            Ok(FROZEN) => false,
             _ => self.lock(part, b)?,
         };
         if !locked {
+            if let Some(off) = spot {
+                self.give_back(child, off, need);
+            }
             return Ok(Attempt::Moved);
         }
         // The bucket is ours: every path below unlocks it.
-        let result = if off.saturating_add(need) > part.len() || off < self.heap_start {
-            Ok(Locked::Full)
-        } else {
-            let peek = bucket::decode(b, &peek).map(|p| p.slots);
-            let word = slot_word(off, need, h);
-            self.write_locked(part, b, h, key, (off, rec), word, mode, peek)
+        let result = match spot {
+            None => Ok(Locked::Full),
+            Some(off) => {
+                let peek = bucket::decode(b, &peek).map(|p| p.slots);
+                self.write_locked(part, b, h, key, (off, rec), mode, peek)
+            }
         };
+        if let (Some(off), Ok(Locked::Unchanged | Locked::Full | Locked::InPlace(_))) =
+            (spot, &result)
+        {
+            self.give_back(child, off, need);
+        }
         let inserted = matches!(result, Ok(Locked::Inserted));
         let count = self.unlock(part, b, inserted.then_some(1))?;
         match result? {
             Locked::Inserted => Ok(Attempt::Done(Wrote::Inserted(count + 1))),
             Locked::Replaced(old) => Ok(Attempt::Done(Wrote::Replaced(old))),
+            Locked::InPlace(old) => Ok(Attempt::Done(Wrote::Replaced(old))),
             Locked::Unchanged => Ok(Attempt::Done(Wrote::Unchanged)),
             Locked::Full => Ok(Attempt::Full),
+        }
+    }
+
+    /// Bytes of record space a handle reserves at a time for records of `need` bytes.
+    fn chunk_len(&self, need: u64) -> u64 {
+        let space = self.obj.block_len() - self.heap_start;
+        need.max((space / 64).min(16 << 10)).next_multiple_of(8)
+    }
+
+    /// `need` bytes from this handle's reserved space in partition `child`, if it has
+    /// them.
+    fn take_space(&self, child: u64, need: u64) -> Option<u64> {
+        let mut parts = self.parts.lock();
+        let p = parts.get_mut(&child)?;
+        let (next, end) = p.space;
+        (next + need <= end).then(|| {
+            p.space.0 = next + need;
+            next
+        })
+    }
+
+    /// Makes `start..end` of partition `child` this handle's reserved space.
+    fn add_space(&self, child: u64, start: u64, end: u64) {
+        if let Some(p) = self.parts.lock().get_mut(&child) {
+            p.space = (start, end);
+        }
+    }
+
+    /// Returns `need` bytes at `off` that no slot points at to this handle's space (if
+    /// nothing was taken after them).
+    fn give_back(&self, child: u64, off: u64, need: u64) {
+        if let Some(p) = self.parts.lock().get_mut(&child) {
+            if p.space.0 == off + need {
+                p.space.0 = off;
+            }
         }
     }
 
@@ -658,10 +712,9 @@ impl Kv {
         }
     }
 
-    /// Under bucket `b`'s lock: write the record `rec = (offset, bytes)` and point the
-    /// key's slot (or a free one) at it with `word`. `peek` is the bucket as read
-    /// before the lock was known to be held: the records it points at are read in the
-    /// same round trip as the bucket itself, and used where the bucket still agrees.
+    /// Under bucket `b`'s lock: store the record `rec = (spot, bytes)` for `key`, in
+    /// place of the key's record when that has the same size, at `spot` otherwise.
+    /// `peek` is the bucket as read before the lock was known to be held.
     #[allow(clippy::too_many_arguments)]
     fn write_locked(
         &self,
@@ -670,16 +723,26 @@ impl Kv {
         h: u64,
         key: &[u8],
         rec: (u64, &[u8]),
-        word: u64,
         mode: Mode,
         peek: Option<[u64; SLOTS]>,
     ) -> Result<Locked, DsError> {
-        let (slots, found) = self.locked_lookup(part, b, h, key, Some(rec), peek)?;
-        let mut slots = slots;
+        let (spot, bytes) = rec;
+        let need = (bytes.len() as u64).next_multiple_of(8);
+        // Write the record at the spot in the lookup's round trip unless the peek
+        // suggests the key is there (then it is most likely rewritten in place).
+        let likely_there = peek.is_some_and(|p| !self.candidates(part, h, &p).is_empty());
+        let early = (!likely_there && mode != Mode::Update).then_some((spot, bytes));
+        let (mut slots, found) = self.locked_lookup(part, b, h, key, early, peek)?;
+        let word = slot_word(spot, need, h);
         let old = match found {
             Some((i, old)) => {
                 if mode == Mode::Insert {
                     return Ok(Locked::Unchanged);
+                }
+                let (off, len) = slot_place(slots[i]);
+                if len == need {
+                    part.write(off, bytes)?;
+                    return Ok(Locked::InPlace(old.value.remote()));
                 }
                 slots[i] = word;
                 Some(old.value.remote())
@@ -695,6 +758,9 @@ impl Kv {
                 None
             }
         };
+        if early.is_none() {
+            part.write(spot, bytes)?;
+        }
         part.write(b + SLOTS_AT, &bucket::encode_body(b, &slots))?;
         Ok(match old {
             Some(remote) => Locked::Replaced(remote),
@@ -739,14 +805,14 @@ impl Kv {
             )));
         };
         let slots = now.slots;
-        // Records the peek read are valid where the slot still holds the same word
-        // (records never change while a slot points at them).
+        // Records the peek read are valid where the slot still holds the same word:
+        // only lock holders change records that slots point at, and we hold the lock.
         let still = |i: usize| peek.is_some_and(|p| p[i] == slots[i]);
         for (c, buf) in guesses.iter().zip(bufs) {
             if !still(c.0) {
                 continue;
             }
-            if let Some(r) = decode(&buf) {
+            if let Decoded::Record(r) = decode(&buf) {
                 if r.key == key {
                     return Ok((slots, Some((c.0, r))));
                 }
@@ -759,7 +825,13 @@ impl Kv {
         if all_seen {
             return Ok((slots, None));
         }
-        Ok((slots, self.find(part, h, key, &slots)?))
+        match self.find(part, h, key, &slots)? {
+            Found::Key(i, r) => Ok((slots, Some((i, r)))),
+            Found::Absent => Ok((slots, None)),
+            Found::Torn => Err(self.corrupt(format!(
+                "a record of bucket at offset {b} fails its checksum under the bucket's lock"
+            ))),
+        }
     }
 
     /// Deletes; `Some(count)` when the key was there.
@@ -845,18 +917,19 @@ impl Kv {
         }
     }
 
-    /// The slot holding `key` among `slots`, with its record. Records are immutable
-    /// once a slot points at them, so plain READs of them are safe.
+    /// The slot holding `key` among `slots`, with its record. Records change only
+    /// under their bucket's lock (rewritten in place with a checksum), so a lock-free
+    /// reader may find one torn and must look again.
     fn find(
         &self,
         part: &BlockHandle,
         h: u64,
         key: &[u8],
         slots: &[u64],
-    ) -> Result<Option<(usize, Record)>, ClientError> {
+    ) -> Result<Found, ClientError> {
         let cands = self.candidates(part, h, slots);
         if cands.is_empty() {
-            return Ok(None);
+            return Ok(Found::Absent);
         }
         let mut bufs: Vec<Vec<u8>> = cands.iter().map(|c| vec![0u8; c.2 as usize]).collect();
         let mut ops = cands
@@ -866,14 +939,15 @@ impl Kv {
             .collect::<Result<Vec<_>, _>>()?;
         part.execute(&mut ops)?;
         drop(ops);
+        let mut torn = false;
         for (c, buf) in cands.iter().zip(bufs) {
-            if let Some(rec) = decode(&buf) {
-                if rec.key == key {
-                    return Ok(Some((c.0, rec)));
-                }
+            match decode(&buf) {
+                Decoded::Record(rec) if rec.key == key => return Ok(Found::Key(c.0, rec)),
+                Decoded::Record(_) => {}
+                Decoded::Bad => torn = true,
             }
         }
-        Ok(None)
+        Ok(if torn { Found::Torn } else { Found::Absent })
     }
 
     /// The slots among `slots` whose fingerprint matches hash `h`, as
@@ -884,7 +958,10 @@ impl Kv {
             .iter()
             .enumerate()
             .filter(|&(_, &s)| s != 0 && (s >> 48) & 0x7FFF == fp)
-            .map(|(i, &s)| (i, (s & 0xFFFF_FFFF) * 8, ((s >> 32) & 0xFFFF) * 8))
+            .map(|(i, &s)| {
+                let (off, len) = slot_place(s);
+                (i, off, len)
+            })
             .filter(|&(_, off, len)| off >= self.heap_start && off + len <= part.len())
             .collect()
     }
@@ -911,14 +988,17 @@ impl Kv {
 
     fn partition(&self, child: u64) -> Result<Option<BlockHandle>, DsError> {
         if let Some(p) = self.parts.lock().get(&child) {
-            return Ok(Some(p.clone()));
+            return Ok(Some(p.handle.clone()));
         }
         let handle = match self.obj.entry(child)? {
             Entry::Linked(id) => self.obj.child_handle(child, id)?,
             Entry::Empty | Entry::Freed => None,
         };
         if let Some(p) = &handle {
-            self.parts.lock().insert(child, p.clone());
+            self.parts
+                .lock()
+                .entry(child)
+                .or_insert_with(|| CachedPart::new(p.clone()));
         }
         Ok(handle)
     }
@@ -994,7 +1074,7 @@ impl Kv {
     fn link_new(&self, child: u64) -> Result<BlockHandle, DsError> {
         match self.obj.link(child)? {
             Some(p) => {
-                self.parts.lock().insert(child, p.clone());
+                self.parts.lock().insert(child, CachedPart::new(p.clone()));
                 Ok(p)
             }
             None => Err(self.corrupt(format!("new partition {child} was freed before use"))),
@@ -1272,11 +1352,14 @@ impl Kv {
                 if s == 0 {
                     continue;
                 }
-                let (off, len) = ((s & 0xFFFF_FFFF) * 8, ((s >> 32) & 0xFFFF) * 8);
+                let (off, len) = slot_place(s);
                 let rec = image
                     .get(off as usize..(off + len) as usize)
                     .filter(|_| off >= self.heap_start)
-                    .and_then(decode)
+                    .and_then(|bytes| match decode(bytes) {
+                        Decoded::Record(r) => Some(r),
+                        Decoded::Bad => None,
+                    })
                     .ok_or_else(|| {
                         self.corrupt(format!("slot {i} of bucket {b} points at no record"))
                     })?;
@@ -1377,94 +1460,14 @@ fn fingerprint(h: u64) -> u64 {
     (h >> 32) & 0x7FFF
 }
 
+/// Offset and length of the record slot word `s` points at.
+fn slot_place(s: u64) -> (u64, u64) {
+    ((s & 0xFFFF_FFFF) * 8, ((s >> 32) & 0xFFFF) * 8)
+}
+
 /// A slot pointing at the record at `off` of `len` bytes (both multiples of 8).
 fn slot_word(off: u64, len: u64, h: u64) -> u64 {
     (fingerprint(h) << 48) | ((len / 8) << 32) | (off / 8)
-}
-
-/// Bytes of `r` encoded.
-fn record_len(r: &Record) -> usize {
-    REC_HEADER
-        + r.key.len()
-        + match &r.value {
-            Value::Inline(v) => v.len(),
-            Value::Remote { .. } => REMOTE_REF,
-        }
-}
-
-/// `klen u32 (REMOTE bit for a remote value) | vlen u32 | key | value or reference`.
-fn encode(key: &[u8], value: &Value) -> Result<Vec<u8>, DsError> {
-    let payload: Vec<u8> = match value {
-        Value::Inline(v) => v.clone(),
-        Value::Remote {
-            nonce,
-            block,
-            len,
-            sum,
-        } => [nonce, block, len, sum]
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect(),
-    };
-    let total = REC_HEADER + key.len() + payload.len();
-    let too_large = || DsError::ItemTooLarge {
-        len: total,
-        max: 0xFFFF * 8,
-    };
-    let k = u32::try_from(key.len())
-        .ok()
-        .filter(|&k| k < REMOTE)
-        .ok_or_else(too_large)?;
-    let v = u32::try_from(payload.len()).map_err(|_| too_large())?;
-    if total.next_multiple_of(8) > 0xFFFF * 8 {
-        return Err(too_large());
-    }
-    let flag = if value.remote().is_some() { REMOTE } else { 0 };
-    let mut r = Vec::with_capacity(total);
-    r.extend_from_slice(&(k | flag).to_le_bytes());
-    r.extend_from_slice(&v.to_le_bytes());
-    r.extend_from_slice(key);
-    r.extend_from_slice(&payload);
-    Ok(r)
-}
-
-fn decode(rec: &[u8]) -> Option<Record> {
-    let kw = u32::from_le_bytes(rec.get(0..4)?.try_into().ok()?);
-    let k = (kw & !REMOTE) as usize;
-    let v = u32::from_le_bytes(rec.get(4..8)?.try_into().ok()?) as usize;
-    let key = rec.get(REC_HEADER..REC_HEADER + k)?.to_vec();
-    let payload = rec.get(REC_HEADER + k..REC_HEADER + k + v)?;
-    let value = if kw & REMOTE == 0 {
-        Value::Inline(payload.to_vec())
-    } else {
-        if payload.len() != REMOTE_REF {
-            return None;
-        }
-        let w = |i: usize| -> Option<u64> {
-            Some(u64::from_le_bytes(
-                payload.get(8 * i..8 * i + 8)?.try_into().ok()?,
-            ))
-        };
-        Value::Remote {
-            nonce: w(0)?,
-            block: w(1)?,
-            len: w(2)?,
-            sum: w(3)?,
-        }
-    };
-    Some(Record { key, value })
-}
-
-/// The child path of a remote value.
-fn value_name(nonce: u64) -> String {
-    format!("v{nonce:016x}")
-}
-
-/// Checksum of a remote value (never 0).
-fn value_sum(nonce: u64, value: &[u8]) -> u64 {
-    let mut h = SipHasher13::new_with_keys(nonce, 0x7661_6c75_6573_756d);
-    h.write(value);
-    h.finish().max(1)
 }
 
 impl std::fmt::Debug for Kv {
