@@ -27,6 +27,8 @@ const SLOT_HEADER: u64 = 24;
 const EMPTY: u64 = 0;
 const READY: u64 = 1;
 const POISONED: u64 = 2;
+/// How long a consumer waits for the record of a published slot to land.
+const READY_WAIT: Duration = Duration::from_secs(5);
 /// Smallest slot: header plus 8 payload bytes.
 const MIN_SLOT: u64 = SLOT_HEADER + 8;
 
@@ -228,7 +230,10 @@ impl Queue {
     }
 
     /// One attempt in segment `k`: `None` when it is full, `Some(false)` when the slot
-    /// was poisoned, `Some(true)` when the item is in.
+    /// was poisoned, `Some(true)` when the item is in. Two round trips: take a ticket;
+    /// write the record and publish it together. The publish may land before the
+    /// record (operations of a batch are unordered), so a consumer that finds a slot
+    /// ready but its checksum wrong reads it again until the record lands.
     fn try_enqueue(
         &self,
         seg: &BlockHandle,
@@ -245,9 +250,9 @@ impl Queue {
         rec.extend_from_slice(&[0; 4]);
         rec.extend_from_slice(&checksum(k, i, item).to_le_bytes());
         rec.extend_from_slice(item);
-        seg.write(off + 8, &rec)?;
-        // Publish after the WRITE completed.
-        Ok(Some(seg.cas(off, EMPTY, READY)? == EMPTY))
+        let mut ops = [seg.write_op(off + 8, &rec)?, seg.cas_op(off, EMPTY, READY)?];
+        seg.execute(&mut ops)?;
+        Ok(Some(ops[1].result == EMPTY))
     }
 
     /// Appends `items` in order (as consecutive [`Queue::enqueue`] calls: the items of
@@ -328,18 +333,34 @@ impl Queue {
             Err(step) => return Ok(step),
         };
         let m = (want as u64).min(enq.min(self.slots) - deq).clamp(1, 64);
-        let first = seg.faa(DEQ, m)?;
+        // Take the tickets and, in the same round trip, read the slots they name if no
+        // other consumer takes tickets meanwhile (tickets start at `deq` then).
+        let rec = (self.slot_size - 8) as usize;
+        let guess: Vec<u64> = (deq..(deq + m).min(self.slots)).collect();
+        let mut bufs = vec![0u8; rec * guess.len()];
+        let mut states = vec![EMPTY; guess.len()];
+        let first = {
+            let mut batch = Vec::with_capacity(1 + 2 * guess.len());
+            batch.push(seg.faa_op(DEQ, m)?);
+            for (&i, buf) in guess.iter().zip(bufs.chunks_mut(rec)) {
+                batch.push(seg.faa_op(self.slot_off(i), 0)?);
+                batch.push(seg.read_op(self.slot_off(i) + 8, buf)?);
+            }
+            seg.execute(&mut batch)?;
+            for (j, st) in states.iter_mut().enumerate() {
+                *st = batch[1 + 2 * j].result;
+            }
+            batch[0].result
+        };
         let tickets: Vec<u64> = (first..first + m).filter(|&i| i < self.slots).collect();
         if tickets.is_empty() {
             return Ok(Step::Next);
         }
-        // Speculative reads of every slot in one batch; slots not ready (or read before
-        // their WRITE) are resolved one by one, in ticket order.
-        let rec = (self.slot_size - 8) as usize;
-        let mut bufs = vec![0u8; rec * tickets.len()];
-        let mut states = vec![EMPTY; tickets.len()];
-        {
+        if first != deq {
+            // Raced another consumer: read the slots our tickets name.
             let mut batch = Vec::with_capacity(2 * tickets.len());
+            bufs = vec![0u8; rec * tickets.len()];
+            states = vec![EMPTY; tickets.len()];
             for (&i, buf) in tickets.iter().zip(bufs.chunks_mut(rec)) {
                 batch.push(seg.faa_op(self.slot_off(i), 0)?);
                 batch.push(seg.read_op(self.slot_off(i) + 8, buf)?);
@@ -407,13 +428,7 @@ impl Queue {
             let deadline = Instant::now() + self.poll;
             loop {
                 match seg.faa(off, 0)? {
-                    READY => {
-                        seg.read(off + 8, &mut buf)?;
-                        return match self.decode(k, i, &buf) {
-                            Some(item) => Ok(Step::Item(item)),
-                            None => Err(self.corrupt_slot(k, i)),
-                        };
-                    }
+                    READY => return self.read_ready(seg, k, i, &mut buf).map(Step::Item),
                     // A producer is publishing: wait for it a little, as a consumer would.
                     EMPTY if Instant::now() < deadline => std::thread::yield_now(),
                     // Poisoned, or a slow producer a consumer will poison: skip.
@@ -428,10 +443,36 @@ impl Queue {
         Ok(Step::Empty)
     }
 
+    /// The item of slot `i` of segment `k`, known to be published: READs until its
+    /// record has landed (bounded by [`READY_WAIT`]; a record that never validates is
+    /// reported as damaged, never skipped).
+    fn read_ready(
+        &self,
+        seg: &BlockHandle,
+        k: u64,
+        i: u64,
+        buf: &mut [u8],
+    ) -> Result<Vec<u8>, DsError> {
+        let deadline = Instant::now() + READY_WAIT;
+        loop {
+            seg.read(self.slot_off(i) + 8, buf)?;
+            if let Some(item) = self.decode(k, i, buf) {
+                return Ok(item);
+            }
+            if Instant::now() > deadline {
+                return Err(self.corrupt_slot(k, i));
+            }
+            std::thread::yield_now();
+        }
+    }
+
     fn corrupt_slot(&self, k: u64, i: u64) -> DsError {
         DsError::Corrupt {
             path: self.obj.path().clone(),
-            what: format!("slot {i} of segment {k} is ready but fails its checksum"),
+            what: format!(
+                "slot {i} of segment {k} is published but its record has failed its checksum for {} s",
+                READY_WAIT.as_secs()
+            ),
         }
     }
 
@@ -467,59 +508,10 @@ impl Queue {
     }
 
     /// Removes and returns the item at the head, or `None` when the queue is empty.
+    /// Three round trips when uncontended: the counters; the ticket with a speculative
+    /// read of the slot it most likely names; the count of resolved slots.
     pub fn dequeue(&self) -> Result<Option<Vec<u8>>, DsError> {
-        let mut k = self.head.load(Ordering::Relaxed);
-        loop {
-            let seg = match self.segment(k, false)? {
-                Seg::Empty => return Ok(None),
-                Seg::Freed => {
-                    k += 1;
-                    self.head.fetch_max(k, Ordering::Relaxed);
-                    continue;
-                }
-                Seg::Live(h) => h,
-            };
-            match self.try_dequeue(&seg, k) {
-                Ok(Step::Item(v)) => return Ok(Some(v)),
-                Ok(Step::Empty) => return Ok(None),
-                Ok(Step::Retry) => {}
-                Ok(Step::Next) => {
-                    k += 1;
-                    self.head.fetch_max(k, Ordering::Relaxed);
-                }
-                Err(DsError::Client(e)) if is_stale(&e) => {
-                    self.forget(k);
-                    k += 1;
-                    self.head.fetch_max(k, Ordering::Relaxed);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    fn try_dequeue(&self, seg: &BlockHandle, k: u64) -> Result<Step, DsError> {
-        if let Err(step) = self.counters(seg)? {
-            return Ok(step);
-        }
-        let i = seg.faa(DEQ, 1)?;
-        if i >= self.slots {
-            return Ok(Step::Next);
-        }
-        // From here on we hold ticket `i`: resolve it, then count it done, whatever
-        // happens, so the segment can be freed.
-        let item = self.resolve(seg, k, i)?;
-        let done = seg.faa(DONE, 1)?;
-        if done + 1 == self.slots {
-            // Every slot is resolved: no one reads this segment again.
-            self.forget(k);
-            self.obj.retire(k, seg.id())?;
-            self.freed_segments.fetch_add(1, Ordering::Relaxed);
-            self.obj.raise(HEAD_HINT, k + 1)?;
-        }
-        Ok(match item {
-            Some(v) => Step::Item(v),
-            None => Step::Retry,
-        })
+        Ok(self.dequeue_many(1)?.pop())
     }
 
     /// Takes slot `i` of segment `k`: the item, or `None` after poisoning it.
@@ -527,7 +519,6 @@ impl Queue {
         let off = self.slot_off(i);
         let mut buf = vec![0u8; (self.slot_size - 8) as usize];
         let deadline = Instant::now() + self.poll;
-        let mut ready_reads = 0;
         loop {
             // Speculative: the READ may run before or after the state read.
             let state = {
@@ -540,16 +531,9 @@ impl Queue {
                     if let Some(item) = self.decode(k, i, &buf) {
                         return Ok(Some(item));
                     }
-                    // The READ ran before the producer's WRITE. That WRITE completed
-                    // before READY was set, so one more READ must see it.
-                    ready_reads += 1;
-                    if ready_reads > 1 {
-                        return Err(self.corrupt_slot(k, i));
-                    }
-                    seg.read(off + 8, &mut buf)?;
-                    if let Some(item) = self.decode(k, i, &buf) {
-                        return Ok(Some(item));
-                    }
+                    // Published, but the READ ran before the producer's WRITE landed
+                    // (they share a round trip, unordered): it lands shortly.
+                    return self.read_ready(seg, k, i, &mut buf).map(Some);
                 }
                 EMPTY if Instant::now() < deadline => std::thread::yield_now(),
                 EMPTY => {
