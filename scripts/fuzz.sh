@@ -24,5 +24,6 @@ run() { # crate-dir target
 }
 run fuzz control_frame
 run rdma/fuzz soft_frame
-echo "fuzzing: $((2 - failed)) passed, $failed failed"
+run fuzz snapshot
+echo "fuzzing: $((3 - failed)) passed, $failed failed"
 [ "$failed" -eq 0 ]

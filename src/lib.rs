@@ -22,6 +22,7 @@ pub mod embedded;
 pub mod memnode;
 pub mod proto;
 pub mod size;
+pub mod tier;
 
 pub use client::{BlockHandle, Client, ClientConfig, ClientError, LeaseGuard, Task};
 pub use embedded::{EmbeddedConfig, EmbeddedPool};

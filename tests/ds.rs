@@ -1152,3 +1152,115 @@ fn log_matches_a_vec_model() {
         })
         .unwrap();
 }
+
+#[test]
+fn every_structure_syncs_dumps_and_loads_through_the_persistent_tier() {
+    use farpool::tier::Tier;
+    let pool = pool(true);
+    let client = pool.client().unwrap();
+    let task = client.task("/j/tier").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Tier::open(dir.path().to_str().unwrap()).unwrap();
+
+    // File: several blocks.
+    let f = File::create(&task, "f").unwrap();
+    let bytes: Vec<u8> = (0..3 * BS as usize + 17).map(|i| (i % 251) as u8).collect();
+    f.append(&bytes).unwrap();
+    assert!(f.sync(&tier, "f").unwrap() > bytes.len() as u64);
+    f.dump(&tier, "f-dumped").unwrap();
+    assert!(matches!(
+        File::open(&client, "/j/tier/f"),
+        Err(DsError::NotFound { .. })
+    ));
+    let g = File::load(&client, "/j/tier/f2", &tier, "f-dumped").unwrap();
+    assert_eq!(g.read_all().unwrap(), bytes);
+    // Loading over data is refused; loading another kind is refused.
+    assert!(matches!(
+        File::load(&client, "/j/tier/f2", &tier, "f"),
+        Err(DsError::Exists { .. })
+    ));
+
+    // Queue: across segments, some items already taken.
+    let q = Queue::create(&task, "q", QueueConfig { slot_size: 64 }).unwrap();
+    for i in 0..200u32 {
+        q.enqueue(&i.to_le_bytes()).unwrap();
+    }
+    for _ in 0..50 {
+        q.dequeue().unwrap().unwrap();
+    }
+    q.sync(&tier, "q").unwrap();
+    assert_eq!(q.len().unwrap(), 150, "sync takes nothing");
+    let q2 = Queue::load(
+        &client,
+        "/j/tier/q2",
+        QueueConfig { slot_size: 64 },
+        &tier,
+        "q",
+    )
+    .unwrap();
+    for i in 50..200u32 {
+        assert_eq!(q2.dequeue().unwrap(), Some(i.to_le_bytes().to_vec()));
+    }
+    assert_eq!(q2.dequeue().unwrap(), None);
+
+    // Kv: enough keys to split, and a value in a block of its own.
+    let config = KvConfig {
+        split_load: 0.5,
+        merge_load: 0.1,
+        ..KvConfig::default()
+    };
+    let kv = Kv::create(&task, "kv", config).unwrap();
+    let mut model = HashMap::new();
+    for i in 0..300usize {
+        let v = vec![i as u8; i % 50];
+        kv.upsert(&key(i), &v).unwrap();
+        model.insert(key(i), v);
+    }
+    let big = vec![7u8; 3 * BS as usize / 4];
+    kv.upsert(b"big", &big).unwrap();
+    model.insert(b"big".to_vec(), big);
+    assert!(kv.partitions().unwrap() > 1);
+    let mut got: HashMap<Vec<u8>, Vec<u8>> = kv.entries().unwrap().into_iter().collect();
+    assert_eq!(got, model);
+    kv.dump(&tier, "kv").unwrap();
+    let kv2 = Kv::load(&client, "/j/tier/kv2", config, &tier, "kv").unwrap();
+    got = kv2.entries().unwrap().into_iter().collect();
+    assert_eq!(got, model);
+    assert_eq!(
+        kv2.get(b"big").unwrap().map(|v| v.len()),
+        Some(3 * BS as usize / 4)
+    );
+    assert!(matches!(
+        Queue::load(&client, "/j/tier/q3", QueueConfig::default(), &tier, "kv"),
+        Err(DsError::Snapshot { .. })
+    ));
+
+    // Log: trimmed prefix; positions survive.
+    let log = Log::create(&task, "log").unwrap();
+    let mut positions = Vec::new();
+    for i in 0..100u32 {
+        positions.push(log.append(&[i as u8; 100], &[i % 3]).unwrap());
+    }
+    log.trim(positions[40]).unwrap();
+    let before = log.scan(positions[40], log.end().unwrap(), &[1]).unwrap();
+    log.dump(&tier, "log").unwrap();
+    let log2 = Log::load(&client, "/j/tier/log2", &tier, "log").unwrap();
+    assert_eq!(log2.start().unwrap(), positions[40]);
+    let after = log2.scan(positions[40], log2.end().unwrap(), &[1]).unwrap();
+    assert_eq!(after, before);
+    assert!(matches!(
+        log2.scan(positions[10], positions[20], &[]),
+        Err(DsError::Trimmed { .. })
+    ));
+
+    // A missing key and a damaged object are typed errors.
+    assert!(matches!(
+        File::load(&client, "/j/tier/none", &tier, "missing"),
+        Err(DsError::Tier(farpool::tier::TierError::NotFound { .. }))
+    ));
+    std::fs::write(dir.path().join("damaged"), b"FPSNAP01 not really").unwrap();
+    assert!(matches!(
+        File::load(&client, "/j/tier/none", &tier, "damaged"),
+        Err(DsError::Snapshot { .. })
+    ));
+}

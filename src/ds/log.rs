@@ -220,6 +220,31 @@ impl Log {
         Ok(())
     }
 
+    /// The first untrimmed position and the log's bytes from there to the end of its
+    /// last complete entry (entries still being written, and all after them, are left
+    /// out).
+    pub(crate) fn raw(&self) -> Result<(u64, Vec<u8>), DsError> {
+        let start = self.start()?;
+        let next = self.scan(start, self.end()?, &[])?.next;
+        let mut bytes = vec![
+            0u8;
+            usize::try_from(next - start).map_err(|_| {
+                DsError::Config("the log is larger than this machine's address space".into())
+            })?
+        ];
+        let n = self.file.read_at(start, &mut bytes)?;
+        bytes.truncate(n);
+        Ok((start, bytes))
+    }
+
+    /// Fills an empty log with `bytes` (from [`Log::raw`]) at `start`, trimming
+    /// everything before.
+    pub(crate) fn restore(&self, start: u64, bytes: &[u8]) -> Result<(), DsError> {
+        self.file.write_at(start, bytes)?;
+        self.file.object().raise(TRIM, start)?;
+        Ok(())
+    }
+
     /// Removes the log and frees its blocks. Other clients' handles stop working.
     pub fn destroy(self) -> Result<(), DsError> {
         self.file.destroy()

@@ -26,12 +26,15 @@ mod file;
 mod kv;
 mod log;
 mod object;
+mod persist;
 mod queue;
+mod snapshot;
 
 pub use file::File;
 pub use kv::{Kv, KvConfig, KvRepartitions};
 pub use log::{Log, LogEntry, Scan, MAX_STREAMS};
 pub use queue::{Queue, QueueConfig, QueueSegments};
+pub use snapshot::{Snapshot, SnapshotError};
 
 use crate::client::ClientError;
 use crate::proto::{BlockId, PathError, PoolPath};
@@ -104,6 +107,28 @@ pub enum DsError {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The persistent tier failed.
+    #[error(transparent)]
+    Tier(#[from] crate::tier::TierError),
+    /// What the persistent tier holds is not a usable snapshot.
+    #[error("loading '{key}' from the persistent tier: {source}")]
+    Snapshot {
+        /// The object's key in the tier.
+        key: String,
+        /// What is wrong with it.
+        #[source]
+        source: SnapshotError,
+    },
+    /// `load` into a path that already holds data.
+    #[error(
+        "'{path}' already holds a {kind} with data; remove it first or load under another path"
+    )]
+    Exists {
+        /// What is there.
+        kind: &'static str,
+        /// The path.
+        path: PoolPath,
+    },
     /// Remote memory does not hold what the layout says it must.
     #[error("'{path}' is corrupt: {what}; it was probably overwritten through raw block handles, recreate it")]
     Corrupt {

@@ -394,6 +394,74 @@ impl Queue {
         Ok(Step::Retry)
     }
 
+    /// Copies of every published item not yet taken, head first, without removing
+    /// any (for snapshots to the persistent tier). Under concurrent producers and
+    /// consumers, items published or taken during the call may or may not be in it.
+    pub fn items(&self) -> Result<Vec<Vec<u8>>, DsError> {
+        let mut out = Vec::new();
+        let mut k = self.obj.word(HEAD_HINT)?;
+        loop {
+            let seg = match self.segment(k, false)? {
+                Seg::Empty => return Ok(out),
+                Seg::Freed => {
+                    k += 1;
+                    continue;
+                }
+                Seg::Live(h) => h,
+            };
+            match self.segment_items(&seg, k, &mut out) {
+                Ok(true) => k += 1,
+                Ok(false) => return Ok(out),
+                Err(DsError::Client(e)) if is_stale(&e) => {
+                    // Drained and freed meanwhile: its items were all taken.
+                    self.forget(k);
+                    k += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Appends segment `k`'s untaken published items to `out`; `true` when later
+    /// segments may hold more.
+    fn segment_items(
+        &self,
+        seg: &BlockHandle,
+        k: u64,
+        out: &mut Vec<Vec<u8>>,
+    ) -> Result<bool, DsError> {
+        let mut ops = [seg.faa_op(ENQ, 0)?, seg.faa_op(DEQ, 0)?];
+        seg.execute(&mut ops)?;
+        let (enq, deq) = (ops[0].result, ops[1].result);
+        let rec = (self.slot_size - 8) as usize;
+        let slots: Vec<u64> = (deq.min(self.slots)..enq.min(self.slots)).collect();
+        let mut bufs = vec![0u8; rec * slots.len()];
+        let mut states = vec![EMPTY; slots.len()];
+        for (run, bufs) in slots.chunks(64).zip(bufs.chunks_mut(64 * rec)) {
+            let mut batch = Vec::with_capacity(2 * run.len());
+            for (&i, buf) in run.iter().zip(bufs.chunks_mut(rec)) {
+                batch.push(seg.faa_op(self.slot_off(i), 0)?);
+                batch.push(seg.read_op(self.slot_off(i) + 8, buf)?);
+            }
+            seg.execute(&mut batch)?;
+            let base = (run[0] - slots[0]) as usize;
+            for j in 0..run.len() {
+                states[base + j] = batch[2 * j].result;
+            }
+        }
+        for (j, &i) in slots.iter().enumerate() {
+            if states[j] != READY {
+                continue; // being published (not acknowledged yet), or poisoned
+            }
+            let buf = &mut bufs[j * rec..(j + 1) * rec];
+            match self.decode(k, i, buf) {
+                Some(item) => out.push(item),
+                None => out.push(self.read_ready(seg, k, i, buf)?),
+            }
+        }
+        Ok(enq >= self.slots)
+    }
+
     /// A copy of the item at the head without removing it (`None` when empty). Under
     /// concurrent consumers it may be gone by the time it is returned.
     pub fn front(&self) -> Result<Option<Vec<u8>>, DsError> {

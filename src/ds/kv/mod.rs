@@ -3,6 +3,7 @@
 mod batch;
 mod bucket;
 mod record;
+mod scan;
 
 use super::object::{Entry, Object};
 use super::{decode_id, encode_id, is_stale, DsError};
