@@ -327,6 +327,13 @@ impl Kv {
         Ok(kids.len())
     }
 
+    /// Which partition (a child index of the table, stable until that partition is
+    /// split, merged or compacted) holds `key`, as this handle's map says. For
+    /// diagnostics and benchmarks that must aim at one partition.
+    pub fn partition_of(&self, key: &[u8]) -> Result<u64, DsError> {
+        Ok(self.route(hash(key))?.child)
+    }
+
     /// The value stored under `key`.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DsError> {
         let h = hash(key);
