@@ -23,6 +23,7 @@ run() { # crate-dir target
   fi
 }
 run fuzz control_frame
+run fuzz metadata_log
 run rdma/fuzz soft_frame
-echo "fuzzing: $((2 - failed)) passed, $failed failed"
+echo "fuzzing: $((3 - failed)) passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -69,6 +69,8 @@ pub(crate) struct Reclaimed {
     pub blocks: Vec<(PathId, BlockId)>,
     /// Paths removed.
     pub paths: u64,
+    /// The path of every subtree removal, in order (what the metadata log replays).
+    pub roots: Vec<PoolPath>,
 }
 
 /// The namespace tree.
@@ -290,6 +292,7 @@ impl Namespace {
             let n = self.node(id);
             (n.parent, n.subtree_bytes)
         };
+        out.roots.push(self.node(id).path.clone());
         if let Some(p) = parent {
             self.sub_bytes_up(p, bytes);
             let name = self
@@ -402,7 +405,6 @@ impl Namespace {
     }
 
     /// Every live path id with its node.
-    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = (PathId, &PathNode)> {
         self.slots
             .iter()

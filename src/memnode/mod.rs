@@ -231,8 +231,17 @@ impl MemNode {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let node_id = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let link = link::Link::connect(&config.controller, register, data.clone())
-            .map_err(|e| MemNodeError::Link(e.to_string()))?;
+        // Identifies this process to the controller, so a restarted controller (or a
+        // broken connection) resumes the node with its blocks instead of a new one.
+        let incarnation = rand::random::<u64>() | 1;
+        let link = link::Link::connect(
+            &config.controller,
+            register,
+            incarnation,
+            data.clone(),
+            false,
+        )
+        .map_err(|e| MemNodeError::Link(e.to_string()))?;
         node_id.store(link.node_id(), Ordering::Relaxed);
         tracing::info!(
             node = link.node_id(),

@@ -23,6 +23,14 @@ pub enum Role {
     },
     /// A memory node registering its region.
     MemNode(Register),
+    /// A memory node registering with a process identity, so that it can resume its
+    /// id and blocks after its connection (or the controller) restarted.
+    MemNodeResumable {
+        /// The region.
+        register: Register,
+        /// Random, non-zero, fixed for the life of the memory node process.
+        incarnation: u64,
+    },
 }
 
 /// A memory node's registration.
@@ -171,6 +179,17 @@ pub enum ControllerMsg {
         heartbeat_ms: u64,
         /// Epoch every block starts at.
         initial_epoch: u32,
+    },
+    /// Registration accepted as the return of a known node (same incarnation): the
+    /// node keeps its id, region contents and block epochs. Revocations for the
+    /// blocks it does not own follow.
+    Resumed {
+        /// The node's id (unchanged).
+        node_id: u32,
+        /// Key-derivation secret shared with the controller.
+        secret: Secret,
+        /// Heartbeat interval in milliseconds.
+        heartbeat_ms: u64,
     },
     /// Move these blocks to the given epochs (killing old grants) and confirm with
     /// [`NodeMsg::Revoked`].
