@@ -112,6 +112,10 @@ pub struct MemNodeArgs {
     /// Don't try to lock the region in memory.
     #[arg(long)]
     pub no_lock: bool,
+    /// On SIGTERM or Ctrl-C, how long to let data-plane connections finish the
+    /// operations they already received before closing them, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub drain_ms: u64,
     /// Shut down when standard input closes (used by `farpool bench`, so the processes
     /// it starts never outlive it).
     #[arg(long, hide = true)]
@@ -236,8 +240,8 @@ fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
         node.shutdown();
         return Ok(());
     }
-    node.wait();
-    Ok(())
+    node.run_until_signal(Duration::from_millis(a.drain_ms))
+        .map_err(|e| e.to_string())
 }
 
 fn run_status(a: StatusArgs) -> Result<(), String> {

@@ -566,6 +566,10 @@ async fn node_session(
                         break;
                     }
                 }
+                NodeMsg::Leaving => {
+                    tracing::info!(node, "memory node is shutting down; deregistered");
+                    break;
+                }
                 NodeMsg::Revoked(blocks) => {
                     {
                         let mut state = shared.state.lock();

@@ -179,6 +179,11 @@ impl Link {
         self.reader.get_ref().set_read_timeout(Some(POLL))?;
         let result = loop {
             if stop.load(Ordering::Relaxed) {
+                // A clean stop deregisters; the controller drops the node at once
+                // instead of waiting for missed heartbeats.
+                if let Err(e) = self.send(&NodeMsg::Leaving) {
+                    tracing::debug!(error = %e, "cannot tell the controller we are leaving");
+                }
                 break Ok(());
             }
             match self.reader.fill_buf() {

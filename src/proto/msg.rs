@@ -164,6 +164,8 @@ pub enum NodeMsg {
     Heartbeat(NodeStats),
     /// These blocks now hold the given (new) epochs; old grants are dead.
     Revoked(Vec<(u32, u32)>),
+    /// The node is shutting down cleanly (its data plane is drained): deregister it.
+    Leaving,
 }
 
 /// Messages from the controller to a memory node.
