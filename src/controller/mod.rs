@@ -26,9 +26,11 @@
 //!   epochs (or were lost), so the freeing client's stale handles fail as soon as the
 //!   call returns; the wait is bounded by [`ControllerConfig::revoke_wait`].
 //! - A memory node that misses heartbeats for `dead_after`, or whose connection closes,
-//!   is dead for good: it gets no new blocks, its blocks stay listed (their owners see
-//!   I/O errors rather than silently lost data), and it is dropped once they are all
-//!   freed. A restarted node registers afresh with a new id and an empty region.
+//!   is dead: it gets no new blocks, its blocks stay listed (their owners see I/O
+//!   errors rather than silently lost data), and it is dropped once they are all freed.
+//!   Only the same node process (same incarnation) can bring it back, resumed with its
+//!   blocks after its unowned blocks are revoked anew; a restarted node process
+//!   registers afresh with a new id and an empty region.
 //! - All memory nodes of a cluster must use the same block size.
 //!
 //! # Persistence

@@ -87,7 +87,8 @@ pub(crate) struct MemNode {
     pub hugepages: bool,
     /// Locked in memory.
     pub locked: bool,
-    /// Heartbeats arriving and connection open. A dead node never comes back.
+    /// Heartbeats arriving and connection open. A dead node comes back only when the
+    /// same process (incarnation) resumes it.
     pub alive: bool,
     /// When the last heartbeat (or the registration) arrived.
     pub last_heartbeat: Instant,

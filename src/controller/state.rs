@@ -411,7 +411,7 @@ impl ControllerState {
     }
 
     /// Records a heartbeat. Fails with [`ControlError::NoSuchNode`] if the node is
-    /// unknown or was declared dead (a dead node must register afresh).
+    /// unknown or was declared dead (a dead node must register again).
     pub fn heartbeat(
         &mut self,
         node: u32,
