@@ -306,12 +306,16 @@ pub fn render_status(st: &crate::proto::ClusterStatus) -> String {
         );
         let _ = writeln!(
             o,
-            "{:<48} {:>7} {:>10} {:>10} {:>8}s",
+            "{:<48} {:>7} {:>10} {:>10} {:>9}",
             name,
             p.blocks,
             format_size(p.subtree_bytes),
             p.quota.map(format_size).unwrap_or_else(|| "-".into()),
-            format!("{:.1}", p.lease_remaining_ms as f64 / 1000.0),
+            if p.pinned {
+                "pinned".to_string()
+            } else {
+                format!("{:.1}s", p.lease_remaining_ms as f64 / 1000.0)
+            },
         );
     }
     o

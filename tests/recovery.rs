@@ -201,12 +201,18 @@ fn restart_with_an_empty_data_dir_starts_empty_and_nodes_rejoin_fresh() {
     let st = client.status().unwrap();
     assert!(st.paths.is_empty(), "{:?}", st.paths);
     assert_eq!(st.nodes.len(), 1);
-    // The old grant no longer works, and the new owner reads zeroes.
+    // The old grant stops working (once the node has processed its new
+    // registration), and the new owner reads zeroes.
     let mut buf = [0xffu8; 8];
-    assert!(b.read(0, &mut buf).is_err(), "old grant revoked");
+    assert!(
+        eventually(Duration::from_secs(5), || b.read(0, &mut buf).is_err()),
+        "old grant revoked"
+    );
     let t2 = client.task("/b/t").unwrap();
     let fresh = t2.alloc(BS).unwrap().remove(0);
     assert_eq!(fresh.id().node, st.nodes[0].endpoint.node);
-    fresh.read(0, &mut buf).unwrap();
+    assert!(eventually(Duration::from_secs(5), || fresh
+        .read(0, &mut buf)
+        .is_ok()));
     assert_eq!(buf, [0u8; 8]);
 }

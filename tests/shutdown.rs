@@ -1,6 +1,7 @@
 //! Graceful shutdown on SIGTERM with real processes on 127.0.0.1: a memory node drains
 //! its data plane and deregisters; a controller flushes its metadata log and exits 0,
-//! and a restart on the same data directory has everything it acknowledged.
+//! and a restart on the same data directory has everything it acknowledged (paths,
+//! quotas, pins, blocks and data).
 
 mod common;
 
@@ -123,6 +124,7 @@ fn sigterm_flushes_the_controller_log_and_a_restart_has_everything() {
     let blocks = task.alloc(3 * BS).unwrap();
     blocks[2].write(0, b"survives").unwrap();
     client.set_quota("/job", Some(10 * BS)).unwrap();
+    client.pin("/job/t", true).unwrap();
 
     sigterm(&ctl);
     assert!(
@@ -135,6 +137,13 @@ fn sigterm_flushes_the_controller_log_and_a_restart_has_everything() {
     let job = st.paths.iter().find(|u| u.path.as_str() == "/job").unwrap();
     assert_eq!(job.quota, Some(10 * BS));
     assert_eq!(job.subtree_bytes, 3 * BS);
+    let t = st
+        .paths
+        .iter()
+        .find(|u| u.path.as_str() == "/job/t")
+        .unwrap();
+    assert!(t.pinned, "pin recovered");
+    assert!(t.lease_remaining_ms > 0, "lease re-armed");
     let again = client.open_blocks("/job/t", false).unwrap();
     let mut buf = [0u8; 8];
     again[2].read(0, &mut buf).unwrap();

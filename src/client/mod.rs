@@ -142,6 +142,15 @@ impl Client {
         Ok(())
     }
 
+    /// Pins (`true`) or unpins `path`: a pinned path is never reclaimed by lease
+    /// expiry; its blocks stay until it is removed or unpinned. Paths below it are not
+    /// pinned by it.
+    pub fn pin(&self, path: &str, pinned: bool) -> Result<(), ClientError> {
+        let path = PoolPath::parse(path)?;
+        self.request(Request::Pin { path, pinned })?;
+        Ok(())
+    }
+
     /// Renews the lease of `prefix` once.
     pub fn renew(&self, prefix: &str) -> Result<Duration, ClientError> {
         let prefix = PoolPath::parse(prefix)?;

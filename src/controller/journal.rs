@@ -129,6 +129,13 @@ pub enum Record {
         /// `(index, epoch)` pairs confirmed.
         blocks: Vec<(u32, u32)>,
     },
+    /// A path was pinned or unpinned.
+    Pin {
+        /// The path.
+        path: PoolPath,
+        /// Pinned or not.
+        pinned: bool,
+    },
 }
 
 /// State of one block in a snapshot.
@@ -164,6 +171,8 @@ pub struct SnapPath {
     pub quota: Option<u64>,
     /// Blocks it owns, in allocation order.
     pub blocks: Vec<BlockId>,
+    /// Never reclaimed by lease expiry.
+    pub pinned: bool,
 }
 
 /// The whole metadata at one point: what a log generation starts from.
@@ -427,6 +436,10 @@ mod tests {
             Record::Remove { path: p("/job") },
             Record::NodeDead { id: 1 },
             Record::NodeDropped { id: 1 },
+            Record::Pin {
+                path: p("/job"),
+                pinned: true,
+            },
         ]
     }
 
@@ -552,6 +565,7 @@ mod tests {
                 path: p("/j"),
                 quota: Some(4096),
                 blocks: vec![BlockId { node: 2, index: 0 }],
+                pinned: true,
             }],
         };
         let bytes = encode_snapshot(&snap).unwrap();

@@ -56,6 +56,8 @@ pub(crate) struct PathNode {
     pub quota: Option<u64>,
     /// The path's own lease deadline.
     pub deadline: Instant,
+    /// Never reclaimed by lease expiry.
+    pub pinned: bool,
     /// Unique per created path, so heap entries of a reused slot are recognised.
     gen: u64,
     /// Whether the expiry heap holds an entry for this path.
@@ -94,6 +96,7 @@ impl Namespace {
             subtree_bytes: 0,
             quota: None,
             deadline: now,
+            pinned: false,
             gen: 0,
             queued: false,
         };
@@ -188,6 +191,7 @@ impl Namespace {
             subtree_bytes: 0,
             quota: None,
             deadline,
+            pinned: false,
             gen,
             queued: true,
         });
@@ -203,6 +207,17 @@ impl Namespace {
             node.deadline = deadline;
         }
         if !node.queued {
+            node.queued = true;
+            let entry = Reverse((node.deadline, id, node.gen));
+            self.expiry.push(entry);
+        }
+    }
+
+    /// Pins or unpins `id`. An unpinned path is queued for expiry again.
+    pub fn set_pinned(&mut self, id: PathId, pinned: bool) {
+        let node = self.node_mut(id);
+        node.pinned = pinned;
+        if !pinned && !node.queued {
             node.queued = true;
             let entry = Reverse((node.deadline, id, node.gen));
             self.expiry.push(entry);
@@ -371,7 +386,8 @@ impl Namespace {
         for child in children {
             self.sweep(child, Some(eff), now, grace, out);
         }
-        if id != ROOT && self.node(id).children.is_empty() {
+        let node = self.node(id);
+        if id != ROOT && node.children.is_empty() && !node.pinned {
             self.remove_subtree(id, out);
         }
     }
@@ -397,6 +413,7 @@ impl Namespace {
                     subtree_bytes: n.subtree_bytes,
                     quota: n.quota,
                     lease_remaining_ms: remaining,
+                    pinned: n.pinned,
                 }
             })
             .collect();

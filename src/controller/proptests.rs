@@ -62,6 +62,10 @@ enum Op {
         path: usize,
         blocks: Option<u64>,
     },
+    Pin {
+        path: usize,
+        pinned: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -82,7 +86,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Heartbeats),
         1 => (0usize..3).prop_map(|node| Op::Lose { node }),
         1 => (0usize..3).prop_map(|node| Op::Resume { node }),
-        1 => (path, prop::option::of(0u64..12)).prop_map(|(path, blocks)| Op::Quota { path, blocks }),
+        1 => (path.clone(), prop::option::of(0u64..12)).prop_map(|(path, blocks)| Op::Quota { path, blocks }),
+        1 => (path, any::<bool>()).prop_map(|(path, pinned)| Op::Pin { path, pinned }),
     ]
 }
 
@@ -280,6 +285,10 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                 }
             }
+            Op::Pin { path: pi, pinned } => match st.pin(&path(pi), pinned) {
+                Ok(()) | Err(ControlError::NotFound(_)) => {}
+                Err(e) => return Err(TestCaseError::fail(format!("pin: {e}"))),
+            },
             Op::Quota { path: pi, blocks } => {
                 st.set_quota(&path(pi), blocks.map(|b| b * BS), now)
                     .map_err(|e| TestCaseError::fail(format!("quota: {e}")))?;
@@ -333,6 +342,9 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
     // Quiesce: confirm everything, expire everything; the pool must be empty again.
     for (n, i, e) in std::mem::take(&mut model.pending) {
         st.revoked(n, &[(i, e)]);
+    }
+    for pi in 0..PATHS.len() {
+        let _ = st.pin(&path(pi), false);
     }
     now += Duration::from_secs(60);
     st.tick(now);

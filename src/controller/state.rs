@@ -170,6 +170,7 @@ impl ControllerState {
                 path: n.path.clone(),
                 quota: n.quota,
                 blocks: n.blocks.clone(),
+                pinned: n.pinned,
             })
             .collect();
         paths.sort_unstable_by(|a, b| a.path.cmp(&b.path));
@@ -234,6 +235,9 @@ impl ControllerState {
                     .map_err(|e| e.to_string())?
             };
             self.ns.set_quota(id, p.quota);
+            if p.pinned && id != ROOT {
+                self.ns.set_pinned(id, true);
+            }
             for b in &p.blocks {
                 if owners
                     .entry(b.node)
@@ -314,6 +318,7 @@ impl ControllerState {
                 self.revoked(*node, blocks);
                 Ok(())
             }
+            Record::Pin { path, pinned } => self.pin(path, *pinned).map_err(e),
         }
     }
 
@@ -714,6 +719,29 @@ impl ControllerState {
         Ok(())
     }
 
+    /// Pins or unpins `path` (which must exist and not be the root). A pinned path is
+    /// never reclaimed by lease expiry: it keeps its blocks (and its ancestors stay,
+    /// as for any live path) until it is removed or unpinned. Paths below it are not
+    /// pinned by it.
+    pub fn pin(&mut self, path: &PoolPath, pinned: bool) -> Result<(), ControlError> {
+        let path = canonical(path)?;
+        if path.is_root() {
+            return Err(ControlError::BadRequest(
+                "the root cannot be pinned; pin job paths".into(),
+            ));
+        }
+        let id = self
+            .ns
+            .find(&path)
+            .ok_or_else(|| ControlError::NotFound(path.clone().into_owned()))?;
+        self.ns.set_pinned(id, pinned);
+        self.log(Record::Pin {
+            path: path.into_owned(),
+            pinned,
+        });
+        Ok(())
+    }
+
     // ----- time ---------------------------------------------------------------------
 
     /// Periodic work: declares nodes without heartbeats dead and reclaims expired paths.
@@ -820,6 +848,9 @@ impl ControllerState {
                 .set_quota(&path, bytes, now)
                 .map(|()| (Response::Ok, vec![])),
             Request::Status => Ok((Response::Status(Box::new(self.status(now))), vec![])),
+            Request::Pin { path, pinned } => {
+                self.pin(&path, pinned).map(|()| (Response::Ok, vec![]))
+            }
         };
         r.unwrap_or_else(|e| (Response::Error(e), vec![]))
     }

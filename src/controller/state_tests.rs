@@ -728,3 +728,40 @@ fn recovery_resumes_nodes_by_incarnation() {
     rec.tick(t2);
     assert!(rec.status(t2).nodes.iter().all(|n| n.endpoint.node != b.id));
 }
+
+#[test]
+fn pinned_paths_survive_lease_expiry_and_unpinning_lets_them_go() {
+    let (mut st, t0, _) = setup(&[8]);
+    st.alloc(&p("/j/keep"), BS, Placement::default(), t0)
+        .unwrap();
+    st.alloc(&p("/j/drop"), BS, Placement::default(), t0)
+        .unwrap();
+    st.pin(&p("/j/keep"), true).unwrap();
+    assert!(matches!(
+        st.pin(&p("/"), true),
+        Err(ControlError::BadRequest(_))
+    ));
+    assert!(matches!(
+        st.pin(&p("/nope"), true),
+        Err(ControlError::NotFound(_))
+    ));
+    // Past lease (10 s) plus grace (2 s) without renewal.
+    let t1 = t0 + Duration::from_secs(13);
+    beat_and_tick(&mut st, t1);
+    st.check_invariants().unwrap();
+    assert_eq!(
+        usage(&st, t1, "/j/keep"),
+        Some((1, BS)),
+        "pinned data stays"
+    );
+    assert_eq!(usage(&st, t1, "/j/drop"), None, "the rest is freed");
+    assert_eq!(usage(&st, t1, "/j"), Some((0, BS)), "ancestors stay");
+    let status = st.status(t1);
+    let keep = status.paths.iter().find(|u| u.path.as_str() == "/j/keep");
+    assert!(keep.is_some_and(|u| u.pinned && u.lease_remaining_ms < 0));
+    st.pin(&p("/j/keep"), false).unwrap();
+    beat_and_tick(&mut st, t1 + ms(1));
+    st.check_invariants().unwrap();
+    assert!(st.status(t1).paths.is_empty());
+    assert_eq!(st.status(t1).used_bytes, 0);
+}

@@ -130,6 +130,14 @@ pub enum Request {
     },
     /// Cluster status: nodes, capacity, usage per path.
     Status,
+    /// Pin (or unpin) `path`: a pinned path is never reclaimed by lease expiry (its
+    /// blocks stay, and so do its ancestors); it goes only when removed.
+    Pin {
+        /// The path (must exist, not the root).
+        path: PoolPath,
+        /// `true` pins, `false` unpins (the lease applies again from then on).
+        pinned: bool,
+    },
 }
 
 /// Controller responses.
@@ -263,6 +271,8 @@ pub struct PathUsage {
     pub quota: Option<u64>,
     /// Milliseconds until the lease expires (negative: expired, about to be reclaimed).
     pub lease_remaining_ms: i64,
+    /// Pinned: never reclaimed by lease expiry.
+    pub pinned: bool,
 }
 
 /// Cluster-wide status.
