@@ -23,6 +23,9 @@ fn controller_at(listen: &str, data_dir: &Path) -> Proc {
         listen,
         "--data-dir",
         data_dir.to_str().expect("utf-8 temp path"),
+        // Roll over often, so recovery goes through snapshots taken while running.
+        "--snapshot-every",
+        "16",
         "--lease-secs",
         "3",
         "--grace-secs",
@@ -179,6 +182,18 @@ fn kill9_controller_during_allocations_loses_nothing_and_leaks_nothing() {
         node_counts(&client)
     );
     assert_eq!(client.status().unwrap().used_bytes, 0);
+
+    // The log rolled over to new snapshot generations while running (2 starts alone
+    // make 2 generations), and only the current generation is kept.
+    let snapshots: Vec<u64> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_prefix("snapshot.")?.parse().ok()
+        })
+        .collect();
+    assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+    assert!(snapshots[0] > 2, "generation {snapshots:?}");
 }
 
 #[test]

@@ -175,7 +175,9 @@ impl MemNode {
     }
 
     /// Gives block `index` at `epoch` to `owner` (log replay). Fails if the block is
-    /// out of range, not free, or at another epoch.
+    /// out of range, not free, or at another epoch. The free list is left stale (it may
+    /// still name the block): replay ends with [`Registry::rebuild_free_lists`], which
+    /// keeps replay linear instead of searching the free list per block.
     fn assign(&mut self, index: u32, owner: PathId, epoch: u32) -> Result<(), String> {
         if index >= self.blocks_total || owner >= MAX_PATH_ID {
             return Err(format!("block {index} of node {} is out of range", self.id));
@@ -201,9 +203,6 @@ impl MemNode {
         }
         b.owner = owner;
         self.owned += 1;
-        if let Some(pos) = self.free.iter().rposition(|&i| i == index) {
-            self.free.swap_remove(pos);
-        }
         Ok(())
     }
 
@@ -527,6 +526,17 @@ impl Registry {
             .get_mut(&node)
             .ok_or_else(|| format!("allocation on unknown node {node}"))?
             .assign(index, owner, epoch)
+    }
+
+    /// Recomputes every node's free list from its block table (after log replay).
+    pub fn rebuild_free_lists(&mut self) {
+        for n in self.nodes.values_mut() {
+            // Highest index first in the stack, so the lowest is handed out first.
+            n.free = (0..n.blocks.len() as u32)
+                .rev()
+                .filter(|&i| n.blocks[i as usize].owner == FREE)
+                .collect();
+        }
     }
 
     /// The id of the node registered with `incarnation`, if any (0 never matches).

@@ -201,6 +201,7 @@ impl ControllerState {
             st.apply(r, now)
                 .map_err(|e| format!("log record {i} ({r:?}) does not apply: {e}"))?;
         }
+        st.registry.rebuild_free_lists();
         st.blocks_allocated_total = 0;
         st.blocks_freed_total = 0;
         st.blocks_expired_total = 0;
