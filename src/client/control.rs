@@ -201,3 +201,47 @@ fn resent(req: &Request, resp: Response) -> Response {
         (_, resp) => resp,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{BlockId, PoolPath};
+
+    #[test]
+    fn a_resent_free_or_remove_that_already_took_effect_counts_as_done() {
+        let path = PoolPath::parse("/j/t").unwrap();
+        let block = BlockId { node: 1, index: 2 };
+        let free = Request::Free {
+            path: path.clone(),
+            blocks: vec![block],
+        };
+        let not_owner = Response::Error(ControlError::NotOwner {
+            block,
+            path: path.clone(),
+        });
+        assert!(matches!(resent(&free, not_owner.clone()), Response::Ok));
+        let remove = Request::Remove { path: path.clone() };
+        let gone = Response::Error(ControlError::NotFound(path.clone()));
+        assert!(matches!(
+            resent(&remove, gone.clone()),
+            Response::Removed {
+                blocks: 0,
+                paths: 0
+            }
+        ));
+        // Anything else passes through unchanged.
+        let open = Request::Open { path };
+        assert!(matches!(
+            resent(&open, gone),
+            Response::Error(ControlError::NotFound(_))
+        ));
+        assert!(matches!(
+            resent(&remove, not_owner),
+            Response::Error(ControlError::NotOwner { .. })
+        ));
+        assert!(connection_lost(&ClientError::Frame(FrameError::Closed)));
+        assert!(!connection_lost(&ClientError::Frame(FrameError::Decode(
+            "x".into()
+        ))));
+    }
+}
