@@ -23,7 +23,8 @@ run() { # crate-dir target
   fi
 }
 run fuzz control_frame
+run fuzz metadata_log
 run rdma/fuzz soft_frame
 run fuzz snapshot
-echo "fuzzing: $((3 - failed)) passed, $failed failed"
+echo "fuzzing: $((4 - failed)) passed, $failed failed"
 [ "$failed" -eq 0 ]

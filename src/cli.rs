@@ -40,7 +40,8 @@ pub struct ControllerArgs {
     /// Address to listen on for clients and memory nodes.
     #[arg(long, default_value = "127.0.0.1:7070", env = "FARPOOL_LISTEN")]
     pub listen: String,
-    /// Directory for the controller's persistent state (the cluster key).
+    /// Directory for the controller's persistent state (the cluster key and the
+    /// metadata log it recovers from after a restart).
     #[arg(long, env = "FARPOOL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Lease period in seconds.
@@ -63,6 +64,14 @@ pub struct ControllerArgs {
     /// milliseconds (0: answer at once).
     #[arg(long, default_value_t = 5000)]
     pub revoke_wait_ms: u64,
+    /// Sync the metadata log to disk at most every this many milliseconds (0: before
+    /// every answer, so a machine crash loses nothing acknowledged).
+    #[arg(long, default_value_t = 0, env = "FARPOOL_LOG_FSYNC_MS")]
+    pub log_fsync_ms: u64,
+    /// Start a new metadata generation (snapshot plus empty log) after this many
+    /// log records.
+    #[arg(long, default_value_t = 100_000)]
+    pub snapshot_every: u64,
 }
 
 /// `farpool memnode`.
@@ -103,6 +112,10 @@ pub struct MemNodeArgs {
     /// Don't try to lock the region in memory.
     #[arg(long)]
     pub no_lock: bool,
+    /// On SIGTERM or Ctrl-C, how long to let data-plane connections finish the
+    /// operations they already received before closing them, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub drain_ms: u64,
     /// Shut down when standard input closes (used by `farpool bench`, so the processes
     /// it starts never outlive it).
     #[arg(long, hide = true)]
@@ -192,6 +205,8 @@ fn run_controller(a: ControllerArgs) -> Result<(), String> {
         heartbeat,
         dead_after: heartbeat * a.missed_heartbeats.max(1),
         revoke_wait: Duration::from_millis(a.revoke_wait_ms),
+        fsync_interval: Duration::from_millis(a.log_fsync_ms),
+        snapshot_every: a.snapshot_every,
     };
     let c = Controller::start(config).map_err(|e| e.to_string())?;
     announce(&c.local_addr().to_string());
@@ -225,8 +240,8 @@ fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
         node.shutdown();
         return Ok(());
     }
-    node.wait();
-    Ok(())
+    node.run_until_signal(Duration::from_millis(a.drain_ms))
+        .map_err(|e| e.to_string())
 }
 
 fn run_status(a: StatusArgs) -> Result<(), String> {
@@ -291,12 +306,16 @@ pub fn render_status(st: &crate::proto::ClusterStatus) -> String {
         );
         let _ = writeln!(
             o,
-            "{:<48} {:>7} {:>10} {:>10} {:>8}s",
+            "{:<48} {:>7} {:>10} {:>10} {:>9}",
             name,
             p.blocks,
             format_size(p.subtree_bytes),
             p.quota.map(format_size).unwrap_or_else(|| "-".into()),
-            format!("{:.1}", p.lease_remaining_ms as f64 / 1000.0),
+            if p.pinned {
+                "pinned".to_string()
+            } else {
+                format!("{:.1}s", p.lease_remaining_ms as f64 / 1000.0)
+            },
         );
     }
     o

@@ -1,17 +1,29 @@
 //! The blocking control connection to the controller.
 
 use super::{ClientConfig, ClientError};
-use crate::proto::frame::{read_msg, write_msg};
-use crate::proto::{Envelope, Hello, Request, Response, Role, Welcome, PROTOCOL_VERSION};
+use crate::proto::frame::{read_msg, write_msg, FrameError};
+use crate::proto::{
+    ControlError, Envelope, Hello, Request, Response, Role, Welcome, PROTOCOL_VERSION,
+};
 use parking_lot::Mutex;
 use std::io::BufReader;
 use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
 
 /// One request at a time over a TCP connection; callers on several threads take turns.
+///
+/// When the connection fails (the controller restarted, or the network broke), a call
+/// reconnects with backoff for up to [`ClientConfig::reconnect_for`] and sends its
+/// request again, so a controller restart needs no user code. The controller may have
+/// carried out the lost request before it failed, so a resent `Free` that finds its
+/// blocks no longer owned, or a resent `Remove` that finds its path gone, counts as
+/// done; a resent `Alloc` may leave the first attempt's blocks owned by the path
+/// (reclaimed when the path is removed or its lease lapses).
 pub(crate) struct ControlConn {
     addr: String,
     lease_ms: u64,
-    inner: Mutex<Conn>,
+    config: ClientConfig,
+    inner: Mutex<Option<Conn>>,
 }
 
 struct Conn {
@@ -20,8 +32,20 @@ struct Conn {
     next_id: u64,
 }
 
-impl ControlConn {
-    pub(crate) fn connect(addr: &str, config: &ClientConfig) -> Result<Self, ClientError> {
+/// Shortest and longest pause between reconnection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Whether `e` means the connection is gone (rather than a refused request).
+fn connection_lost(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Connect { .. } | ClientError::Frame(FrameError::Io(_) | FrameError::Closed)
+    )
+}
+
+impl Conn {
+    fn open(addr: &str, config: &ClientConfig) -> Result<(Conn, u64), ClientError> {
         let connect_err = |source| ClientError::Connect {
             addr: addr.to_string(),
             source,
@@ -58,7 +82,7 @@ impl ControlConn {
         let welcome: Result<Welcome, _> = read_msg(&mut reader);
         let welcome = match welcome {
             Ok(w) => w,
-            Err(crate::proto::frame::FrameError::Decode(_)) => {
+            Err(FrameError::Decode(_)) => {
                 return Err(ClientError::Protocol(
                     "the controller refused the connection (protocol version mismatch?)".into(),
                 ))
@@ -72,14 +96,39 @@ impl ControlConn {
             }
             .into());
         }
-        Ok(Self {
-            addr: addr.to_string(),
-            lease_ms: welcome.lease_ms,
-            inner: Mutex::new(Conn {
+        Ok((
+            Conn {
                 writer,
                 reader,
                 next_id: 1,
-            }),
+            },
+            welcome.lease_ms,
+        ))
+    }
+
+    fn exchange(&mut self, req: Request) -> Result<Response, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_msg(&mut self.writer, &Envelope { id, body: req })?;
+        let resp: Envelope<Response> = read_msg(&mut self.reader)?;
+        if resp.id != id {
+            return Err(ClientError::Protocol(format!(
+                "response id {} does not match request id {id}",
+                resp.id
+            )));
+        }
+        Ok(resp.body)
+    }
+}
+
+impl ControlConn {
+    pub(crate) fn connect(addr: &str, config: &ClientConfig) -> Result<Self, ClientError> {
+        let (conn, lease_ms) = Conn::open(addr, config)?;
+        Ok(Self {
+            addr: addr.to_string(),
+            lease_ms,
+            config: config.clone(),
+            inner: Mutex::new(Some(conn)),
         })
     }
 
@@ -91,19 +140,108 @@ impl ControlConn {
         self.lease_ms
     }
 
-    /// Sends `req` and waits for its response.
+    /// Sends `req` and waits for its response, reconnecting if the connection is lost
+    /// for up to [`ClientConfig::reconnect_for`].
     pub(crate) fn call(&self, req: Request) -> Result<Response, ClientError> {
+        self.call_within(req, self.config.reconnect_for)
+    }
+
+    /// Sends `req`; if the connection is lost, reconnects at most once, at once (for
+    /// best-effort calls such as freeing on drop, which must not hang).
+    pub(crate) fn call_once(&self, req: Request) -> Result<Response, ClientError> {
+        self.call_within(req, Duration::ZERO)
+    }
+
+    fn call_within(&self, req: Request, patience: Duration) -> Result<Response, ClientError> {
         let mut c = self.inner.lock();
-        let id = c.next_id;
-        c.next_id += 1;
-        write_msg(&mut c.writer, &Envelope { id, body: req })?;
-        let resp: Envelope<Response> = read_msg(&mut c.reader)?;
-        if resp.id != id {
-            return Err(ClientError::Protocol(format!(
-                "response id {} does not match request id {id}",
-                resp.id
-            )));
+        let err = match c.as_mut() {
+            Some(conn) => match conn.exchange(req.clone()) {
+                Err(e) if connection_lost(&e) => e,
+                done => return done,
+            },
+            None => ClientError::Frame(FrameError::Closed),
+        };
+        *c = None;
+        tracing::warn!(controller = %self.addr, "control connection lost ({err}); reconnecting");
+        drop(err);
+        let deadline = Instant::now() + patience;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let last = match Conn::open(&self.addr, &self.config) {
+                Ok((mut conn, _)) => match conn.exchange(req.clone()) {
+                    Ok(resp) => {
+                        tracing::info!(controller = %self.addr, "reconnected to the controller");
+                        *c = Some(conn);
+                        return Ok(resent(&req, resp));
+                    }
+                    Err(e) if connection_lost(&e) => e,
+                    Err(e) => return Err(e),
+                },
+                Err(e) if connection_lost(&e) => e,
+                Err(e) => return Err(e),
+            };
+            if Instant::now() + backoff >= deadline {
+                return Err(last);
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        Ok(resp.body)
+    }
+}
+
+/// Interprets the response to a request sent again after a lost connection: the
+/// first attempt may already have freed the blocks or removed the path.
+fn resent(req: &Request, resp: Response) -> Response {
+    match (req, resp) {
+        (Request::Free { .. }, Response::Error(ControlError::NotOwner { .. })) => Response::Ok,
+        (Request::Remove { .. }, Response::Error(ControlError::NotFound(_))) => Response::Removed {
+            blocks: 0,
+            paths: 0,
+        },
+        (_, resp) => resp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{BlockId, PoolPath};
+
+    #[test]
+    fn a_resent_free_or_remove_that_already_took_effect_counts_as_done() {
+        let path = PoolPath::parse("/j/t").unwrap();
+        let block = BlockId { node: 1, index: 2 };
+        let free = Request::Free {
+            path: path.clone(),
+            blocks: vec![block],
+        };
+        let not_owner = Response::Error(ControlError::NotOwner {
+            block,
+            path: path.clone(),
+        });
+        assert!(matches!(resent(&free, not_owner.clone()), Response::Ok));
+        let remove = Request::Remove { path: path.clone() };
+        let gone = Response::Error(ControlError::NotFound(path.clone()));
+        assert!(matches!(
+            resent(&remove, gone.clone()),
+            Response::Removed {
+                blocks: 0,
+                paths: 0
+            }
+        ));
+        // Anything else passes through unchanged.
+        let open = Request::Open { path };
+        assert!(matches!(
+            resent(&open, gone),
+            Response::Error(ControlError::NotFound(_))
+        ));
+        assert!(matches!(
+            resent(&remove, not_owner),
+            Response::Error(ControlError::NotOwner { .. })
+        ));
+        assert!(connection_lost(&ClientError::Frame(FrameError::Closed)));
+        assert!(!connection_lost(&ClientError::Frame(FrameError::Decode(
+            "x".into()
+        ))));
     }
 }

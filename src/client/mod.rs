@@ -46,6 +46,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Timeout for one control request.
     pub request_timeout: Duration,
+    /// How long a control request keeps trying to reconnect (with backoff) after the
+    /// control connection broke, for example while the controller restarts; zero
+    /// tries once, at once. Best-effort calls (freeing a dropped task) try once.
+    pub reconnect_for: Duration,
 }
 
 impl Default for ClientConfig {
@@ -54,6 +58,7 @@ impl Default for ClientConfig {
             name: format!("pid-{}", std::process::id()),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            reconnect_for: Duration::from_secs(30),
         }
     }
 }
@@ -137,6 +142,15 @@ impl Client {
         Ok(())
     }
 
+    /// Pins (`true`) or unpins `path`: a pinned path is never reclaimed by lease
+    /// expiry; its blocks stay until it is removed or unpinned. Paths below it are not
+    /// pinned by it.
+    pub fn pin(&self, path: &str, pinned: bool) -> Result<(), ClientError> {
+        let path = PoolPath::parse(path)?;
+        self.request(Request::Pin { path, pinned })?;
+        Ok(())
+    }
+
     /// Renews the lease of `prefix` once.
     pub fn renew(&self, prefix: &str) -> Result<Duration, ClientError> {
         let prefix = PoolPath::parse(prefix)?;
@@ -162,6 +176,14 @@ impl Client {
     /// Sends one request and turns `Response::Error` into [`ClientError::Control`].
     pub(crate) fn request(&self, req: Request) -> Result<Response, ClientError> {
         match self.inner.control.call(req)? {
+            Response::Error(e) => Err(ClientError::Control(e)),
+            r => Ok(r),
+        }
+    }
+
+    /// Like [`Client::request`], but reconnects at most once, without waiting.
+    pub(crate) fn request_once(&self, req: Request) -> Result<Response, ClientError> {
+        match self.inner.control.call_once(req)? {
             Response::Error(e) => Err(ClientError::Control(e)),
             r => Ok(r),
         }

@@ -102,25 +102,31 @@ impl Task {
 
     /// Ends the task and frees everything under its path.
     pub fn close(mut self) -> Result<(), ClientError> {
-        self.end(true)
+        self.end(true, true)
     }
 
     /// Ends the task but keeps its data: the path stays alive while an ancestor's
     /// lease is renewed, and is reclaimed when it is removed or its lease expires.
     pub fn finish(mut self) -> Result<(), ClientError> {
-        self.end(false)
+        self.end(false, true)
     }
 
-    fn end(&mut self, free: bool) -> Result<(), ClientError> {
+    /// Ends the task; `patient` waits for a lost controller connection to come back.
+    fn end(&mut self, free: bool, patient: bool) -> Result<(), ClientError> {
         if self.done {
             return Ok(());
         }
         self.done = true;
         self.client.renewer().remove(&self.path);
         if free {
-            self.client.request(Request::Remove {
+            let req = Request::Remove {
                 path: self.path.clone(),
-            })?;
+            };
+            if patient {
+                self.client.request(req)?;
+            } else {
+                self.client.request_once(req)?;
+            }
         }
         Ok(())
     }
@@ -128,7 +134,7 @@ impl Task {
 
 impl Drop for Task {
     fn drop(&mut self) {
-        if let Err(e) = self.end(true) {
+        if let Err(e) = self.end(true, false) {
             tracing::warn!(path = %self.path, error = %e, "could not free task blocks on drop; the lease will reclaim them");
         }
     }

@@ -14,6 +14,8 @@
 //! - `server`: tokio networking around the state (one mutex, never held across an
 //!   `.await`), a writer task per memory node, and a ticker for leases and heartbeats.
 //! - `secret`: the cluster secret in the data directory.
+//! - `journal`: the metadata log format (records, snapshots, framing); pure.
+//! - `store`: the metadata log's files, generations and sync policy.
 //!
 //! # Guarantees
 //! - Allocation is all or nothing: quotas (on the path and every ancestor) and free
@@ -24,23 +26,29 @@
 //!   epochs (or were lost), so the freeing client's stale handles fail as soon as the
 //!   call returns; the wait is bounded by [`ControllerConfig::revoke_wait`].
 //! - A memory node that misses heartbeats for `dead_after`, or whose connection closes,
-//!   is dead for good: it gets no new blocks, its blocks stay listed (their owners see
-//!   I/O errors rather than silently lost data), and it is dropped once they are all
-//!   freed. A restarted node registers afresh with a new id and an empty region.
+//!   is dead: it gets no new blocks, its blocks stay listed (their owners see I/O
+//!   errors rather than silently lost data), and it is dropped once they are all freed.
+//!   Only the same node process (same incarnation) can bring it back, resumed with its
+//!   blocks after its unowned blocks are revoked anew; a restarted node process
+//!   registers afresh with a new id and an empty region.
 //! - All memory nodes of a cluster must use the same block size.
 //!
 //! # Persistence
 //! With a `data_dir`, the controller keeps the cluster secret in `data_dir/secret`, so
-//! a restarted controller derives the same block keys. The namespace and block
-//! ownership are **not** recovered yet: after a controller restart memory nodes must
-//! re-register and clients start from an empty namespace. A metadata log for full
-//! recovery is planned (DESIGN.md section 7) and not implemented here.
+//! a restarted controller derives the same block keys, and logs every metadata change
+//! (`journal` for the format, `store` for the files): after a crash it recovers the
+//! namespace, quotas, memory nodes and block ownership with epochs; leases are
+//! re-armed from the restart. Recovered memory nodes count as dead until they
+//! re-register with the same incarnation, which resumes them with their blocks (see
+//! [`ControllerState::join_node`]); clients reconnect by themselves.
 
+pub mod journal;
 mod namespace;
 mod registry;
 mod secret;
 mod server;
 mod state;
+mod store;
 
 #[cfg(test)]
 mod proptests;
@@ -48,14 +56,14 @@ mod proptests;
 mod state_tests;
 
 pub use registry::{INITIAL_EPOCH, MIN_BLOCK_SIZE};
-pub use state::{ControllerState, Effect, Removal, StateConfig, MAX_BLOCKS_PER_ALLOC};
+pub use state::{ControllerState, Effect, Joined, Removal, StateConfig, MAX_BLOCKS_PER_ALLOC};
+pub use store::StoreError;
 
 use crate::proto::{ClusterStatus, Secret};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// Longest lease, grace or heartbeat period accepted (one year).
 const MAX_PERIOD: Duration = Duration::from_secs(365 * 86_400);
@@ -65,9 +73,16 @@ const MAX_PERIOD: Duration = Duration::from_secs(365 * 86_400);
 pub struct ControllerConfig {
     /// Control-plane listen address (`host:port`; port 0 picks a free port).
     pub listen: String,
-    /// Directory for the cluster secret (created if missing). `None`: a random secret
-    /// per run.
+    /// Directory for the cluster secret and the metadata log (created if missing).
+    /// `None`: a random secret per run and no recovery.
     pub data_dir: Option<PathBuf>,
+    /// How often the metadata log is synced to disk: zero (the default) syncs before
+    /// every answer, so even a machine crash loses nothing acknowledged; a positive
+    /// interval syncs at most that often (a process crash still loses nothing).
+    pub fsync_interval: Duration,
+    /// Start a new metadata generation (snapshot plus empty log) after this many log
+    /// records.
+    pub snapshot_every: u64,
     /// Lease period granted by open, alloc and renew.
     pub lease: Duration,
     /// Extra time an expired path survives before it is reclaimed.
@@ -87,6 +102,8 @@ impl Default for ControllerConfig {
         Self {
             listen: "127.0.0.1:7070".into(),
             data_dir: None,
+            fsync_interval: Duration::ZERO,
+            snapshot_every: 100_000,
             lease: Duration::from_secs(10),
             grace: Duration::from_secs(2),
             heartbeat: Duration::from_millis(500),
@@ -113,6 +130,12 @@ impl ControllerConfig {
         check("heartbeat", self.heartbeat, Duration::from_millis(10))?;
         check("dead_after", self.dead_after, self.heartbeat)?;
         check("revoke_wait", self.revoke_wait, Duration::ZERO)?;
+        check("fsync_interval", self.fsync_interval, Duration::ZERO)?;
+        if self.snapshot_every == 0 {
+            return Err(ControllerError::Config(
+                "snapshot_every must be at least 1 record".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -158,6 +181,9 @@ pub enum ControllerError {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// The metadata in the data directory could not be read, recovered or written.
+    #[error("controller metadata: {0}")]
+    Metadata(#[from] StoreError),
     /// The async runtime or a signal handler could not be set up.
     #[error(
         "cannot run the controller's runtime: {0}; check the process's thread and file limits"
@@ -170,7 +196,6 @@ pub struct Controller {
     runtime: Option<tokio::runtime::Runtime>,
     shared: Arc<server::Shared>,
     local_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -214,20 +239,29 @@ impl Controller {
             let _guard = runtime.enter();
             tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?
         };
-        let state = ControllerState::new(config.state_config(), secret, Instant::now());
-        let shared = Arc::new(server::Shared::new(
-            state,
-            config.heartbeat,
-            config.revoke_wait,
-        ));
-        let (shutdown, rx) = watch::channel(false);
+        let now = Instant::now();
+        let (state, store) = match &config.data_dir {
+            Some(dir) => {
+                let (state, store) = recover(&config, dir, secret, now)?;
+                (state, Some(store))
+            }
+            None => (
+                ControllerState::new(config.state_config(), secret, now),
+                None,
+            ),
+        };
+        let mut shared = server::Shared::new(state, config.heartbeat, config.revoke_wait);
+        if let Some(store) = store {
+            shared = shared.with_store(store, config.snapshot_every);
+        }
+        let shared = Arc::new(shared);
+        let rx = shared.stop.subscribe();
         runtime.spawn(server::run(listener, shared.clone(), rx));
         tracing::info!(%local_addr, lease = ?config.lease, "controller listening");
         Ok(Controller {
             runtime: Some(runtime),
             shared,
             local_addr,
-            shutdown,
         })
     }
 
@@ -253,7 +287,7 @@ impl Controller {
         let Some(runtime) = self.runtime.as_ref() else {
             return Ok(());
         };
-        let mut stop = self.shutdown.subscribe();
+        let mut stop = self.shared.stop.subscribe();
         let result = runtime.block_on(async move {
             tokio::select! {
                 r = tokio::signal::ctrl_c() => r.map_err(ControllerError::Runtime),
@@ -288,9 +322,51 @@ async fn terminated() {
     std::future::pending::<()>().await;
 }
 
+/// Recovers the state from the metadata in `dir` and starts a new generation from it.
+fn recover(
+    config: &ControllerConfig,
+    dir: &std::path::Path,
+    secret: Secret,
+    now: Instant,
+) -> Result<(ControllerState, store::Store), ControllerError> {
+    let found = store::read(dir)?;
+    let mut state = ControllerState::recover(
+        config.state_config(),
+        secret,
+        found.snapshot.as_ref(),
+        &found.records,
+        now,
+    )
+    .map_err(|reason| StoreError::Replay {
+        dir: dir.to_path_buf(),
+        reason,
+    })?;
+    state.finish_recovery(now);
+    if found.snapshot.is_some() {
+        let status = state.status(now);
+        tracing::info!(
+            generation = found.generation,
+            records = found.records.len(),
+            torn_bytes = found.torn_bytes,
+            nodes = status.nodes.len(),
+            paths = status.paths.len(),
+            used_bytes = status.used_bytes,
+            "recovered controller metadata; memory nodes count as dead until they re-register"
+        );
+    }
+    let store = store::Store::start(
+        dir,
+        found.generation + 1,
+        &state.snapshot(),
+        config.fsync_interval,
+    )?;
+    state.enable_journal();
+    Ok((state, store))
+}
+
 impl Drop for Controller {
     fn drop(&mut self) {
-        self.shutdown.send_replace(true);
+        self.shared.stop.send_replace(true);
         if let Some(runtime) = self.runtime.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
                 // Blocking inside an async context is not allowed; let it wind down.
@@ -299,5 +375,6 @@ impl Drop for Controller {
                 runtime.shutdown_timeout(Duration::from_secs(2));
             }
         }
+        self.shared.flush_log();
     }
 }

@@ -56,6 +56,8 @@ pub(crate) struct PathNode {
     pub quota: Option<u64>,
     /// The path's own lease deadline.
     pub deadline: Instant,
+    /// Never reclaimed by lease expiry.
+    pub pinned: bool,
     /// Unique per created path, so heap entries of a reused slot are recognised.
     gen: u64,
     /// Whether the expiry heap holds an entry for this path.
@@ -69,6 +71,8 @@ pub(crate) struct Reclaimed {
     pub blocks: Vec<(PathId, BlockId)>,
     /// Paths removed.
     pub paths: u64,
+    /// The path of every subtree removal, in order (what the metadata log replays).
+    pub roots: Vec<PoolPath>,
 }
 
 /// The namespace tree.
@@ -92,6 +96,7 @@ impl Namespace {
             subtree_bytes: 0,
             quota: None,
             deadline: now,
+            pinned: false,
             gen: 0,
             queued: false,
         };
@@ -186,6 +191,7 @@ impl Namespace {
             subtree_bytes: 0,
             quota: None,
             deadline,
+            pinned: false,
             gen,
             queued: true,
         });
@@ -201,6 +207,17 @@ impl Namespace {
             node.deadline = deadline;
         }
         if !node.queued {
+            node.queued = true;
+            let entry = Reverse((node.deadline, id, node.gen));
+            self.expiry.push(entry);
+        }
+    }
+
+    /// Pins or unpins `id`. An unpinned path is queued for expiry again.
+    pub fn set_pinned(&mut self, id: PathId, pinned: bool) {
+        let node = self.node_mut(id);
+        node.pinned = pinned;
+        if !pinned && !node.queued {
             node.queued = true;
             let entry = Reverse((node.deadline, id, node.gen));
             self.expiry.push(entry);
@@ -290,6 +307,7 @@ impl Namespace {
             let n = self.node(id);
             (n.parent, n.subtree_bytes)
         };
+        out.roots.push(self.node(id).path.clone());
         if let Some(p) = parent {
             self.sub_bytes_up(p, bytes);
             let name = self
@@ -368,7 +386,8 @@ impl Namespace {
         for child in children {
             self.sweep(child, Some(eff), now, grace, out);
         }
-        if id != ROOT && self.node(id).children.is_empty() {
+        let node = self.node(id);
+        if id != ROOT && node.children.is_empty() && !node.pinned {
             self.remove_subtree(id, out);
         }
     }
@@ -394,6 +413,7 @@ impl Namespace {
                     subtree_bytes: n.subtree_bytes,
                     quota: n.quota,
                     lease_remaining_ms: remaining,
+                    pinned: n.pinned,
                 }
             })
             .collect();
@@ -402,7 +422,6 @@ impl Namespace {
     }
 
     /// Every live path id with its node.
-    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = (PathId, &PathNode)> {
         self.slots
             .iter()

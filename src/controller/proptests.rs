@@ -6,7 +6,12 @@
 //! blocks at and below it; block epochs never decrease; a block is never handed out
 //! while a revocation for it is pending, and every re-grant carries a strictly newer
 //! epoch and its matching key.
+//!
+//! The state journals every change while it runs; at the end, replaying the whole
+//! journal, and replaying its second half on a snapshot taken halfway, must both
+//! reproduce the state exactly (`ControllerState::snapshot` equality).
 
+use super::journal::{Record, Snapshot};
 use super::state::{ControllerState, Effect, StateConfig};
 use crate::proto::grant::WireTransport;
 use crate::proto::{derive_key, BlockId, ControlError, Placement, PoolPath, Register, Secret};
@@ -50,6 +55,17 @@ enum Op {
     Lose {
         node: usize,
     },
+    Resume {
+        node: usize,
+    },
+    Quota {
+        path: usize,
+        blocks: Option<u64>,
+    },
+    Pin {
+        path: usize,
+        pinned: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -65,10 +81,13 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (any::<usize>(), prop::bool::weighted(0.2))
             .prop_map(|(pick, stale)| Op::Confirm { pick, stale }),
         1 => path.clone().prop_map(|path| Op::Remove { path }),
-        2 => path.prop_map(|path| Op::Renew { path }),
+        2 => path.clone().prop_map(|path| Op::Renew { path }),
         2 => (0u64..8000).prop_map(|advance_ms| Op::Tick { advance_ms }),
         2 => Just(Op::Heartbeats),
         1 => (0usize..3).prop_map(|node| Op::Lose { node }),
+        1 => (0usize..3).prop_map(|node| Op::Resume { node }),
+        1 => (path.clone(), prop::option::of(0u64..12)).prop_map(|(path, blocks)| Op::Quota { path, blocks }),
+        1 => (path, any::<bool>()).prop_map(|(path, pinned)| Op::Pin { path, pinned }),
     ]
 }
 
@@ -98,35 +117,36 @@ impl Model {
     }
 }
 
+fn node_reg(blocks: u64) -> Register {
+    Register {
+        data_addr: "mem:1".into(),
+        transport: WireTransport::Shm,
+        capacity: blocks * BS,
+        block_size: BS,
+        hugepages: false,
+        locked: false,
+    }
+}
+
 fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let t0 = Instant::now();
     let mut now = t0;
-    let mut st = ControllerState::new(
-        StateConfig {
-            lease: Duration::from_secs(10),
-            grace: Duration::from_secs(2),
-            dead_after: Duration::from_secs(3600),
-        },
-        SECRET,
-        t0,
-    );
+    let cfg = StateConfig {
+        lease: Duration::from_secs(10),
+        grace: Duration::from_secs(2),
+        dead_after: Duration::from_secs(3600),
+    };
+    let mut st = ControllerState::new(cfg, SECRET, t0);
+    st.enable_journal();
     let ids: Vec<u32> = nodes
         .iter()
-        .map(|&n| {
-            st.register_node(
-                &Register {
-                    data_addr: "mem:1".into(),
-                    transport: WireTransport::Shm,
-                    capacity: n * BS,
-                    block_size: BS,
-                    hugepages: false,
-                    locked: false,
-                },
-                t0,
-            )
-        })
+        .enumerate()
+        .map(|(i, &n)| st.join_node(&node_reg(n), i as u64 + 1, t0).map(|j| j.id))
         .collect::<Result<_, _>>()
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut log: Vec<Record> = st.take_journal();
+    let half = ops.len() / 2;
+    let mut mid: Option<(Snapshot, usize)> = None;
     let mut model = Model {
         pending: Vec::new(),
         epochs: HashMap::new(),
@@ -134,7 +154,10 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
     };
     let path = |i: usize| PoolPath::parse(PATHS[i % PATHS.len()]).unwrap();
 
-    for op in ops {
+    for (step, op) in ops.into_iter().enumerate() {
+        if step == half {
+            mid = Some((st.snapshot(), log.len()));
+        }
         match op {
             Op::Alloc {
                 path: pi,
@@ -246,7 +269,32 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // A dead node's pending revocations are void.
                 model.pending.retain(|&(pn, _, _)| pn != n);
             }
+            Op::Resume { node } => {
+                let i = node % nodes.len();
+                if let Ok(j) = st.join_node(&node_reg(nodes[i]), i as u64 + 1, now) {
+                    for e in &j.effects {
+                        if let Effect::Revoke { node, blocks } = e {
+                            prop_assert!(j.resumed);
+                            for &(index, epoch) in blocks {
+                                let id = BlockId { node: *node, index };
+                                let prev = model.epochs.insert(id, epoch).unwrap_or(0);
+                                prop_assert!(epoch >= prev, "resume revokes at an older epoch");
+                                model.pending.push((*node, index, epoch));
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Pin { path: pi, pinned } => match st.pin(&path(pi), pinned) {
+                Ok(()) | Err(ControlError::NotFound(_)) => {}
+                Err(e) => return Err(TestCaseError::fail(format!("pin: {e}"))),
+            },
+            Op::Quota { path: pi, blocks } => {
+                st.set_quota(&path(pi), blocks.map(|b| b * BS), now)
+                    .map_err(|e| TestCaseError::fail(format!("quota: {e}")))?;
+            }
         }
+        log.extend(st.take_journal());
         st.check_invariants().map_err(TestCaseError::fail)?;
         // Epochs never decrease.
         for (&b, &e) in &model.epochs {
@@ -274,9 +322,29 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
             );
         }
     }
+    // Replaying the journal reproduces the state, from scratch and from a snapshot.
+    let want = st.snapshot();
+    let replayed = ControllerState::recover(cfg, SECRET, None, &log, now)
+        .map_err(|e| TestCaseError::fail(format!("replay: {e}")))?;
+    replayed.check_invariants().map_err(TestCaseError::fail)?;
+    prop_assert_eq!(
+        &replayed.snapshot(),
+        &want,
+        "replay of {} records",
+        log.len()
+    );
+    if let Some((snap, at)) = mid {
+        let resumed = ControllerState::recover(cfg, SECRET, Some(&snap), &log[at..], now)
+            .map_err(|e| TestCaseError::fail(format!("snapshot + replay: {e}")))?;
+        resumed.check_invariants().map_err(TestCaseError::fail)?;
+        prop_assert_eq!(&resumed.snapshot(), &want, "snapshot + replay");
+    }
     // Quiesce: confirm everything, expire everything; the pool must be empty again.
     for (n, i, e) in std::mem::take(&mut model.pending) {
         st.revoked(n, &[(i, e)]);
+    }
+    for pi in 0..PATHS.len() {
+        let _ = st.pin(&path(pi), false);
     }
     now += Duration::from_secs(60);
     st.tick(now);

@@ -5,9 +5,10 @@
 //! block table the first time it is handed out. Registration is therefore O(1) however
 //! large the region, and metadata grows with the blocks actually used.
 
+use super::journal::{NodeInfo, SnapBlock, SnapNode};
 use super::namespace::PathId;
 use crate::proto::{ControlError, Endpoint, NodeStats, Register};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 /// Epoch every block of a freshly registered node starts at.
@@ -86,12 +87,15 @@ pub(crate) struct MemNode {
     pub hugepages: bool,
     /// Locked in memory.
     pub locked: bool,
-    /// Heartbeats arriving and connection open. A dead node never comes back.
+    /// Heartbeats arriving and connection open. A dead node comes back only when the
+    /// same process (incarnation) resumes it.
     pub alive: bool,
     /// When the last heartbeat (or the registration) arrived.
     pub last_heartbeat: Instant,
     /// Last reported statistics.
     pub stats: NodeStats,
+    /// Random identity of the node process (0: cannot resume); see [`Registry::resume`].
+    pub incarnation: u64,
     blocks_total: u32,
     /// Block table; index `i` exists once block `i` was handed out at least once.
     blocks: Vec<Block>,
@@ -168,6 +172,95 @@ impl MemNode {
         b.owner = owner;
         self.owned += 1;
         Some((index, b.epoch))
+    }
+
+    /// Gives block `index` at `epoch` to `owner` (log replay). Fails if the block is
+    /// out of range, not free, or at another epoch. The free list is left stale (it may
+    /// still name the block): replay ends with [`Registry::rebuild_free_lists`], which
+    /// keeps replay linear instead of searching the free list per block.
+    fn assign(&mut self, index: u32, owner: PathId, epoch: u32) -> Result<(), String> {
+        if index >= self.blocks_total || owner >= MAX_PATH_ID {
+            return Err(format!("block {index} of node {} is out of range", self.id));
+        }
+        while self.blocks.len() <= index as usize {
+            let i = self.blocks.len() as u32;
+            self.blocks.push(Block {
+                epoch: INITIAL_EPOCH,
+                owner: FREE,
+            });
+            if i != index {
+                self.free.push(i);
+            }
+        }
+        let b = &mut self.blocks[index as usize];
+        if b.owner != FREE || b.epoch != epoch {
+            return Err(format!(
+                "block {index} of node {} is {:?} at epoch {}, not free at epoch {epoch}",
+                self.id,
+                b.state(),
+                b.epoch
+            ));
+        }
+        b.owner = owner;
+        self.owned += 1;
+        Ok(())
+    }
+
+    /// The node's registration as logged.
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            id: self.id,
+            incarnation: self.incarnation,
+            data_addr: self.endpoint.addr.clone(),
+            transport: self.endpoint.transport,
+            capacity: self.capacity,
+            block_size: self.block_size,
+            hugepages: self.hugepages,
+            locked: self.locked,
+        }
+    }
+
+    /// The node as stored in a snapshot.
+    pub fn snapshot(&self) -> SnapNode {
+        SnapNode {
+            info: self.info(),
+            alive: self.alive,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| {
+                    let s = match b.state() {
+                        BlockState::Free => SnapBlock::Free,
+                        BlockState::Owned(_) => SnapBlock::Owned,
+                        BlockState::Revoking => SnapBlock::Revoking,
+                        BlockState::Retired => SnapBlock::Retired,
+                    };
+                    (b.epoch, s)
+                })
+                .collect(),
+        }
+    }
+
+    /// Brings a dead node back: alive again, and every block it does not own is moved
+    /// to revoking (at its current epoch) so that grants the controller may have
+    /// stopped tracking while the node was unreachable are killed before the block is
+    /// handed out again. Returns the `(index, epoch)` revocations to send.
+    fn resume(&mut self, now: Instant) -> Vec<(u32, u32)> {
+        self.alive = true;
+        self.last_heartbeat = now;
+        let mut revoke = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            if b.owner == FREE {
+                b.owner = REVOKING;
+                self.revoking += 1;
+            }
+            if b.owner == REVOKING {
+                // Block tables are bounded by `blocks_total`, a u32.
+                revoke.push((i as u32, b.epoch));
+            }
+        }
+        self.free.clear();
+        revoke
     }
 
     /// Releases block `index` owned by `owner`: bumps its epoch and either starts a
@@ -298,8 +391,14 @@ impl Registry {
         self.nodes.values().next().map(|n| n.block_size)
     }
 
-    /// Validates and registers a node, returning its fresh id.
-    pub fn register(&mut self, reg: &Register, now: Instant) -> Result<u32, ControlError> {
+    /// Validates and registers a node with process identity `incarnation` (0: none),
+    /// returning its fresh id.
+    pub fn register(
+        &mut self,
+        reg: &Register,
+        incarnation: u64,
+        now: Instant,
+    ) -> Result<u32, ControlError> {
         let blocks_total = validate_register(reg, self.block_size())?;
         let id = self.next_id;
         let Some(next) = id.checked_add(1) else {
@@ -324,6 +423,7 @@ impl Registry {
                 alive: true,
                 last_heartbeat: now,
                 stats: NodeStats::default(),
+                incarnation,
                 blocks_total,
                 blocks: Vec::new(),
                 free: Vec::new(),
@@ -333,6 +433,148 @@ impl Registry {
             },
         );
         Ok(id)
+    }
+
+    /// Registers a node from the log with the id it had (log replay).
+    pub fn insert_logged(&mut self, info: &NodeInfo, now: Instant) -> Result<(), String> {
+        if self.nodes.contains_key(&info.id) || info.id < self.next_id {
+            return Err(format!("node id {} registered twice", info.id));
+        }
+        let reg = Register {
+            data_addr: info.data_addr.clone(),
+            transport: info.transport,
+            capacity: info.capacity,
+            block_size: info.block_size,
+            hugepages: info.hugepages,
+            locked: info.locked,
+        };
+        self.next_id = info.id;
+        let id = self
+            .register(&reg, info.incarnation, now)
+            .map_err(|e| e.to_string())?;
+        debug_assert_eq!(id, info.id);
+        Ok(())
+    }
+
+    /// Restores a node from a snapshot; `owners` maps each owned block index to its
+    /// path. Every block the snapshot says is owned must appear in `owners` and no other.
+    pub fn restore(
+        &mut self,
+        snap: &SnapNode,
+        owners: &HashMap<u32, PathId>,
+        now: Instant,
+    ) -> Result<(), String> {
+        let info = &snap.info;
+        self.insert_logged(info, now)?;
+        let node = self
+            .nodes
+            .get_mut(&info.id)
+            .ok_or_else(|| format!("node {} vanished during restore", info.id))?;
+        if snap.blocks.len() > node.blocks_total as usize {
+            return Err(format!(
+                "node {} lists {} blocks but has {}",
+                info.id,
+                snap.blocks.len(),
+                node.blocks_total
+            ));
+        }
+        node.alive = snap.alive;
+        for (i, &(epoch, state)) in snap.blocks.iter().enumerate() {
+            let index = i as u32;
+            let owner = match state {
+                SnapBlock::Free => {
+                    node.free.push(index);
+                    FREE
+                }
+                SnapBlock::Revoking => {
+                    node.revoking += 1;
+                    REVOKING
+                }
+                SnapBlock::Retired => {
+                    node.retired += 1;
+                    RETIRED
+                }
+                SnapBlock::Owned => {
+                    let owner = owners.get(&index).copied().ok_or_else(|| {
+                        format!("block {index} of node {} is owned by no path", info.id)
+                    })?;
+                    node.owned += 1;
+                    owner
+                }
+            };
+            node.blocks.push(Block { epoch, owner });
+        }
+        if node.owned != owners.len() as u64 {
+            return Err(format!(
+                "paths list {} blocks of node {} that are not owned",
+                owners.len() as u64 - node.owned,
+                info.id
+            ));
+        }
+        Ok(())
+    }
+
+    /// Gives block `index` of `node` at `epoch` to `owner` (log replay).
+    pub fn assign(
+        &mut self,
+        node: u32,
+        index: u32,
+        owner: PathId,
+        epoch: u32,
+    ) -> Result<(), String> {
+        self.nodes
+            .get_mut(&node)
+            .ok_or_else(|| format!("allocation on unknown node {node}"))?
+            .assign(index, owner, epoch)
+    }
+
+    /// Recomputes every node's free list from its block table (after log replay).
+    pub fn rebuild_free_lists(&mut self) {
+        for n in self.nodes.values_mut() {
+            // Highest index first in the stack, so the lowest is handed out first.
+            n.free = (0..n.blocks.len() as u32)
+                .rev()
+                .filter(|&i| n.blocks[i as usize].owner == FREE)
+                .collect();
+        }
+    }
+
+    /// The id of the node registered with `incarnation`, if any (0 never matches).
+    pub fn by_incarnation(&self, incarnation: u64) -> Option<u32> {
+        if incarnation == 0 {
+            return None;
+        }
+        self.nodes
+            .values()
+            .find(|n| n.incarnation == incarnation)
+            .map(|n| n.id)
+    }
+
+    /// Brings dead node `id` back with a new data address; returns the revocations to
+    /// send it, `None` if the node is unknown.
+    pub fn resume(
+        &mut self,
+        id: u32,
+        data_addr: &str,
+        hugepages: bool,
+        locked: bool,
+        now: Instant,
+    ) -> Option<Vec<(u32, u32)>> {
+        let node = self.nodes.get_mut(&id)?;
+        node.endpoint.addr = data_addr.to_string();
+        node.hugepages = hugepages;
+        node.locked = locked;
+        Some(node.resume(now))
+    }
+
+    /// Id the next registering node gets.
+    pub fn next_id(&self) -> u32 {
+        self.next_id
+    }
+
+    /// Sets the id the next registering node gets (never lowers it).
+    pub fn bump_next_id(&mut self, next: u32) {
+        self.next_id = self.next_id.max(next);
     }
 
     /// The node with `id`, dead or alive.
@@ -560,12 +802,12 @@ mod tests {
         let mut r = Registry::new();
         // A region with the maximal block count registers instantly.
         let a = r
-            .register(&reg(u64::from(u32::MAX) * 4096, 4096), now)
+            .register(&reg(u64::from(u32::MAX) * 4096, 4096), 0, now)
             .unwrap();
         assert_eq!(r.get(a).unwrap().free_blocks(), u64::from(u32::MAX));
         assert!(r.kill(a));
         assert!(r.drop_if_empty(a));
-        let b = r.register(&reg(1 << 20, 4096), now).unwrap();
+        let b = r.register(&reg(1 << 20, 4096), 0, now).unwrap();
         assert!(b > a);
     }
 
@@ -573,7 +815,7 @@ mod tests {
     fn release_and_confirm_cycle() {
         let now = Instant::now();
         let mut r = Registry::new();
-        let n = r.register(&reg(2 * 4096, 4096), now).unwrap();
+        let n = r.register(&reg(2 * 4096, 4096), 0, now).unwrap();
         let got = r.take(2, Placement::Node(n), 5, 4096).unwrap();
         assert_eq!(got, vec![(n, 0, 1), (n, 1, 1)]);
         assert!(r.take(1, Placement::Node(n), 5, 4096).is_err());

@@ -18,7 +18,8 @@
 //! ticker have no waiters.
 
 use super::registry::INITIAL_EPOCH;
-use super::state::{ControllerState, Effect};
+use super::state::{ControllerState, Effect, Joined};
+use super::store::Store;
 use crate::proto::frame::{encode, read_msg_async, write_msg_async, FrameError};
 use crate::proto::{
     ControlError, ControllerMsg, Envelope, Hello, NodeMsg, Register, Request, Response, Role,
@@ -27,6 +28,7 @@ use crate::proto::{
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
@@ -46,6 +48,8 @@ type Writer = BufWriter<OwnedWriteHalf>;
 struct NodeLink {
     /// The node writer's queue.
     tx: mpsc::UnboundedSender<ControllerMsg>,
+    /// Which session linked it (a resumed node's old session must not unlink the new).
+    session: u64,
     /// Clients waiting for revocations, keyed by `(block index, new epoch)`. Epochs
     /// only grow and node ids are never reused, so a key is revoked at most once.
     waiters: HashMap<(u32, u32), oneshot::Sender<()>>,
@@ -68,6 +72,15 @@ pub(crate) struct Shared {
     heartbeat: Duration,
     /// Longest wait of a `Free`/`Remove` response for its revocations.
     revoke_wait: Duration,
+    /// The metadata log, when the controller has a data directory. Lock order: `state`
+    /// before `store`.
+    store: Option<Mutex<Store>>,
+    /// Start a new log generation after this many records.
+    snapshot_every: u64,
+    /// Set to stop the controller (also when the metadata log fails).
+    pub stop: watch::Sender<bool>,
+    /// Numbers memory-node sessions.
+    sessions: AtomicU64,
 }
 
 impl Shared {
@@ -79,6 +92,70 @@ impl Shared {
             links: Mutex::new(HashMap::new()),
             heartbeat,
             revoke_wait,
+            store: None,
+            snapshot_every: u64::MAX,
+            stop: watch::channel(false).0,
+            sessions: AtomicU64::new(1),
+        }
+    }
+
+    /// Logs every metadata change to `store`, starting a new generation every
+    /// `snapshot_every` records.
+    pub fn with_store(mut self, store: Store, snapshot_every: u64) -> Self {
+        self.store = Some(Mutex::new(store));
+        self.snapshot_every = snapshot_every.max(1);
+        self
+    }
+
+    /// Appends the metadata changes journaled in `state` (locked by the caller, so log
+    /// order is state order) to the log. Returns false, and stops the controller, if
+    /// the log cannot be written: the change is then not durable and must not be
+    /// acknowledged.
+    fn persist(&self, state: &mut ControllerState) -> bool {
+        let Some(store) = &self.store else {
+            return true;
+        };
+        let records = state.take_journal();
+        if records.is_empty() {
+            return true;
+        }
+        match store.lock().append(&records) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("metadata log write failed, stopping the controller: {e}");
+                self.stop.send_replace(true);
+                false
+            }
+        }
+    }
+
+    /// Periodic log upkeep with the state locked: sync when due, and start a new
+    /// generation (snapshot) when the log has grown long.
+    fn maintain_log(&self, state: &ControllerState) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let mut store = store.lock();
+        let r = if store.records() >= self.snapshot_every {
+            let snap = state.snapshot();
+            store.rotate(&snap)
+        } else {
+            store.sync_if_due(Instant::now())
+        };
+        if let Err(e) = r {
+            tracing::error!("metadata log upkeep failed, stopping the controller: {e}");
+            self.stop.send_replace(true);
+        }
+    }
+
+    /// Syncs the metadata log (on shutdown).
+    pub fn flush_log(&self) {
+        if let Some(store) = &self.store {
+            let _state = self.state.lock();
+            match store.lock().sync() {
+                Ok(()) => tracing::info!("metadata log flushed"),
+                Err(e) => tracing::error!("cannot flush the metadata log: {e}"),
+            }
         }
     }
 
@@ -212,7 +289,13 @@ async fn ticker(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             () = stopped(&mut shutdown) => break,
             _ = interval.tick() => {
-                let effects = shared.state.lock().tick(Instant::now());
+                let effects = {
+                    let mut state = shared.state.lock();
+                    let effects = state.tick(Instant::now());
+                    shared.persist(&mut state);
+                    shared.maintain_log(&state);
+                    effects
+                };
                 shared.dispatch(effects, None);
             }
         }
@@ -249,14 +332,20 @@ async fn connection(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 };
                 write_msg_async(&mut wr, &msg).await
             }
-            Role::MemNode(_) => write_msg_async(&mut wr, &ControllerMsg::Error(err)).await,
+            Role::MemNode(_) | Role::MemNodeResumable { .. } => {
+                write_msg_async(&mut wr, &ControllerMsg::Error(err)).await
+            }
         };
         close(wr, sent).await;
         return;
     }
     match hello.role {
         Role::Client { name } => client_session(rd, wr, peer, name, &shared).await,
-        Role::MemNode(reg) => node_session(rd, wr, peer, reg, &shared).await,
+        Role::MemNode(reg) => node_session(rd, wr, peer, reg, 0, &shared).await,
+        Role::MemNodeResumable {
+            register,
+            incarnation,
+        } => node_session(rd, wr, peer, register, incarnation, &shared).await,
     }
 }
 
@@ -320,7 +409,15 @@ async fn client_session(
         };
         let (response, effects) = {
             let mut state = shared.state.lock();
-            state.handle(req.body, Instant::now())
+            let (response, effects) = state.handle(req.body, Instant::now());
+            if shared.persist(&mut state) {
+                (response, effects)
+            } else {
+                let e = ControlError::BadRequest(
+                    "the controller cannot write its metadata log and is stopping; retry once it has been restarted".into(),
+                );
+                (Response::Error(e), Vec::new())
+            }
         };
         // The response waits until the revocations it caused took effect on the memory
         // nodes, so the client's stale grants fail as soon as it has the answer.
@@ -373,23 +470,38 @@ async fn node_session(
     mut wr: Writer,
     peer: SocketAddr,
     reg: Register,
+    incarnation: u64,
     shared: &Shared,
 ) {
+    let session = shared.sessions.fetch_add(1, Ordering::Relaxed);
     let registered = {
         let mut state = shared.state.lock();
-        state.register_node(&reg, Instant::now()).map(|id| {
+        let joined = state.join_node(&reg, incarnation, Instant::now());
+        if !shared.persist(&mut state) {
+            return;
+        }
+        joined.map(|joined| {
             // Link the queue while the state is locked, so no revocation for this node
             // can be dispatched before the queue exists.
             let (tx, rx) = mpsc::unbounded_channel();
             let link = NodeLink {
                 tx,
+                session,
                 waiters: HashMap::new(),
             };
-            shared.links.lock().insert(id, link);
-            (id, state.secret(), rx)
+            shared.links.lock().insert(joined.id, link);
+            (joined, state.secret(), rx)
         })
     };
-    let (node, secret, rx) = match registered {
+    let (
+        Joined {
+            id: node,
+            resumed,
+            effects,
+        },
+        secret,
+        rx,
+    ) = match registered {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(%peer, "memory node registration refused: {e}");
@@ -404,14 +516,26 @@ async fn node_session(
         capacity = reg.capacity,
         block_size = reg.block_size,
         data_addr = %reg.data_addr,
+        resumed,
         "memory node registered"
     );
-    let welcome = ControllerMsg::Registered {
-        node_id: node,
-        secret,
-        heartbeat_ms: u64::try_from(shared.heartbeat.as_millis()).unwrap_or(u64::MAX),
-        initial_epoch: INITIAL_EPOCH,
+    let heartbeat_ms = u64::try_from(shared.heartbeat.as_millis()).unwrap_or(u64::MAX);
+    let welcome = if resumed {
+        ControllerMsg::Resumed {
+            node_id: node,
+            secret,
+            heartbeat_ms,
+        }
+    } else {
+        ControllerMsg::Registered {
+            node_id: node,
+            secret,
+            heartbeat_ms,
+            initial_epoch: INITIAL_EPOCH,
+        }
     };
+    // Queued now, written by the node's writer after the welcome.
+    shared.dispatch(effects, None);
     let sent = match write_msg_async(&mut wr, &welcome).await {
         Ok(()) => wr.flush().await.map_err(FrameError::from),
         Err(e) => Err(e),
@@ -442,17 +566,32 @@ async fn node_session(
                         break;
                     }
                 }
+                NodeMsg::Leaving => {
+                    tracing::info!(node, "memory node is shutting down; deregistered");
+                    break;
+                }
                 NodeMsg::Revoked(blocks) => {
-                    shared.state.lock().revoked(node, &blocks);
+                    {
+                        let mut state = shared.state.lock();
+                        state.revoked(node, &blocks);
+                        shared.persist(&mut state);
+                    }
                     shared.confirmed(node, &blocks);
                 }
             }
         }
         // If still running, the writer ends once its queue is unlinked below.
     }
-    shared.state.lock().node_lost(node);
-    // Unlinking also releases every client still waiting for this node.
-    shared.links.lock().remove(&node);
+    let mut state = shared.state.lock();
+    let mut links = shared.links.lock();
+    // A node that came back on a newer session (resumed) belongs to that session now.
+    let replaced = links.get(&node).is_some_and(|l| l.session != session);
+    if !replaced {
+        state.node_lost(node);
+        shared.persist(&mut state);
+        // Unlinking also releases every client still waiting for this node.
+        links.remove(&node);
+    }
 }
 
 /// Drains a memory node's queue onto its socket, flushing when the queue runs dry.

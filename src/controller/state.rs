@@ -11,6 +11,7 @@
 //! block is therefore never handed to a new owner while a grant for an older epoch
 //! could still be honoured by its node.
 
+use super::journal::{Record, SnapPath, Snapshot};
 use super::namespace::{later, Namespace, PathId, Reclaimed, ROOT};
 use super::registry::{Registry, Released};
 use crate::proto::{
@@ -18,7 +19,7 @@ use crate::proto::{
     Placement, PoolPath, Register, Request, Response, Secret,
 };
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// Most blocks one allocation may ask for (keeps responses well inside a frame).
@@ -82,6 +83,19 @@ pub struct ControllerState {
     blocks_allocated_total: u64,
     blocks_freed_total: u64,
     blocks_expired_total: u64,
+    /// Metadata changes not yet taken by the I/O layer; `None`: not journaling.
+    journal: Option<Vec<Record>>,
+}
+
+/// What [`ControllerState::join_node`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The node's id.
+    pub id: u32,
+    /// Whether a known node came back with its blocks (rather than a fresh node).
+    pub resumed: bool,
+    /// Revocations to send the node once it is linked.
+    pub effects: Vec<Effect>,
 }
 
 /// Re-validates a path that may have been deserialized from the network without
@@ -119,6 +133,193 @@ impl ControllerState {
             blocks_allocated_total: 0,
             blocks_freed_total: 0,
             blocks_expired_total: 0,
+            journal: None,
+        }
+    }
+
+    // ----- metadata journal ---------------------------------------------------------
+
+    /// Starts recording every metadata change as a [`Record`] for
+    /// [`ControllerState::take_journal`].
+    pub fn enable_journal(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// The metadata changes since the last call, in order (empty when not journaling).
+    pub fn take_journal(&mut self) -> Vec<Record> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn log(&mut self, record: Record) {
+        if let Some(j) = self.journal.as_mut() {
+            j.push(record);
+        }
+    }
+
+    /// The whole metadata (nodes with their block tables, paths with their quotas and
+    /// blocks), from which [`ControllerState::recover`] rebuilds this state.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut paths: Vec<SnapPath> = self
+            .ns
+            .iter()
+            .filter(|&(id, n)| id != ROOT || n.quota.is_some())
+            .map(|(_, n)| SnapPath {
+                path: n.path.clone(),
+                quota: n.quota,
+                blocks: n.blocks.clone(),
+                pinned: n.pinned,
+            })
+            .collect();
+        paths.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        Snapshot {
+            next_node_id: self.registry.next_id(),
+            nodes: self.registry.iter().map(|n| n.snapshot()).collect(),
+            paths,
+        }
+    }
+
+    /// Rebuilds a state from a snapshot (if any) and the log records written after it,
+    /// as of `now`. Every path's lease is re-armed to run from `now`. Memory nodes are
+    /// *not* yet declared dead here (see [`ControllerState::finish_recovery`]), so the
+    /// result equals the state that wrote the records. Fails with a description of the
+    /// first record that does not fit (a damaged or foreign log).
+    pub fn recover(
+        cfg: StateConfig,
+        secret: Secret,
+        snapshot: Option<&Snapshot>,
+        records: &[Record],
+        now: Instant,
+    ) -> Result<Self, String> {
+        let mut st = Self::new(cfg, secret, now);
+        if let Some(snap) = snapshot {
+            st.restore(snap, now)?;
+        }
+        for (i, r) in records.iter().enumerate() {
+            st.apply(r, now)
+                .map_err(|e| format!("log record {i} ({r:?}) does not apply: {e}"))?;
+        }
+        st.registry.rebuild_free_lists();
+        st.blocks_allocated_total = 0;
+        st.blocks_freed_total = 0;
+        st.blocks_expired_total = 0;
+        Ok(st)
+    }
+
+    /// After [`ControllerState::recover`]: every memory node counts as dead until it
+    /// re-registers with its incarnation (then [`ControllerState::join_node`] resumes
+    /// it and revokes its unowned blocks anew), so nothing is allocated on a node that
+    /// may be gone. Each node gets `dead_after` from `now` before a dead node without
+    /// data is dropped by [`ControllerState::tick`].
+    pub fn finish_recovery(&mut self, now: Instant) {
+        let ids: Vec<u32> = self.registry.iter().map(|n| n.id).collect();
+        for id in ids {
+            self.registry.kill(id);
+            if let Some(n) = self.registry.get_mut(id) {
+                n.last_heartbeat = now;
+            }
+        }
+    }
+
+    fn restore(&mut self, snap: &Snapshot, now: Instant) -> Result<(), String> {
+        let deadline = self.lease_deadline(now);
+        let mut owners: HashMap<u32, HashMap<u32, PathId>> = HashMap::new();
+        let mut ids = Vec::with_capacity(snap.paths.len());
+        for p in &snap.paths {
+            let id = if p.path.is_root() {
+                ROOT
+            } else {
+                self.ns
+                    .ensure(&p.path, deadline)
+                    .map_err(|e| e.to_string())?
+            };
+            self.ns.set_quota(id, p.quota);
+            if p.pinned && id != ROOT {
+                self.ns.set_pinned(id, true);
+            }
+            for b in &p.blocks {
+                if owners
+                    .entry(b.node)
+                    .or_default()
+                    .insert(b.index, id)
+                    .is_some()
+                {
+                    return Err(format!("block {b} is listed by two paths"));
+                }
+            }
+            ids.push(id);
+        }
+        for n in &snap.nodes {
+            let empty = HashMap::new();
+            let o = owners.get(&n.info.id).unwrap_or(&empty);
+            self.registry.restore(n, o, now)?;
+        }
+        if let Some(node) = owners.keys().find(|&&n| self.registry.get(n).is_none()) {
+            return Err(format!("paths own blocks of unknown node {node}"));
+        }
+        self.registry.bump_next_id(snap.next_node_id);
+        let bs = self.registry.block_size().unwrap_or(0);
+        for (p, id) in snap.paths.iter().zip(ids) {
+            self.ns.add_blocks(id, &p.blocks, bs);
+        }
+        Ok(())
+    }
+
+    /// Replays one record (journal off, so nothing is logged again).
+    fn apply(&mut self, r: &Record, now: Instant) -> Result<(), String> {
+        let e = |e: ControlError| e.to_string();
+        match r {
+            Record::NodeRegistered(info) => self.registry.insert_logged(info, now),
+            Record::NodeResumed {
+                id,
+                data_addr,
+                hugepages,
+                locked,
+            } => self
+                .registry
+                .resume(*id, data_addr, *hugepages, *locked, now)
+                .map(|_| ())
+                .ok_or_else(|| format!("unknown node {id}")),
+            Record::NodeDead { id } => {
+                if self.registry.get(*id).is_none() {
+                    return Err(format!("unknown node {id}"));
+                }
+                self.registry.kill(*id);
+                Ok(())
+            }
+            Record::NodeDropped { id } => {
+                // Releases replayed before this record may have dropped it already.
+                if self.registry.get(*id).is_some() && !self.registry.drop_if_empty(*id) {
+                    return Err(format!("node {id} still holds data"));
+                }
+                Ok(())
+            }
+            Record::Opened { path } => self.open(path, now).map_err(e),
+            Record::Quota { path, bytes } => self.set_quota(path, *bytes, now).map_err(e),
+            Record::Alloc { path, blocks } => {
+                let path = canonical(path).map_err(e)?;
+                let id = self.open_id(&path, now).map_err(e)?;
+                let bs = self
+                    .registry
+                    .block_size()
+                    .ok_or("allocation without memory nodes")?;
+                let mut ids = Vec::with_capacity(blocks.len());
+                for &(node, index, epoch) in blocks {
+                    self.registry.assign(node, index, id, epoch)?;
+                    ids.push(BlockId { node, index });
+                }
+                self.ns.add_blocks(id, &ids, bs);
+                Ok(())
+            }
+            Record::Free { path, blocks } => self.free(path, blocks).map(|_| ()).map_err(e),
+            Record::Remove { path } => self.remove(path).map(|_| ()).map_err(e),
+            Record::Confirmed { node, blocks } => {
+                self.revoked(*node, blocks);
+                Ok(())
+            }
+            Record::Pin { path, pinned } => self.pin(path, *pinned).map_err(e),
         }
     }
 
@@ -142,11 +343,81 @@ impl ControllerState {
     /// Validates a memory node's registration and assigns it a fresh id (ids are never
     /// reused). All its blocks start free at [`super::INITIAL_EPOCH`].
     pub fn register_node(&mut self, reg: &Register, now: Instant) -> Result<u32, ControlError> {
-        self.registry.register(reg, now)
+        self.join_node(reg, 0, now).map(|j| j.id)
+    }
+
+    /// Registers a memory node whose process identity is `incarnation` (0: none).
+    ///
+    /// A node already known under the same non-zero incarnation is the same process
+    /// coming back (after its connection or the controller restarted): if it is dead
+    /// it is *resumed* with its id, its owned blocks and their epochs, and every block
+    /// it does not own is revoked anew before it can be handed out again (grants the
+    /// controller stopped tracking while it was away die). Its region must be the same;
+    /// a node still marked alive is refused until its old connection is noticed closed.
+    /// Anything else registers afresh with a new id and all blocks free.
+    pub fn join_node(
+        &mut self,
+        reg: &Register,
+        incarnation: u64,
+        now: Instant,
+    ) -> Result<Joined, ControlError> {
+        if let Some(id) = self.registry.by_incarnation(incarnation) {
+            let Some(n) = self.registry.get(id) else {
+                return Err(ControlError::BadRegistration(format!(
+                    "node {id} vanished; register again"
+                )));
+            };
+            if n.capacity != reg.capacity
+                || n.block_size != reg.block_size
+                || n.endpoint.transport != reg.transport
+            {
+                return Err(ControlError::BadRegistration(format!(
+                    "node {id} comes back with another region ({} bytes in blocks of {}, was {} in blocks of {}); restart the memory node so it registers afresh",
+                    reg.capacity, reg.block_size, n.capacity, n.block_size
+                )));
+            }
+            if n.alive {
+                return Err(ControlError::BadRegistration(format!(
+                    "node {id} is still connected on another session; retry once the controller noticed it closed (within the dead-after period)"
+                )));
+            }
+            let blocks = self
+                .registry
+                .resume(id, &reg.data_addr, reg.hugepages, reg.locked, now)
+                .unwrap_or_default();
+            self.log(Record::NodeResumed {
+                id,
+                data_addr: reg.data_addr.clone(),
+                hugepages: reg.hugepages,
+                locked: reg.locked,
+            });
+            let effects = if blocks.is_empty() {
+                Vec::new()
+            } else {
+                vec![Effect::Revoke { node: id, blocks }]
+            };
+            return Ok(Joined {
+                id,
+                resumed: true,
+                effects,
+            });
+        }
+        let id = self.registry.register(reg, incarnation, now)?;
+        if self.journal.is_some() {
+            if let Some(n) = self.registry.get(id) {
+                let info = n.info();
+                self.log(Record::NodeRegistered(info));
+            }
+        }
+        Ok(Joined {
+            id,
+            resumed: false,
+            effects: Vec::new(),
+        })
     }
 
     /// Records a heartbeat. Fails with [`ControlError::NoSuchNode`] if the node is
-    /// unknown or was declared dead (a dead node must register afresh).
+    /// unknown or was declared dead (a dead node must register again).
     pub fn heartbeat(
         &mut self,
         node: u32,
@@ -169,15 +440,25 @@ impl ControllerState {
     pub fn node_lost(&mut self, node: u32) {
         if self.registry.kill(node) {
             tracing::warn!(node, "memory node lost; its blocks stay listed until freed");
+            self.log(Record::NodeDead { id: node });
         }
-        self.registry.drop_if_empty(node);
+        if self.registry.drop_if_empty(node) {
+            self.log(Record::NodeDropped { id: node });
+        }
     }
 
     /// The node confirmed that blocks now hold the given epochs. Blocks revoking at
     /// exactly that epoch return to the free list; anything else is ignored. Returns
     /// how many blocks became free.
     pub fn revoked(&mut self, node: u32, confirmed: &[(u32, u32)]) -> usize {
-        self.registry.confirm(node, confirmed)
+        let n = self.registry.confirm(node, confirmed);
+        if n > 0 {
+            self.log(Record::Confirmed {
+                node,
+                blocks: confirmed.to_vec(),
+            });
+        }
+        n
     }
 
     // ----- namespace ----------------------------------------------------------------
@@ -189,7 +470,14 @@ impl ControllerState {
     /// Creates `path` and its parents if needed and renews its lease.
     pub fn open(&mut self, path: &PoolPath, now: Instant) -> Result<(), ControlError> {
         let path = canonical(path)?;
-        self.open_id(&path, now).map(|_| ())
+        let new = self.ns.find(&path).is_none();
+        self.open_id(&path, now)?;
+        if new {
+            self.log(Record::Opened {
+                path: path.into_owned(),
+            });
+        }
+        Ok(())
     }
 
     fn open_id(&mut self, path: &PoolPath, now: Instant) -> Result<PathId, ControlError> {
@@ -231,12 +519,24 @@ impl ControllerState {
             )));
         }
         let requested = count * bs;
+        let new = self.ns.find(&path).is_none();
         let id = self.open_id(&path, now)?;
+        if new {
+            self.log(Record::Opened {
+                path: path.clone().into_owned(),
+            });
+        }
         self.ns.check_quota(id, requested)?;
         // count <= MAX_BLOCKS_PER_ALLOC fits in u32.
         let taken = self.registry.take(count as u32, placement, id, bs)?;
         let mut ids = Vec::with_capacity(taken.len());
         let mut grants = Vec::with_capacity(taken.len());
+        if self.journal.is_some() {
+            self.log(Record::Alloc {
+                path: path.clone().into_owned(),
+                blocks: taken.clone(),
+            });
+        }
         for (node, index, epoch) in taken {
             let block = BlockId { node, index };
             ids.push(block);
@@ -294,6 +594,12 @@ impl ControllerState {
             }
         }
         let bs = self.registry.block_size().unwrap_or(0);
+        if self.journal.is_some() {
+            self.log(Record::Free {
+                path: path.clone().into_owned(),
+                blocks: blocks.to_vec(),
+            });
+        }
         self.ns.remove_blocks(id, blocks, bs);
         let mut revs = Revocations::default();
         let pairs: Vec<(PathId, BlockId)> = blocks.iter().map(|&b| (id, b)).collect();
@@ -330,6 +636,7 @@ impl ControllerState {
         if touched_dead {
             for node in self.registry.drop_empty_dead() {
                 tracing::info!(node, "dead memory node holds no more blocks; dropped");
+                self.log(Record::NodeDropped { id: node });
             }
         }
     }
@@ -378,6 +685,9 @@ impl ControllerState {
             .ok_or_else(|| ControlError::NotFound(path.clone().into_owned()))?;
         let mut gone = Reclaimed::default();
         self.ns.remove_subtree(id, &mut gone);
+        self.log(Record::Remove {
+            path: path.clone().into_owned(),
+        });
         let mut revs = Revocations::default();
         self.release_all(&gone.blocks, &mut revs);
         Ok((
@@ -403,6 +713,33 @@ impl ControllerState {
             self.ns.ensure(&path, self.lease_deadline(now))?
         };
         self.ns.set_quota(id, bytes);
+        self.log(Record::Quota {
+            path: path.into_owned(),
+            bytes,
+        });
+        Ok(())
+    }
+
+    /// Pins or unpins `path` (which must exist and not be the root). A pinned path is
+    /// never reclaimed by lease expiry: it keeps its blocks (and its ancestors stay,
+    /// as for any live path) until it is removed or unpinned. Paths below it are not
+    /// pinned by it.
+    pub fn pin(&mut self, path: &PoolPath, pinned: bool) -> Result<(), ControlError> {
+        let path = canonical(path)?;
+        if path.is_root() {
+            return Err(ControlError::BadRequest(
+                "the root cannot be pinned; pin job paths".into(),
+            ));
+        }
+        let id = self
+            .ns
+            .find(&path)
+            .ok_or_else(|| ControlError::NotFound(path.clone().into_owned()))?;
+        self.ns.set_pinned(id, pinned);
+        self.log(Record::Pin {
+            path: path.into_owned(),
+            pinned,
+        });
         Ok(())
     }
 
@@ -414,13 +751,18 @@ impl ControllerState {
         for node in self.registry.overdue(now, self.cfg.dead_after) {
             tracing::warn!(node, "memory node missed its heartbeats; declared dead");
             self.registry.kill(node);
+            self.log(Record::NodeDead { id: node });
             effects.push(Effect::NodeDead { node });
         }
         for node in self.registry.drop_empty_dead() {
             tracing::info!(node, "dead memory node holds no blocks; dropped");
+            self.log(Record::NodeDropped { id: node });
         }
         let mut gone = Reclaimed::default();
         self.ns.expire(now, self.cfg.grace, &mut gone);
+        for path in std::mem::take(&mut gone.roots) {
+            self.log(Record::Remove { path });
+        }
         if gone.paths > 0 {
             tracing::info!(
                 paths = gone.paths,
@@ -507,6 +849,9 @@ impl ControllerState {
                 .set_quota(&path, bytes, now)
                 .map(|()| (Response::Ok, vec![])),
             Request::Status => Ok((Response::Status(Box::new(self.status(now))), vec![])),
+            Request::Pin { path, pinned } => {
+                self.pin(&path, pinned).map(|()| (Response::Ok, vec![]))
+            }
         };
         r.unwrap_or_else(|e| (Response::Error(e), vec![]))
     }

@@ -648,3 +648,120 @@ fn paths_from_the_wire_are_validated_and_normalised() {
     assert!(st.status(t0).paths.is_empty());
     st.check_invariants().unwrap();
 }
+
+/// Recovery: the journal rebuilds ownership, epochs and quotas; recovered nodes are
+/// dead (nothing is allocated on them) until the same incarnation re-registers, which
+/// resumes them with their owned blocks and revokes every other touched block anew.
+#[test]
+fn recovery_resumes_nodes_by_incarnation() {
+    let t0 = Instant::now();
+    let cfg = StateConfig {
+        lease: Duration::from_secs(10),
+        grace: Duration::from_secs(2),
+        dead_after: ms(1500),
+    };
+    let mut st = ControllerState::new(cfg, SECRET, t0);
+    st.enable_journal();
+    let a = st.join_node(&reg(8), 11, t0).unwrap();
+    let b = st.join_node(&reg(8), 22, t0).unwrap();
+    assert!(!a.resumed && !b.resumed);
+    let kept = st
+        .alloc(&p("/j/keep"), 2 * BS, Placement::Node(a.id), t0)
+        .unwrap();
+    let gone = st
+        .alloc(&p("/j/gone"), BS, Placement::Node(a.id), t0)
+        .unwrap();
+    st.set_quota(&p("/j"), Some(6 * BS), t0).unwrap();
+    // Freed and revoking when the controller dies.
+    st.free(&p("/j/gone"), &block_ids(&gone)).unwrap();
+    let log = st.take_journal();
+
+    let t1 = t0 + ms(500);
+    let mut rec = ControllerState::recover(cfg, SECRET, None, &log, t1).unwrap();
+    assert_eq!(rec.snapshot(), st.snapshot());
+    rec.finish_recovery(t1);
+    rec.check_invariants().unwrap();
+    // Same grants (epochs and keys) for the surviving data; quotas kept.
+    let grants = rec.lookup(&p("/j/keep"), true).unwrap();
+    assert_eq!(grants, kept);
+    assert!(matches!(
+        rec.alloc(&p("/other"), BS, Placement::default(), t1),
+        Err(ControlError::NoCapacity { .. })
+    ));
+    // A different incarnation is a new node, not node a.
+    let c = rec.join_node(&reg(8), 33, t1).unwrap();
+    assert!(!c.resumed && c.id > b.id);
+    // A different region under a's identity is refused.
+    assert!(rec.join_node(&reg(4), 11, t1).is_err());
+    // a comes back: its freed block is revoked again at its new epoch.
+    let back = rec.join_node(&reg(8), 11, t1).unwrap();
+    assert!(back.resumed);
+    assert_eq!(back.id, a.id);
+    let freed = gone[0].block;
+    assert_eq!(
+        back.effects,
+        vec![Effect::Revoke {
+            node: a.id,
+            blocks: vec![(freed.index, gone[0].epoch + 1)]
+        }]
+    );
+    // Alive again: a second registration under the same identity is refused.
+    assert!(rec.join_node(&reg(8), 11, t1).is_err());
+    assert_eq!(rec.revoked(a.id, &[(freed.index, gone[0].epoch + 1)]), 1);
+    rec.check_invariants().unwrap();
+    // The quota still holds: 2 blocks used of 6.
+    assert!(matches!(
+        rec.alloc(&p("/j/y"), 5 * BS, Placement::Node(a.id), t1),
+        Err(ControlError::QuotaExceeded { .. })
+    ));
+    let more = rec
+        .alloc(&p("/j/y"), 4 * BS, Placement::Node(a.id), t1)
+        .unwrap();
+    let mut owned: Vec<BlockId> = block_ids(&kept);
+    owned.extend(block_ids(&more));
+    owned.sort_unstable_by_key(|b| b.index);
+    owned.dedup();
+    assert_eq!(owned.len(), 6, "no block owned twice");
+    // Node b never came back: once dead_after passes it is dropped (it holds nothing).
+    let t2 = t1 + ms(1600);
+    rec.heartbeat(a.id, Default::default(), t2).unwrap();
+    rec.tick(t2);
+    assert!(rec.status(t2).nodes.iter().all(|n| n.endpoint.node != b.id));
+}
+
+#[test]
+fn pinned_paths_survive_lease_expiry_and_unpinning_lets_them_go() {
+    let (mut st, t0, _) = setup(&[8]);
+    st.alloc(&p("/j/keep"), BS, Placement::default(), t0)
+        .unwrap();
+    st.alloc(&p("/j/drop"), BS, Placement::default(), t0)
+        .unwrap();
+    st.pin(&p("/j/keep"), true).unwrap();
+    assert!(matches!(
+        st.pin(&p("/"), true),
+        Err(ControlError::BadRequest(_))
+    ));
+    assert!(matches!(
+        st.pin(&p("/nope"), true),
+        Err(ControlError::NotFound(_))
+    ));
+    // Past lease (10 s) plus grace (2 s) without renewal.
+    let t1 = t0 + Duration::from_secs(13);
+    beat_and_tick(&mut st, t1);
+    st.check_invariants().unwrap();
+    assert_eq!(
+        usage(&st, t1, "/j/keep"),
+        Some((1, BS)),
+        "pinned data stays"
+    );
+    assert_eq!(usage(&st, t1, "/j/drop"), None, "the rest is freed");
+    assert_eq!(usage(&st, t1, "/j"), Some((0, BS)), "ancestors stay");
+    let status = st.status(t1);
+    let keep = status.paths.iter().find(|u| u.path.as_str() == "/j/keep");
+    assert!(keep.is_some_and(|u| u.pinned && u.lease_remaining_ms < 0));
+    st.pin(&p("/j/keep"), false).unwrap();
+    beat_and_tick(&mut st, t1 + ms(1));
+    st.check_invariants().unwrap();
+    assert!(st.status(t1).paths.is_empty());
+    assert_eq!(st.status(t1).used_bytes, 0);
+}

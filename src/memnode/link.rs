@@ -13,6 +13,8 @@ use std::time::Duration;
 
 /// How long the reader waits before checking whether the node is stopping.
 const POLL: Duration = Duration::from_millis(200);
+/// Longest pause between two attempts to reach the controller again.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest wait for the rest of a frame once its first byte arrived.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,15 +42,25 @@ pub(crate) struct Link {
     secret: Secret,
     heartbeat: Duration,
     register: Register,
+    incarnation: u64,
     data: Arc<DataPlane>,
 }
 
 impl Link {
-    /// Connects, registers, and installs the keys of every block.
+    /// Connects and registers as process `incarnation`.
+    ///
+    /// If the controller resumes the node (it knows the incarnation: the controller or
+    /// the connection restarted while this process kept running), the region, its
+    /// grants and epochs stay as they are and the controller revokes what it must. If
+    /// it registers the node afresh, every block is scrubbed when `scrub` is set (a
+    /// re-registration: the region may hold an earlier life's data) and gets the keys
+    /// of the initial epoch under the new id.
     pub(crate) fn connect(
         addr: &str,
         register: Register,
+        incarnation: u64,
         data: Arc<DataPlane>,
+        scrub: bool,
     ) -> Result<Link, LinkError> {
         let stream = TcpStream::connect(addr).map_err(|source| LinkError::Connect {
             addr: addr.to_string(),
@@ -62,7 +74,10 @@ impl Link {
             &mut writer,
             &Hello {
                 version: PROTOCOL_VERSION,
-                role: Role::MemNode(register.clone()),
+                role: Role::MemNodeResumable {
+                    register: register.clone(),
+                    incarnation,
+                },
             },
         )?;
         let (node_id, secret, heartbeat_ms, epoch) = match read_msg::<ControllerMsg>(&mut reader)? {
@@ -71,7 +86,12 @@ impl Link {
                 secret,
                 heartbeat_ms,
                 initial_epoch,
-            } => (node_id, secret, heartbeat_ms, initial_epoch),
+            } => (node_id, secret, heartbeat_ms, Some(initial_epoch)),
+            ControllerMsg::Resumed {
+                node_id,
+                secret,
+                heartbeat_ms,
+            } => (node_id, secret, heartbeat_ms, None),
             ControllerMsg::Error(e) => return Err(LinkError::Refused(e.to_string())),
             other => {
                 return Err(LinkError::Refused(format!(
@@ -79,8 +99,19 @@ impl Link {
                 )))
             }
         };
-        for b in 0..data.access.num_blocks() {
-            data.install(&secret, node_id, b, epoch);
+        match epoch {
+            Some(epoch) => {
+                if scrub {
+                    data.revoke_all();
+                }
+                for b in 0..data.access.num_blocks() {
+                    if scrub {
+                        data.zero_block(b);
+                    }
+                    data.install(&secret, node_id, b, epoch);
+                }
+            }
+            None => tracing::info!(node = node_id, "resumed with the controller; region kept"),
         }
         Ok(Link {
             writer: Arc::new(Mutex::new(writer)),
@@ -89,6 +120,7 @@ impl Link {
             secret,
             heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
             register,
+            incarnation,
             data,
         })
     }
@@ -147,6 +179,11 @@ impl Link {
         self.reader.get_ref().set_read_timeout(Some(POLL))?;
         let result = loop {
             if stop.load(Ordering::Relaxed) {
+                // A clean stop deregisters; the controller drops the node at once
+                // instead of waiting for missed heartbeats.
+                if let Err(e) = self.send(&NodeMsg::Leaving) {
+                    tracing::debug!(error = %e, "cannot tell the controller we are leaving");
+                }
                 break Ok(());
             }
             match self.reader.fill_buf() {
@@ -180,8 +217,11 @@ impl Link {
     }
 }
 
-/// Runs the link in a thread: serve, and on failure revoke every grant, scrub the
-/// region and re-register (as a new, empty node) until `stop` is set.
+/// Runs the link in a thread: serve, and on failure re-register with the same
+/// incarnation (with backoff) until `stop` is set. The data plane keeps serving
+/// meanwhile: a controller restart does not interrupt clients' reads and writes. If
+/// the controller no longer knows the node, it comes back empty (see
+/// [`Link::connect`]).
 pub(crate) fn spawn(
     link: Link,
     addr: String,
@@ -201,16 +241,14 @@ pub(crate) fn spawn(
                 };
                 let data = l.data.clone();
                 let register = l.register.clone();
+                let incarnation = l.incarnation;
                 match l.serve(&stop) {
                     Ok(()) => return,
-                    Err(e) => tracing::error!(error = %e, "lost the controller; revoking all grants and re-registering empty"),
+                    Err(e) => tracing::error!(error = %e, "lost the controller; re-registering"),
                 }
-                data.revoke_all();
-                for b in 0..data.access.num_blocks() {
-                    data.zero_block(b);
-                }
+                backoff = Duration::from_millis(50);
                 while !stop.load(Ordering::Relaxed) {
-                    match Link::connect(&addr, register.clone(), data.clone()) {
+                    match Link::connect(&addr, register.clone(), incarnation, data.clone(), true) {
                         Ok(l) => {
                             tracing::info!(node = l.node_id(), "re-registered with the controller");
                             node_id.store(l.node_id(), Ordering::Relaxed);
@@ -221,7 +259,7 @@ pub(crate) fn spawn(
                         Err(e) => {
                             tracing::warn!(error = %e, "re-registration failed; retrying");
                             std::thread::sleep(backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
                         }
                     }
                 }

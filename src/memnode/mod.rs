@@ -231,8 +231,17 @@ impl MemNode {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let node_id = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let link = link::Link::connect(&config.controller, register, data.clone())
-            .map_err(|e| MemNodeError::Link(e.to_string()))?;
+        // Identifies this process to the controller, so a restarted controller (or a
+        // broken connection) resumes the node with its blocks instead of a new one.
+        let incarnation = rand::random::<u64>() | 1;
+        let link = link::Link::connect(
+            &config.controller,
+            register,
+            incarnation,
+            data.clone(),
+            false,
+        )
+        .map_err(|e| MemNodeError::Link(e.to_string()))?;
         node_id.store(link.node_id(), Ordering::Relaxed);
         tracing::info!(
             node = link.node_id(),
@@ -414,6 +423,53 @@ impl MemNode {
     /// Stops heartbeating, closes the data plane and unmaps the region.
     pub fn shutdown(mut self) {
         self.stop_now();
+    }
+
+    /// Stops gracefully: the data plane stops accepting connections and new requests
+    /// and answers those already read (for at most `grace`, see
+    /// [`SoftServer::drain`]), then the node deregisters from the controller and
+    /// unmaps its region.
+    pub fn drain(mut self, grace: std::time::Duration) {
+        tracing::info!("draining the data plane");
+        if let Some(s) = &self.data.soft {
+            s.drain(grace);
+        }
+        self.stop_now();
+        tracing::info!("memory node stopped");
+    }
+
+    /// Blocks until the process gets SIGTERM or Ctrl-C, then [`MemNode::drain`]s with
+    /// `grace`. For the command-line tool; must not be called from inside an async
+    /// runtime. Fails (after stopping the node) if the signals cannot be listened for.
+    pub fn run_until_signal(self, grace: std::time::Duration) -> Result<(), MemNodeError> {
+        let waited = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| MemNodeError::Link(format!("cannot wait for signals: {e}")))
+            .and_then(|rt| {
+                rt.block_on(async {
+                    #[cfg(unix)]
+                    {
+                        use tokio::signal::unix::{signal, SignalKind};
+                        let mut term = signal(SignalKind::terminate()).map_err(|e| {
+                            MemNodeError::Link(format!("cannot listen for SIGTERM: {e}"))
+                        })?;
+                        tokio::select! {
+                            r = tokio::signal::ctrl_c() => r.map_err(|e| MemNodeError::Link(format!("cannot listen for Ctrl-C: {e}"))),
+                            _ = term.recv() => Ok(()),
+                        }
+                    }
+                    #[cfg(not(unix))]
+                    {
+                        tokio::signal::ctrl_c()
+                            .await
+                            .map_err(|e| MemNodeError::Link(format!("cannot listen for Ctrl-C: {e}")))
+                    }
+                })
+            });
+        tracing::info!("shutdown requested");
+        self.drain(grace);
+        waited
     }
 
     fn stop_now(&mut self) {

@@ -23,6 +23,14 @@ pub enum Role {
     },
     /// A memory node registering its region.
     MemNode(Register),
+    /// A memory node registering with a process identity, so that it can resume its
+    /// id and blocks after its connection (or the controller) restarted.
+    MemNodeResumable {
+        /// The region.
+        register: Register,
+        /// Random, non-zero, fixed for the life of the memory node process.
+        incarnation: u64,
+    },
 }
 
 /// A memory node's registration.
@@ -122,6 +130,14 @@ pub enum Request {
     },
     /// Cluster status: nodes, capacity, usage per path.
     Status,
+    /// Pin (or unpin) `path`: a pinned path is never reclaimed by lease expiry (its
+    /// blocks stay, and so do its ancestors); it goes only when removed.
+    Pin {
+        /// The path (must exist, not the root).
+        path: PoolPath,
+        /// `true` pins, `false` unpins (the lease applies again from then on).
+        pinned: bool,
+    },
 }
 
 /// Controller responses.
@@ -156,6 +172,8 @@ pub enum NodeMsg {
     Heartbeat(NodeStats),
     /// These blocks now hold the given (new) epochs; old grants are dead.
     Revoked(Vec<(u32, u32)>),
+    /// The node is shutting down cleanly (its data plane is drained): deregister it.
+    Leaving,
 }
 
 /// Messages from the controller to a memory node.
@@ -171,6 +189,17 @@ pub enum ControllerMsg {
         heartbeat_ms: u64,
         /// Epoch every block starts at.
         initial_epoch: u32,
+    },
+    /// Registration accepted as the return of a known node (same incarnation): the
+    /// node keeps its id, region contents and block epochs. Revocations for the
+    /// blocks it does not own follow.
+    Resumed {
+        /// The node's id (unchanged).
+        node_id: u32,
+        /// Key-derivation secret shared with the controller.
+        secret: Secret,
+        /// Heartbeat interval in milliseconds.
+        heartbeat_ms: u64,
     },
     /// Move these blocks to the given epochs (killing old grants) and confirm with
     /// [`NodeMsg::Revoked`].
@@ -242,6 +271,8 @@ pub struct PathUsage {
     pub quota: Option<u64>,
     /// Milliseconds until the lease expires (negative: expired, about to be reclaimed).
     pub lease_remaining_ms: i64,
+    /// Pinned: never reclaimed by lease expiry.
+    pub pinned: bool,
 }
 
 /// Cluster-wide status.

@@ -229,11 +229,47 @@ impl SoftServer {
         }
     }
 
-    /// Stops accepting, closes every connection and waits for their threads. After it
-    /// returns no operation touches the region any more. Idempotent; also run on drop.
-    pub fn shutdown(&self) {
-        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+    /// Stops gracefully: stops accepting, stops reading new requests on every
+    /// connection, lets each connection apply and answer the requests it already read,
+    /// and waits up to `grace` for them; connections still busy then are closed as by
+    /// [`SoftServer::shutdown`]. Every operation applied is therefore answered (unless
+    /// its client stopped reading for longer than `grace`). After it returns no
+    /// operation touches the region any more.
+    pub fn drain(&self, grace: Duration) {
+        if !self.stop_accepting() {
             return;
+        }
+        let conns: Vec<ConnEntry> = self.shared.conns.lock().drain().map(|(_, c)| c).collect();
+        for c in &conns {
+            let _ = c.stream.shutdown(Shutdown::Read);
+        }
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline
+            && conns
+                .iter()
+                .any(|c| c.thread.as_ref().is_some_and(|t| !t.is_finished()))
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut forced = 0usize;
+        for c in &conns {
+            if c.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+                forced += 1;
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+        }
+        for c in conns {
+            if let Some(t) = c.thread {
+                let _ = t.join();
+            }
+        }
+        tracing::info!(local_addr = %self.local_addr, forced, "soft transport server drained");
+    }
+
+    /// Sets the stopping flag and stops the acceptor; false if already stopping.
+    fn stop_accepting(&self) -> bool {
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            return false;
         }
         // Wake the acceptor, blocked in accept(), with a throwaway connection.
         let wake = match self.local_addr.ip() {
@@ -252,6 +288,15 @@ impl SoftServer {
             } else {
                 tracing::warn!("cannot wake the soft server's accept thread; leaving it detached");
             }
+        }
+        true
+    }
+
+    /// Stops accepting, closes every connection and waits for their threads. After it
+    /// returns no operation touches the region any more. Idempotent; also run on drop.
+    pub fn shutdown(&self) {
+        if !self.stop_accepting() {
+            return;
         }
         let conns: Vec<ConnEntry> = self.shared.conns.lock().drain().map(|(_, c)| c).collect();
         for c in &conns {
