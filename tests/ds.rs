@@ -1264,3 +1264,61 @@ fn every_structure_syncs_dumps_and_loads_through_the_persistent_tier() {
         Err(DsError::Snapshot { .. })
     ));
 }
+
+#[test]
+fn kv_get_many_matches_get_across_partitions_remote_values_and_writers() {
+    let pool = pool(true);
+    let client = pool.client().unwrap();
+    let task = client.task("/j/many").unwrap();
+    let config = KvConfig {
+        split_load: 0.5,
+        merge_load: 0.1,
+        ..KvConfig::default()
+    };
+    let kv = Kv::create(&task, "t", config).unwrap();
+    for i in 0..200usize {
+        kv.upsert(&key(i), &vec![i as u8; i % 60]).unwrap();
+    }
+    kv.upsert(b"big", &vec![9u8; 3 * BS as usize / 4]).unwrap();
+    assert!(kv.partitions().unwrap() > 2);
+    // A writer rewrites values in place while the batches run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let c = pool.client().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let kv = Kv::open(&c, "/j/many/t").unwrap();
+            let mut round = 0u8;
+            while !stop.load(Ordering::Relaxed) {
+                for i in (0..200usize).step_by(5) {
+                    let mut v = vec![i as u8; i % 60];
+                    if let Some(b) = v.first_mut() {
+                        *b = round;
+                    }
+                    kv.upsert(&key(i), &v).unwrap();
+                }
+                round = round.wrapping_add(1);
+            }
+        })
+    };
+    let mut keys: Vec<Vec<u8>> = (0..220usize).map(key).collect();
+    keys.push(b"big".to_vec());
+    for _ in 0..5 {
+        let got = kv.get_many(&keys).unwrap();
+        for (i, v) in got.iter().enumerate().take(220) {
+            if i >= 200 {
+                assert_eq!(v, &None, "key {i} was never written");
+                continue;
+            }
+            let v = v.as_ref().expect("every written key is there");
+            assert_eq!(v.len(), i % 60);
+            assert!(v.iter().skip(1).all(|&b| b == i as u8), "key {i}: {v:?}");
+        }
+        assert_eq!(got[220].as_ref().map(Vec::len), Some(3 * BS as usize / 4));
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let quiet = kv.get_many(&keys).unwrap();
+    let one: Vec<_> = keys.iter().map(|k| kv.get(k).unwrap()).collect();
+    assert_eq!(quiet, one);
+}

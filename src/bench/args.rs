@@ -437,9 +437,10 @@ impl Plan {
                 names.join(", ")
             )));
         }
-        if workload.is_structure() && args.depth != 1 {
+        let batched = workload == Workload::Kv && op == BenchOp::Get;
+        if workload.is_structure() && args.depth != 1 && !batched {
             return Err(BenchError::Args(format!(
-                "the {workload} benchmark issues one operation at a time per client (the structures have no pipelined API); use --depth 1 and more --clients"
+                "the {workload} benchmark with --op {op} issues one operation at a time per client (only kv get has a batched API, Kv::get_many); use --depth 1 and more --clients"
             )));
         }
         if args.verify && !matches!(workload, Workload::Kv | Workload::Queue) {
@@ -714,7 +715,8 @@ mod tests {
             &["queue", "--op", "get"],
             &["--op", "get"],
             &["log", "--op", "read"],
-            &["kv", "--depth", "4"],
+            &["kv", "--op", "put", "--depth", "4"],
+            &["queue", "--depth", "4"],
             &["file", "--verify"],
             &["raw", "--verify"],
             &["kv", "--verify", "--peer", "redis=127.0.0.1:6379"],
@@ -722,8 +724,11 @@ mod tests {
             let err = Plan::from_args(&parse(bad)).unwrap_err();
             assert!(matches!(err, BenchError::Args(_)), "{bad:?}: {err}");
         }
-        let err = Plan::from_args(&parse(&["kv", "--depth", "4"])).unwrap_err();
+        let err = Plan::from_args(&parse(&["kv", "--op", "put", "--depth", "4"])).unwrap_err();
         assert!(err.to_string().contains("--depth 1"), "{err}");
+        // kv get is batched (Kv::get_many).
+        let p = Plan::from_args(&parse(&["kv", "--depth", "16"])).unwrap();
+        assert_eq!((p.op, p.depth), (BenchOp::Get, 16));
         let p = Plan::from_args(&parse(&["kv", "--verify"])).unwrap();
         assert_eq!(p.clients, 4);
         assert_eq!(Workload::Queue.farpool_system(), "farpool-queue");

@@ -282,6 +282,29 @@ impl DsConn {
 impl Connection for DsConn {
     fn run_batch(&mut self, slots: &[usize]) -> Result<BatchOutcome, BenchError> {
         let mut outcome = BatchOutcome::default();
+        if let (Some(Handle::Kv(kv)), BenchOp::Get, true) = (&self.handle, self.op, slots.len() > 1)
+        {
+            // One Kv::get_many per batch (the Redis peer pipelines the same GETs).
+            let started = Instant::now();
+            let keys: Vec<&Vec<u8>> = slots.iter().filter_map(|&s| self.keys.get(s)).collect();
+            match kv.get_many(&keys) {
+                Ok(values) => {
+                    for v in values {
+                        if v.map(|v| v.len() as u64) != Some(self.size) {
+                            outcome
+                                .fail(|| "get_many returned a missing or wrong-sized value".into());
+                        }
+                    }
+                }
+                Err(e) => {
+                    for _ in slots {
+                        outcome.fail(|| format!("get_many: {e}"));
+                    }
+                }
+            }
+            outcome.latency = Some(started.elapsed());
+            return Ok(outcome);
+        }
         let mut timed = Duration::ZERO;
         let started = Instant::now();
         for &s in slots {

@@ -5,6 +5,10 @@ use crate::proto::{BlockGrant, BlockId};
 use farpool_rdma::{Op, Transport};
 use std::sync::Arc;
 
+/// One connection's share of [`BlockHandle::execute_many`]: operations
+/// `start..end` and how their batch went.
+pub type BatchRun = (usize, usize, Result<(), ClientError>);
+
 /// A granted block: where it lives, its epoch and key, and the connection to its
 /// memory node. Offsets are relative to the block start; every access is checked
 /// against the block length here and again by the memory node.
@@ -111,6 +115,49 @@ impl BlockHandle {
         }
         self.transport.execute(ops)?;
         Ok(())
+    }
+
+    /// Runs `ops[i]`, built with `handles[i]`'s `*_op` methods, with one batch per
+    /// memory-node connection: operations on blocks that share a transport go out
+    /// together (one round trip), connections are served one after the other. Returns
+    /// one result per connection run, in order, as `(first op, end, outcome)`; each
+    /// operation's status says whether it completed.
+    pub fn execute_many(
+        handles: &[&BlockHandle],
+        ops: &mut [Op<'_>],
+    ) -> Result<Vec<BatchRun>, ClientError> {
+        if handles.len() != ops.len() {
+            return Err(ClientError::ForeignOp {
+                index: handles.len().min(ops.len()),
+            });
+        }
+        for (index, (h, op)) in handles.iter().zip(ops.iter()).enumerate() {
+            let lo = h.grant.offset;
+            let in_block = op.remote.addr >= lo
+                && op.remote.addr.saturating_add(op.remote_len()) <= lo + h.grant.len
+                && op.remote.rkey.key == h.grant.key;
+            if !in_block {
+                return Err(ClientError::ForeignOp { index });
+            }
+        }
+        let mut runs = Vec::new();
+        let mut start = 0;
+        while start < ops.len() {
+            let t = &handles[start].transport;
+            let end = (start..ops.len())
+                .find(|&i| !Arc::ptr_eq(&handles[i].transport, t))
+                .unwrap_or(ops.len());
+            let outcome = t.execute(&mut ops[start..end]).map_err(ClientError::from);
+            runs.push((start, end, outcome));
+            start = end;
+        }
+        Ok(runs)
+    }
+
+    /// A key that orders handles by their memory-node connection, for grouping
+    /// operations before [`BlockHandle::execute_many`].
+    pub fn transport_key(&self) -> usize {
+        Arc::as_ptr(&self.transport) as *const () as usize
     }
 
     /// Reads `buf.len()` bytes at `offset`. Large reads are split into pieces the

@@ -25,7 +25,7 @@ mod error;
 mod lease;
 mod task;
 
-pub use block::BlockHandle;
+pub use block::{BatchRun, BlockHandle};
 pub use error::ClientError;
 pub use lease::LeaseGuard;
 pub use task::Task;

@@ -361,11 +361,6 @@ impl Kv {
         self.write(key, value, Mode::Upsert).map(|_| ())
     }
 
-    /// The values of `keys`, in order.
-    pub fn get_many<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<Vec<Option<Vec<u8>>>, DsError> {
-        keys.iter().map(|k| self.get(k.as_ref())).collect()
-    }
-
     /// Upserts every pair, in order.
     pub fn upsert_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &self,
