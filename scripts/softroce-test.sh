@@ -18,12 +18,17 @@
 # Needs: scripts/setup-rdma.sh (qemu-system-x86, linux-image-amd64, busybox-static, rdma-core,
 #        cmake/clang for the `verbs` feature). Run as root (qemu reads /boot and /lib/modules).
 # Env:   WORK (scratch dir, default ${TMPDIR:-/tmp}/farpool-softroce), MEM (2G), SMP (2),
-#        VMTIMEOUT (seconds, 1200), ACCEL (auto|kvm|tcg; auto uses KVM only where it can run
+#        VMTIMEOUT (seconds for the whole VM run, 1200; the conformance suite may use 55% of
+#        it and the end-to-end suite 30%, so a hang is reported as such), ACCEL (auto|kvm|tcg; auto uses KVM only where it can run
 #        a stock kernel), TEST_THREADS (2), TEST_FILTER (libtest filter, verbs::),
 #        CLUSTER_FILTER (libtest filter for the end-to-end tests), GUEST_EXTRA (a command run in the guest before the suite, for experiments; its
 #        test lines are shown), CARGO_TARGET_DIR (as for cargo).
 set -euo pipefail
 
+VMTIMEOUT=${VMTIMEOUT:-1200}
+case $VMTIMEOUT in ''|*[!0-9]*) echo "softroce-test: VMTIMEOUT must be a number of seconds" >&2; exit 2 ;; esac
+CONF_TIMEOUT=$((VMTIMEOUT * 55 / 100))
+CLUSTER_TIMEOUT=$((VMTIMEOUT * 30 / 100))
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-${TMPDIR:-/tmp}/farpool-softroce}
 VM=$WORK/vm
@@ -138,14 +143,16 @@ cd "$ROOT"
 export FARPOOL_VERBS_REQUIRE=1 FARPOOL_RDMA_DEVICE=rxe0 RUST_BACKTRACE=1
 $EXTRA
 echo "--- verbs conformance suite"
-timeout 900 "$CONFORMANCE" ${TEST_FILTER:-verbs} --test-threads=${TEST_THREADS:-2} > "$RES/conformance.log" 2>&1
+timeout -k 5 $CONF_TIMEOUT "$CONFORMANCE" ${TEST_FILTER:-verbs} --test-threads=${TEST_THREADS:-2} > "$RES/conformance.log" 2>&1
 crc=\$?
 echo "conformance exit status \$crc"
+[ \$crc = 124 ] && echo "guest: the conformance suite ran past its $CONF_TIMEOUT s and was killed"
 grep -E '^test |test result' "$RES/conformance.log"
 echo "--- end to end: controller, two verbs memory nodes, client (\$(cut -d' ' -f1 /proc/uptime)s)"
-timeout 600 "$CLUSTER" ${CLUSTER_FILTER:-} --test-threads=1 > "$RES/cluster.log" 2>&1
+timeout -k 5 $CLUSTER_TIMEOUT "$CLUSTER" ${CLUSTER_FILTER:-} --test-threads=1 > "$RES/cluster.log" 2>&1
 erc=\$?
 echo "end-to-end exit status \$erc"
+[ \$erc = 124 ] && echo "guest: the end-to-end suite ran past its $CLUSTER_TIMEOUT s and was killed"
 grep -E '^test |test result' "$RES/cluster.log"
 if [ "$PERF" = 1 ]; then
   echo "--- perf: farpool bench (verbs) and perftest on rxe0 (\$(cut -d' ' -f1 /proc/uptime)s)"
@@ -196,7 +203,7 @@ A="-accel tcg,thread=multi -cpu max"
 boot() {
   rm -f "$RES"/*
   # shellcheck disable=SC2086
-  timeout "${VMTIMEOUT:-1200}" qemu-system-x86_64 -M q35 $A -smp "${SMP:-2}" -m "${MEM:-2G}" \
+  timeout -k 10 "$VMTIMEOUT" qemu-system-x86_64 -M q35 $A -smp "${SMP:-2}" -m "${MEM:-2G}" \
     -nodefaults -no-user-config -display none -nic none -serial stdio -no-reboot \
     -kernel "/boot/vmlinuz-$KVER" -initrd "$VM/initrd-$KVER.img" \
     -append "console=ttyS0 quiet loglevel=1 panic=-1 clocksource=tsc tsc=reliable guestinit=$VM/guest-init.sh" \
@@ -218,6 +225,19 @@ echo "softroce-test: guest ran $(( $(date +%s) - start )) s (qemu status $qrc)" 
 
 [ -f "$RES/guest.log" ] || { tail -20 "$WORK/console.log" >&2; die "the guest did not report (console: $WORK/console.log)"; }
 cat "$RES/guest.log" >&2
+if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
+  echo "softroce-test: the VM ran past VMTIMEOUT=${VMTIMEOUT}s and was stopped; last lines of the suites:" >&2
+  for suite in conformance cluster; do
+    [ -f "$RES/$suite.log" ] && { echo "--- $suite (tail)"; tail -15 "$RES/$suite.log"; } >&2
+  done
+fi
+# The failures' own output (panic messages), so a CI log says what broke.
+for suite in conformance cluster; do
+  if grep -q '^failures:' "$RES/$suite.log" 2>/dev/null; then
+    echo "--- $suite: failures" >&2
+    sed -n '/^failures:/,/^test result:/p' "$RES/$suite.log" | head -200 >&2
+  fi
+done
 passed=0; failed=0
 for suite in conformance cluster; do
   line=$(grep -E '^test result:' "$RES/$suite.log" 2>/dev/null | tail -1 || true)
