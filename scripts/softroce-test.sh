@@ -163,12 +163,25 @@ if [ "$PERF" = 1 ]; then
   FP="$FARPOOL_REL"
   # farpool bench starts its own controller and verbs memory node per measurement
   # (--transport verbs), so blocks of the last one do not fill the region.
-  for spec in "read 4KiB 1" "read 4KiB 32" "read 4KiB 128" "read 8 1" "write 4KiB 32"; do
+  # "rk": the same with the memory node on the region rkey (no memory windows), for the
+  # cost of windows in the same run.
+  for spec in "read 4KiB 1" "read 4KiB 32" "read 4KiB 128" "read 8 1" "write 4KiB 32" \
+      "read 4KiB 32 rk" "read 8 1 rk"; do
     set -- \$spec
-    echo "farpool bench --transport verbs --op \$1 --size \$2 --depth \$3:"
-    RUST_LOG=warn timeout 180 "\$FP" bench --transport verbs --op \$1 --size \$2 --depth \$3 \
-      --duration 5s --warmup 1s --json --no-progress 2>&1 | tail -2
+    nomw=0; [ "\${4:-}" = rk ] && nomw=1
+    echo "farpool bench --transport verbs --op \$1 --size \$2 --depth \$3 (memory windows: \$([ \$nomw = 1 ] && echo off || echo on)):"
+    FARPOOL_NO_MEMORY_WINDOWS=\$nomw RUST_LOG=error timeout 180 "\$FP" bench --transport verbs \
+      --op \$1 --size \$2 --depth \$3 --duration 5s --warmup 1s --json --no-progress 2>&1 | tail -2
   done
+  # farpool status of a verbs memory node: device and isolation mode.
+  RUST_LOG=error "\$FP" controller --listen 127.0.0.1:0 > /tmp/ctl.out 2>&1 & CTLPID=\$!
+  for _ in \$(seq 100); do grep -q '^listening ' /tmp/ctl.out && break; sleep 0.1; done
+  CTL=\$(sed -n 's/^listening //p' /tmp/ctl.out | head -1)
+  RUST_LOG=error "\$FP" memnode --controller "\$CTL" --capacity 64MiB --transport verbs > /tmp/mn.out 2>&1 & MNPID=\$!
+  for _ in \$(seq 100); do grep -q '^listening ' /tmp/mn.out && break; sleep 0.1; done
+  sleep 3  # the first heartbeat carries the data-plane details
+  echo "farpool status:"; timeout 30 "\$FP" status --controller "\$CTL" | sed -n '1,/^USAGE/p'
+  kill \$MNPID \$CTLPID 2>/dev/null; wait \$MNPID \$CTLPID 2>/dev/null
   pair() { # name addr perftest-args...
     local name=\$1 addr=\$2; shift 2
     timeout 120 "\$@" > /tmp/\$name.srv 2>&1 & local sp=\$!

@@ -96,7 +96,7 @@ pub struct MemNodeArgs {
     pub gid_index: Option<u32>,
     /// --transport verbs: serve every block with the region's rkey (trusted mode) even
     /// where the device has memory windows (by default each grant is a window).
-    #[arg(long, env = "FARPOOL_NO_MEMORY_WINDOWS")]
+    #[arg(long, env = "FARPOOL_NO_MEMORY_WINDOWS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_memory_windows: bool,
     /// Directory for the shm region file.
     #[arg(long, default_value = "/dev/shm")]
