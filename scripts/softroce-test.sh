@@ -13,17 +13,23 @@
 # Usage: scripts/softroce-test.sh            build the tests, boot the guest, run them
 #        scripts/softroce-test.sh --no-build  reuse the last build
 #        scripts/softroce-test.sh --perf      also build farpool (release, verbs) and, after the
-#            tests, run `farpool bench` against a verbs memory node next to perftest's
-#            ib_read_bw / ib_read_lat on the same rxe0 (figures only; never fails the run)
+#            tests, run `farpool bench --transport verbs` (which starts its own controller and
+#            verbs memory node) next to perftest's ib_read_bw / ib_write_bw / ib_read_lat on
+#            the same rxe0 (figures only; never fails the run)
 # Needs: scripts/setup-rdma.sh (qemu-system-x86, linux-image-amd64, busybox-static, rdma-core,
 #        cmake/clang for the `verbs` feature). Run as root (qemu reads /boot and /lib/modules).
 # Env:   WORK (scratch dir, default ${TMPDIR:-/tmp}/farpool-softroce), MEM (2G), SMP (2),
-#        VMTIMEOUT (seconds, 1200), ACCEL (auto|kvm|tcg; auto uses KVM only where it can run
+#        VMTIMEOUT (seconds for the whole VM run, 1200; the conformance suite may use 55% of
+#        it and the end-to-end suite 30%, so a hang is reported as such), ACCEL (auto|kvm|tcg; auto uses KVM only where it can run
 #        a stock kernel), TEST_THREADS (2), TEST_FILTER (libtest filter, verbs::),
 #        CLUSTER_FILTER (libtest filter for the end-to-end tests), GUEST_EXTRA (a command run in the guest before the suite, for experiments; its
 #        test lines are shown), CARGO_TARGET_DIR (as for cargo).
 set -euo pipefail
 
+VMTIMEOUT=${VMTIMEOUT:-1200}
+case $VMTIMEOUT in ''|*[!0-9]*) echo "softroce-test: VMTIMEOUT must be a number of seconds" >&2; exit 2 ;; esac
+CONF_TIMEOUT=$((VMTIMEOUT * 55 / 100))
+CLUSTER_TIMEOUT=$((VMTIMEOUT * 30 / 100))
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-${TMPDIR:-/tmp}/farpool-softroce}
 VM=$WORK/vm
@@ -134,41 +140,59 @@ modprobe rdma_rxe || { echo "guest: modprobe rdma_rxe failed"; exit 3; }
 ip link add dummy0 type dummy && ip addr add 10.11.12.1/24 dev dummy0 && ip link set dummy0 up \
   && rdma link add rxe0 type rxe netdev dummy0 || { echo "guest: creating rxe0 failed"; exit 3; }
 rdma link show
+# Memory-window support as the device reports it (the verbs backend uses type-2 windows
+# where they exist, else the region rkey; the suites print which).
+ibv_devinfo -v -d rxe0 2>/dev/null | grep -E 'max_mw|MEM_WINDOW' | sed 's/^[[:space:]]*/rxe0: /'
 cd "$ROOT"
 export FARPOOL_VERBS_REQUIRE=1 FARPOOL_RDMA_DEVICE=rxe0 RUST_BACKTRACE=1
 $EXTRA
 echo "--- verbs conformance suite"
-timeout 900 "$CONFORMANCE" ${TEST_FILTER:-verbs} --test-threads=${TEST_THREADS:-2} > "$RES/conformance.log" 2>&1
+timeout -k 5 $CONF_TIMEOUT "$CONFORMANCE" ${TEST_FILTER:-verbs} --test-threads=${TEST_THREADS:-2} > "$RES/conformance.log" 2>&1
 crc=\$?
 echo "conformance exit status \$crc"
+[ \$crc = 124 ] && echo "guest: the conformance suite ran past its $CONF_TIMEOUT s and was killed"
 grep -E '^test |test result' "$RES/conformance.log"
 echo "--- end to end: controller, two verbs memory nodes, client (\$(cut -d' ' -f1 /proc/uptime)s)"
-timeout 600 "$CLUSTER" ${CLUSTER_FILTER:-} --test-threads=1 > "$RES/cluster.log" 2>&1
+timeout -k 5 $CLUSTER_TIMEOUT "$CLUSTER" ${CLUSTER_FILTER:-} --test-threads=1 > "$RES/cluster.log" 2>&1
 erc=\$?
 echo "end-to-end exit status \$erc"
+[ \$erc = 124 ] && echo "guest: the end-to-end suite ran past its $CLUSTER_TIMEOUT s and was killed"
 grep -E '^test |test result' "$RES/cluster.log"
 if [ "$PERF" = 1 ]; then
   echo "--- perf: farpool bench (verbs) and perftest on rxe0 (\$(cut -d' ' -f1 /proc/uptime)s)"
   FP="$FARPOOL_REL"
-  wait_line() { for _ in \$(seq 200); do grep -q '^listening ' "\$1" 2>/dev/null && { sed -n 's/^listening //p' "\$1" | head -1; return 0; }; sleep 0.1; done; return 1; }
-  # A fresh controller and memory node per measurement, so blocks of the last one
-  # (freed only when its lease lapses) do not fill the region.
-  for spec in "read 4KiB 1" "read 4KiB 32" "read 4KiB 128" "read 8 1" "write 4KiB 32"; do
+  # farpool bench starts its own controller and verbs memory node per measurement
+  # (--transport verbs), so blocks of the last one do not fill the region.
+  # "rk": the same with the memory node on the region rkey (no memory windows), for the
+  # cost of windows in the same run.
+  for spec in "read 4KiB 1" "read 4KiB 32" "read 4KiB 128" "read 8 1" "write 4KiB 32" \
+      "read 4KiB 32 rk" "read 8 1 rk"; do
     set -- \$spec
-    RUST_LOG=error "\$FP" controller --listen 127.0.0.1:0 > /tmp/ctl.out 2>&1 & CTLPID=\$!
-    CTL=\$(wait_line /tmp/ctl.out)
-    RUST_LOG=error "\$FP" memnode --controller "\$CTL" --listen 127.0.0.1:0 --capacity 256MiB \
-      --transport verbs --no-lock --no-hugepages > /tmp/mn.out 2>&1 & MNPID=\$!
-    wait_line /tmp/mn.out >/dev/null || { echo "perf: memory node did not start"; cat /tmp/mn.out; }
-    echo "farpool bench --op \$1 --size \$2 --depth \$3:"
-    timeout 120 "\$FP" bench --controller "\$CTL" --op \$1 --size \$2 --depth \$3 --duration 5s --warmup 1s --json --no-progress 2>&1 | tail -2
-    kill \$MNPID \$CTLPID 2>/dev/null; wait \$MNPID \$CTLPID 2>/dev/null
+    nomw=0; [ "\${4:-}" = rk ] && nomw=1
+    echo "farpool bench --transport verbs --op \$1 --size \$2 --depth \$3 (memory windows: \$([ \$nomw = 1 ] && echo off || echo on)):"
+    FARPOOL_NO_MEMORY_WINDOWS=\$nomw RUST_LOG=error timeout 180 "\$FP" bench --transport verbs \
+      --op \$1 --size \$2 --depth \$3 --duration 5s --warmup 1s --json --no-progress 2>&1 | tail -2
   done
+  # farpool status of a verbs memory node: device and isolation mode.
+  RUST_LOG=error "\$FP" controller --listen 127.0.0.1:0 > /tmp/ctl.out 2>&1 & CTLPID=\$!
+  for _ in \$(seq 100); do grep -q '^listening ' /tmp/ctl.out && break; sleep 0.1; done
+  CTL=\$(sed -n 's/^listening //p' /tmp/ctl.out | head -1)
+  RUST_LOG=error "\$FP" memnode --controller "\$CTL" --capacity 64MiB --transport verbs > /tmp/mn.out 2>&1 & MNPID=\$!
+  for _ in \$(seq 100); do grep -q '^listening ' /tmp/mn.out && break; sleep 0.1; done
+  sleep 3  # the first heartbeat carries the data-plane details
+  echo "farpool status:"; timeout 30 "\$FP" status --controller "\$CTL" | sed -n '1,/^USAGE/p'
+  kill \$MNPID \$CTLPID 2>/dev/null; wait \$MNPID \$CTLPID 2>/dev/null
   pair() { # name addr perftest-args...
     local name=\$1 addr=\$2; shift 2
     timeout 120 "\$@" > /tmp/\$name.srv 2>&1 & local sp=\$!
-    sleep 1
-    timeout 120 "\$@" "\$addr" > /tmp/\$name.cli 2>&1 || { echo "\$name: client failed"; tail -3 /tmp/\$name.cli; }
+    # The server may take a while to listen on a loaded host: retry refused connects.
+    local try
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+      sleep 1
+      timeout 120 "\$@" "\$addr" > /tmp/\$name.cli 2>&1 && break
+      grep -q "Couldn't connect" /tmp/\$name.cli || break
+    done
+    grep -q '#bytes' /tmp/\$name.cli || { echo "\$name: client failed"; tail -3 /tmp/\$name.cli; }
     wait \$sp
     printf '%-14s %s\\n' "\$name" "\$(grep -A1 '#bytes' /tmp/\$name.cli | tail -1)"
   }
@@ -196,7 +220,7 @@ A="-accel tcg,thread=multi -cpu max"
 boot() {
   rm -f "$RES"/*
   # shellcheck disable=SC2086
-  timeout "${VMTIMEOUT:-1200}" qemu-system-x86_64 -M q35 $A -smp "${SMP:-2}" -m "${MEM:-2G}" \
+  timeout -k 10 "$VMTIMEOUT" qemu-system-x86_64 -M q35 $A -smp "${SMP:-2}" -m "${MEM:-2G}" \
     -nodefaults -no-user-config -display none -nic none -serial stdio -no-reboot \
     -kernel "/boot/vmlinuz-$KVER" -initrd "$VM/initrd-$KVER.img" \
     -append "console=ttyS0 quiet loglevel=1 panic=-1 clocksource=tsc tsc=reliable guestinit=$VM/guest-init.sh" \
@@ -218,6 +242,19 @@ echo "softroce-test: guest ran $(( $(date +%s) - start )) s (qemu status $qrc)" 
 
 [ -f "$RES/guest.log" ] || { tail -20 "$WORK/console.log" >&2; die "the guest did not report (console: $WORK/console.log)"; }
 cat "$RES/guest.log" >&2
+if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
+  echo "softroce-test: the VM ran past VMTIMEOUT=${VMTIMEOUT}s and was stopped; last lines of the suites:" >&2
+  for suite in conformance cluster; do
+    [ -f "$RES/$suite.log" ] && { echo "--- $suite (tail)"; tail -15 "$RES/$suite.log"; } >&2
+  done
+fi
+# The failures' own output (panic messages), so a CI log says what broke.
+for suite in conformance cluster; do
+  if grep -q '^failures:' "$RES/$suite.log" 2>/dev/null; then
+    echo "--- $suite: failures" >&2
+    sed -n '/^failures:/,/^test result:/p' "$RES/$suite.log" | head -200 >&2
+  fi
+done
 passed=0; failed=0
 for suite in conformance cluster; do
   line=$(grep -E '^test result:' "$RES/$suite.log" 2>/dev/null | tail -1 || true)

@@ -103,6 +103,10 @@ pub struct MemNodeArgs {
     /// GID holding an IPv4 address.
     #[arg(long, env = "FARPOOL_GID_INDEX")]
     pub gid_index: Option<u32>,
+    /// --transport verbs: serve every block with the region's rkey (trusted mode) even
+    /// where the device has memory windows (by default each grant is a window).
+    #[arg(long, env = "FARPOOL_NO_MEMORY_WINDOWS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_memory_windows: bool,
     /// Directory for the shm region file.
     #[arg(long, default_value = "/dev/shm")]
     pub shm_dir: PathBuf,
@@ -231,6 +235,7 @@ fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
         lock: !a.no_lock,
         rdma_device: a.rdma_device,
         gid_index: a.gid_index,
+        memory_windows: !a.no_memory_windows,
         ..MemNodeConfig::default()
     })
     .map_err(|e| e.to_string())?;
@@ -290,6 +295,9 @@ pub fn render_status(st: &crate::proto::ClusterStatus) -> String {
             if n.alive { "yes" } else { "DEAD" },
             format_size(n.stats.rss_kib * 1024),
         );
+    }
+    for n in st.nodes.iter().filter(|n| !n.stats.isolation.is_empty()) {
+        let _ = writeln!(o, "{:>4}  {}", n.endpoint.node, n.stats.isolation);
     }
     let _ = writeln!(o, "\nUSAGE (per job, stage, task)");
     let _ = writeln!(

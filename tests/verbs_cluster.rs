@@ -7,7 +7,7 @@ mod common;
 
 #[cfg(feature = "verbs")]
 mod with_device {
-    use super::common::{controller, eventually, spawn, Proc};
+    use super::common::{eventually, spawn, Proc};
     use farpool::{Client, Placement};
     use std::time::Duration;
 
@@ -25,6 +25,25 @@ mod with_device {
         );
         eprintln!("skipped: no RDMA device (scripts/softroce-test.sh runs this on Soft-RoCE)");
         false
+    }
+
+    /// A controller that tolerates slow heartbeats: under software emulation (the
+    /// Soft-RoCE VM on a busy host) a node can miss several 100 ms heartbeats in a row,
+    /// and a node declared dead would skew placement.
+    fn controller() -> Proc {
+        spawn(&[
+            "controller",
+            "--listen",
+            "127.0.0.1:0",
+            "--lease-secs",
+            "1",
+            "--grace-secs",
+            "0.5",
+            "--heartbeat-ms",
+            "200",
+            "--missed-heartbeats",
+            "50",
+        ])
     }
 
     fn verbs_node(ctl: &str, capacity: &str) -> Proc {

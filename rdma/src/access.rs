@@ -23,6 +23,7 @@
 
 use std::hint;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::error::{OpError, TransportError};
 use crate::op::RKey;
@@ -125,12 +126,24 @@ enum Storage {
     Shared(crate::shm::SharedTable),
 }
 
+/// A function told the index of a block whose grant [`AccessTable::set`] just changed.
+pub type GrantListener = dyn Fn(u32) + Send + Sync;
+
+/// Names a listener added with [`AccessTable::subscribe`], for
+/// [`AccessTable::unsubscribe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenerId(u64);
+
 /// Epochs and keys of every block of a region. `Send + Sync`; all methods take `&self`.
 pub struct AccessTable {
     storage: Storage,
     region_len: u64,
     block_size: u64,
     num_blocks: u32,
+    /// Called after every `set` (data planes whose device enforces grants itself, such as
+    /// RDMA memory windows, revoke there).
+    listeners: parking_lot::RwLock<Vec<(u64, Arc<GrantListener>)>>,
+    next_listener: AtomicU64,
 }
 
 /// Checks the geometry and returns the number of blocks.
@@ -167,6 +180,8 @@ impl AccessTable {
             region_len,
             block_size,
             num_blocks,
+            listeners: Default::default(),
+            next_listener: AtomicU64::new(0),
         })
     }
 
@@ -188,6 +203,8 @@ impl AccessTable {
             region_len,
             block_size,
             num_blocks,
+            listeners: Default::default(),
+            next_listener: AtomicU64::new(0),
         })
     }
 
@@ -231,8 +248,29 @@ impl AccessTable {
     /// # Panics
     ///
     /// If `block >= self.num_blocks()` (a bug in the caller's block accounting).
+    ///
+    /// Listeners added with [`AccessTable::subscribe`] run after the update, on this
+    /// thread, before `set` returns: when it returns, a device that enforces grants
+    /// itself has revoked what the update took away.
     pub fn set(&self, block: u32, epoch: u32, key_rw: u64, key_ro: u64) {
         self.entries()[block as usize].store(epoch, key_rw, key_ro);
+        let listeners = self.listeners.read();
+        for (_, f) in listeners.iter() {
+            f(block);
+        }
+    }
+
+    /// Adds `f`, called with the block index after every [`AccessTable::set`] (on the
+    /// calling thread; `f` must not call `subscribe` or `unsubscribe`).
+    pub fn subscribe(&self, f: Arc<GrantListener>) -> ListenerId {
+        let id = self.next_listener.fetch_add(1, Ordering::Relaxed);
+        self.listeners.write().push((id, f));
+        ListenerId(id)
+    }
+
+    /// Removes a listener added with [`AccessTable::subscribe`] (no effect if it is gone).
+    pub fn unsubscribe(&self, id: ListenerId) {
+        self.listeners.write().retain(|(i, _)| *i != id.0);
     }
 
     /// The current epoch of `block`.
@@ -372,6 +410,24 @@ mod tests {
         assert!(AccessTable::new(0, BS).is_err());
         assert!(AccessTable::new(16 * BS + 1, BS).is_err());
         assert!(AccessTable::new(1 << 44, 1).is_err());
+    }
+
+    #[test]
+    fn listeners_see_every_set_until_unsubscribed() {
+        let t = AccessTable::new(4 * BS, BS).unwrap();
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let t2 = Arc::new(t);
+        let table = t2.clone();
+        let id = t2.subscribe(Arc::new(move |block| {
+            // The update is visible to the listener.
+            s2.lock().push((block, table.epoch(block)));
+        }));
+        t2.set(1, 5, 0xAA, 0);
+        t2.set(3, 2, 0, 0);
+        t2.unsubscribe(id);
+        t2.set(2, 9, 0, 0);
+        assert_eq!(*seen.lock(), [(1, 5), (3, 2)]);
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! against the verbs backend (module `verbs`) on a real RDMA device: by default the first
 //! one, or `FARPOOL_RDMA_DEVICE` / `FARPOOL_GID_INDEX`. Without a device those tests
 //! print why and pass, unless `FARPOOL_VERBS_REQUIRE=1` (as `scripts/softroce-test.sh`
-//! sets). Key and epoch cases (`stale_epoch`, `wrong_key`, `read_only_key`,
-//! `partial_batch`) wait for memory windows: the verbs backend uses the region rkey.
+//! sets). The key and epoch cases (`stale_epoch`, `wrong_key`, `read_only_key`,
+//! `partial_batch`, module `verbs_windows`) need memory windows: on a device without
+//! them (the memory node falls back to the region rkey) they print why and pass.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -172,6 +173,17 @@ backends!(
 
 #[cfg(feature = "verbs")]
 fn with_verbs(case: fn(&dyn Transport, &Fixture)) {
+    verbs_backend(case, false);
+}
+
+/// Key and epoch cases: they need the device to enforce grants (memory windows).
+#[cfg(feature = "verbs")]
+fn with_verbs_windows(case: fn(&dyn Transport, &Fixture)) {
+    verbs_backend(case, true);
+}
+
+#[cfg(feature = "verbs")]
+fn verbs_backend(case: fn(&dyn Transport, &Fixture), need_windows: bool) {
     use farpool_rdma::verbs::{
         DeviceConfig, VerbsClientConfig, VerbsServer, VerbsServerConfig, VerbsTransport,
     };
@@ -220,6 +232,17 @@ fn with_verbs(case: fn(&dyn Transport, &Fixture)) {
     .unwrap_or_else(|e| panic!("verbs client: {e}"));
     assert_eq!(t.kind(), TransportKind::Verbs);
     assert_eq!(t.max_op_bytes(), MIB as usize);
+    assert_eq!(
+        t.memory_windows(),
+        *server.isolation() == farpool_rdma::verbs::Isolation::MemoryWindows
+    );
+    if need_windows && !t.memory_windows() {
+        eprintln!(
+            "skipped: the memory node does not use memory windows: {}",
+            server.isolation()
+        );
+        return;
+    }
     case(&t, &Fixture { region, access });
     drop(t);
     server.shutdown();
@@ -232,6 +255,145 @@ macro_rules! verbs_backend {
             $( #[test] fn $case() { super::with_verbs(super::$case); } )*
         }
     };
+}
+
+#[cfg(feature = "verbs")]
+macro_rules! verbs_windows_backend {
+    ($($case:ident),* $(,)?) => {
+        mod verbs_windows {
+            $( #[test] fn $case() { super::with_verbs_windows(super::$case); } )*
+        }
+    };
+}
+
+#[cfg(feature = "verbs")]
+verbs_windows_backend!(stale_epoch, wrong_key, read_only_key, partial_batch);
+
+/// A verbs server and client on the configured device, or `None` (with the reason
+/// printed) when there is no device and `FARPOOL_VERBS_REQUIRE` is not 1.
+#[cfg(feature = "verbs")]
+fn verbs_pair(
+    server_cfg: farpool_rdma::verbs::VerbsServerConfig,
+    client_cfg: farpool_rdma::verbs::VerbsClientConfig,
+) -> Option<(
+    farpool_rdma::verbs::VerbsServer,
+    farpool_rdma::verbs::VerbsTransport,
+    Fixture,
+)> {
+    use farpool_rdma::verbs::{device_names, VerbsServer, VerbsTransport};
+    if device_names().is_empty() {
+        assert_ne!(std::env::var("FARPOOL_VERBS_REQUIRE").as_deref(), Ok("1"));
+        eprintln!("skipped: no RDMA device");
+        return None;
+    }
+    let (region, access) = region();
+    let server = VerbsServer::bind("127.0.0.1:0", region.clone(), access.clone(), server_cfg)
+        .unwrap_or_else(|e| panic!("verbs server: {e}"));
+    let t = VerbsTransport::connect(&server.local_addr().to_string(), client_cfg)
+        .unwrap_or_else(|e| panic!("verbs client: {e}"));
+    Some((server, t, Fixture { region, access }))
+}
+
+/// With memory windows the device itself refuses what a grant does not allow: a window
+/// rkey used outside its block, an rkey with another key byte or another index, and the
+/// rkey of a revoked grant all fail with a remote access error (counted by the client),
+/// not by a check in the client library.
+#[cfg(feature = "verbs")]
+#[test]
+fn verbs_device_refuses_revoked_and_forged_rkeys() {
+    use farpool_rdma::verbs::{VerbsClientConfig, VerbsServerConfig};
+    let Some((server, t, fx)) = verbs_pair(
+        VerbsServerConfig::default(),
+        VerbsClientConfig {
+            queue_pairs: 1,
+            ..VerbsClientConfig::default()
+        },
+    ) else {
+        return;
+    };
+    if !t.memory_windows() {
+        eprintln!("skipped: no memory windows: {}", server.isolation());
+        return;
+    }
+    let g = fx.grant(20);
+    let _neighbour = fx.grant(21);
+    t.write(g.rw(0), b"windowed").unwrap();
+    // Every refusal kills the queue pair, and windows belong to the queue pair they were
+    // bound on: take a fresh window rkey after each one.
+    let fresh = || t.window_rkey(g.rw(0), true).unwrap();
+    let mut b = [0u8; 8];
+    let rkey = fresh();
+    t.read_with_rkey(rkey, g.base, &mut b).unwrap();
+    assert_eq!(&b, b"windowed");
+    let before = t.device_access_errors();
+    let denied = |r: Result<(), Error>| match r {
+        Err(Error::Op(OpError::AccessDenied)) => {}
+        other => panic!("expected the device to refuse it, got {other:?}"),
+    };
+    // Guessed rkeys: another key byte, another window index.
+    denied(t.read_with_rkey(rkey ^ 0x5A, g.base, &mut b));
+    let rkey = fresh();
+    denied(t.read_with_rkey(rkey.wrapping_add(0x100), g.base, &mut b));
+    let mut refused = 2;
+    // A read-only grant gets a window of its own.
+    let rkey = fresh();
+    let ro = t.window_rkey(g.ro(0), false).unwrap();
+    assert_ne!(ro, rkey);
+    t.read_with_rkey(ro, g.base, &mut b).unwrap();
+    // The last bytes of the block are inside the window; the next block is outside.
+    t.read_with_rkey(rkey, g.base + BLOCK - 8, &mut b).unwrap();
+    let outside = t.read_with_rkey(rkey, g.base + BLOCK, &mut b);
+    if t.device().name.starts_with("rxe") {
+        // Soft-RoCE (Linux 6.1 rxe_resp.c, check_rkey) checks a window's address
+        // against its memory region only, not against the window's own bounds.
+        eprintln!(
+            "rxe: READ outside the window's block: {outside:?} (rxe does not check window bounds)"
+        );
+        if outside.is_err() {
+            refused += 1;
+        }
+    } else {
+        denied(outside);
+        refused += 1;
+    }
+    // A revoked grant: valid just before the free, refused by the device right after
+    // (the memory node invalidated the window; the queue pair is the same).
+    let rkey = fresh();
+    t.read_with_rkey(rkey, g.base, &mut b).unwrap();
+    fx.free(20);
+    denied(t.read_with_rkey(rkey, g.base, &mut b));
+    refused += 1;
+    assert_eq!(t.device_access_errors() - before, refused);
+    // Through the API the same grant is reported stale.
+    assert!(matches!(
+        op_err(t.read(g.rw(0), &mut b)),
+        OpError::StaleEpoch { .. }
+    ));
+    drop(t);
+    server.shutdown();
+}
+
+/// The fallback: a memory node told not to use memory windows serves the region rkey
+/// (trusted mode) and every operation still works.
+#[cfg(feature = "verbs")]
+#[test]
+fn verbs_region_key_fallback() {
+    use farpool_rdma::verbs::{Isolation, VerbsClientConfig, VerbsServerConfig};
+    let Some((server, t, fx)) = verbs_pair(
+        VerbsServerConfig {
+            memory_windows: false,
+            ..VerbsServerConfig::default()
+        },
+        VerbsClientConfig::default(),
+    ) else {
+        return;
+    };
+    assert!(matches!(server.isolation(), Isolation::RegionKey { .. }));
+    assert!(!t.memory_windows());
+    every_operation(&t, &fx);
+    mixed_batch(&t, &fx);
+    drop(t);
+    server.shutdown();
 }
 
 #[cfg(feature = "verbs")]

@@ -258,14 +258,18 @@ pub enum BenchTransport {
     Soft,
     /// Same-host shared memory.
     Shm,
+    /// RDMA verbs (a build with `--features verbs`; the device comes from
+    /// `FARPOOL_RDMA_DEVICE` / `FARPOOL_GID_INDEX`, else the first one).
+    Verbs,
 }
 
 impl BenchTransport {
-    /// Lowercase name (`soft`, `shm`).
+    /// Lowercase name (`soft`, `shm`, `verbs`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Soft => "soft",
             Self::Shm => "shm",
+            Self::Verbs => "verbs",
         }
     }
 }
@@ -275,6 +279,7 @@ impl From<BenchTransport> for farpool_rdma::TransportKind {
         match t {
             BenchTransport::Soft => Self::Soft,
             BenchTransport::Shm => Self::Shm,
+            BenchTransport::Verbs => Self::Verbs,
         }
     }
 }

@@ -51,6 +51,9 @@ pub struct MemNodeConfig {
     pub rdma_device: Option<String>,
     /// GID index for the verbs transport (`None`: the first RoCE v2 IPv4 GID).
     pub gid_index: Option<u32>,
+    /// Verbs: enforce grants with memory windows where the device has them (else, or
+    /// when false, the region rkey: trusted mode).
+    pub memory_windows: bool,
 }
 
 impl Default for MemNodeConfig {
@@ -68,6 +71,7 @@ impl Default for MemNodeConfig {
             max_op_bytes: 1 << 20,
             rdma_device: None,
             gid_index: None,
+            memory_windows: true,
         }
     }
 }
@@ -157,6 +161,18 @@ impl DataPlane {
             s.bytes_written = st.bytes_written;
             s.op_errors = st.op_errors;
             s.protocol_errors = st.protocol_errors;
+        }
+        #[cfg(feature = "verbs")]
+        if let Some(v) = &self._verbs {
+            let d = v.device();
+            s.isolation = format!(
+                "{} port {} GID index {} MTU {}: {}",
+                d.name,
+                d.port,
+                d.gid_index,
+                d.mtu,
+                v.isolation()
+            );
         }
         s
     }
@@ -360,13 +376,14 @@ impl MemNode {
                     gid_index: config.gid_index,
                 },
                 max_op_bytes: u64::from(config.max_op_bytes),
+                memory_windows: config.memory_windows,
                 ..VerbsServerConfig::default()
             },
         )?;
-        tracing::warn!(
+        tracing::info!(
             device = %server.device().name,
-            "verbs data plane without memory windows: clients use the region's rkey, so \
-             grants are checked by the client library only (trusted mode, like shm)"
+            isolation = %server.isolation(),
+            "verbs data plane"
         );
         let data_addr = config
             .advertise

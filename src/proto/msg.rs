@@ -229,6 +229,9 @@ pub struct NodeStats {
     pub protocol_errors: u64,
     /// Resident memory of the node process in KiB (0 if unknown).
     pub rss_kib: u64,
+    /// How the data plane enforces grants, where that is worth showing (verbs: the
+    /// device and whether memory windows or the region rkey are used); empty otherwise.
+    pub isolation: String,
 }
 
 /// Status of one memory node.

@@ -1,8 +1,9 @@
 //! The client side: a [`Transport`] over one RC queue pair to a memory node.
 
+use std::collections::HashMap;
 use std::io::BufReader;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -18,10 +19,10 @@ use sideway::ibverbs::queue_pair::{
 use sideway::ibverbs::AccessFlags;
 
 use super::device::{io_of, random_psn, Device, DeviceConfig, DeviceInfo};
-use super::wire::{self, Accept, Request};
+use super::wire::{self, Accept, Request, WindowReply, WindowRequest};
 use crate::buf::LocalBuf;
 use crate::error::{Error, OpError, TransportError, VerbsError};
-use crate::op::{finish_batch, Op, OpKind, OpStatus};
+use crate::op::{finish_batch, Op, OpKind, OpStatus, RKey, RemoteAddr};
 use crate::transport::{Transport, TransportKind};
 
 /// Configuration of a [`VerbsTransport`].
@@ -87,11 +88,21 @@ struct Conn {
     cq: GenericCompletionQueue,
     bounce_mr: Arc<MemoryRegion>,
     bounce: LocalBuf,
-    _side: TcpStream,
+    /// The side channel: closing it makes the memory node destroy its end; with memory
+    /// windows it also carries window requests.
+    side: TcpStream,
     remote: Accept,
     max_inline: u32,
     depth: usize,
+    /// Whether grants are memory windows ([`wire::FLAG_MEMORY_WINDOWS`]).
+    windows: bool,
+    /// Windows bound for this queue pair: (block, epoch, key) to (rkey, writable).
+    cache: HashMap<(u32, u32, u64), (u32, bool)>,
 }
+
+/// Most cached windows per queue pair; the cache starts over past it (the memory node
+/// keeps the windows and hands them out again).
+const MAX_CACHED_WINDOWS: usize = 4096;
 
 /// Where an operation's local bytes live for the device.
 #[derive(Clone, Copy)]
@@ -121,6 +132,8 @@ pub struct VerbsTransport {
     /// Where the next batch starts looking for a free slot.
     next_slot: AtomicUsize,
     regs: Mutex<Vec<Registered>>,
+    /// Operations the device refused with a remote access error.
+    access_errors: AtomicU64,
 }
 
 impl VerbsTransport {
@@ -140,9 +153,94 @@ impl VerbsTransport {
             },
             next_slot: AtomicUsize::new(0),
             regs: Mutex::new(Vec::new()),
+            access_errors: AtomicU64::new(0),
             dev,
             cfg,
         })
+    }
+
+    /// Whether the memory node enforces grants with memory windows (else every block is
+    /// reached with the region's rkey: trusted mode).
+    pub fn memory_windows(&self) -> bool {
+        self.geometry.flags & wire::FLAG_MEMORY_WINDOWS != 0
+    }
+
+    /// How many operations the RDMA device refused with a remote access error (a
+    /// revoked, stale or wrong rkey) since the transport was created.
+    pub fn device_access_errors(&self) -> u64 {
+        self.access_errors.load(Ordering::Relaxed)
+    }
+
+    /// The rkey of the memory window the memory node bound for the grant `at` names
+    /// (binding it if needed), on this transport's first queue pair; with the region
+    /// rkey when the node does not use windows. For isolation checks together with
+    /// [`VerbsTransport::read_with_rkey`]; build the transport with `queue_pairs: 1`, as
+    /// a window is usable only through the queue pair it was bound for.
+    pub fn window_rkey(&self, at: RemoteAddr, write: bool) -> Result<u32, Error> {
+        let mut conn = self.conns[0].lock();
+        if conn.is_none() {
+            *conn = Some(open_conn(
+                &self.addr,
+                &self.dev,
+                &self.cfg,
+                Some(&self.geometry),
+            )?);
+        }
+        let Some(c) = conn.as_mut() else {
+            return Err(TransportError::Closed.into());
+        };
+        match c.rkey_for(at.addr, at.rkey, write)? {
+            Ok(rkey) => Ok(rkey),
+            Err(e) => Err(Error::Op(e)),
+        }
+    }
+
+    /// READs `buf.len()` bytes at region offset `addr` with the raw `rkey`, bypassing
+    /// grants (only the bounds of the region are checked locally), on the first queue
+    /// pair: what a client that forged or kept an rkey could try. The device decides;
+    /// a refusal is [`OpError::AccessDenied`].
+    pub fn read_with_rkey(&self, rkey: u32, addr: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let len = buf.len() as u64;
+        if addr
+            .checked_add(len)
+            .map_or(true, |end| end > self.geometry.region_len)
+            || len > self.geometry.max_op_bytes
+        {
+            return Err(Error::Op(OpError::OutOfBounds {
+                addr,
+                len,
+                start: 0,
+                end: self.geometry.region_len,
+            }));
+        }
+        let mut ops = [Op::read(RemoteAddr::new(addr, RKey::default()), buf)];
+        let mut conn = self.conns[0].lock();
+        if conn.is_none() {
+            *conn = Some(open_conn(
+                &self.addr,
+                &self.dev,
+                &self.cfg,
+                Some(&self.geometry),
+            )?);
+        }
+        let Some(c) = conn.as_mut() else {
+            return Err(TransportError::Closed.into());
+        };
+        match c.run(self, &mut ops, self.cfg.op_timeout, Some(rkey)) {
+            Ok(false) => {}
+            Ok(true) => *conn = None,
+            Err(e) => {
+                *conn = None;
+                let _ = finish_batch(&mut ops);
+                return Err(e.into());
+            }
+        }
+        drop(conn);
+        match finish_batch(&mut ops) {
+            Ok(_) => Ok(()),
+            Err(Error::Partial { error, .. }) => Err(Error::Op(error)),
+            Err(e) => Err(e),
+        }
     }
 
     /// The local device in use.
@@ -250,14 +348,18 @@ fn open_conn(
     let remote = wire::read_response(&mut BufReader::new(stream.try_clone()?))
         .map_err(|e| handshake(e.to_string()))?;
     if let Some(old) = expect {
-        if (old.region_len, old.block_size, old.max_op_bytes)
-            != (remote.region_len, remote.block_size, remote.max_op_bytes)
+        if (old.region_len, old.block_size, old.max_op_bytes, old.flags)
+            != (
+                remote.region_len,
+                remote.block_size,
+                remote.max_op_bytes,
+                remote.flags,
+            )
         {
             return Err(handshake("the memory node's region changed; reconnect".into()).into());
         }
     }
     dev.connect_qp(&mut qp, psn, &remote.qp)?;
-    stream.set_read_timeout(None)?;
 
     let bounce_len = cfg
         .bounce_bytes
@@ -274,15 +376,19 @@ fn open_conn(
                 hint: "; raise the locked-memory limit (ulimit -l)",
             }
         })?;
+    // Window requests are answered at once; a memory node that stops answering is gone.
+    stream.set_read_timeout(Some(cfg.connect_timeout.max(Duration::from_secs(10))))?;
     Ok(Conn {
         qp,
         cq,
         bounce_mr,
         bounce,
-        _side: stream,
+        side: stream,
+        windows: remote.flags & wire::FLAG_MEMORY_WINDOWS != 0,
         remote,
         max_inline: inline,
         depth: depth as usize,
+        cache: HashMap::new(),
     })
 }
 
@@ -351,28 +457,132 @@ fn status_error(status: u32) -> Result<OpError, String> {
 }
 
 impl Conn {
+    /// Asks the memory node for a window over `block` for the grant `(epoch, key)`, or
+    /// only whether that grant is valid (`check_only`). The outer error is the side
+    /// channel's; the inner one is the grant's.
+    fn request_window(
+        &mut self,
+        block: u32,
+        rkey: RKey,
+        check_only: bool,
+    ) -> Result<Result<(u32, bool), OpError>, TransportError> {
+        let req = WindowRequest {
+            block,
+            epoch: rkey.epoch,
+            key: rkey.key,
+            flags: if check_only {
+                wire::WINDOW_CHECK_ONLY
+            } else {
+                0
+            },
+        };
+        wire::write_window_request(&mut self.side, &req)?;
+        let reply = wire::read_window_reply(&mut self.side).map_err(|e| match e {
+            wire::WireError::Io(io) => TransportError::Io(io),
+            other => TransportError::Protocol(other.to_string()),
+        })?;
+        Ok(match reply {
+            WindowReply::Bound { rkey, flags } => Ok((rkey, flags & wire::WINDOW_WRITABLE != 0)),
+            WindowReply::Stale { current } => Err(OpError::StaleEpoch {
+                granted: rkey.epoch,
+                current,
+            }),
+            WindowReply::Denied => Err(OpError::AccessDenied),
+            WindowReply::Failed(msg) => Err(OpError::Device(format!(
+                "the memory node could not bind a memory window: {msg}"
+            ))),
+        })
+    }
+
+    /// The rkey for an operation at region offset `addr` under the grant `rkey`: the
+    /// region's, or the grant's memory window (asked for on first use).
+    fn rkey_for(
+        &mut self,
+        addr: u64,
+        rkey: RKey,
+        write: bool,
+    ) -> Result<Result<u32, OpError>, TransportError> {
+        if !self.windows {
+            return Ok(Ok(self.remote.rkey));
+        }
+        let block = (addr / self.remote.block_size) as u32;
+        let k = (block, rkey.epoch, rkey.key);
+        let (window, writable) = match self.cache.get(&k) {
+            Some(&v) => v,
+            None => match self.request_window(block, rkey, false)? {
+                Ok(v) => {
+                    if self.cache.len() >= MAX_CACHED_WINDOWS {
+                        self.cache.clear();
+                    }
+                    self.cache.insert(k, v);
+                    v
+                }
+                Err(e) => return Ok(Err(e)),
+            },
+        };
+        // The window has no remote write access: the device would refuse the operation
+        // (and tear down the queue pair); say so without posting it.
+        if write && !writable {
+            return Ok(Err(OpError::ReadOnly));
+        }
+        Ok(Ok(window))
+    }
+
+    /// Why the device refused an operation with a remote access error: with memory
+    /// windows, the memory node checks the grant again (stale epoch, wrong key);
+    /// otherwise, or when the grant is still valid, [`OpError::AccessDenied`].
+    fn explain(&mut self, op: &Op<'_>) -> Result<OpError, TransportError> {
+        if !self.windows {
+            return Ok(OpError::AccessDenied);
+        }
+        let block = (op.remote.addr / self.remote.block_size) as u32;
+        let rkey = op.remote.rkey;
+        self.cache.remove(&(block, rkey.epoch, rkey.key));
+        Ok(match self.request_window(block, rkey, true)? {
+            Ok(_) => OpError::AccessDenied,
+            Err(e) => e,
+        })
+    }
+
     /// Posts `ops[..]` that are pending, window by window. Returns `Ok(true)` when the
     /// queue pair died on an error completion (the failed operation has its status; the
     /// rest stay pending for a new queue pair), `Ok(false)` when every operation is done.
+    /// `raw_rkey` replaces every operation's grant (for isolation checks).
     fn run(
         &mut self,
         t: &VerbsTransport,
         ops: &mut [Op<'_>],
         timeout: Duration,
+        raw_rkey: Option<u32>,
     ) -> Result<bool, TransportError> {
         let mut next = 0;
         let bounce_len = self.bounce.len();
-        let mut window: Vec<(usize, Local)> = Vec::with_capacity(self.depth);
+        let mut window: Vec<(usize, Local, u32)> = Vec::with_capacity(self.depth);
         while next < ops.len() {
             // Plan a window: where each operation's local bytes live.
             window.clear();
             let mut used = 0usize;
             while next < ops.len() && window.len() < self.depth {
-                let op = &mut ops[next];
-                if op.status != OpStatus::Pending {
+                if ops[next].status != OpStatus::Pending {
                     next += 1;
                     continue;
                 }
+                let rkey = match raw_rkey {
+                    Some(k) => k,
+                    None => {
+                        let op = &ops[next];
+                        let write = !matches!(op.kind, OpKind::Read(_));
+                        match self.rkey_for(op.remote.addr, op.remote.rkey, write)? {
+                            Ok(k) => k,
+                            Err(e) => {
+                                ops[next].status = OpStatus::Failed(e);
+                                next += 1;
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let op = &mut ops[next];
                 let local = match &mut op.kind {
                     OpKind::Read([]) => None,
                     OpKind::Write([]) => None,
@@ -412,7 +622,7 @@ impl Conn {
                 };
                 match local {
                     None => op.status = OpStatus::Done,
-                    Some(l) => window.push((next, l)),
+                    Some(l) => window.push((next, l, rkey)),
                 }
                 next += 1;
             }
@@ -425,7 +635,13 @@ impl Conn {
                     // RC completes in order: everything before `pos` is done.
                     self.finish(ops, &window[..pos]);
                     match status_error(status) {
-                        Ok(err) => {
+                        Ok(mut err) => {
+                            if err == OpError::AccessDenied {
+                                t.access_errors.fetch_add(1, Ordering::Relaxed);
+                                if raw_rkey.is_none() {
+                                    err = self.explain(&ops[window[pos].0])?;
+                                }
+                            }
                             // Only this operation failed; the rest stay pending and go
                             // out again on a new queue pair.
                             ops[window[pos].0].status = OpStatus::Failed(err);
@@ -446,15 +662,14 @@ impl Conn {
     fn post_and_wait(
         &mut self,
         ops: &[Op<'_>],
-        window: &[(usize, Local)],
+        window: &[(usize, Local, u32)],
         timeout: Duration,
     ) -> Result<WindowEnd, TransportError> {
-        let rkey = self.remote.rkey;
         let base = self.remote.base;
         let bounce_lkey = self.bounce_mr.lkey();
         let bounce_addr = self.bounce.as_ptr() as u64;
         let mut guard = self.qp.start_post_send();
-        for (i, &(index, local)) in window.iter().enumerate() {
+        for (i, &(index, local, rkey)) in window.iter().enumerate() {
             let op = &ops[index];
             let mut flags = if i + 1 == window.len() {
                 WorkRequestFlags::Signaled
@@ -535,7 +750,7 @@ impl Conn {
                             if failed.is_none() {
                                 let pos = window
                                     .iter()
-                                    .position(|&(i, _)| i as u64 == wc.wr_id())
+                                    .position(|&(i, _, _)| i as u64 == wc.wr_id())
                                     .unwrap_or(0);
                                 failed = Some((pos, status));
                             }
@@ -586,8 +801,8 @@ impl Conn {
 
     /// Marks the window's operations done, copying READ data and atomic results out of
     /// the bounce buffer.
-    fn finish(&self, ops: &mut [Op<'_>], window: &[(usize, Local)]) {
-        for &(index, local) in window {
+    fn finish(&self, ops: &mut [Op<'_>], window: &[(usize, Local, u32)]) {
+        for &(index, local, _) in window {
             let op = &mut ops[index];
             if let Local::Bounce(off) = local {
                 match &mut op.kind {
@@ -636,7 +851,7 @@ impl Transport for VerbsTransport {
                 }
             }
             let Some(c) = conn.as_mut() else { continue };
-            match c.run(self, ops, self.cfg.op_timeout) {
+            match c.run(self, ops, self.cfg.op_timeout, None) {
                 Ok(false) => {}
                 Ok(true) => {
                     tracing::debug!(addr = %self.addr, "error completion; re-creating the queue pair");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid, GidType};
 use sideway::ibverbs::completion::GenericCompletionQueue;
 use sideway::ibverbs::device::{DeviceInfo as _, DeviceList};
-use sideway::ibverbs::device_context::{DeviceContext, Mtu, PortState};
+use sideway::ibverbs::device_context::{DeviceCapabilityFlags, DeviceContext, Mtu, PortState};
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{
     GenericQueuePair, QueuePair, QueuePairAttribute, QueuePairState, SendOperationFlags,
@@ -43,6 +43,8 @@ pub struct DeviceInfo {
     pub mtu: u32,
     /// Most memory windows the device supports (0: none, so per-region rkeys are used).
     pub max_mw: u32,
+    /// Whether the device reports type-2 (2A or 2B) memory windows.
+    pub mw_type2: bool,
 }
 
 /// An opened device: context, protection domain and the selected port and GID.
@@ -190,6 +192,11 @@ impl Device {
             gid: std::net::Ipv6Addr::from(gid).to_string(),
             mtu: mtu_bytes(mtu),
             max_mw: dattr.max_mw().max(0) as u32,
+            mw_type2: {
+                let caps = dattr.device_cap_flags();
+                caps.contains(DeviceCapabilityFlags::MemoryWindowType2A)
+                    || caps.contains(DeviceCapabilityFlags::MemoryWindowType2B)
+            },
         };
         Ok(Device {
             pd,

@@ -7,7 +7,7 @@
 //!   one memory region (not one per block: Soft-RoCE allows only about 2,000 MRs), listens
 //!   on a TCP side channel, and for every connection request creates an RC queue pair,
 //!   moves it through INIT, RTR and RTS, and answers with its QPN, PSN, GID, LID, MTU, the
-//!   region's rkey, base address and geometry ([`wire`]).
+//!   region's rkey (or the memory-window flag), base address and geometry ([`wire`]).
 //! - Clients use [`VerbsTransport`], which implements [`crate::Transport`]: a batch is
 //!   posted with one doorbell per window (one `ibv_wr_complete`/`ibv_post_send` call),
 //!   only the last work request of a window is signaled, small writes go inline, and
@@ -17,10 +17,15 @@
 //! # Access control
 //!
 //! The client checks each operation against the block geometry (one block, in the
-//! region, aligned atomics, size limit) before posting it. Per-grant keys and epochs
-//! need type-2 memory windows, which this version does not bind yet: it runs with the
-//! region's rkey (the documented fallback for devices without memory windows), so like
-//! [`crate::shm`] it is a **trusted mode** that catches bugs, not attackers.
+//! region, aligned atomics, size limit) before posting it. Where the device has type-2
+//! memory windows, the device enforces grants too: the region's memory region allows no
+//! remote access, and each grant is a window the memory node binds, on the client's
+//! queue pair, to exactly its block, and invalidates when the block's grant changes
+//! (the [`crate::AccessTable`] tells the endpoint), so a stale or guessed rkey fails with
+//! a remote access error ([`Isolation::MemoryWindows`]). Devices without windows get the
+//! region's rkey, a **trusted mode** like [`crate::shm`] that catches bugs, not attackers
+//! ([`Isolation::RegionKey`], logged). Soft-RoCE enforces a window's validity, key, queue
+//! pair and rights but not its bounds (see `docs/RDMA.md`).
 //!
 //! # Atomics
 //!
@@ -31,8 +36,9 @@
 mod client;
 mod device;
 mod server;
+mod window;
 pub mod wire;
 
 pub use client::{VerbsClientConfig, VerbsTransport};
 pub use device::{device_names, DeviceConfig, DeviceInfo};
-pub use server::{VerbsServer, VerbsServerConfig};
+pub use server::{Isolation, VerbsServer, VerbsServerConfig};

@@ -2,16 +2,34 @@
 //!
 //! The client opens a TCP connection to the memory node's verbs port and sends a
 //! [`Request`] (36 bytes): magic `FPV1`, then its [`QpInfo`]. The memory node creates a
-//! queue pair, connects it, and answers with a [`Response`]: magic `FPV1`, a u32 status
+//! queue pair, connects it, and answers (see [`read_response`]): magic `FPV1`, a u32 status
 //! (0: success), then either the [`Accept`] fields (72 bytes) or a u32 length and a UTF-8
 //! error message. The client may send further requests on the same connection (to
 //! re-create a queue pair after an error); each one replaces the previous queue pair.
 //! Closing the TCP connection destroys the memory node's queue pair.
+//!
+//! When the accept's flags say [`FLAG_MEMORY_WINDOWS`], the region's memory region has
+//! no remote access and its rkey is 0: the client asks for a memory window per block
+//! with a [`WindowRequest`] (24 bytes: magic `FPW1`, block, epoch, key, flags) and gets a
+//! [`WindowReply`] (magic `FPW1`, a u32 status, then 8 bytes: the window's rkey and
+//! flags, or the block's current epoch; status 3 carries a u32 length and a message).
 
 use std::io::{self, Read, Write};
 
-/// Magic at the start of every message.
+/// Magic at the start of every queue-pair message.
 pub const MAGIC: [u8; 4] = *b"FPV1";
+/// Magic at the start of every memory-window message.
+pub const WINDOW_MAGIC: [u8; 4] = *b"FPW1";
+/// Encoded length of a [`WindowRequest`], magic included.
+pub const WINDOW_REQUEST_LEN: usize = 24;
+/// [`Accept::flags`] bit: grants are type-2 memory windows bound per block (ask with a
+/// [`WindowRequest`]); without it, every block is reached with [`Accept::rkey`].
+pub const FLAG_MEMORY_WINDOWS: u32 = 1;
+/// [`WindowRequest::flags`] bit: only check the grant, bind nothing (to explain an
+/// access error the device reported).
+pub const WINDOW_CHECK_ONLY: u32 = 1;
+/// [`WindowReply::Bound`] flags bit: the window allows remote writes and atomics.
+pub const WINDOW_WRITABLE: u32 = 1;
 /// Encoded length of a [`QpInfo`].
 pub const QP_INFO_LEN: usize = 32;
 /// Encoded length of a [`Request`].
@@ -77,8 +95,10 @@ pub struct Request {
 pub struct Accept {
     /// The memory node's queue pair.
     pub qp: QpInfo,
-    /// rkey of the region's memory region.
+    /// rkey of the region's memory region (0 when [`FLAG_MEMORY_WINDOWS`] is set).
     pub rkey: u32,
+    /// [`FLAG_MEMORY_WINDOWS`] or 0.
+    pub flags: u32,
     /// Virtual address of region offset 0 on the memory node.
     pub base: u64,
     /// Region length in bytes.
@@ -134,29 +154,167 @@ pub fn write_request(w: &mut impl Write, req: &Request) -> io::Result<()> {
     w.flush()
 }
 
-/// Reads a request. `Ok(None)` on a clean EOF before the first byte.
-pub fn read_request(r: &mut impl Read) -> Result<Option<Request>, WireError> {
-    let mut b = [0u8; REQUEST_LEN];
+/// A message from a client on the side channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    /// Connect (or re-create) the queue pair.
+    Connect(Request),
+    /// Bind (or check) a memory window for one block.
+    Window(WindowRequest),
+}
+
+/// A client's request for a memory window over one block, for one grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowRequest {
+    /// Block index.
+    pub block: u32,
+    /// Epoch the grant names.
+    pub epoch: u32,
+    /// The grant's key.
+    pub key: u64,
+    /// [`WINDOW_CHECK_ONLY`] or 0.
+    pub flags: u32,
+}
+
+/// The memory node's answer to a [`WindowRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WindowReply {
+    /// The grant is valid; a window is bound to exactly the block (rkey 0 for a check).
+    Bound {
+        /// The window's rkey.
+        rkey: u32,
+        /// [`WINDOW_WRITABLE`] or 0.
+        flags: u32,
+    },
+    /// The grant names an older epoch; the block is at `current` now.
+    Stale {
+        /// The block's current epoch.
+        current: u32,
+    },
+    /// The key matches no grant of the block.
+    Denied,
+    /// The memory node could not bind a window (the message says why).
+    Failed(String),
+}
+
+/// Fills `b`; `Ok(false)` on a clean EOF before the first byte.
+fn read_full(r: &mut impl Read, b: &mut [u8]) -> Result<bool, WireError> {
     let mut got = 0;
     while got < b.len() {
         match r.read(&mut b[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) if got == 0 => return Ok(false),
             Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
     }
+    Ok(true)
+}
+
+/// Reads a client message. `Ok(None)` on a clean EOF before the first byte.
+pub fn read_message(r: &mut impl Read) -> Result<Option<Message>, WireError> {
     let mut m = [0u8; 4];
-    m.copy_from_slice(&b[..4]);
-    if m != MAGIC {
+    if !read_full(r, &mut m)? {
+        return Ok(None);
+    }
+    if m == MAGIC {
+        let mut q = [0u8; QP_INFO_LEN];
+        r.read_exact(&mut q)?;
+        return Ok(Some(Message::Connect(Request {
+            qp: QpInfo::decode(&q),
+        })));
+    }
+    if m == WINDOW_MAGIC {
+        let mut b = [0u8; WINDOW_REQUEST_LEN - 4];
+        r.read_exact(&mut b)?;
+        return Ok(Some(Message::Window(WindowRequest {
+            block: u32_at(&b, 0),
+            epoch: u32_at(&b, 4),
+            key: u64_at(&b, 8),
+            flags: u32_at(&b, 16),
+        })));
+    }
+    Err(WireError::BadMagic(m))
+}
+
+/// Writes a window request.
+pub fn write_window_request(w: &mut impl Write, req: &WindowRequest) -> io::Result<()> {
+    let mut out = Vec::with_capacity(WINDOW_REQUEST_LEN);
+    out.extend_from_slice(&WINDOW_MAGIC);
+    out.extend_from_slice(&req.block.to_le_bytes());
+    out.extend_from_slice(&req.epoch.to_le_bytes());
+    out.extend_from_slice(&req.key.to_le_bytes());
+    out.extend_from_slice(&req.flags.to_le_bytes());
+    w.write_all(&out)?;
+    w.flush()
+}
+
+/// Writes a window reply (a [`WindowReply::Failed`] message is truncated to
+/// [`MAX_ERROR_LEN`] bytes).
+pub fn write_window_reply(w: &mut impl Write, reply: &WindowReply) -> io::Result<()> {
+    let mut out = Vec::with_capacity(16);
+    out.extend_from_slice(&WINDOW_MAGIC);
+    let (status, a, b) = match reply {
+        WindowReply::Bound { rkey, flags } => (0u32, *rkey, *flags),
+        WindowReply::Stale { current } => (1, *current, 0),
+        WindowReply::Denied => (2, 0, 0),
+        WindowReply::Failed(msg) => {
+            let mut end = msg.len().min(MAX_ERROR_LEN);
+            while !msg.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.extend_from_slice(&3u32.to_le_bytes());
+            out.extend_from_slice(&(end as u32).to_le_bytes());
+            out.extend_from_slice(&msg.as_bytes()[..end]);
+            w.write_all(&out)?;
+            return w.flush();
+        }
+    };
+    out.extend_from_slice(&status.to_le_bytes());
+    out.extend_from_slice(&a.to_le_bytes());
+    out.extend_from_slice(&b.to_le_bytes());
+    w.write_all(&out)?;
+    w.flush()
+}
+
+/// Reads a window reply.
+pub fn read_window_reply(r: &mut impl Read) -> Result<WindowReply, WireError> {
+    read_window_magic(r)?;
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b[..4])?;
+    let status = u32_at(&b, 0);
+    if status == 3 {
+        r.read_exact(&mut b[..4])?;
+        let len = u32_at(&b, 0) as usize;
+        if len > MAX_ERROR_LEN {
+            return Err(WireError::Malformed(format!(
+                "error message of {len} bytes (at most {MAX_ERROR_LEN})"
+            )));
+        }
+        let mut msg = vec![0u8; len];
+        r.read_exact(&mut msg)?;
+        return Ok(WindowReply::Failed(
+            String::from_utf8_lossy(&msg).into_owned(),
+        ));
+    }
+    r.read_exact(&mut b)?;
+    let (a, c) = (u32_at(&b, 0), u32_at(&b, 4));
+    match status {
+        0 => Ok(WindowReply::Bound { rkey: a, flags: c }),
+        1 => Ok(WindowReply::Stale { current: a }),
+        2 => Ok(WindowReply::Denied),
+        s => Err(WireError::Malformed(format!("window reply status {s}"))),
+    }
+}
+
+fn read_window_magic(r: &mut impl Read) -> Result<(), WireError> {
+    let mut m = [0u8; 4];
+    r.read_exact(&mut m)?;
+    if m != WINDOW_MAGIC {
         return Err(WireError::BadMagic(m));
     }
-    let mut q = [0u8; QP_INFO_LEN];
-    q.copy_from_slice(&b[4..]);
-    Ok(Some(Request {
-        qp: QpInfo::decode(&q),
-    }))
+    Ok(())
 }
 
 /// Writes a successful response.
@@ -166,7 +324,7 @@ pub fn write_accept(w: &mut impl Write, a: &Accept) -> io::Result<()> {
     out.extend_from_slice(&0u32.to_le_bytes());
     a.qp.encode(&mut out);
     out.extend_from_slice(&a.rkey.to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&a.flags.to_le_bytes());
     out.extend_from_slice(&a.base.to_le_bytes());
     out.extend_from_slice(&a.region_len.to_le_bytes());
     out.extend_from_slice(&a.block_size.to_le_bytes());
@@ -216,6 +374,7 @@ pub fn read_response(r: &mut impl Read) -> Result<Accept, WireError> {
     let a = Accept {
         qp: QpInfo::decode(&q),
         rkey: u32_at(&b, QP_INFO_LEN),
+        flags: u32_at(&b, QP_INFO_LEN + 4),
         base: u64_at(&b, QP_INFO_LEN + 8),
         region_len: u64_at(&b, QP_INFO_LEN + 16),
         block_size: u64_at(&b, QP_INFO_LEN + 24),
@@ -256,14 +415,14 @@ mod tests {
         let mut buf = Vec::new();
         write_request(&mut buf, &Request { qp: info() }).unwrap();
         assert_eq!(buf.len(), REQUEST_LEN);
-        let got = read_request(&mut &buf[..]).unwrap().unwrap();
-        assert_eq!(got.qp, info());
-        assert!(read_request(&mut &[][..]).unwrap().is_none());
-        assert!(read_request(&mut &buf[..10]).is_err());
+        let got = read_message(&mut &buf[..]).unwrap().unwrap();
+        assert_eq!(got, Message::Connect(Request { qp: info() }));
+        assert!(read_message(&mut &[][..]).unwrap().is_none());
+        assert!(read_message(&mut &buf[..10]).is_err());
         let mut bad = buf.clone();
         bad[0] = b'X';
         assert!(matches!(
-            read_request(&mut &bad[..]),
+            read_message(&mut &bad[..]),
             Err(WireError::BadMagic(_))
         ));
     }
@@ -273,6 +432,7 @@ mod tests {
         let a = Accept {
             qp: info(),
             rkey: 0x1234,
+            flags: FLAG_MEMORY_WINDOWS,
             base: 0x7f00_0000_0000,
             region_len: 32 << 20,
             block_size: 1 << 20,
@@ -293,6 +453,43 @@ mod tests {
         write_accept(&mut buf, &Accept { block_size: 3, ..a }).unwrap();
         assert!(matches!(
             read_response(&mut &buf[..]),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn window_messages_round_trip() {
+        let req = WindowRequest {
+            block: 7,
+            epoch: 3,
+            key: 0xDEAD_BEEF_0000_0001,
+            flags: WINDOW_CHECK_ONLY,
+        };
+        let mut buf = Vec::new();
+        write_window_request(&mut buf, &req).unwrap();
+        assert_eq!(buf.len(), WINDOW_REQUEST_LEN);
+        assert_eq!(
+            read_message(&mut &buf[..]).unwrap(),
+            Some(Message::Window(req))
+        );
+        for reply in [
+            WindowReply::Bound {
+                rkey: 0x0102_0304,
+                flags: WINDOW_WRITABLE,
+            },
+            WindowReply::Stale { current: 9 },
+            WindowReply::Denied,
+            WindowReply::Failed("out of memory windows".into()),
+        ] {
+            let mut buf = Vec::new();
+            write_window_reply(&mut buf, &reply).unwrap();
+            assert_eq!(read_window_reply(&mut &buf[..]).unwrap(), reply);
+        }
+        let mut buf = Vec::new();
+        write_window_reply(&mut buf, &WindowReply::Denied).unwrap();
+        buf[4] = 9;
+        assert!(matches!(
+            read_window_reply(&mut &buf[..]),
             Err(WireError::Malformed(_))
         ));
     }
