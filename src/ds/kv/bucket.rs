@@ -1,7 +1,7 @@
-//! A hash bucket's 64 bytes: a lock word, [`SLOTS`] slot words and a checksum word.
+//! A hash bucket's 128 bytes: a lock word, [`SLOTS`] slot words and a checksum word.
 //!
 //! Only the holder of a bucket's lock changes its slots, and it rewrites the slots and
-//! the checksum with one WRITE. Readers take no lock: they READ the 64 bytes in one
+//! the checksum with one WRITE. Readers take no lock: they READ the 128 bytes in one
 //! operation and accept them only when the checksum matches the slots, so a READ that
 //! raced a writer (and saw a mix of old and new bytes at any granularity, as RDMA
 //! allows) is detected and repeated. The lock word's states differ in their lowest byte
@@ -11,9 +11,9 @@ use siphasher::sip::SipHasher13;
 use std::hash::Hasher;
 
 /// Bytes of a bucket.
-pub(super) const BUCKET_BYTES: u64 = 64;
+pub(super) const BUCKET_BYTES: u64 = 128;
 /// Slot words per bucket.
-pub(super) const SLOTS: usize = 6;
+pub(super) const SLOTS: usize = 14;
 /// Offset of the first slot word within a bucket (after the lock word).
 pub(super) const SLOTS_AT: u64 = 8;
 /// Bytes of the slot words and the checksum, rewritten together by a lock holder.
@@ -77,8 +77,8 @@ pub(super) fn encode_body(at: u64, slots: &[u64; SLOTS]) -> [u8; BODY_BYTES] {
 mod tests {
     use super::*;
 
-    fn full(at: u64, lock: u64, slots: &[u64; SLOTS]) -> [u8; 64] {
-        let mut b = [0u8; 64];
+    fn full(at: u64, lock: u64, slots: &[u64; SLOTS]) -> [u8; BUCKET_BYTES as usize] {
+        let mut b = [0u8; BUCKET_BYTES as usize];
         b[..8].copy_from_slice(&lock.to_le_bytes());
         b[8..].copy_from_slice(&encode_body(at, slots));
         b
@@ -86,8 +86,11 @@ mod tests {
 
     #[test]
     fn round_trip_and_torn_detection() {
-        let old = [0, 7, 0, 9, 0, 0];
-        let new = [0, 7, 0, 9, 0x0123_4567_89ab_cdef, 0];
+        let mut old = [0u64; SLOTS];
+        old[1] = 7;
+        old[3] = 9;
+        let mut new = old;
+        new[4] = 0x0123_4567_89ab_cdef;
         let a = full(128, UNLOCKED, &old);
         let b = full(128, LOCKED, &new);
         assert_eq!(
@@ -99,7 +102,7 @@ mod tests {
         );
         assert_eq!(decode(128, &b).map(|b| b.slots), Some(new));
         // Every mix of the two at 1-byte granularity that is neither of them fails.
-        for cut in 9..64 {
+        for cut in 9..BUCKET_BYTES as usize {
             let mut torn = a;
             torn[cut..].copy_from_slice(&b[cut..]);
             match decode(128, &torn) {
