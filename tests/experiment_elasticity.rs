@@ -37,6 +37,8 @@ fn config() -> ExperimentConfig {
         block_size: 16 << 10,
         sample_interval: Duration::from_millis(5),
         seed: 42,
+        // Short, so that stopping the four pools is quick.
+        heartbeat: Duration::from_millis(200),
         ..ExperimentConfig::default()
     }
 }
@@ -126,6 +128,8 @@ fn command_line_replays_a_trace_and_prints_json_per_policy() {
             "16KiB",
             "--sample-ms",
             "5",
+            "--heartbeat-ms",
+            "200",
         ])
         .arg("--trace")
         .arg(&trace)

@@ -101,6 +101,10 @@ pub struct ElasticityArgs {
     /// Interval between memory samples, in milliseconds.
     #[arg(long, default_value_t = 20)]
     pub sample_ms: u64,
+    /// Heartbeat interval of the embedded memory nodes, in milliseconds (a node missing
+    /// three is declared dead; keep it long on a busy machine).
+    #[arg(long, default_value_t = 2000)]
+    pub heartbeat_ms: u64,
 }
 
 /// The results of an elasticity experiment.
@@ -167,6 +171,7 @@ fn elasticity(a: ElasticityArgs) -> Result<(), ExperimentError> {
         sample_interval: Duration::from_millis(a.sample_ms.max(1)),
         spill_dir: a.spill_dir.clone(),
         spill_sync: !a.no_spill_sync,
+        heartbeat: Duration::from_millis(a.heartbeat_ms.max(10)),
         ..ExperimentConfig::default()
     };
     cfg.validate()?;

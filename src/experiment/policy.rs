@@ -3,8 +3,9 @@
 //! - `job-peak`: at arrival a job reserves its peak demand (Pocket's safe choice). The
 //!   reservation is allocated from the pool in one request and held until the job
 //!   ends; a job whose reservation does not fit waits, first come first served.
-//! - `job-avg`: the same with the job's time-weighted average demand; whatever the
-//!   job's data needs beyond the reservation spills to the persistent tier.
+//! - `job-avg`: the same with the job's average demand (the pool memory it held,
+//!   time-weighted, when profiled alone); whatever the job's data needs beyond the
+//!   reservation spills to the persistent tier.
 //! - `task`: no reservation. Every task allocates as it writes, through an elastic
 //!   [`crate::ds::File`] that grows block by block, under the job's lease; a stage's
 //!   outputs are freed as soon as their consumers are done. When the pool is full a

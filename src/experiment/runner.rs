@@ -1,7 +1,7 @@
 //! Runs a workload on an embedded pool: every job alone on an unlimited pool (the
 //! baseline), then all jobs together under one policy on a pool of fixed capacity.
 
-use super::metrics::{JobResult, PolicyReport, RunMeasurements, Sample};
+use super::metrics::{time_weighted, JobResult, PolicyReport, RunMeasurements, Sample};
 use super::policy::{Admission, Policy};
 use super::spill::SpillTier;
 use super::store::{free_outputs, write_output, Backing, Io, Output, Reader, Usage};
@@ -36,6 +36,11 @@ pub struct ExperimentConfig {
     pub spill_dir: Option<PathBuf>,
     /// Flush every spilled object to disk before acknowledging it.
     pub spill_sync: bool,
+    /// Memory nodes' heartbeat interval (a node is declared dead after three missed).
+    /// Long by default: on a small shared machine a heartbeat delayed by a second must
+    /// not get a live node declared dead mid-run; failure detection is not what is
+    /// measured. Stopping a pool waits up to one interval per node.
+    pub heartbeat: Duration,
 }
 
 impl Default for ExperimentConfig {
@@ -49,6 +54,7 @@ impl Default for ExperimentConfig {
             sample_interval: Duration::from_millis(20),
             spill_dir: None,
             spill_sync: true,
+            heartbeat: Duration::from_secs(2),
         }
     }
 }
@@ -99,6 +105,9 @@ pub struct AloneRun {
     pub completion_ms: f64,
     /// Wall time of each stage and of the final collection, ms.
     pub phase_ms: Vec<f64>,
+    /// Pool memory the job held, time-weighted over its run (sampled like the
+    /// policies' runs): the job's profiled average demand.
+    pub mean_allocated: u64,
 }
 
 struct Ctx<'a> {
@@ -124,6 +133,12 @@ fn start_pool(cfg: &ExperimentConfig, capacity: u64) -> Result<EmbeddedPool, Exp
         capacity: cfg.per_node(capacity).max(cfg.block_size),
         block_size: cfg.block_size,
         transport: cfg.transport,
+        // The experiment shares a small machine with its own threads (and, on a
+        // developer's machine, with builds): a lease renewal delayed by a second must
+        // not get a job's data reclaimed mid-run (see also `heartbeat`).
+        heartbeat: cfg.heartbeat,
+        lease: Duration::from_secs(30),
+        grace: Duration::from_secs(10),
         ..EmbeddedConfig::default()
     })?)
 }
@@ -172,9 +187,24 @@ pub fn run_alone(
         admission: &admission,
         cfg,
     };
+    let sampler_client = pool
+        .client()
+        .map_err(|e| ExperimentError::client("connect the memory sampler", e))?;
     let mut runs = Vec::with_capacity(workload.jobs.len());
     for (idx, job) in workload.jobs.iter().enumerate() {
-        let out = run_job(&ctx, idx, job, None)?;
+        let stop = AtomicBool::new(false);
+        let start = Instant::now();
+        let (out, samples) = std::thread::scope(|s| {
+            let sampler = s.spawn(|| sample_memory(&sampler_client, &usage, &stop, start, cfg));
+            let out = run_job(&ctx, idx, job, None);
+            stop.store(true, Ordering::Relaxed);
+            let samples = sampler
+                .join()
+                .unwrap_or_else(|_| Err(ExperimentError::Panicked("memory sampler".into())));
+            (out, samples)
+        });
+        let out = out?;
+        let mean_allocated = time_weighted(&samples?).mean_allocated.round() as u64;
         if out.spilled > 0 {
             return Err(ExperimentError::Config(format!(
                 "job {} spilled {} bytes when running alone on a pool of {capacity} bytes; the baseline must not spill (this is a bug)",
@@ -185,14 +215,17 @@ pub fn run_alone(
             job: job.id.clone(),
             completion_ms: out.completion_ms,
             phase_ms: out.phase_ms,
+            mean_allocated,
         });
     }
     Ok(runs)
 }
 
 /// What each job reserves under `policy` (`None` for task-level allocation): its peak
-/// or its average demand (weighted by its phases' durations when running alone), at
-/// least one block and at most the pool's capacity.
+/// demand (from its stages' sizes), or its average demand: the pool memory it held,
+/// time-weighted, when it ran alone (from the stages' sizes weighted by the phases'
+/// durations if no profile was measured); at least one block and at most the pool's
+/// capacity.
 pub fn reservation(
     policy: Policy,
     job: &JobSpec,
@@ -203,7 +236,10 @@ pub fn reservation(
     let bytes = match policy {
         Policy::Task => return None,
         Policy::JobPeak => job.peak_demand(block),
-        Policy::JobAvg => job.average_demand(block, alone.map_or(&[][..], |a| &a.phase_ms)),
+        Policy::JobAvg => match alone {
+            Some(a) if a.mean_allocated > 0 => a.mean_allocated,
+            _ => job.average_demand(block, alone.map_or(&[][..], |a| &a.phase_ms)),
+        },
     };
     let capacity = cfg.effective_capacity();
     Some(
