@@ -115,6 +115,8 @@ pub struct Workload {
 pub const MAX_STAGES: usize = 16;
 /// Largest number of tasks per stage in a trace (each runs as a thread).
 pub const MAX_TASKS: u32 = 64;
+/// Latest arrival in a trace, in milliseconds (one hour).
+pub const MAX_ARRIVAL_MS: u64 = 3_600_000;
 /// Largest intermediate output of one task in a trace.
 pub const MAX_TASK_BYTES: u64 = 1 << 30;
 
@@ -205,6 +207,12 @@ fn validate_job(job: &JobSpec) -> Result<(), String> {
         return Err(format!(
             "job id '{}' must be 1 to 64 letters, digits, '-' or '_'",
             job.id
+        ));
+    }
+    if job.arrival_ms > MAX_ARRIVAL_MS {
+        return Err(format!(
+            "job '{}' arrives at {} ms; give at most {MAX_ARRIVAL_MS} (one hour)",
+            job.id, job.arrival_ms
         ));
     }
     if job.stages.is_empty() || job.stages.len() > MAX_STAGES {
@@ -301,10 +309,11 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// Draws a workload from `params` with `seed`.
 pub fn generate(params: &GeneratorParams, seed: u64) -> Result<Workload, ExperimentError> {
-    if params.jobs == 0 {
-        return Err(ExperimentError::Config(
-            "a generated workload needs at least one job (--jobs)".into(),
-        ));
+    if params.jobs == 0 || params.jobs > 1000 {
+        return Err(ExperimentError::Config(format!(
+            "a generated workload has 1 to 1000 jobs (--jobs), not {}",
+            params.jobs
+        )));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut jobs = Vec::with_capacity(params.jobs);
@@ -398,6 +407,9 @@ mod tests {
         let text = "# header\n{\"job\":\"a\",\"arrival_ms\":0,\"stages\":[]}\n";
         let e = Workload::parse_trace(text, "t").unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
+        let late = r#"{"job":"a","arrival_ms":18446744073709551615,"stages":[{"name":"m","tasks":1,"bytes_per_task":1,"compute_ms":0}]}"#;
+        let e = Workload::parse_trace(late, "t").unwrap_err().to_string();
+        assert!(e.contains("one hour"), "{e}");
         let e = Workload::parse_trace("not json\n", "t")
             .unwrap_err()
             .to_string();
