@@ -1,4 +1,5 @@
-//! The `farpool` command line: `controller`, `memnode`, `demo`, `bench`, `status`.
+//! The `farpool` command line: `controller`, `memnode`, `demo`, `bench`, `status`,
+//! `experiment`.
 
 use crate::controller::{Controller, ControllerConfig};
 use crate::memnode::{MemNode, MemNodeConfig};
@@ -32,6 +33,9 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Show memory nodes, capacity, and usage per job and task.
     Status(StatusArgs),
+    /// Run an experiment on an embedded pool (`elasticity`: task- versus job-level
+    /// allocation).
+    Experiment(crate::experiment::ExperimentArgs),
 }
 
 /// `farpool controller`.
@@ -188,6 +192,10 @@ pub fn main() -> ExitCode {
         Command::Status(a) => {
             init_logging("warn");
             run_status(a)
+        }
+        Command::Experiment(a) => {
+            init_logging("error");
+            crate::experiment::run(a).map_err(|e| e.to_string())
         }
     };
     match result {

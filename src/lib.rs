@@ -19,6 +19,7 @@ pub mod dag;
 pub mod demo;
 pub mod ds;
 pub mod embedded;
+pub mod experiment;
 pub mod memnode;
 pub mod proto;
 pub mod size;
