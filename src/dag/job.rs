@@ -12,6 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What executors tell the submitter.
 pub(crate) enum Event {
@@ -29,6 +30,13 @@ pub(crate) enum Event {
 pub(crate) struct Counters {
     pub tasks_run: AtomicU64,
     pub invocations: AtomicU64,
+    /// Nanoseconds spent inside task functions.
+    pub compute_ns: AtomicU64,
+    /// Bytes a storage-based execution would move: every output that another task
+    /// reads, written once and read once per reader.
+    pub ideal_bytes: AtomicU64,
+    /// Invocations retried after their executor died.
+    pub retries: AtomicU64,
 }
 
 pub(crate) struct Job {
@@ -43,12 +51,21 @@ pub(crate) struct Job {
     pub replay_fan_in: bool,
     pub events: Sender<Event>,
     pub failed: AtomicBool,
+    /// Fault injection: the first executor to run this task dies in the middle of it.
+    pub crash_task: Option<TaskId>,
+    pub crashed: AtomicBool,
 }
 
 impl Job {
     /// Whether the job already failed (executors stop at their next task).
     pub(crate) fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the executor that just ran `t` must die now (injected crash; once per
+    /// job).
+    pub(crate) fn crash_now(&self, t: TaskId) -> bool {
+        self.crash_task == Some(t) && !self.crashed.swap(true, Ordering::Relaxed)
     }
 
     /// Reports the first failure; later ones are dropped.
@@ -105,8 +122,20 @@ impl Job {
                     function: task.function.clone(),
                 })?;
         self.counters.tasks_run.fetch_add(1, Ordering::Relaxed);
-        match catch_unwind(AssertUnwindSafe(|| function(&inputs))) {
-            Ok(Ok(out)) => Ok(Arc::new(out)),
+        let started = Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(|| function(&inputs)));
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.counters.compute_ns.fetch_add(ns, Ordering::Relaxed);
+        match result {
+            Ok(Ok(out)) => {
+                let readers = task.children.len() as u64;
+                if readers > 0 {
+                    self.counters
+                        .ideal_bytes
+                        .fetch_add(out.len() as u64 * (1 + readers), Ordering::Relaxed);
+                }
+                Ok(Arc::new(out))
+            }
             Ok(Err(e)) => Err(DagError::TaskFailed {
                 task: task.name.clone(),
                 message: e.0,

@@ -40,6 +40,7 @@ mod runtime;
 mod schedule;
 mod store;
 mod typed;
+pub mod workloads;
 mod wukong;
 
 pub use error::{DagError, TaskError};
