@@ -1,4 +1,5 @@
-//! The `farpool` command line: `controller`, `memnode`, `demo`, `bench`, `status`.
+//! The `farpool` command line: `controller`, `memnode`, `demo`, `bench`, `status`,
+//! `worker`.
 
 use crate::controller::{Controller, ControllerConfig};
 use crate::memnode::{MemNode, MemNodeConfig};
@@ -32,6 +33,17 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Show memory nodes, capacity, and usage per job and task.
     Status(StatusArgs),
+    /// Run a DAG executor process (started by an invoker, `farpool::dag::process`;
+    /// reads invocations on stdin, answers on stdout).
+    Worker(WorkerArgs),
+}
+
+/// `farpool worker`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Controller address.
+    #[arg(long, env = "FARPOOL_CONTROLLER")]
+    pub controller: String,
 }
 
 /// `farpool controller`.
@@ -171,6 +183,10 @@ pub fn main() -> ExitCode {
         Command::Status(a) => {
             init_logging("warn");
             run_status(a)
+        }
+        Command::Worker(a) => {
+            init_logging("warn");
+            crate::dag::process::serve_stdio(&a.controller).map_err(|e| e.to_string())
         }
     };
     match result {

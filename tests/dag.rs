@@ -482,3 +482,70 @@ fn workloads_are_correct_both_ways() {
     })
     .is_err());
 }
+
+#[test]
+fn worker_processes_run_jobs_and_survive_a_killed_worker() {
+    use farpool::dag::process::{WorkerConfig, WorkerPool};
+    use farpool::dag::workloads::{TreeSpec, WorkloadSpec};
+    let pool = pool();
+    let client = pool.client().unwrap();
+    let leaves = 64u64;
+    let spec = WorkloadSpec::Tr(TreeSpec {
+        leaves,
+        ..TreeSpec::default()
+    });
+    let workload = spec.build().unwrap();
+    let edges = Plan::new(workload.graph(), workload.registry())
+        .unwrap()
+        .fan_in_edges() as u64;
+    let config = workers_config(&pool);
+    let mut workers = WorkerPool::new(config).unwrap();
+    let out = workers.run(&client, spec).unwrap();
+    assert!(workload.check(&out).unwrap().correct);
+    let st = out.stats();
+    assert_eq!(st.tasks_run, st.tasks);
+    assert_eq!(st.fan_in_count, edges);
+    assert_eq!(workers.len(), 3);
+    // The same processes run the next job.
+    let pids = workers.pids();
+    let out = workers.run(&client, spec).unwrap();
+    assert!(workload.check(&out).unwrap().correct);
+    assert_eq!(workers.pids(), pids, "workers are reused");
+    drop(workers);
+
+    // A worker process aborts in the middle of an inner fan-in child (the built-in
+    // tree names its inner tasks sum-<level>-<index>).
+    let mut workers = WorkerPool::new(WorkerConfig {
+        crash_in: Some("sum-2-1".into()),
+        ..workers_config(&pool)
+    })
+    .unwrap();
+    let out = workers.run(&client, spec).unwrap();
+    let st = out.stats();
+    assert!(workload.check(&out).unwrap().correct);
+    assert_eq!(
+        st.retries, 1,
+        "one worker died and its invocation was retried"
+    );
+    // The dead process's counts died with it: the killed invocation had run its
+    // leaf, sum-0-*, sum-1-* and sum-2-1 (4 tasks). The retry recovered the first
+    // three from the pool and ran only sum-2-1 again.
+    assert_eq!(
+        st.tasks_run,
+        st.tasks - 4 + 1,
+        "only the killed task ran again"
+    );
+    assert_eq!(st.fan_in_count, edges, "no counter double-counted");
+    assert_eq!(workers.len(), 3, "the dead worker was replaced");
+}
+
+fn workers_config(pool: &EmbeddedPool) -> farpool::dag::process::WorkerConfig {
+    farpool::dag::process::WorkerConfig {
+        bin: env!("CARGO_BIN_EXE_farpool").into(),
+        controller: pool.addr().to_string(),
+        workers: 3,
+        inline_limit: 4096,
+        cluster_large_outputs: true,
+        crash_in: None,
+    }
+}

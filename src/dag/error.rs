@@ -109,6 +109,9 @@ pub enum DagError {
         /// The task it was running.
         task: String,
     },
+    /// A worker process failed or could not be started or reached.
+    #[error("worker process: {0}")]
+    Worker(String),
     /// The executor pool has shut down or a worker vanished.
     #[error("the executor pool stopped before the job finished; create a new DagRuntime")]
     ExecutorsGone,

@@ -20,7 +20,7 @@
 
 use super::plan::{Plan, TaskId};
 use super::DagError;
-use crate::client::{BlockHandle, Task};
+use crate::client::{BlockHandle, Client, Task};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What an arrival at a fan-in means for the caller.
@@ -59,59 +59,42 @@ impl FanIn {
     /// Allocates zeroed counter blocks under `job`'s path: a region for every fan-in
     /// of `plan` and an invocation word for every task.
     pub fn create(job: &Task, plan: &Plan) -> Result<FanIn, DagError> {
-        let mut regions = vec![None; plan.len()];
-        let mut starts = Vec::with_capacity(plan.len());
         let mut blocks = job.alloc(1)?;
         let block_len = blocks.first().map(|b| b.len()).unwrap_or(0);
-        let (mut block, mut offset) = (0usize, 0u64);
-        for (t, slot) in regions.iter_mut().enumerate() {
-            let parents = plan.parents(t).len() as u64;
-            if parents < 2 {
-                continue;
-            }
-            let size = FLAGS + 8 * parents;
-            if size > block_len {
-                return Err(DagError::FanInTooWide {
-                    task: plan.name(t).to_string(),
-                    parents: parents as usize,
-                    block_len,
-                });
-            }
-            if offset + size > block_len {
-                block += 1;
-                offset = 0;
-            }
-            *slot = Some(Region {
-                block,
-                offset,
-                parents,
-            });
-            offset += size;
+        let (regions, starts, count) = layout(plan, block_len)?;
+        if count > 1 {
+            blocks.extend(job.alloc((count - 1) as u64 * block_len)?);
         }
-        // One invocation word per task after the fan-in regions.
-        for _ in 0..plan.len() {
-            if offset + 8 > block_len {
-                block += 1;
-                offset = 0;
-            }
-            starts.push((block, offset));
-            offset += 8;
-        }
-        if block > 0 {
-            blocks.extend(job.alloc(block as u64 * block_len)?);
-        }
-        if blocks.len() <= block {
+        Self::from_parts(&job.path().to_string(), blocks, count, regions, starts)
+    }
+
+    /// The counters of a job another process created with [`FanIn::create`] at
+    /// `job` (a worker process joining the job).
+    pub fn open(client: &Client, job: &str, plan: &Plan) -> Result<FanIn, DagError> {
+        let blocks = client.open_blocks(job, true)?;
+        let block_len = blocks.first().map(|b| b.len()).unwrap_or(0);
+        let (regions, starts, count) = layout(plan, block_len)?;
+        Self::from_parts(job, blocks, count, regions, starts)
+    }
+
+    fn from_parts(
+        job: &str,
+        blocks: Vec<BlockHandle>,
+        count: usize,
+        regions: Vec<Option<Region>>,
+        starts: Vec<(usize, u64)>,
+    ) -> Result<FanIn, DagError> {
+        if blocks.len() < count {
             return Err(DagError::Corrupt {
-                job: job.path().to_string(),
+                job: job.to_string(),
                 what: format!(
-                    "asked for {} counter blocks, the pool granted {}",
-                    block + 1,
+                    "the job needs {count} counter blocks, the pool has {}",
                     blocks.len()
                 ),
             });
         }
         Ok(FanIn {
-            job: job.path().to_string(),
+            job: job.to_string(),
             blocks,
             regions,
             starts,
@@ -311,4 +294,50 @@ impl FanIn {
     pub fn ops(&self) -> u64 {
         self.ops.load(Ordering::Relaxed)
     }
+}
+
+/// Where every fan-in region and invocation word of `plan` lies in blocks of
+/// `block_len` bytes: fan-in regions first, then one word per task. Returns the
+/// regions, the words and the number of blocks.
+#[allow(clippy::type_complexity)]
+fn layout(
+    plan: &Plan,
+    block_len: u64,
+) -> Result<(Vec<Option<Region>>, Vec<(usize, u64)>, usize), DagError> {
+    let mut regions = vec![None; plan.len()];
+    let mut starts = Vec::with_capacity(plan.len());
+    let (mut block, mut offset) = (0usize, 0u64);
+    for (t, slot) in regions.iter_mut().enumerate() {
+        let parents = plan.parents(t).len() as u64;
+        if parents < 2 {
+            continue;
+        }
+        let size = FLAGS + 8 * parents;
+        if size > block_len {
+            return Err(DagError::FanInTooWide {
+                task: plan.name(t).to_string(),
+                parents: parents as usize,
+                block_len,
+            });
+        }
+        if offset + size > block_len {
+            block += 1;
+            offset = 0;
+        }
+        *slot = Some(Region {
+            block,
+            offset,
+            parents,
+        });
+        offset += size;
+    }
+    for _ in 0..plan.len() {
+        if offset + 8 > block_len {
+            block += 1;
+            offset = 0;
+        }
+        starts.push((block, offset));
+        offset += 8;
+    }
+    Ok((regions, starts, block + 1))
 }

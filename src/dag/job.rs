@@ -25,6 +25,33 @@ pub(crate) enum Event {
     Failed(DagError),
 }
 
+/// An invocation that crosses a process boundary (see [`super::process`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RemoteInvocation {
+    /// The task the new executor starts at.
+    pub task: TaskId,
+    /// Parent outputs (or their marks) travelling with the invocation.
+    pub known: Vec<(TaskId, WireHeld)>,
+    /// Earlier attempts of this invocation that died.
+    pub attempt: u32,
+}
+
+/// A parent output inside an invocation: the bytes, or where they are in the pool.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) enum WireHeld {
+    Bytes(Vec<u8>),
+    Mark(u64),
+}
+
+/// How a job starts executors.
+pub(crate) enum Launcher {
+    /// Threads of this process's executor pool.
+    Threads(Invoker),
+    /// Worker processes: the function hands the invocation to the invoker; false if
+    /// it is gone.
+    Remote(Box<dyn Fn(RemoteInvocation) -> bool + Send + Sync>),
+}
+
 /// Per-job counts shared by the executors and the submitter.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -45,7 +72,7 @@ pub(crate) struct Job {
     pub store: Arc<OutputStore>,
     pub fanin: Arc<FanIn>,
     pub counters: Arc<Counters>,
-    pub invoker: Invoker,
+    pub launcher: Launcher,
     pub inline_limit: usize,
     pub cluster: bool,
     pub replay_fan_in: bool,
@@ -64,8 +91,8 @@ impl Job {
 
     /// Whether the executor that just ran `t` must die now (injected crash; once per
     /// job).
-    pub(crate) fn crash_now(&self, t: TaskId) -> bool {
-        self.crash_task == Some(t) && !self.crashed.swap(true, Ordering::Relaxed)
+    pub(crate) fn crash_now(&self, t: TaskId, attempt: u32) -> bool {
+        attempt == 0 && self.crash_task == Some(t) && !self.crashed.swap(true, Ordering::Relaxed)
     }
 
     /// Reports the first failure; later ones are dropped.
@@ -81,10 +108,18 @@ impl Job {
         let _ = self.events.send(event);
     }
 
-    /// Queues `work` on a free executor.
+    /// Queues `work` on a free executor thread.
     pub(crate) fn invoke(&self, work: impl FnOnce() + Send + 'static) -> Result<(), DagError> {
         self.counters.invocations.fetch_add(1, Ordering::Relaxed);
-        if self.invoker.invoke(work) {
+        let started = match &self.launcher {
+            Launcher::Threads(invoker) => invoker.invoke(work),
+            Launcher::Remote(_) => {
+                return Err(DagError::Config(
+                    "this scheduler cannot run on worker processes".to_string(),
+                ))
+            }
+        };
+        if started {
             Ok(())
         } else {
             Err(DagError::ExecutorsGone)

@@ -36,6 +36,7 @@ mod fanin;
 mod graph;
 mod job;
 mod plan;
+pub mod process;
 mod runtime;
 mod schedule;
 mod store;

@@ -3,7 +3,7 @@
 use super::executor::ExecutorPool;
 use super::fanin::FanIn;
 use super::graph::{Graph, Registry};
-use super::job::{Counters, Event, Job};
+use super::job::{Counters, Event, Job, Launcher};
 use super::plan::{Plan, TaskId};
 use super::store::OutputStore;
 use super::typed::decode;
@@ -113,6 +113,10 @@ pub struct JobOutput {
 }
 
 impl JobOutput {
+    pub(crate) fn new(outputs: HashMap<String, Vec<u8>>, stats: JobStats) -> Self {
+        Self { outputs, stats }
+    }
+
     /// The raw output of sink `name`.
     pub fn bytes(&self, name: &str) -> Result<&[u8], DagError> {
         self.outputs
@@ -218,7 +222,7 @@ impl DagRuntime {
             store: store.clone(),
             fanin: fanin.clone(),
             counters: counters.clone(),
-            invoker,
+            launcher: Launcher::Threads(invoker),
             inline_limit: self.config.inline_limit,
             cluster: self.config.cluster_large_outputs,
             replay_fan_in: self.config.replay_fan_in,

@@ -18,7 +18,7 @@
 //! owner id) are not invoked again.
 
 use super::fanin::Arrival;
-use super::job::{Event, Job};
+use super::job::{Event, Job, Launcher, RemoteInvocation, WireHeld};
 use super::plan::TaskId;
 use super::store::InlineRef;
 use super::DagError;
@@ -56,6 +56,28 @@ fn invoke(
     known: Vec<(TaskId, Held)>,
     attempt: u32,
 ) -> Result<(), DagError> {
+    if let Launcher::Remote(send) = &job.launcher {
+        job.counters.invocations.fetch_add(1, Ordering::Relaxed);
+        let known = known
+            .into_iter()
+            .map(|(t, h)| {
+                let wire = match h {
+                    Held::Bytes(b) => WireHeld::Bytes(b.as_ref().clone()),
+                    Held::Mark(m) => WireHeld::Mark(m),
+                };
+                (t, wire)
+            })
+            .collect();
+        return if send(RemoteInvocation {
+            task,
+            known,
+            attempt,
+        }) {
+            Ok(())
+        } else {
+            Err(DagError::ExecutorsGone)
+        };
+    }
     let j = job.clone();
     job.invoke(move || match run_path(&j, task, known.clone(), attempt) {
         Ok(()) => {}
@@ -68,6 +90,22 @@ fn invoke(
         }
         Err(e) => j.fail(e),
     })
+}
+
+/// Runs an invocation that came from another process (a worker process's executor).
+pub(crate) fn run_remote(job: &Arc<Job>, inv: RemoteInvocation) -> Result<(), DagError> {
+    let known = inv
+        .known
+        .into_iter()
+        .map(|(t, w)| {
+            let held = match w {
+                WireHeld::Bytes(b) => Held::Bytes(Arc::new(b)),
+                WireHeld::Mark(m) => Held::Mark(m),
+            };
+            (t, held)
+        })
+        .collect();
+    run_path(job, inv.task, known, inv.attempt)
 }
 
 /// One executor's private state.
@@ -186,7 +224,7 @@ fn run_path(
             None => {
                 ex.resolve_parents(t)?;
                 let out = job.execute(t, |p| ex.bytes(p))?;
-                if job.crash_now(t) {
+                if job.crash_now(t, attempt) {
                     // Injected crash: the executor dies mid-task, before any effect
                     // of the task; everything it held is lost.
                     return Err(DagError::ExecutorKilled {

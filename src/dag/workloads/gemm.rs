@@ -8,7 +8,7 @@ use faer::{Accum, Mat, Par};
 use std::sync::{Arc, OnceLock};
 
 /// Size of a blocked GEMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GemmSpec {
     /// Matrix side (the workload: at least 2,048).
     pub n: usize,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 /// What each task does besides its own computation: nothing, sleep or spin for a
 /// fixed time (tree reduction's 0, 1 and 10 ms tasks, sleeping or busy).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct TaskWork {
     /// How long every task takes.
     pub time: Duration,
@@ -95,6 +95,29 @@ impl std::fmt::Debug for Workload {
             .field("name", &self.name)
             .field("tasks", &self.graph.len())
             .finish()
+    }
+}
+
+/// A workload by its parameters: what a worker process needs to rebuild the same graph
+/// and task functions as the submitter (functions are code, deployed with the worker).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum WorkloadSpec {
+    /// Tree reduction.
+    Tr(TreeSpec),
+    /// Blocked GEMM.
+    Gemm(GemmSpec),
+    /// TSQR.
+    Tsqr(TsqrSpec),
+}
+
+impl WorkloadSpec {
+    /// Builds the workload.
+    pub fn build(&self) -> Result<Workload, DagError> {
+        match *self {
+            WorkloadSpec::Tr(s) => tree_reduction(s),
+            WorkloadSpec::Gemm(s) => gemm(s),
+            WorkloadSpec::Tsqr(s) => tsqr(s),
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use super::{Check, TaskWork, Workload};
 use crate::dag::{encode, DagError, Graph, Input, Registry};
 
 /// Size and task time of a tree reduction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TreeSpec {
     /// Leaves (the workload has 1,024).
     pub leaves: u64,

@@ -7,7 +7,7 @@ use faer::Mat;
 use std::sync::{Arc, OnceLock};
 
 /// Size of a TSQR.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TsqrSpec {
     /// Rows of the matrix (the workload: 262,144).
     pub rows: usize,

@@ -1,0 +1,575 @@
+//! Executors as processes: `farpool worker --controller ADDR` processes stand in for
+//! serverless function instances. A [`WorkerPool`] (the invoker) starts them, reuses
+//! them across invocations and jobs, hands each invocation to an idle one, restarts
+//! one that died and retries the invocation it was running. Workers run the Wukong
+//! executor over the same pool as the submitter: fan-in counters, the inline arena and
+//! pool objects are shared through the pool; invocations they make, sink outputs and
+//! statistics come back to the invoker over the worker's standard output.
+//!
+//! Task functions are code, so a worker must have them: `farpool worker` knows the
+//! built-in workloads and rebuilds a job's graph and functions from its
+//! [`WorkloadSpec`]. Only the Wukong scheduler runs on worker processes.
+//!
+//! Messages are bincode frames with a 4-byte little-endian length, on the worker's
+//! standard input (invoker to worker) and standard output (worker to invoker).
+
+use super::fanin::FanIn;
+use super::job::{Counters, Event, Job, Launcher, RemoteInvocation};
+use super::plan::{Plan, TaskId};
+use super::runtime::{JobOutput, JobStats};
+use super::store::OutputStore;
+use super::workloads::WorkloadSpec;
+use super::{wukong, DagError};
+use crate::client::Client;
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest frame accepted (a 2 MiB matrix block travels inside an invocation at most).
+const MAX_FRAME: usize = 256 << 20;
+
+/// What a worker needs to join a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JobSpec {
+    id: u64,
+    path: String,
+    workload: WorkloadSpec,
+    inline_limit: usize,
+    cluster: bool,
+    crash_in: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum ToWorker {
+    Job(JobSpec),
+    Invoke { job: u64, inv: RemoteInvocation },
+    EndJob(u64),
+}
+
+/// What one invocation did, as counted by the worker.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Delta {
+    tasks_run: u64,
+    invocations: u64,
+    compute_ns: u64,
+    ideal_bytes: u64,
+    bytes_written: u64,
+    bytes_read: u64,
+    counter_ops: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum FromWorker {
+    Invoke {
+        job: u64,
+        inv: RemoteInvocation,
+    },
+    Sink {
+        job: u64,
+        task: TaskId,
+        out: Vec<u8>,
+    },
+    Failed {
+        job: u64,
+        message: String,
+    },
+    Done {
+        job: u64,
+        delta: Delta,
+    },
+}
+
+fn write_frame<T: Serialize>(out: &mut impl Write, msg: &T) -> std::io::Result<()> {
+    let bytes = bincode::serialize(msg).map_err(std::io::Error::other)?;
+    let len =
+        u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("frame larger than 4 GiB"))?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&bytes)?;
+    out.flush()
+}
+
+/// The next frame, or `None` at end of stream.
+fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> std::io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!(
+            "frame of {len} bytes is larger than {MAX_FRAME}"
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    input.read_exact(&mut buf)?;
+    bincode::deserialize(&buf)
+        .map(Some)
+        .map_err(std::io::Error::other)
+}
+
+type Out = Arc<Mutex<std::io::Stdout>>;
+
+fn send(out: &Out, msg: &FromWorker) -> Result<(), DagError> {
+    write_frame(&mut *out.lock(), msg)
+        .map_err(|e| DagError::Worker(format!("cannot write to the invoker: {e}")))
+}
+
+struct WorkerJob {
+    job: Arc<Job>,
+    events: Receiver<Event>,
+}
+
+impl WorkerJob {
+    fn snapshot(&self) -> Delta {
+        let c = &self.job.counters;
+        Delta {
+            tasks_run: c.tasks_run.load(Ordering::Relaxed),
+            invocations: c.invocations.load(Ordering::Relaxed),
+            compute_ns: c.compute_ns.load(Ordering::Relaxed),
+            ideal_bytes: c.ideal_bytes.load(Ordering::Relaxed),
+            bytes_written: self.job.store.bytes_written(),
+            bytes_read: self.job.store.bytes_read(),
+            counter_ops: self.job.fanin.ops(),
+        }
+    }
+}
+
+fn join_job(client: &Client, spec: &JobSpec, out: &Out) -> Result<WorkerJob, DagError> {
+    let workload = spec.workload.build()?;
+    let registry = Arc::new(workload.registry().clone());
+    let plan = Arc::new(Plan::new(workload.graph(), &registry)?);
+    let fanin = Arc::new(FanIn::open(client, &spec.path, &plan)?);
+    let store = Arc::new(OutputStore::new(client.clone(), spec.path.clone()));
+    let crash_task = match &spec.crash_in {
+        None => None,
+        Some(name) => Some(plan.id(name).ok_or_else(|| {
+            DagError::Config(format!(
+                "crash_in names task '{name}', which is not in the graph"
+            ))
+        })?),
+    };
+    let (tx, rx) = channel();
+    let id = spec.id;
+    let invoke_out = out.clone();
+    let job = Arc::new(Job {
+        plan,
+        registry,
+        store,
+        fanin,
+        counters: Arc::new(Counters::default()),
+        launcher: Launcher::Remote(Box::new(move |inv| {
+            send(&invoke_out, &FromWorker::Invoke { job: id, inv }).is_ok()
+        })),
+        inline_limit: spec.inline_limit,
+        cluster: spec.cluster,
+        replay_fan_in: false,
+        events: tx,
+        failed: Default::default(),
+        crash_task,
+        crashed: Default::default(),
+    });
+    Ok(WorkerJob { job, events: rx })
+}
+
+/// `farpool worker`: serves invocations read from standard input until it closes.
+/// One invocation at a time, like a function instance. A crash injected with
+/// `crash_in` kills the process (abort) in the middle of the task.
+pub fn serve_stdio(controller: &str) -> Result<(), DagError> {
+    let client = Client::connect(controller)?;
+    let out: Out = Arc::new(Mutex::new(std::io::stdout()));
+    let mut input = BufReader::new(std::io::stdin().lock());
+    let mut jobs: HashMap<u64, WorkerJob> = HashMap::new();
+    loop {
+        let msg: ToWorker = match read_frame(&mut input) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                return Err(DagError::Worker(format!(
+                    "bad message from the invoker: {e}"
+                )))
+            }
+        };
+        match msg {
+            ToWorker::Job(spec) => match join_job(&client, &spec, &out) {
+                Ok(j) => {
+                    jobs.insert(spec.id, j);
+                }
+                Err(e) => send(
+                    &out,
+                    &FromWorker::Failed {
+                        job: spec.id,
+                        message: e.to_string(),
+                    },
+                )?,
+            },
+            ToWorker::EndJob(id) => {
+                jobs.remove(&id);
+            }
+            ToWorker::Invoke { job, inv } => {
+                let Some(wj) = jobs.get(&job) else {
+                    send(
+                        &out,
+                        &FromWorker::Failed {
+                            job,
+                            message: "invocation for a job this worker has not joined".into(),
+                        },
+                    )?;
+                    continue;
+                };
+                let before = wj.snapshot();
+                let result = wukong::run_remote(&wj.job, inv);
+                if let Err(DagError::ExecutorKilled { .. }) = result {
+                    // Injected crash: die like a killed function instance.
+                    std::process::abort();
+                }
+                while let Ok(event) = wj.events.try_recv() {
+                    let msg = match event {
+                        Event::Sink(task, bytes) | Event::Done(task, Some(bytes)) => {
+                            FromWorker::Sink {
+                                job,
+                                task,
+                                out: bytes.as_ref().clone(),
+                            }
+                        }
+                        Event::Done(_, None) => continue,
+                        Event::Failed(e) => FromWorker::Failed {
+                            job,
+                            message: e.to_string(),
+                        },
+                    };
+                    send(&out, &msg)?;
+                }
+                if let Err(e) = result {
+                    send(
+                        &out,
+                        &FromWorker::Failed {
+                            job,
+                            message: e.to_string(),
+                        },
+                    )?;
+                }
+                let after = wj.snapshot();
+                let delta = Delta {
+                    tasks_run: after.tasks_run - before.tasks_run,
+                    invocations: after.invocations - before.invocations,
+                    compute_ns: after.compute_ns - before.compute_ns,
+                    ideal_bytes: after.ideal_bytes - before.ideal_bytes,
+                    bytes_written: after.bytes_written - before.bytes_written,
+                    bytes_read: after.bytes_read - before.bytes_read,
+                    counter_ops: after.counter_ops - before.counter_ops,
+                };
+                send(&out, &FromWorker::Done { job, delta })?;
+            }
+        }
+    }
+}
+
+/// Settings of a [`WorkerPool`].
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The farpool binary to run as `farpool worker`.
+    pub bin: PathBuf,
+    /// Controller address the workers connect to.
+    pub controller: String,
+    /// Worker processes.
+    pub workers: usize,
+    /// Outputs up to this many bytes travel inline.
+    pub inline_limit: usize,
+    /// Task clustering for large outputs.
+    pub cluster_large_outputs: bool,
+    /// Fault injection: the worker that first runs this task aborts in the middle of
+    /// it; the invoker restarts a worker and retries the invocation.
+    pub crash_in: Option<String>,
+}
+
+struct Worker {
+    /// Unique over the pool's life (a restarted worker gets a new one).
+    id: u64,
+    child: Child,
+    stdin: ChildStdin,
+    /// The invocation it runs.
+    busy: Option<RemoteInvocation>,
+}
+
+type Message = (u64, Option<FromWorker>);
+
+/// The invoker of worker processes: starts `workers` of them on first use, reuses
+/// them for every invocation and job, and restarts one that dies.
+pub struct WorkerPool {
+    config: WorkerConfig,
+    workers: Vec<Worker>,
+    next_worker: u64,
+    tx: Sender<Message>,
+    rx: Receiver<Message>,
+    next_job: AtomicU64,
+}
+
+impl WorkerPool {
+    /// A pool that starts its processes when the first job runs.
+    pub fn new(config: WorkerConfig) -> Result<WorkerPool, DagError> {
+        if config.workers == 0 {
+            return Err(DagError::Config("workers must be at least 1".into()));
+        }
+        let (tx, rx) = channel();
+        Ok(WorkerPool {
+            config,
+            workers: Vec::new(),
+            next_worker: 0,
+            tx,
+            rx,
+            next_job: AtomicU64::new(0),
+        })
+    }
+
+    fn spawn(&mut self) -> Result<Worker, DagError> {
+        let mut child = Command::new(&self.config.bin)
+            .args(["worker", "--controller", &self.config.controller])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| {
+                DagError::Worker(format!(
+                    "cannot start {} worker: {e}; set WorkerConfig::bin to the farpool binary",
+                    self.config.bin.display()
+                ))
+            })?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(DagError::Worker("worker started without pipes".into()));
+        };
+        let id = self.next_worker;
+        self.next_worker += 1;
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name(format!("dag-worker-{id}"))
+            .spawn(move || {
+                let mut input = BufReader::new(stdout);
+                loop {
+                    match read_frame::<FromWorker>(&mut input) {
+                        Ok(Some(msg)) => {
+                            if tx.send((id, Some(msg))).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) | Err(_) => {
+                            let _ = tx.send((id, None));
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| DagError::Worker(format!("cannot start a reader thread: {e}")))?;
+        Ok(Worker {
+            id,
+            child,
+            stdin,
+            busy: None,
+        })
+    }
+
+    /// Worker processes alive now.
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Whether no worker process runs (before the first job).
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// Process ids of the workers (to kill one from outside, for example).
+    pub fn pids(&self) -> Vec<u32> {
+        self.workers.iter().map(|w| w.child.id()).collect()
+    }
+
+    /// Runs `spec` as one job with the Wukong scheduler on the worker processes and
+    /// returns its sink outputs. `client` creates and frees the job's pool objects.
+    pub fn run(&mut self, client: &Client, spec: WorkloadSpec) -> Result<JobOutput, DagError> {
+        let workload = spec.build()?;
+        let plan = Plan::new(workload.graph(), workload.registry())?;
+        let n = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let path = format!("/dagw-{}-{n}", std::process::id());
+        let job_task = client.task(&path)?;
+        let started = Instant::now();
+        let result = self.run_job(&job_task, &plan, spec, n, &path, started);
+        for w in &mut self.workers {
+            let _ = write_frame(&mut w.stdin, &ToWorker::EndJob(n));
+        }
+        if let Err(e) = job_task.close() {
+            tracing::warn!(job = %path, error = %e, "could not free the job's pool objects; its lease will reclaim them");
+        }
+        result
+    }
+
+    fn run_job(
+        &mut self,
+        job_task: &crate::client::Task,
+        plan: &Plan,
+        workload: WorkloadSpec,
+        id: u64,
+        path: &str,
+        started: Instant,
+    ) -> Result<JobOutput, DagError> {
+        let fanin = FanIn::create(job_task, plan)?;
+        let spec = JobSpec {
+            id,
+            path: path.to_string(),
+            workload,
+            inline_limit: self.config.inline_limit,
+            cluster: self.config.cluster_large_outputs,
+            crash_in: self.config.crash_in.clone(),
+        };
+        while self.workers.len() < self.config.workers {
+            let w = self.spawn()?;
+            self.workers.push(w);
+        }
+        for w in &mut self.workers {
+            write_frame(&mut w.stdin, &ToWorker::Job(spec.clone()))
+                .map_err(|e| DagError::Worker(format!("cannot reach worker {}: {e}", w.id)))?;
+        }
+        let mut pending: VecDeque<RemoteInvocation> = plan
+            .leaves()
+            .iter()
+            .map(|&task| RemoteInvocation {
+                task,
+                known: Vec::new(),
+                attempt: 0,
+            })
+            .collect();
+        let mut stats = Delta {
+            invocations: pending.len() as u64,
+            ..Delta::default()
+        };
+        let mut retries = 0u64;
+        let mut outstanding = pending.len();
+        let mut sinks: HashMap<TaskId, Vec<u8>> = HashMap::new();
+        while outstanding > 0 {
+            for w in &mut self.workers {
+                if w.busy.is_some() {
+                    continue;
+                }
+                let Some(inv) = pending.pop_front() else {
+                    break;
+                };
+                let msg = ToWorker::Invoke {
+                    job: id,
+                    inv: inv.clone(),
+                };
+                w.busy = Some(inv);
+                // A worker that cannot be written to has died: its reader reports it.
+                let _ = write_frame(&mut w.stdin, &msg);
+            }
+            let (wid, msg) = self
+                .rx
+                .recv_timeout(Duration::from_secs(600))
+                .map_err(|_| DagError::Worker("no worker made progress for 600 s".into()))?;
+            let Some(slot) = self.workers.iter().position(|w| w.id == wid) else {
+                continue; // a worker already replaced
+            };
+            match msg {
+                Some(FromWorker::Invoke { job, inv }) if job == id => {
+                    pending.push_back(inv);
+                    outstanding += 1;
+                }
+                Some(FromWorker::Sink { job, task, out }) if job == id => {
+                    sinks.insert(task, out);
+                }
+                Some(FromWorker::Failed { job, message }) if job == id => {
+                    return Err(DagError::Worker(message));
+                }
+                Some(FromWorker::Done { job, delta }) if job == id => {
+                    self.workers[slot].busy = None;
+                    outstanding -= 1;
+                    stats.tasks_run += delta.tasks_run;
+                    stats.invocations += delta.invocations;
+                    stats.compute_ns += delta.compute_ns;
+                    stats.ideal_bytes += delta.ideal_bytes;
+                    stats.bytes_written += delta.bytes_written;
+                    stats.bytes_read += delta.bytes_read;
+                    stats.counter_ops += delta.counter_ops;
+                }
+                Some(_) => {} // a message of an earlier job
+                None => {
+                    // The worker died: restart one and retry what it was running.
+                    let mut dead = self.workers.remove(slot);
+                    let _ = dead.child.kill();
+                    let _ = dead.child.wait();
+                    if let Some(mut inv) = dead.busy.take() {
+                        inv.attempt += 1;
+                        if inv.attempt >= wukong::MAX_ATTEMPTS {
+                            return Err(DagError::ExecutorKilled {
+                                task: plan.name(inv.task).to_string(),
+                            });
+                        }
+                        retries += 1;
+                        stats.invocations += 1;
+                        pending.push_front(inv);
+                    }
+                    let mut w = self.spawn()?;
+                    write_frame(&mut w.stdin, &ToWorker::Job(spec.clone())).map_err(|e| {
+                        DagError::Worker(format!("cannot reach worker {}: {e}", w.id))
+                    })?;
+                    self.workers.push(w);
+                }
+            }
+        }
+        let makespan = started.elapsed();
+        if let Some(&t) = plan.sinks().iter().find(|t| !sinks.contains_key(t)) {
+            return Err(DagError::Stalled(plan.name(t).to_string()));
+        }
+        let fan_in_count = fanin.total_count()?;
+        let outputs = sinks
+            .into_iter()
+            .map(|(t, out)| (plan.name(t).to_string(), out))
+            .collect();
+        Ok(JobOutput::new(
+            outputs,
+            JobStats {
+                tasks: plan.len() as u64,
+                tasks_run: stats.tasks_run,
+                invocations: stats.invocations,
+                counter_ops: stats.counter_ops,
+                bytes_written: stats.bytes_written,
+                bytes_read: stats.bytes_read,
+                makespan,
+                compute: Duration::from_nanos(stats.compute_ns),
+                ideal_bytes: stats.ideal_bytes,
+                retries,
+                fan_in_count,
+            },
+        ))
+    }
+}
+
+impl Drop for WorkerPool {
+    /// Closes every worker's input (it exits) and reaps it.
+    fn drop(&mut self) {
+        for mut w in self.workers.drain(..) {
+            drop(w.stdin);
+            if w.child.wait().is_err() {
+                let _ = w.child.kill();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("config", &self.config)
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
