@@ -500,7 +500,7 @@ fn worker_processes_run_jobs_and_survive_a_killed_worker() {
         .fan_in_edges() as u64;
     let config = workers_config(&pool);
     let mut workers = WorkerPool::new(config).unwrap();
-    let out = workers.run(&client, spec).unwrap();
+    let out = workers.run(&client, spec, Scheduler::Wukong).unwrap();
     assert!(workload.check(&out).unwrap().correct);
     let st = out.stats();
     assert_eq!(st.tasks_run, st.tasks);
@@ -508,7 +508,7 @@ fn worker_processes_run_jobs_and_survive_a_killed_worker() {
     assert_eq!(workers.len(), 3);
     // The same processes run the next job.
     let pids = workers.pids();
-    let out = workers.run(&client, spec).unwrap();
+    let out = workers.run(&client, spec, Scheduler::Wukong).unwrap();
     assert!(workload.check(&out).unwrap().correct);
     assert_eq!(workers.pids(), pids, "workers are reused");
     drop(workers);
@@ -520,7 +520,7 @@ fn worker_processes_run_jobs_and_survive_a_killed_worker() {
         ..workers_config(&pool)
     })
     .unwrap();
-    let out = workers.run(&client, spec).unwrap();
+    let out = workers.run(&client, spec, Scheduler::Wukong).unwrap();
     let st = out.stats();
     assert!(workload.check(&out).unwrap().correct);
     assert_eq!(
@@ -537,6 +537,39 @@ fn worker_processes_run_jobs_and_survive_a_killed_worker() {
     );
     assert_eq!(st.fan_in_count, edges, "no counter double-counted");
     assert_eq!(workers.len(), 3, "the dead worker was replaced");
+
+    // The centralized scheduler dispatches to the same kind of workers, with a crash.
+    let out = workers.run(&client, spec, Scheduler::Central).unwrap();
+    let st = out.stats();
+    assert!(workload.check(&out).unwrap().correct);
+    assert_eq!(st.retries, 1);
+    assert_eq!(
+        st.invocations,
+        st.tasks + 1,
+        "one dispatch per task, one retry"
+    );
+    assert_eq!(
+        st.tasks_run, st.tasks,
+        "the killed dispatch's count died with it"
+    );
+    assert_eq!(st.counter_ops, 0);
+    // GEMM with large outputs through pool objects, both ways.
+    // 32x32 blocks are 8 KiB: above the inline limit.
+    let gemm = WorkloadSpec::Gemm(farpool::dag::workloads::GemmSpec {
+        n: 64,
+        block: 32,
+        ..Default::default()
+    });
+    let w = gemm.build().unwrap();
+    let mut workers = WorkerPool::new(workers_config(&pool)).unwrap();
+    for s in [Scheduler::Wukong, Scheduler::Central] {
+        let out = workers.run(&client, gemm, s).unwrap();
+        assert!(w.check(&out).unwrap().correct, "{s:?}");
+        assert!(
+            out.stats().bytes_written > 0,
+            "{s:?}: blocks through the pool"
+        );
+    }
 }
 
 fn workers_config(pool: &EmbeddedPool) -> farpool::dag::process::WorkerConfig {

@@ -9,15 +9,20 @@
 //! (every task-produced input written once and read once per reader); `correct` is the
 //! check of the sink outputs against a direct computation.
 //!
+//! With `--processes` the executors are `farpool worker` processes started and reused
+//! by the bench's invoker ([`crate::dag::process`]); otherwise threads.
+//!
 //! ```text
 //! farpool bench dag --workload tr --scheduler both --task-ms 1 --workers 4 --repeat 3 --json
+//! farpool bench dag --workload tr --processes --json
 //! farpool bench dag --workload gemm --json
 //! ```
 
 use super::args::BenchTransport;
 use super::cluster::{default_bin, LocalCluster};
 use super::error::BenchError;
-use crate::dag::workloads::{self, GemmSpec, TaskWork, TreeSpec, TsqrSpec, Workload};
+use crate::dag::process::{WorkerConfig, WorkerPool};
+use crate::dag::workloads::{GemmSpec, TaskWork, TreeSpec, TsqrSpec, Workload, WorkloadSpec};
 use crate::dag::{DagRuntime, RuntimeConfig, Scheduler};
 use serde::Serialize;
 use std::io::Write;
@@ -44,9 +49,14 @@ pub struct DagBenchArgs {
     #[arg(long)]
     pub busy: bool,
 
-    /// Executor threads.
+    /// Executors: threads, or worker processes with --processes.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
+
+    /// Run the executors as `farpool worker` processes started (and reused) by the
+    /// bench's invoker, instead of threads of the bench process.
+    #[arg(long)]
+    pub processes: bool,
 
     /// Tree reduction leaves.
     #[arg(long, default_value_t = 1024)]
@@ -151,8 +161,10 @@ pub struct DagRecord {
     pub task_ms: f64,
     /// Whether that time was spent spinning.
     pub busy: bool,
-    /// Executor threads.
+    /// Executors (threads or worker processes).
     pub executors: usize,
+    /// `threads` or `processes`.
+    pub executor_kind: &'static str,
     /// Executor invocations (Wukong) or dispatches (central).
     pub invocations: u64,
     /// Submission to the last sink output.
@@ -187,7 +199,7 @@ fn scheduler_name(s: Scheduler) -> &'static str {
     }
 }
 
-fn workload(args: &DagBenchArgs) -> Result<Workload, BenchError> {
+fn spec(args: &DagBenchArgs) -> Result<WorkloadSpec, BenchError> {
     if !args.task_ms.is_finite() || args.task_ms < 0.0 {
         return Err(BenchError::Args(format!(
             "--task-ms must be a non-negative number, not {}",
@@ -198,14 +210,14 @@ fn workload(args: &DagBenchArgs) -> Result<Workload, BenchError> {
         time: Duration::from_secs_f64(args.task_ms / 1e3),
         busy: args.busy,
     };
-    let w = match args.workload {
-        DagWorkload::Tr => workloads::tree_reduction(TreeSpec {
+    Ok(match args.workload {
+        DagWorkload::Tr => WorkloadSpec::Tr(TreeSpec {
             leaves: args.leaves,
             work,
         }),
         DagWorkload::Gemm => {
             let d = GemmSpec::default();
-            workloads::gemm(GemmSpec {
+            WorkloadSpec::Gemm(GemmSpec {
                 n: args.size.unwrap_or(d.n),
                 block: args.block.unwrap_or(d.block),
                 work,
@@ -214,7 +226,7 @@ fn workload(args: &DagBenchArgs) -> Result<Workload, BenchError> {
         }
         DagWorkload::Tsqr => {
             let d = TsqrSpec::default();
-            workloads::tsqr(TsqrSpec {
+            WorkloadSpec::Tsqr(TsqrSpec {
                 rows: args.size.unwrap_or(d.rows),
                 chunk: args.block.unwrap_or(d.chunk),
                 cols: args.cols,
@@ -222,8 +234,19 @@ fn workload(args: &DagBenchArgs) -> Result<Workload, BenchError> {
                 ..d
             })
         }
-    };
-    w.map_err(|e| BenchError::Args(e.to_string()))
+    })
+}
+
+fn workload(args: &DagBenchArgs) -> Result<Workload, BenchError> {
+    spec(args)?
+        .build()
+        .map_err(|e| BenchError::Args(e.to_string()))
+}
+
+/// Where the executors run.
+enum Executors {
+    Threads(DagRuntime),
+    Processes(Box<WorkerPool>, crate::client::Client),
 }
 
 /// Runs `farpool bench dag` and prints its records to stdout.
@@ -251,24 +274,52 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
     };
     let client = crate::client::Client::connect(&addr)
         .map_err(|e| BenchError::client(format!("connecting to the controller at {addr}"), e))?;
-    let runtime = DagRuntime::new(
-        client,
-        work.registry().clone(),
-        RuntimeConfig {
-            executors: args.workers,
+    let mut executors = if args.processes {
+        let bin = match &args.farpool_bin {
+            Some(b) => b.clone(),
+            None => default_bin()?,
+        };
+        let pool = WorkerPool::new(WorkerConfig {
+            bin,
+            controller: addr.clone(),
+            workers: args.workers,
             inline_limit,
-            job_prefix: "bench-dag".to_string(),
-            ..RuntimeConfig::default()
-        },
-    )
-    .map_err(|e| BenchError::Args(e.to_string()))?;
+            cluster_large_outputs: true,
+            crash_in: None,
+        })
+        .map_err(|e| BenchError::Args(e.to_string()))?;
+        Executors::Processes(Box::new(pool), client)
+    } else {
+        Executors::Threads(
+            DagRuntime::new(
+                client,
+                work.registry().clone(),
+                RuntimeConfig {
+                    executors: args.workers,
+                    inline_limit,
+                    job_prefix: "bench-dag".to_string(),
+                    ..RuntimeConfig::default()
+                },
+            )
+            .map_err(|e| BenchError::Args(e.to_string()))?,
+        )
+    };
+    let workload_spec = spec(args)?;
     let mut header = false;
     for run in 1..=args.repeat {
         for &scheduler in args.scheduler.schedulers() {
             if let Some(c) = cluster.as_mut() {
                 c.check_alive()?;
             }
-            let rec = run_once(&runtime, &work, scheduler, args, transport, run)?;
+            let rec = run_once(
+                &mut executors,
+                &work,
+                workload_spec,
+                scheduler,
+                args,
+                transport,
+                run,
+            )?;
             let mut out = std::io::stdout().lock();
             let line = if args.json {
                 serde_json::to_string(&rec)
@@ -291,9 +342,11 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_once(
-    runtime: &DagRuntime,
+    executors: &mut Executors,
     work: &Workload,
+    workload_spec: WorkloadSpec,
     scheduler: Scheduler,
     args: &DagBenchArgs,
     transport: Option<&'static str>,
@@ -304,7 +357,13 @@ fn run_once(
         scheduler: scheduler_name(scheduler),
         source: e,
     };
-    let out = runtime.run(work.graph(), scheduler).map_err(dag_err)?;
+    let (out, kind) = match executors {
+        Executors::Threads(runtime) => (runtime.run(work.graph(), scheduler), "threads"),
+        Executors::Processes(pool, client) => {
+            (pool.run(client, workload_spec, scheduler), "processes")
+        }
+    };
+    let out = out.map_err(dag_err)?;
     let check = work.check(&out).map_err(dag_err)?;
     let s = out.stats();
     let makespan = s.makespan.as_secs_f64();
@@ -321,6 +380,7 @@ fn run_once(
         task_ms: args.task_ms,
         busy: args.busy,
         executors: args.workers,
+        executor_kind: kind,
         invocations: s.invocations,
         makespan_ms: makespan * 1e3,
         compute_ms: compute * 1e3,
@@ -368,7 +428,11 @@ fn human_row(r: &DagRecord) -> String {
         r.run,
         r.tasks,
         format!("{}{}", r.task_ms, if r.busy { "b" } else { "" }),
-        r.executors,
+        format!(
+            "{}{}",
+            r.executors,
+            if r.executor_kind == "processes" { "p" } else { "t" }
+        ),
         r.makespan_ms,
         r.compute_ms,
         r.overhead_us_per_task,
@@ -466,6 +530,7 @@ mod tests {
             task_ms: 1.0,
             busy: true,
             executors: 2,
+            executor_kind: "threads",
             invocations: 2,
             makespan_ms: 2.5,
             compute_ms: 3.0,

@@ -8,7 +8,10 @@
 //!
 //! Task functions are code, so a worker must have them: `farpool worker` knows the
 //! built-in workloads and rebuilds a job's graph and functions from its
-//! [`WorkloadSpec`]. Only the Wukong scheduler runs on worker processes.
+//! [`WorkloadSpec`]. Both schedulers run on worker processes: Wukong invocations (the
+//! worker runs a path and resolves fan-ins in the pool), or single tasks dispatched by
+//! the centralized scheduler in the invoker (small outputs come back to it and go out
+//! with the next dispatch, large ones go through pool objects).
 //!
 //! Messages are bincode frames with a 4-byte little-endian length, on the worker's
 //! standard input (invoker to worker) and standard output (worker to invoker).
@@ -16,7 +19,7 @@
 use super::fanin::FanIn;
 use super::job::{Counters, Event, Job, Launcher, RemoteInvocation};
 use super::plan::{Plan, TaskId};
-use super::runtime::{JobOutput, JobStats};
+use super::runtime::{JobOutput, JobStats, Scheduler};
 use super::store::OutputStore;
 use super::workloads::WorkloadSpec;
 use super::{wukong, DagError};
@@ -45,12 +48,24 @@ struct JobSpec {
     inline_limit: usize,
     cluster: bool,
     crash_in: Option<String>,
+    /// Wukong jobs have fan-in counters in the pool; centralized ones do not.
+    counters: bool,
+}
+
+/// One task dispatched by the centralized scheduler, with the small outputs of its
+/// parents (large ones are pool objects).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TaskMsg {
+    task: TaskId,
+    inputs: Vec<(TaskId, Vec<u8>)>,
+    attempt: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum ToWorker {
     Job(JobSpec),
     Invoke { job: u64, inv: RemoteInvocation },
+    Run { job: u64, task: TaskMsg },
     EndJob(u64),
 }
 
@@ -64,6 +79,51 @@ struct Delta {
     bytes_written: u64,
     bytes_read: u64,
     counter_ops: u64,
+}
+
+impl Delta {
+    fn since(&self, before: &Delta) -> Delta {
+        Delta {
+            tasks_run: self.tasks_run - before.tasks_run,
+            invocations: self.invocations - before.invocations,
+            compute_ns: self.compute_ns - before.compute_ns,
+            ideal_bytes: self.ideal_bytes - before.ideal_bytes,
+            bytes_written: self.bytes_written - before.bytes_written,
+            bytes_read: self.bytes_read - before.bytes_read,
+            counter_ops: self.counter_ops - before.counter_ops,
+        }
+    }
+
+    fn add(&mut self, d: &Delta) {
+        self.tasks_run += d.tasks_run;
+        self.invocations += d.invocations;
+        self.compute_ns += d.compute_ns;
+        self.ideal_bytes += d.ideal_bytes;
+        self.bytes_written += d.bytes_written;
+        self.bytes_read += d.bytes_read;
+        self.counter_ops += d.counter_ops;
+    }
+}
+
+/// Runs one centrally dispatched task: parents' small outputs come with it, large ones
+/// are read from the pool; a large output is written to the pool unless it is a sink.
+fn run_task(job: &Arc<Job>, msg: &TaskMsg) -> Result<Option<Vec<u8>>, DagError> {
+    let inputs: HashMap<TaskId, Arc<Vec<u8>>> = msg
+        .inputs
+        .iter()
+        .map(|(t, b)| (*t, Arc::new(b.clone())))
+        .collect();
+    let out = job.execute(msg.task, |p| inputs.get(&p).cloned())?;
+    if job.crash_now(msg.task, msg.attempt) {
+        std::process::abort();
+    }
+    let is_sink = job.plan.children(msg.task).is_empty();
+    if is_sink || out.len() <= job.inline_limit {
+        Ok(Some(out.as_ref().clone()))
+    } else {
+        job.store.put(job.plan.name(msg.task), &out)?;
+        Ok(None)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,6 +143,14 @@ enum FromWorker {
     },
     Done {
         job: u64,
+        delta: Delta,
+    },
+    /// A centrally dispatched task finished: small (or sink) outputs come along,
+    /// large ones are pool objects.
+    TaskDone {
+        job: u64,
+        task: TaskId,
+        out: Option<Vec<u8>>,
         delta: Delta,
     },
 }
@@ -148,7 +216,11 @@ fn join_job(client: &Client, spec: &JobSpec, out: &Out) -> Result<WorkerJob, Dag
     let workload = spec.workload.build()?;
     let registry = Arc::new(workload.registry().clone());
     let plan = Arc::new(Plan::new(workload.graph(), &registry)?);
-    let fanin = Arc::new(FanIn::open(client, &spec.path, &plan)?);
+    let fanin = Arc::new(if spec.counters {
+        FanIn::open(client, &spec.path, &plan)?
+    } else {
+        FanIn::empty(spec.path.clone())
+    });
     let store = Arc::new(OutputStore::new(client.clone(), spec.path.clone()));
     let crash_task = match &spec.crash_in {
         None => None,
@@ -215,6 +287,32 @@ pub fn serve_stdio(controller: &str) -> Result<(), DagError> {
             ToWorker::EndJob(id) => {
                 jobs.remove(&id);
             }
+            ToWorker::Run { job, task } => {
+                let Some(wj) = jobs.get(&job) else {
+                    send(
+                        &out,
+                        &FromWorker::Failed {
+                            job,
+                            message: "task for a job this worker has not joined".into(),
+                        },
+                    )?;
+                    continue;
+                };
+                let before = wj.snapshot();
+                let msg = match run_task(&wj.job, &task) {
+                    Ok(result) => FromWorker::TaskDone {
+                        job,
+                        task: task.task,
+                        out: result,
+                        delta: wj.snapshot().since(&before),
+                    },
+                    Err(e) => FromWorker::Failed {
+                        job,
+                        message: e.to_string(),
+                    },
+                };
+                send(&out, &msg)?;
+            }
             ToWorker::Invoke { job, inv } => {
                 let Some(wj) = jobs.get(&job) else {
                     send(
@@ -258,16 +356,7 @@ pub fn serve_stdio(controller: &str) -> Result<(), DagError> {
                         },
                     )?;
                 }
-                let after = wj.snapshot();
-                let delta = Delta {
-                    tasks_run: after.tasks_run - before.tasks_run,
-                    invocations: after.invocations - before.invocations,
-                    compute_ns: after.compute_ns - before.compute_ns,
-                    ideal_bytes: after.ideal_bytes - before.ideal_bytes,
-                    bytes_written: after.bytes_written - before.bytes_written,
-                    bytes_read: after.bytes_read - before.bytes_read,
-                    counter_ops: after.counter_ops - before.counter_ops,
-                };
+                let delta = wj.snapshot().since(&before);
                 send(&out, &FromWorker::Done { job, delta })?;
             }
         }
@@ -297,11 +386,52 @@ struct Worker {
     id: u64,
     child: Child,
     stdin: ChildStdin,
-    /// The invocation it runs.
-    busy: Option<RemoteInvocation>,
+    /// What it runs.
+    busy: Option<Work>,
 }
 
 type Message = (u64, Option<FromWorker>);
+
+/// A unit of work for one worker.
+#[derive(Debug, Clone)]
+enum Work {
+    /// A Wukong executor invocation.
+    Invoke(RemoteInvocation),
+    /// One task dispatched by the centralized scheduler.
+    Task(TaskMsg),
+}
+
+impl Work {
+    fn task(&self) -> TaskId {
+        match self {
+            Work::Invoke(i) => i.task,
+            Work::Task(t) => t.task,
+        }
+    }
+
+    fn retried(mut self) -> (Work, u32) {
+        let attempt = match &mut self {
+            Work::Invoke(i) => &mut i.attempt,
+            Work::Task(t) => &mut t.attempt,
+        };
+        *attempt += 1;
+        let a = *attempt;
+        (self, a)
+    }
+
+    fn message(&self, job: u64) -> ToWorker {
+        match self {
+            Work::Invoke(inv) => ToWorker::Invoke {
+                job,
+                inv: inv.clone(),
+            },
+            Work::Task(task) => ToWorker::Run {
+                job,
+                task: task.clone(),
+            },
+        }
+    }
+}
 
 /// The invoker of worker processes: starts `workers` of them on first use, reuses
 /// them for every invocation and job, and restarts one that dies.
@@ -394,16 +524,21 @@ impl WorkerPool {
         self.workers.iter().map(|w| w.child.id()).collect()
     }
 
-    /// Runs `spec` as one job with the Wukong scheduler on the worker processes and
-    /// returns its sink outputs. `client` creates and frees the job's pool objects.
-    pub fn run(&mut self, client: &Client, spec: WorkloadSpec) -> Result<JobOutput, DagError> {
+    /// Runs `spec` as one job with `scheduler` on the worker processes and returns its
+    /// sink outputs. `client` creates and frees the job's pool objects.
+    pub fn run(
+        &mut self,
+        client: &Client,
+        spec: WorkloadSpec,
+        scheduler: Scheduler,
+    ) -> Result<JobOutput, DagError> {
         let workload = spec.build()?;
         let plan = Plan::new(workload.graph(), workload.registry())?;
         let n = self.next_job.fetch_add(1, Ordering::Relaxed);
         let path = format!("/dagw-{}-{n}", std::process::id());
         let job_task = client.task(&path)?;
         let started = Instant::now();
-        let result = self.run_job(&job_task, &plan, spec, n, &path, started);
+        let result = self.run_job(&job_task, &plan, spec, scheduler, n, &path, started);
         for w in &mut self.workers {
             let _ = write_frame(&mut w.stdin, &ToWorker::EndJob(n));
         }
@@ -413,16 +548,21 @@ impl WorkerPool {
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_job(
         &mut self,
         job_task: &crate::client::Task,
         plan: &Plan,
         workload: WorkloadSpec,
+        scheduler: Scheduler,
         id: u64,
         path: &str,
         started: Instant,
     ) -> Result<JobOutput, DagError> {
-        let fanin = FanIn::create(job_task, plan)?;
+        let fanin = match scheduler {
+            Scheduler::Wukong => Some(FanIn::create(job_task, plan)?),
+            Scheduler::Central => None,
+        };
         let spec = JobSpec {
             id,
             path: path.to_string(),
@@ -430,6 +570,7 @@ impl WorkerPool {
             inline_limit: self.config.inline_limit,
             cluster: self.config.cluster_large_outputs,
             crash_in: self.config.crash_in.clone(),
+            counters: fanin.is_some(),
         };
         while self.workers.len() < self.config.workers {
             let w = self.spawn()?;
@@ -439,13 +580,20 @@ impl WorkerPool {
             write_frame(&mut w.stdin, &ToWorker::Job(spec.clone()))
                 .map_err(|e| DagError::Worker(format!("cannot reach worker {}: {e}", w.id)))?;
         }
-        let mut pending: VecDeque<RemoteInvocation> = plan
+        let mut pending: VecDeque<Work> = plan
             .leaves()
             .iter()
-            .map(|&task| RemoteInvocation {
-                task,
-                known: Vec::new(),
-                attempt: 0,
+            .map(|&task| match scheduler {
+                Scheduler::Wukong => Work::Invoke(RemoteInvocation {
+                    task,
+                    known: Vec::new(),
+                    attempt: 0,
+                }),
+                Scheduler::Central => Work::Task(TaskMsg {
+                    task,
+                    inputs: Vec::new(),
+                    attempt: 0,
+                }),
             })
             .collect();
         let mut stats = Delta {
@@ -455,19 +603,19 @@ impl WorkerPool {
         let mut retries = 0u64;
         let mut outstanding = pending.len();
         let mut sinks: HashMap<TaskId, Vec<u8>> = HashMap::new();
+        // Centralized scheduler state: parents still running, small outputs held.
+        let mut remaining: Vec<usize> = (0..plan.len()).map(|t| plan.parents(t).len()).collect();
+        let mut inline: HashMap<TaskId, Vec<u8>> = HashMap::new();
         while outstanding > 0 {
             for w in &mut self.workers {
                 if w.busy.is_some() {
                     continue;
                 }
-                let Some(inv) = pending.pop_front() else {
+                let Some(work) = pending.pop_front() else {
                     break;
                 };
-                let msg = ToWorker::Invoke {
-                    job: id,
-                    inv: inv.clone(),
-                };
-                w.busy = Some(inv);
+                let msg = work.message(id);
+                w.busy = Some(work);
                 // A worker that cannot be written to has died: its reader reports it.
                 let _ = write_frame(&mut w.stdin, &msg);
             }
@@ -480,7 +628,7 @@ impl WorkerPool {
             };
             match msg {
                 Some(FromWorker::Invoke { job, inv }) if job == id => {
-                    pending.push_back(inv);
+                    pending.push_back(Work::Invoke(inv));
                     outstanding += 1;
                 }
                 Some(FromWorker::Sink { job, task, out }) if job == id => {
@@ -492,13 +640,41 @@ impl WorkerPool {
                 Some(FromWorker::Done { job, delta }) if job == id => {
                     self.workers[slot].busy = None;
                     outstanding -= 1;
-                    stats.tasks_run += delta.tasks_run;
-                    stats.invocations += delta.invocations;
-                    stats.compute_ns += delta.compute_ns;
-                    stats.ideal_bytes += delta.ideal_bytes;
-                    stats.bytes_written += delta.bytes_written;
-                    stats.bytes_read += delta.bytes_read;
-                    stats.counter_ops += delta.counter_ops;
+                    stats.add(&delta);
+                }
+                Some(FromWorker::TaskDone {
+                    job,
+                    task,
+                    out,
+                    delta,
+                }) if job == id => {
+                    self.workers[slot].busy = None;
+                    outstanding -= 1;
+                    stats.add(&delta);
+                    if let Some(out) = out {
+                        if plan.children(task).is_empty() {
+                            sinks.insert(task, out);
+                        } else {
+                            inline.insert(task, out);
+                        }
+                    }
+                    for &c in plan.children(task) {
+                        remaining[c] -= 1;
+                        if remaining[c] == 0 {
+                            let inputs = plan
+                                .parents(c)
+                                .iter()
+                                .filter_map(|p| inline.get(p).map(|v| (*p, v.clone())))
+                                .collect();
+                            pending.push_back(Work::Task(TaskMsg {
+                                task: c,
+                                inputs,
+                                attempt: 0,
+                            }));
+                            stats.invocations += 1;
+                            outstanding += 1;
+                        }
+                    }
                 }
                 Some(_) => {} // a message of an earlier job
                 None => {
@@ -506,16 +682,17 @@ impl WorkerPool {
                     let mut dead = self.workers.remove(slot);
                     let _ = dead.child.kill();
                     let _ = dead.child.wait();
-                    if let Some(mut inv) = dead.busy.take() {
-                        inv.attempt += 1;
-                        if inv.attempt >= wukong::MAX_ATTEMPTS {
+                    if let Some(work) = dead.busy.take() {
+                        let task = work.task();
+                        let (work, attempt) = work.retried();
+                        if attempt >= wukong::MAX_ATTEMPTS {
                             return Err(DagError::ExecutorKilled {
-                                task: plan.name(inv.task).to_string(),
+                                task: plan.name(task).to_string(),
                             });
                         }
                         retries += 1;
                         stats.invocations += 1;
-                        pending.push_front(inv);
+                        pending.push_front(work);
                     }
                     let mut w = self.spawn()?;
                     write_frame(&mut w.stdin, &ToWorker::Job(spec.clone())).map_err(|e| {
@@ -529,7 +706,10 @@ impl WorkerPool {
         if let Some(&t) = plan.sinks().iter().find(|t| !sinks.contains_key(t)) {
             return Err(DagError::Stalled(plan.name(t).to_string()));
         }
-        let fan_in_count = fanin.total_count()?;
+        let fan_in_count = match &fanin {
+            Some(f) => f.total_count()?,
+            None => 0,
+        };
         let outputs = sinks
             .into_iter()
             .map(|(t, out)| (plan.name(t).to_string(), out))
