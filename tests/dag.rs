@@ -553,6 +553,17 @@ fn worker_processes_run_jobs_and_survive_a_killed_worker() {
         "the killed dispatch's count died with it"
     );
     assert_eq!(st.counter_ops, 0);
+    // A job the workers cannot join fails with their message; the same workers run
+    // the next job.
+    workers.set_crash_in(Some("no-such-task".into()));
+    match workers.run(&client, spec, Scheduler::Wukong) {
+        Err(DagError::Worker(message)) => assert!(message.contains("no-such-task"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    workers.set_crash_in(None);
+    let out = workers.run(&client, spec, Scheduler::Wukong).unwrap();
+    assert!(workload.check(&out).unwrap().correct);
+    assert_eq!(workers.len(), 3);
     // GEMM with large outputs through pool objects, both ways.
     // 32x32 blocks are 8 KiB: above the inline limit.
     let gemm = WorkloadSpec::Gemm(farpool::dag::workloads::GemmSpec {

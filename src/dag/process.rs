@@ -126,6 +126,8 @@ fn run_task(job: &Arc<Job>, msg: &TaskMsg) -> Result<Option<Vec<u8>>, DagError> 
     }
 }
 
+/// Every request that runs something (`Invoke`, `Run`) ends with exactly one `Done` or
+/// `TaskDone`; `Failed` comes before it when something went wrong.
 #[derive(Debug, Serialize, Deserialize)]
 enum FromWorker {
     Invoke {
@@ -296,6 +298,13 @@ pub fn serve_stdio(controller: &str) -> Result<(), DagError> {
                             message: "task for a job this worker has not joined".into(),
                         },
                     )?;
+                    send(
+                        &out,
+                        &FromWorker::Done {
+                            job,
+                            delta: Delta::default(),
+                        },
+                    )?;
                     continue;
                 };
                 let before = wj.snapshot();
@@ -306,10 +315,19 @@ pub fn serve_stdio(controller: &str) -> Result<(), DagError> {
                         out: result,
                         delta: wj.snapshot().since(&before),
                     },
-                    Err(e) => FromWorker::Failed {
-                        job,
-                        message: e.to_string(),
-                    },
+                    Err(e) => {
+                        send(
+                            &out,
+                            &FromWorker::Failed {
+                                job,
+                                message: e.to_string(),
+                            },
+                        )?;
+                        FromWorker::Done {
+                            job,
+                            delta: wj.snapshot().since(&before),
+                        }
+                    }
                 };
                 send(&out, &msg)?;
             }
@@ -320,6 +338,13 @@ pub fn serve_stdio(controller: &str) -> Result<(), DagError> {
                         &FromWorker::Failed {
                             job,
                             message: "invocation for a job this worker has not joined".into(),
+                        },
+                    )?;
+                    send(
+                        &out,
+                        &FromWorker::Done {
+                            job,
+                            delta: Delta::default(),
                         },
                     )?;
                     continue;
@@ -509,6 +534,51 @@ impl WorkerPool {
         })
     }
 
+    /// After a failed job: waits (up to a minute) until every worker has finished what
+    /// it was given, so the next job starts with idle workers; replaces workers that
+    /// died or did not finish.
+    fn drain(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.workers.iter().any(|w| w.busy.is_some()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = match self.rx.recv_timeout(left) {
+                Ok(m) => m,
+                Err(_) => break,
+            };
+            let Some(slot) = self.workers.iter().position(|w| w.id == msg.0) else {
+                continue;
+            };
+            match msg.1 {
+                Some(FromWorker::Done { .. } | FromWorker::TaskDone { .. }) => {
+                    self.workers[slot].busy = None;
+                }
+                Some(_) => {}
+                None => {
+                    let mut dead = self.workers.remove(slot);
+                    let _ = dead.child.kill();
+                    let _ = dead.child.wait();
+                }
+            }
+        }
+        // Workers still busy after the deadline are stuck: stop them (the next job
+        // starts new ones).
+        let mut i = 0;
+        while i < self.workers.len() {
+            if self.workers[i].busy.is_some() {
+                let mut w = self.workers.remove(i);
+                let _ = w.child.kill();
+                let _ = w.child.wait();
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Changes the fault injection of later jobs ([`WorkerConfig::crash_in`]).
+    pub fn set_crash_in(&mut self, task: Option<String>) {
+        self.config.crash_in = task;
+    }
+
     /// Worker processes alive now.
     pub fn len(&self) -> usize {
         self.workers.len()
@@ -539,6 +609,9 @@ impl WorkerPool {
         let job_task = client.task(&path)?;
         let started = Instant::now();
         let result = self.run_job(&job_task, &plan, spec, scheduler, n, &path, started);
+        if result.is_err() {
+            self.drain();
+        }
         for w in &mut self.workers {
             let _ = write_frame(&mut w.stdin, &ToWorker::EndJob(n));
         }
@@ -675,6 +748,10 @@ impl WorkerPool {
                             outstanding += 1;
                         }
                     }
+                }
+                Some(FromWorker::Done { .. } | FromWorker::TaskDone { .. }) => {
+                    // The end of work of an earlier job that failed.
+                    self.workers[slot].busy = None;
                 }
                 Some(_) => {} // a message of an earlier job
                 None => {
