@@ -79,6 +79,12 @@ pub struct DagBenchArgs {
     #[arg(long, default_value = "4KiB", value_parser = crate::size::parse_size)]
     pub inline_limit: u64,
 
+    /// Wukong: invoke executors for the other ready children of a large output (they
+    /// read it from the pool) instead of running them all in the executor that holds
+    /// it (task clustering, the default).
+    #[arg(long)]
+    pub no_clustering: bool,
+
     /// Repeat each measurement N times and report every run.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub repeat: u32,
@@ -284,7 +290,7 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
             controller: addr.clone(),
             workers: args.workers,
             inline_limit,
-            cluster_large_outputs: true,
+            cluster_large_outputs: !args.no_clustering,
             crash_in: None,
         })
         .map_err(|e| BenchError::Args(e.to_string()))?;
@@ -298,6 +304,7 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
                     executors: args.workers,
                     inline_limit,
                     job_prefix: "bench-dag".to_string(),
+                    cluster_large_outputs: !args.no_clustering,
                     ..RuntimeConfig::default()
                 },
             )
@@ -475,6 +482,8 @@ mod tests {
             "--busy",
             "--workers",
             "8",
+            "--no-clustering",
+            "--processes",
             "--json",
         ])
         .unwrap();
@@ -486,6 +495,7 @@ mod tests {
         assert_eq!(d.task_ms, 1.0);
         assert!(d.busy && d.json);
         assert_eq!(d.workers, 8);
+        assert!(d.no_clustering && d.processes);
         assert_eq!(d.scheduler.schedulers(), &[Scheduler::Central]);
         let d = match parse(&["dag"]).unwrap().command {
             Some(BenchCommand::Dag(d)) => d,
