@@ -3,81 +3,64 @@
 //! on the same executors and the same embedded pool, and checks both against the
 //! direct sum.
 //!
-//! `cargo run --release --example dag_tree_reduction -- [LEAVES] [EXECUTORS]`
-//! (defaults: 1024 leaves, 4 executors).
+//! `cargo run --release --example dag_tree_reduction -- [LEAVES] [EXECUTORS] [TASK_MS] [busy|sleep] [soft|shm]`
+//! (defaults: 1024 leaves, 4 executors, 0 ms, sleep, soft). `farpool bench dag
+//! --workload tr` runs the same workload with repetitions and JSON output.
 
-use farpool::dag::{encode, DagRuntime, Graph, Input, Registry, RuntimeConfig, Scheduler};
+use farpool::dag::workloads::{tree_reduction, TaskWork, TreeSpec};
+use farpool::dag::{DagRuntime, RuntimeConfig, Scheduler};
 use farpool::{EmbeddedConfig, EmbeddedPool};
+use std::time::Duration;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let leaves: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1024);
     let executors: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(4);
-    if leaves == 0 {
-        return Err("LEAVES must be at least 1".into());
+    let task_ms: f64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(0.0);
+    let busy = args.next().is_some_and(|a| a == "busy");
+    let transport = args.next().unwrap_or_else(|| "soft".to_string()).parse()?;
+    if !(task_ms.is_finite() && task_ms >= 0.0) {
+        return Err("TASK_MS must be a non-negative number".into());
     }
 
-    let mut registry = Registry::new();
-    registry.register("leaf", |inputs| Ok(encode(&inputs.get::<u64>("v")?)?));
-    registry.register("sum", |inputs| {
-        let mut total = 0u64;
-        for name in inputs.names() {
-            total += inputs.get::<u64>(name)?;
-        }
-        Ok(encode(&total)?)
-    });
-
-    let mut graph = Graph::new();
-    let mut level: Vec<String> = Vec::new();
-    for i in 0..leaves {
-        let name = format!("leaf-{i}");
-        graph.add(&name, "leaf", [("v", Input::value(&(i + 1))?)])?;
-        level.push(name);
-    }
-    let mut depth = 0;
-    while level.len() > 1 {
-        let mut next = Vec::new();
-        for (j, pair) in level.chunks(2).enumerate() {
-            let name = format!("sum-{depth}-{j}");
-            let inputs: Vec<(String, Input)> = pair
-                .iter()
-                .enumerate()
-                .map(|(k, p)| (format!("in{k}"), Input::task(p)))
-                .collect();
-            graph.add(&name, "sum", inputs)?;
-            next.push(name);
-        }
-        level = next;
-        depth += 1;
-    }
-    let root = level.pop().ok_or("the tree has no root")?;
-
-    let pool = EmbeddedPool::start(EmbeddedConfig::default())?;
+    let workload = tree_reduction(TreeSpec {
+        leaves,
+        work: TaskWork {
+            time: Duration::from_secs_f64(task_ms / 1e3),
+            busy,
+        },
+    })?;
+    let pool = EmbeddedPool::start(EmbeddedConfig {
+        transport,
+        ..EmbeddedConfig::default()
+    })?;
     let runtime = DagRuntime::new(
         pool.client()?,
-        registry,
+        workload.registry().clone(),
         RuntimeConfig {
             executors,
             ..RuntimeConfig::default()
         },
     )?;
-    let expected = leaves * (leaves + 1) / 2;
     for scheduler in [Scheduler::Wukong, Scheduler::Central] {
-        let out = runtime.run(&graph, scheduler)?;
-        let total: u64 = out.get(&root)?;
+        let out = runtime.run(workload.graph(), scheduler)?;
+        let check = workload.check(&out)?;
         let s = out.stats();
+        let overhead = (s.makespan.as_secs_f64() * executors as f64 - s.compute.as_secs_f64())
+            / s.tasks as f64
+            * 1e6;
         println!(
-            "{scheduler:?}: sum {total} ({}), {} tasks in {:.2} ms, {:.1} us/task, {} invocations, {} counter ops, {} pool bytes written",
-            if total == expected { "correct" } else { "WRONG" },
+            "{scheduler:?}: {} ({}), {} tasks in {:.2} ms, overhead {overhead:.1} us/task, {} invocations, {} counter ops, {} pool bytes moved",
+            check.detail,
+            if check.correct { "correct" } else { "WRONG" },
             s.tasks,
             s.makespan.as_secs_f64() * 1e3,
-            s.makespan.as_secs_f64() * 1e6 * executors as f64 / s.tasks as f64,
             s.invocations,
             s.counter_ops,
-            s.bytes_written,
+            s.bytes_written + s.bytes_read,
         );
-        if total != expected {
-            return Err(format!("{scheduler:?} computed {total}, expected {expected}").into());
+        if !check.correct {
+            return Err(format!("{scheduler:?}: {}", check.detail).into());
         }
     }
     Ok(())

@@ -1,5 +1,5 @@
 //! The `farpool` command line: `controller`, `memnode`, `demo`, `bench`, `status`,
-//! `experiment`.
+//! `experiment`, `worker`.
 
 use crate::controller::{Controller, ControllerConfig};
 use crate::memnode::{MemNode, MemNodeConfig};
@@ -36,6 +36,17 @@ pub enum Command {
     /// Run an experiment on an embedded pool (`elasticity`: task- versus job-level
     /// allocation).
     Experiment(crate::experiment::ExperimentArgs),
+    /// Run a DAG executor process (started by an invoker, `farpool::dag::process`;
+    /// reads invocations on stdin, answers on stdout).
+    Worker(WorkerArgs),
+}
+
+/// `farpool worker`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Controller address.
+    #[arg(long, env = "FARPOOL_CONTROLLER")]
+    pub controller: String,
 }
 
 /// `farpool controller`.
@@ -196,6 +207,10 @@ pub fn main() -> ExitCode {
         Command::Experiment(a) => {
             init_logging("error");
             crate::experiment::run(a).map_err(|e| e.to_string())
+        }
+        Command::Worker(a) => {
+            init_logging("warn");
+            crate::dag::process::serve_stdio(&a.controller).map_err(|e| e.to_string())
         }
     };
     match result {

@@ -115,6 +115,8 @@ fn tree_reduction_both_schedulers() {
             match s {
                 Scheduler::Wukong => {
                     assert!(st.counter_ops > 0);
+                    let edges = rt.plan(&g).unwrap().fan_in_edges() as u64;
+                    assert_eq!(st.fan_in_count, edges, "every parent counted once");
                     // One executor per leaf; fan-ins are resolved, never invoked.
                     assert_eq!(st.invocations, leaves);
                 }
@@ -143,6 +145,11 @@ fn replayed_fan_in_counts_once() {
     let out = rt.run(&g, Scheduler::Wukong).unwrap();
     assert_eq!(out.get::<u64>("r").unwrap(), 128 * 129 / 2);
     assert_eq!(out.stats().tasks_run, out.stats().tasks);
+    assert_eq!(
+        out.stats().fan_in_count,
+        rt.plan(&g).unwrap().fan_in_edges() as u64,
+        "replayed arrivals did not count"
+    );
     // The root's total is unique: it ran once.
     assert_eq!(calls.lock().unwrap().get(&(128 * 129 / 2)), Some(&1));
 }
@@ -171,27 +178,46 @@ fn fan_in_arrival_is_replay_safe() {
     let d = plan.id("d").unwrap();
     let job = client.task("/fanin-replay").unwrap();
     let fanin = FanIn::create(&job, &plan).unwrap();
-    assert_eq!(fanin.arrive(d, 0, 10).unwrap(), Arrival::Wait);
+    // Owners 100, 101, 102 arrive on edges 0, 1, 2.
+    assert_eq!(fanin.arrive(d, 0, 10, 100).unwrap(), Arrival::Wait);
     assert_eq!(
-        fanin.arrive(d, 0, 11).unwrap(),
+        fanin.arrive(d, 0, 11, 100).unwrap(),
         Arrival::Wait,
         "replay of edge 0"
     );
     assert_eq!(fanin.count(d).unwrap(), 1, "the replay did not count");
-    assert_eq!(fanin.arrive(d, 1, 20).unwrap(), Arrival::Wait);
+    assert_eq!(fanin.mark(d, 0).unwrap(), 10, "the first mark stays");
+    assert_eq!(fanin.mark(d, 1).unwrap(), 0, "edge 1 has not arrived");
+    assert_eq!(fanin.arrive(d, 1, 20, 101).unwrap(), Arrival::Wait);
     assert_eq!(
-        fanin.arrive(d, 2, 30).unwrap(),
+        fanin.arrive(d, 2, 30, 102).unwrap(),
         Arrival::Run(vec![10, 20, 30]),
         "last arriver runs the child; the replay's mark did not replace the first"
     );
     assert_eq!(fanin.count(d).unwrap(), 3);
-    // Replays after completion neither count nor run the child again.
-    for e in 0..3 {
-        assert_eq!(fanin.arrive(d, e, 99).unwrap(), Arrival::Wait);
+    // Replays after completion neither count nor run the child again, except that a
+    // retry of the claimer gets its claim back.
+    for (e, owner) in [(0, 100), (1, 101), (2, 999)] {
+        assert_eq!(fanin.arrive(d, e, 99, owner).unwrap(), Arrival::Wait);
     }
+    assert_eq!(
+        fanin.arrive(d, 2, 30, 102).unwrap(),
+        Arrival::Run(vec![10, 20, 30]),
+        "a retry of the claimer"
+    );
     assert_eq!(fanin.count(d).unwrap(), 3);
-    assert!(fanin.arrive(d, 3, 1).is_err(), "no such edge");
-    assert!(fanin.arrive(d, 0, 0).is_err(), "mark 0 means 'not arrived'");
+    assert_eq!(fanin.total_count().unwrap(), 3);
+    assert!(fanin.arrive(d, 3, 1, 100).is_err(), "no such edge");
+    assert!(
+        fanin.arrive(d, 0, 0, 100).is_err(),
+        "mark 0 means 'not arrived'"
+    );
+    // Invocation words: the first record wins, a retry of the same owner does not
+    // invoke again.
+    let a = plan.id("a").unwrap();
+    assert!(fanin.begin_invoke(a, 7).unwrap());
+    assert!(!fanin.begin_invoke(a, 7).unwrap());
+    assert!(!fanin.begin_invoke(a, 8).unwrap());
     job.close().unwrap();
 }
 
@@ -215,10 +241,10 @@ fn lost_counter_increment_is_healed_by_flags() {
     // Simulate edge 0's flag CAS without its FAA: block 0, region at 0, flags at 16.
     let block = job.blocks().unwrap().remove(0);
     assert_eq!(block.cas(16, 0, 5).unwrap(), 0);
-    assert_eq!(fanin.arrive(c, 1, 7).unwrap(), Arrival::Run(vec![5, 7]));
+    assert_eq!(fanin.arrive(c, 1, 7, 2).unwrap(), Arrival::Run(vec![5, 7]));
     assert_eq!(fanin.count(c).unwrap(), 1);
     assert_eq!(
-        fanin.arrive(c, 0, 5).unwrap(),
+        fanin.arrive(c, 0, 5, 1).unwrap(),
         Arrival::Wait,
         "retry of edge 0"
     );
@@ -324,4 +350,246 @@ fn errors_are_reported() {
         }
     }
     assert!(runs.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn crashed_executor_is_retried_without_double_counting() {
+    let pool = pool();
+    let leaves = 64u64;
+    let total = leaves * (leaves + 1) / 2;
+    let g = tree(leaves, "leaf");
+    // A leaf, an inner fan-in child three levels up, and the root (a sink).
+    for (task, s) in [
+        ("l5", Scheduler::Wukong),
+        ("s2-1", Scheduler::Wukong),
+        ("r", Scheduler::Wukong),
+        ("s2-1", Scheduler::Central),
+    ] {
+        let (rt, calls) = runtime(
+            &pool,
+            RuntimeConfig {
+                crash_in: Some(task.to_string()),
+                ..RuntimeConfig::default()
+            },
+        );
+        let out = rt.run(&g, s).unwrap();
+        let st = out.stats();
+        assert_eq!(out.get::<u64>("r").unwrap(), total, "{task} {s:?}");
+        assert_eq!(st.retries, 1, "{task} {s:?}: one executor died");
+        // Only the killed task ran twice: tasks its executor had finished before are
+        // recovered from the pool, children it had reached are not run again.
+        assert_eq!(st.tasks_run, st.tasks + 1, "{task} {s:?}");
+        let root_runs = calls.lock().unwrap().get(&total).copied();
+        assert_eq!(
+            root_runs,
+            Some(if task == "r" { 2 } else { 1 }),
+            "{task} {s:?}"
+        );
+        if s == Scheduler::Wukong {
+            assert_eq!(
+                st.invocations,
+                leaves + 1,
+                "{task}: one retry, no other new invocation"
+            );
+            assert_eq!(
+                st.fan_in_count,
+                rt.plan(&g).unwrap().fan_in_edges() as u64,
+                "{task}: no counter double-counted"
+            );
+        }
+    }
+    let (rt, _) = runtime(
+        &pool,
+        RuntimeConfig {
+            crash_in: Some("nope".to_string()),
+            ..RuntimeConfig::default()
+        },
+    );
+    assert!(matches!(
+        rt.run(&g, Scheduler::Wukong),
+        Err(DagError::Config(_))
+    ));
+}
+
+#[test]
+fn workloads_are_correct_both_ways() {
+    use farpool::dag::workloads::{gemm, tree_reduction, tsqr, GemmSpec, TreeSpec, TsqrSpec};
+    let pool = pool();
+    let small = [
+        tree_reduction(TreeSpec {
+            leaves: 33,
+            ..TreeSpec::default()
+        })
+        .unwrap(),
+        gemm(GemmSpec {
+            n: 48,
+            block: 16,
+            ..GemmSpec::default()
+        })
+        .unwrap(),
+        // R factors of 8 columns are 528 bytes: inline; 40 columns: pool objects.
+        tsqr(TsqrSpec {
+            rows: 1024,
+            cols: 8,
+            chunk: 128,
+            ..TsqrSpec::default()
+        })
+        .unwrap(),
+        tsqr(TsqrSpec {
+            rows: 640,
+            cols: 40,
+            chunk: 128,
+            ..TsqrSpec::default()
+        })
+        .unwrap(),
+    ];
+    for w in &small {
+        let rt = DagRuntime::new(
+            pool.client().unwrap(),
+            w.registry().clone(),
+            RuntimeConfig::default(),
+        )
+        .unwrap();
+        for s in [Scheduler::Wukong, Scheduler::Central] {
+            let out = rt.run(w.graph(), s).unwrap();
+            let check = w.check(&out).unwrap();
+            assert!(check.correct, "{} {s:?}: {}", w.name(), check.detail);
+            let st = out.stats();
+            assert_eq!(st.tasks_run, st.tasks);
+            assert!(st.ideal_bytes > 0);
+            assert!(
+                st.bytes_written + st.bytes_read <= st.ideal_bytes,
+                "{} {s:?}: moved {} of {} ideal bytes",
+                w.name(),
+                st.bytes_written + st.bytes_read,
+                st.ideal_bytes
+            );
+        }
+    }
+    // A check that can fail: another workload's output is not accepted.
+    let rt = DagRuntime::new(
+        pool.client().unwrap(),
+        small[3].registry().clone(),
+        RuntimeConfig::default(),
+    )
+    .unwrap();
+    let other = rt.run(small[3].graph(), Scheduler::Wukong).unwrap();
+    assert!(small[2].check(&other).is_err() || !small[2].check(&other).unwrap().correct);
+    assert!(gemm(GemmSpec {
+        n: 50,
+        block: 16,
+        ..GemmSpec::default()
+    })
+    .is_err());
+}
+
+#[test]
+fn worker_processes_run_jobs_and_survive_a_killed_worker() {
+    use farpool::dag::process::{WorkerConfig, WorkerPool};
+    use farpool::dag::workloads::{TreeSpec, WorkloadSpec};
+    let pool = pool();
+    let client = pool.client().unwrap();
+    let leaves = 64u64;
+    let spec = WorkloadSpec::Tr(TreeSpec {
+        leaves,
+        ..TreeSpec::default()
+    });
+    let workload = spec.build().unwrap();
+    let edges = Plan::new(workload.graph(), workload.registry())
+        .unwrap()
+        .fan_in_edges() as u64;
+    let config = workers_config(&pool);
+    let mut workers = WorkerPool::new(config).unwrap();
+    let out = workers.run(&client, spec, Scheduler::Wukong).unwrap();
+    assert!(workload.check(&out).unwrap().correct);
+    let st = out.stats();
+    assert_eq!(st.tasks_run, st.tasks);
+    assert_eq!(st.fan_in_count, edges);
+    assert_eq!(workers.len(), 3);
+    // The same processes run the next job.
+    let pids = workers.pids();
+    let out = workers.run(&client, spec, Scheduler::Wukong).unwrap();
+    assert!(workload.check(&out).unwrap().correct);
+    assert_eq!(workers.pids(), pids, "workers are reused");
+    drop(workers);
+
+    // A worker process aborts in the middle of an inner fan-in child (the built-in
+    // tree names its inner tasks sum-<level>-<index>).
+    let mut workers = WorkerPool::new(WorkerConfig {
+        crash_in: Some("sum-2-1".into()),
+        ..workers_config(&pool)
+    })
+    .unwrap();
+    let out = workers.run(&client, spec, Scheduler::Wukong).unwrap();
+    let st = out.stats();
+    assert!(workload.check(&out).unwrap().correct);
+    assert_eq!(
+        st.retries, 1,
+        "one worker died and its invocation was retried"
+    );
+    // The dead process's counts died with it: the killed invocation had run its
+    // leaf, sum-0-*, sum-1-* and sum-2-1 (4 tasks). The retry recovered the first
+    // three from the pool and ran only sum-2-1 again.
+    assert_eq!(
+        st.tasks_run,
+        st.tasks - 4 + 1,
+        "only the killed task ran again"
+    );
+    assert_eq!(st.fan_in_count, edges, "no counter double-counted");
+    assert_eq!(workers.len(), 3, "the dead worker was replaced");
+
+    // The centralized scheduler dispatches to the same kind of workers, with a crash.
+    let out = workers.run(&client, spec, Scheduler::Central).unwrap();
+    let st = out.stats();
+    assert!(workload.check(&out).unwrap().correct);
+    assert_eq!(st.retries, 1);
+    assert_eq!(
+        st.invocations,
+        st.tasks + 1,
+        "one dispatch per task, one retry"
+    );
+    assert_eq!(
+        st.tasks_run, st.tasks,
+        "the killed dispatch's count died with it"
+    );
+    assert_eq!(st.counter_ops, 0);
+    // A job the workers cannot join fails with their message; the same workers run
+    // the next job.
+    workers.set_crash_in(Some("no-such-task".into()));
+    match workers.run(&client, spec, Scheduler::Wukong) {
+        Err(DagError::Worker(message)) => assert!(message.contains("no-such-task"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    workers.set_crash_in(None);
+    let out = workers.run(&client, spec, Scheduler::Wukong).unwrap();
+    assert!(workload.check(&out).unwrap().correct);
+    assert_eq!(workers.len(), 3);
+    // GEMM with large outputs through pool objects, both ways.
+    // 32x32 blocks are 8 KiB: above the inline limit.
+    let gemm = WorkloadSpec::Gemm(farpool::dag::workloads::GemmSpec {
+        n: 64,
+        block: 32,
+        ..Default::default()
+    });
+    let w = gemm.build().unwrap();
+    let mut workers = WorkerPool::new(workers_config(&pool)).unwrap();
+    for s in [Scheduler::Wukong, Scheduler::Central] {
+        let out = workers.run(&client, gemm, s).unwrap();
+        assert!(w.check(&out).unwrap().correct, "{s:?}");
+        assert!(
+            out.stats().bytes_written > 0,
+            "{s:?}: blocks through the pool"
+        );
+    }
+}
+
+fn workers_config(pool: &EmbeddedPool) -> farpool::dag::process::WorkerConfig {
+    farpool::dag::process::WorkerConfig {
+        bin: env!("CARGO_BIN_EXE_farpool").into(),
+        controller: pool.addr().to_string(),
+        workers: 3,
+        inline_limit: 4096,
+        cluster_large_outputs: true,
+        crash_in: None,
+    }
 }

@@ -16,6 +16,7 @@ pub const MAX_SLOTS: u64 = 16 * 1024;
 /// Without `--controller` the harness starts its own controller and one memory node as
 /// child processes on 127.0.0.1 and stops them when it ends.
 #[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
     /// What to measure: raw one-sided operations on blocks (`raw`, the default) or a
     /// data structure (`kv`, `queue`, `file`, `log`).
@@ -110,6 +111,18 @@ pub struct BenchArgs {
     /// `--json`, one object per line) to stdout, and run nothing.
     #[arg(long, value_name = "FILE")]
     pub render: Option<PathBuf>,
+
+    /// A benchmark with options of its own: `farpool bench dag ...`.
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+}
+
+/// Benchmarks with options of their own.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchCommand {
+    /// DAG workloads (tree reduction, GEMM, TSQR) with the Wukong and central
+    /// schedulers; see `farpool bench dag --help`.
+    Dag(Box<super::dag::DagBenchArgs>),
 }
 
 impl BenchArgs {

@@ -183,6 +183,18 @@ pub enum BenchError {
     /// Writing the results failed (for example stdout was closed).
     #[error("cannot write results: {0}")]
     Output(#[source] io::Error),
+
+    /// A DAG benchmark run failed (`farpool bench dag`).
+    #[error("DAG workload {workload} with the {scheduler} scheduler failed: {source}")]
+    Dag {
+        /// The workload.
+        workload: &'static str,
+        /// The scheduler.
+        scheduler: &'static str,
+        /// Cause.
+        #[source]
+        source: crate::dag::DagError,
+    },
 }
 
 impl BenchError {

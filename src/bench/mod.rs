@@ -26,6 +26,7 @@
 
 mod args;
 mod cluster;
+mod dag;
 mod ds_load;
 mod error;
 mod farpool_load;
@@ -39,7 +40,10 @@ mod stats;
 mod verify;
 mod wire;
 
-pub use args::{BenchArgs, BenchOp, BenchTransport, PeerKind, PeerSpec, Plan, Workload, MAX_SLOTS};
+pub use args::{
+    BenchArgs, BenchCommand, BenchOp, BenchTransport, PeerKind, PeerSpec, Plan, Workload, MAX_SLOTS,
+};
+pub use dag::{DagBenchArgs, DagRecord, DagWorkload, SchedulerChoice};
 pub use error::BenchError;
 pub use memory::{measure as measure_node_memory, NodeMemory};
 pub use report::{human_header, human_row, render_markdown, BenchRecord};
@@ -63,6 +67,9 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// With `--render FILE` it only renders the markdown tables of `FILE` and runs nothing.
 pub fn run(args: BenchArgs) -> Result<(), BenchError> {
+    if let Some(BenchCommand::Dag(dag_args)) = &args.command {
+        return dag::run(dag_args);
+    }
     if let Some(path) = &args.render {
         let text = std::fs::read_to_string(path).map_err(|source| BenchError::File {
             path: path.clone(),

@@ -7,6 +7,7 @@ use super::job::{Event, Job};
 use super::plan::TaskId;
 use super::DagError;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
@@ -67,6 +68,15 @@ fn dispatch(
             Ok(out) => out,
             Err(e) => return j.fail(e),
         };
+        if j.crash_now(task, 0) {
+            // Injected crash: this executor died mid-task; the scheduler dispatches
+            // the task again.
+            j.counters.retries.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = dispatch(&j, task, known) {
+                j.fail(e);
+            }
+            return;
+        }
         let is_sink = j.plan.children(task).is_empty();
         if is_sink || out.len() <= j.inline_limit {
             j.send(Event::Done(task, Some(out)));

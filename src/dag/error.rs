@@ -102,6 +102,16 @@ pub enum DagError {
     /// Every executor ended without producing a sink: a fan-in was lost.
     #[error("every executor ended but sink '{0}' never ran; a fan-in arrival was lost (see docs/DAG.md, fan-in protocol)")]
     Stalled(String),
+    /// An executor died while running a task (an injected crash); the invoker retries
+    /// it a few times before giving up with this error.
+    #[error("the executor running task '{task}' died and its retries died too; check the worker processes and their logs")]
+    ExecutorKilled {
+        /// The task it was running.
+        task: String,
+    },
+    /// A worker process failed or could not be started or reached.
+    #[error("worker process: {0}")]
+    Worker(String),
     /// The executor pool has shut down or a worker vanished.
     #[error("the executor pool stopped before the job finished; create a new DagRuntime")]
     ExecutorsGone,

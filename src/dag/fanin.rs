@@ -15,11 +15,12 @@
 //! ground truth and the counter the fast path: if an executor dies between its flag CAS
 //! and its FAA, the counter stays short, but the last flag setter still sees every flag
 //! set; a replay of an arrival whose flag is already set reads the flags and claims if
-//! they are all set. The claim CAS lets only one of them run the child.
+//! they are all set. The claim CAS lets only one of them run the child; it travels in
+//! one batch with atomic reads of every flag (the marks the child needs).
 
 use super::plan::{Plan, TaskId};
 use super::DagError;
-use crate::client::{BlockHandle, Task};
+use crate::client::{BlockHandle, Client, Task};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What an arrival at a fan-in means for the caller.
@@ -49,61 +50,54 @@ pub struct FanIn {
     job: String,
     blocks: Vec<BlockHandle>,
     regions: Vec<Option<Region>>,
+    /// Every task's invocation word: (block, offset).
+    starts: Vec<(usize, u64)>,
     ops: AtomicU64,
 }
 
 impl FanIn {
-    /// Allocates zeroed counter blocks for every fan-in of `plan` under `job`'s path.
-    /// A plan without fan-ins allocates nothing.
+    /// Allocates zeroed counter blocks under `job`'s path: a region for every fan-in
+    /// of `plan` and an invocation word for every task.
     pub fn create(job: &Task, plan: &Plan) -> Result<FanIn, DagError> {
-        let mut regions = vec![None; plan.len()];
-        let mut blocks = Vec::new();
-        let wide: Vec<TaskId> = (0..plan.len())
-            .filter(|&t| plan.parents(t).len() > 1)
-            .collect();
-        if !wide.is_empty() {
-            blocks = job.alloc(1)?;
-            let block_len = blocks.first().map(|b| b.len()).unwrap_or(0);
-            let (mut block, mut offset) = (0usize, 0u64);
-            for t in wide {
-                let parents = plan.parents(t).len() as u64;
-                let size = FLAGS + 8 * parents;
-                if size > block_len {
-                    return Err(DagError::FanInTooWide {
-                        task: plan.name(t).to_string(),
-                        parents: parents as usize,
-                        block_len,
-                    });
-                }
-                if offset + size > block_len {
-                    block += 1;
-                    offset = 0;
-                }
-                regions[t] = Some(Region {
-                    block,
-                    offset,
-                    parents,
-                });
-                offset += size;
-            }
-            if block > 0 {
-                blocks.extend(job.alloc(block as u64 * block_len)?);
-            }
-            if blocks.len() <= block {
-                return Err(DagError::Corrupt {
-                    job: job.path().to_string(),
-                    what: format!(
-                        "asked for {} counter blocks, the pool granted {}",
-                        block + 1,
-                        blocks.len()
-                    ),
-                });
-            }
+        let mut blocks = job.alloc(1)?;
+        let block_len = blocks.first().map(|b| b.len()).unwrap_or(0);
+        let (regions, starts, count) = layout(plan, block_len)?;
+        if count > 1 {
+            blocks.extend(job.alloc((count - 1) as u64 * block_len)?);
+        }
+        Self::from_parts(&job.path().to_string(), blocks, count, regions, starts)
+    }
+
+    /// The counters of a job another process created with [`FanIn::create`] at
+    /// `job` (a worker process joining the job).
+    pub fn open(client: &Client, job: &str, plan: &Plan) -> Result<FanIn, DagError> {
+        let blocks = client.open_blocks(job, true)?;
+        let block_len = blocks.first().map(|b| b.len()).unwrap_or(0);
+        let (regions, starts, count) = layout(plan, block_len)?;
+        Self::from_parts(job, blocks, count, regions, starts)
+    }
+
+    fn from_parts(
+        job: &str,
+        blocks: Vec<BlockHandle>,
+        count: usize,
+        regions: Vec<Option<Region>>,
+        starts: Vec<(usize, u64)>,
+    ) -> Result<FanIn, DagError> {
+        if blocks.len() < count {
+            return Err(DagError::Corrupt {
+                job: job.to_string(),
+                what: format!(
+                    "the job needs {count} counter blocks, the pool has {}",
+                    blocks.len()
+                ),
+            });
         }
         Ok(FanIn {
-            job: job.path().to_string(),
+            job: job.to_string(),
             blocks,
             regions,
+            starts,
             ops: AtomicU64::new(0),
         })
     }
@@ -115,6 +109,7 @@ impl FanIn {
             job,
             blocks: Vec::new(),
             regions: Vec::new(),
+            starts: Vec::new(),
             ops: AtomicU64::new(0),
         }
     }
@@ -141,13 +136,20 @@ impl FanIn {
 
     /// Records that the parent on `edge` (its index in the child's parents) finished,
     /// leaving `mark` (nonzero) in its flag, and says whether the caller must run
-    /// `child`. Safe to call again for the same edge (a retried executor): the counter
-    /// is not incremented twice, the first mark stays, and the child is claimed at most
-    /// once.
-    pub fn arrive(&self, child: TaskId, edge: usize, mark: u64) -> Result<Arrival, DagError> {
-        if mark == 0 {
+    /// `child`. `owner` (nonzero) names the calling executor; a retry of an executor
+    /// uses the same owner. Safe to call again for the same edge (a retried executor):
+    /// the counter is not incremented twice, the first mark stays, and the child is
+    /// claimed by one owner only (a retry of the claimer gets its claim back).
+    pub fn arrive(
+        &self,
+        child: TaskId,
+        edge: usize,
+        mark: u64,
+        owner: u64,
+    ) -> Result<Arrival, DagError> {
+        if mark == 0 || owner == 0 {
             return Err(DagError::Config(
-                "a fan-in mark must be nonzero (0 means 'not arrived')".to_string(),
+                "fan-in marks and owners must be nonzero (0 means 'not arrived')".to_string(),
             ));
         }
         let (region, block) = self.region(child)?;
@@ -191,30 +193,93 @@ impl FanIn {
         if !complete {
             return Ok(Arrival::Wait);
         }
-        self.ops.fetch_add(1, Ordering::Relaxed);
-        if block.cas(region.offset + CLAIM, 0, 1)? == 0 {
-            Ok(Arrival::Run(self.marks(block, region)?))
-        } else {
-            Ok(Arrival::Wait)
-        }
+        self.claim(block, region, owner)
     }
 
-    /// Every edge's mark read atomically (CAS 0 -> 0 returns the word unchanged), in
-    /// one batch.
-    fn marks(&self, block: &BlockHandle, region: Region) -> Result<Vec<u64>, DagError> {
-        let mut ops = (0..region.parents)
-            .map(|e| block.cas_op(region.offset + FLAGS + 8 * e, 0, 0))
-            .collect::<Result<Vec<_>, _>>()?;
+    /// Claims a complete fan-in with `CAS claim 0 -> owner` and, in the same batch,
+    /// reads every edge's mark atomically (`CAS 0 -> 0` returns the word unchanged).
+    /// Every flag CAS has landed before the batch is issued (the caller saw them all
+    /// set). A claim already held by `owner` (an earlier attempt of the same executor)
+    /// counts as won.
+    fn claim(&self, block: &BlockHandle, region: Region, owner: u64) -> Result<Arrival, DagError> {
+        let mut ops = Vec::with_capacity(1 + region.parents as usize);
+        ops.push(block.cas_op(region.offset + CLAIM, 0, owner)?);
+        for e in 0..region.parents {
+            ops.push(block.cas_op(region.offset + FLAGS + 8 * e, 0, 0)?);
+        }
         block.execute(&mut ops)?;
-        self.ops.fetch_add(region.parents, Ordering::Relaxed);
-        let marks: Vec<u64> = ops.iter().map(|op| op.result).collect();
+        self.ops.fetch_add(1 + region.parents, Ordering::Relaxed);
+        if ops[0].result != 0 && ops[0].result != owner {
+            return Ok(Arrival::Wait);
+        }
+        let marks: Vec<u64> = ops[1..].iter().map(|op| op.result).collect();
         if marks.contains(&0) {
             return Err(DagError::Corrupt {
                 job: self.job.clone(),
                 what: "a claimed fan-in has an edge that never arrived".to_string(),
             });
         }
-        Ok(marks)
+        Ok(Arrival::Run(marks))
+    }
+
+    /// The mark the parent on `edge` of `child` left, read atomically; 0 if it has not
+    /// arrived. A retried executor uses it to find outputs its earlier attempt already
+    /// stored instead of running their tasks again.
+    pub fn mark(&self, child: TaskId, edge: usize) -> Result<u64, DagError> {
+        let (region, block) = self.region(child)?;
+        if edge as u64 >= region.parents {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("edge {edge} of a task with {} parents", region.parents),
+            });
+        }
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        Ok(block.cas(region.offset + FLAGS + 8 * edge as u64, 0, 0)?)
+    }
+
+    /// Records that `owner` invokes an executor for `task` (`CAS 0 -> owner` on the
+    /// task's invocation word). True if this is the first such record: the caller must
+    /// invoke. False if an earlier attempt of the same owner already did (a retried
+    /// executor must not invoke the child again) or another owner did.
+    pub fn begin_invoke(&self, task: TaskId, owner: u64) -> Result<bool, DagError> {
+        let &(b, offset) = self.starts.get(task).ok_or_else(|| DagError::Corrupt {
+            job: self.job.clone(),
+            what: format!("task {task} has no invocation word"),
+        })?;
+        let block = self.blocks.get(b).ok_or_else(|| DagError::Corrupt {
+            job: self.job.clone(),
+            what: format!("counter block {b} is missing"),
+        })?;
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        Ok(block.cas(offset, 0, owner)? == 0)
+    }
+
+    /// The sum of every fan-in counter: equals the number of fan-in edges after a job
+    /// in which every parent counted itself exactly once.
+    pub fn total_count(&self) -> Result<u64, DagError> {
+        let mut total = 0u64;
+        for (b, block) in self.blocks.iter().enumerate() {
+            let offsets: Vec<u64> = self
+                .regions
+                .iter()
+                .flatten()
+                .filter(|r| r.block == b)
+                .map(|r| r.offset + COUNTER)
+                .collect();
+            if offsets.is_empty() {
+                continue;
+            }
+            let mut words = vec![[0u8; 8]; offsets.len()];
+            let mut ops = offsets
+                .iter()
+                .zip(words.iter_mut())
+                .map(|(&off, w)| block.read_op(off, &mut w[..]))
+                .collect::<Result<Vec<_>, _>>()?;
+            block.execute(&mut ops)?;
+            drop(ops);
+            total += words.iter().map(|w| u64::from_le_bytes(*w)).sum::<u64>();
+        }
+        Ok(total)
     }
 
     /// The counter of `child`: how many distinct parents have counted themselves.
@@ -229,4 +294,50 @@ impl FanIn {
     pub fn ops(&self) -> u64 {
         self.ops.load(Ordering::Relaxed)
     }
+}
+
+/// Where every fan-in region and invocation word of `plan` lies in blocks of
+/// `block_len` bytes: fan-in regions first, then one word per task. Returns the
+/// regions, the words and the number of blocks.
+#[allow(clippy::type_complexity)]
+fn layout(
+    plan: &Plan,
+    block_len: u64,
+) -> Result<(Vec<Option<Region>>, Vec<(usize, u64)>, usize), DagError> {
+    let mut regions = vec![None; plan.len()];
+    let mut starts = Vec::with_capacity(plan.len());
+    let (mut block, mut offset) = (0usize, 0u64);
+    for (t, slot) in regions.iter_mut().enumerate() {
+        let parents = plan.parents(t).len() as u64;
+        if parents < 2 {
+            continue;
+        }
+        let size = FLAGS + 8 * parents;
+        if size > block_len {
+            return Err(DagError::FanInTooWide {
+                task: plan.name(t).to_string(),
+                parents: parents as usize,
+                block_len,
+            });
+        }
+        if offset + size > block_len {
+            block += 1;
+            offset = 0;
+        }
+        *slot = Some(Region {
+            block,
+            offset,
+            parents,
+        });
+        offset += size;
+    }
+    for _ in 0..plan.len() {
+        if offset + 8 > block_len {
+            block += 1;
+            offset = 0;
+        }
+        starts.push((block, offset));
+        offset += 8;
+    }
+    Ok((regions, starts, block + 1))
 }

@@ -12,6 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What executors tell the submitter.
 pub(crate) enum Event {
@@ -24,11 +25,45 @@ pub(crate) enum Event {
     Failed(DagError),
 }
 
+/// An invocation that crosses a process boundary (see [`super::process`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RemoteInvocation {
+    /// The task the new executor starts at.
+    pub task: TaskId,
+    /// Parent outputs (or their marks) travelling with the invocation.
+    pub known: Vec<(TaskId, WireHeld)>,
+    /// Earlier attempts of this invocation that died.
+    pub attempt: u32,
+}
+
+/// A parent output inside an invocation: the bytes, or where they are in the pool.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) enum WireHeld {
+    Bytes(Vec<u8>),
+    Mark(u64),
+}
+
+/// How a job starts executors.
+pub(crate) enum Launcher {
+    /// Threads of this process's executor pool.
+    Threads(Invoker),
+    /// Worker processes: the function hands the invocation to the invoker; false if
+    /// it is gone.
+    Remote(Box<dyn Fn(RemoteInvocation) -> bool + Send + Sync>),
+}
+
 /// Per-job counts shared by the executors and the submitter.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub tasks_run: AtomicU64,
     pub invocations: AtomicU64,
+    /// Nanoseconds spent inside task functions.
+    pub compute_ns: AtomicU64,
+    /// Bytes a storage-based execution would move: every output that another task
+    /// reads, written once and read once per reader.
+    pub ideal_bytes: AtomicU64,
+    /// Invocations retried after their executor died.
+    pub retries: AtomicU64,
 }
 
 pub(crate) struct Job {
@@ -37,18 +72,27 @@ pub(crate) struct Job {
     pub store: Arc<OutputStore>,
     pub fanin: Arc<FanIn>,
     pub counters: Arc<Counters>,
-    pub invoker: Invoker,
+    pub launcher: Launcher,
     pub inline_limit: usize,
     pub cluster: bool,
     pub replay_fan_in: bool,
     pub events: Sender<Event>,
     pub failed: AtomicBool,
+    /// Fault injection: the first executor to run this task dies in the middle of it.
+    pub crash_task: Option<TaskId>,
+    pub crashed: AtomicBool,
 }
 
 impl Job {
     /// Whether the job already failed (executors stop at their next task).
     pub(crate) fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the executor that just ran `t` must die now (injected crash; once per
+    /// job).
+    pub(crate) fn crash_now(&self, t: TaskId, attempt: u32) -> bool {
+        attempt == 0 && self.crash_task == Some(t) && !self.crashed.swap(true, Ordering::Relaxed)
     }
 
     /// Reports the first failure; later ones are dropped.
@@ -64,10 +108,18 @@ impl Job {
         let _ = self.events.send(event);
     }
 
-    /// Queues `work` on a free executor.
+    /// Queues `work` on a free executor thread.
     pub(crate) fn invoke(&self, work: impl FnOnce() + Send + 'static) -> Result<(), DagError> {
         self.counters.invocations.fetch_add(1, Ordering::Relaxed);
-        if self.invoker.invoke(work) {
+        let started = match &self.launcher {
+            Launcher::Threads(invoker) => invoker.invoke(work),
+            Launcher::Remote(_) => {
+                return Err(DagError::Config(
+                    "this scheduler cannot run on worker processes".to_string(),
+                ))
+            }
+        };
+        if started {
             Ok(())
         } else {
             Err(DagError::ExecutorsGone)
@@ -105,8 +157,20 @@ impl Job {
                     function: task.function.clone(),
                 })?;
         self.counters.tasks_run.fetch_add(1, Ordering::Relaxed);
-        match catch_unwind(AssertUnwindSafe(|| function(&inputs))) {
-            Ok(Ok(out)) => Ok(Arc::new(out)),
+        let started = Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(|| function(&inputs)));
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.counters.compute_ns.fetch_add(ns, Ordering::Relaxed);
+        match result {
+            Ok(Ok(out)) => {
+                let readers = task.children.len() as u64;
+                if readers > 0 {
+                    self.counters
+                        .ideal_bytes
+                        .fetch_add(out.len() as u64 * (1 + readers), Ordering::Relaxed);
+                }
+                Ok(Arc::new(out))
+            }
             Ok(Err(e)) => Err(DagError::TaskFailed {
                 task: task.name.clone(),
                 message: e.0,

@@ -36,10 +36,12 @@ mod fanin;
 mod graph;
 mod job;
 mod plan;
+pub mod process;
 mod runtime;
 mod schedule;
 mod store;
 mod typed;
+pub mod workloads;
 mod wukong;
 
 pub use error::{DagError, TaskError};

@@ -3,7 +3,7 @@
 use super::executor::ExecutorPool;
 use super::fanin::FanIn;
 use super::graph::{Graph, Registry};
-use super::job::{Counters, Event, Job};
+use super::job::{Counters, Event, Job, Launcher};
 use super::plan::{Plan, TaskId};
 use super::store::OutputStore;
 use super::typed::decode;
@@ -56,6 +56,10 @@ pub struct RuntimeConfig {
     /// Fault injection for tests: every fan-in arrival is issued twice, as by an
     /// executor retried after its arrival. Results must not change.
     pub replay_fan_in: bool,
+    /// Fault injection for tests: the first executor to run the task of this name dies
+    /// in the middle of it (after its function ran, before any of its effects) and is
+    /// retried by the invoker. Results must not change; no counter may count twice.
+    pub crash_in: Option<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -66,6 +70,7 @@ impl Default for RuntimeConfig {
             cluster_large_outputs: true,
             job_prefix: "dag".to_string(),
             replay_fan_in: false,
+            crash_in: None,
         }
     }
 }
@@ -87,6 +92,17 @@ pub struct JobStats {
     pub bytes_read: u64,
     /// Submission to the last sink output.
     pub makespan: Duration,
+    /// Time spent inside task functions, summed over all executors.
+    pub compute: Duration,
+    /// Bytes a storage-based execution moves through the pool: every output another
+    /// task reads, written once and read once per reader (the inputs plus outputs of
+    /// the tasks; compare with `bytes_written + bytes_read`).
+    pub ideal_bytes: u64,
+    /// Invocations retried after their executor died.
+    pub retries: u64,
+    /// Wukong: the sum of all fan-in counters at the end of the job. Equals the
+    /// plan's fan-in edges when every parent counted itself exactly once.
+    pub fan_in_count: u64,
 }
 
 /// The sink outputs of a job, by task name, and its statistics.
@@ -97,6 +113,10 @@ pub struct JobOutput {
 }
 
 impl JobOutput {
+    pub(crate) fn new(outputs: HashMap<String, Vec<u8>>, stats: JobStats) -> Self {
+        Self { outputs, stats }
+    }
+
     /// The raw output of sink `name`.
     pub fn bytes(&self, name: &str) -> Result<&[u8], DagError> {
         self.outputs
@@ -139,6 +159,13 @@ impl DagRuntime {
     ) -> Result<DagRuntime, DagError> {
         if config.executors == 0 {
             return Err(DagError::Config("executors must be at least 1".to_string()));
+        }
+        if config.inline_limit > super::store::MAX_INLINE {
+            return Err(DagError::Config(format!(
+                "inline_limit {} is above the largest inline record, {} bytes; larger outputs go through pool objects anyway",
+                config.inline_limit,
+                super::store::MAX_INLINE
+            )));
         }
         let executors = ExecutorPool::new(config.executors)
             .map_err(|e| DagError::Config(format!("cannot start executor threads: {e}")))?;
@@ -195,12 +222,21 @@ impl DagRuntime {
             store: store.clone(),
             fanin: fanin.clone(),
             counters: counters.clone(),
-            invoker,
+            launcher: Launcher::Threads(invoker),
             inline_limit: self.config.inline_limit,
             cluster: self.config.cluster_large_outputs,
             replay_fan_in: self.config.replay_fan_in,
             events: tx,
             failed: Default::default(),
+            crash_task: match &self.config.crash_in {
+                None => None,
+                Some(name) => Some(plan.id(name).ok_or_else(|| {
+                    DagError::Config(format!(
+                        "crash_in names task '{name}', which is not in the graph"
+                    ))
+                })?),
+            },
+            crashed: Default::default(),
         });
         let sinks = match scheduler {
             Scheduler::Central => central::run(&job, &rx)?,
@@ -213,6 +249,10 @@ impl DagRuntime {
             }
         };
         let makespan = started.elapsed();
+        let fan_in_count = match scheduler {
+            Scheduler::Wukong => fanin.total_count()?,
+            Scheduler::Central => 0,
+        };
         let mut outputs = HashMap::with_capacity(sinks.len());
         for (t, out) in sinks {
             outputs.insert(plan.name(t).to_string(), out.as_ref().clone());
@@ -227,6 +267,10 @@ impl DagRuntime {
                 bytes_written: store.bytes_written(),
                 bytes_read: store.bytes_read(),
                 makespan,
+                compute: Duration::from_nanos(counters.compute_ns.load(Ordering::Relaxed)),
+                ideal_bytes: counters.ideal_bytes.load(Ordering::Relaxed),
+                retries: counters.retries.load(Ordering::Relaxed),
+                fan_in_count,
             },
         })
     }

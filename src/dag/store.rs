@@ -1,18 +1,59 @@
 //! Task outputs in the pool, under the job's lease. A large output gets a [`File`] of
 //! its own at `<job>/<task>`; a small one that another executor must read (a fan-in
-//! parent's) is appended as a `[len u64][bytes]` record to the job's shared inline log
-//! at `<job>/@inline`, whose position the fan-in flag carries. Small outputs otherwise
-//! never reach the pool: they travel inside invocations (Wukong) or scheduler messages
-//! (centralized).
+//! parent's) is written as a record into the job's shared inline arena at
+//! `<job>/@inline`, whose position and length the fan-in mark carries. Small outputs
+//! otherwise never reach the pool: they travel inside invocations (Wukong) or
+//! scheduler messages (centralized).
+//!
+//! The arena is a [`File`]; each process reserves it in chunks of [`ARENA_CHUNK`]
+//! bytes (one fetch-and-add per chunk) and fills a chunk with plain WRITEs, so writing
+//! a record costs one round trip and reading it (position and length are in the mark)
+//! one more. Records are published by the fan-in flag CAS that carries their mark,
+//! which is issued after the WRITE completed, never by the file's committed word.
 
 use super::DagError;
 use crate::client::Client;
 use crate::ds::File;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// Name of the inline log under the job path (task names may not start with '@').
+/// Name of the inline arena under the job path (task names may not start with '@').
 pub(crate) const INLINE_LOG: &str = "@inline";
+
+/// Bytes of the inline arena a process reserves at a time.
+pub(crate) const ARENA_CHUNK: u64 = 64 << 10;
+
+/// Bits of an inline mark that hold the record's length (the rest hold its position).
+pub(crate) const LEN_BITS: u32 = 20;
+
+/// Largest inline record a mark can describe.
+pub(crate) const MAX_INLINE: usize = (1 << LEN_BITS) - 1;
+
+/// Where an inline record is: its arena position and length, packed in one word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InlineRef {
+    pub pos: u64,
+    pub len: usize,
+}
+
+impl InlineRef {
+    /// The record packed as `pos << LEN_BITS | len`; `None` if it does not fit.
+    pub(crate) fn pack(self) -> Option<u64> {
+        if self.len > MAX_INLINE || self.pos >= 1 << (64 - LEN_BITS - 1) {
+            return None;
+        }
+        Some(self.pos << LEN_BITS | self.len as u64)
+    }
+
+    /// The inverse of [`InlineRef::pack`].
+    pub(crate) fn unpack(word: u64) -> InlineRef {
+        InlineRef {
+            pos: word >> LEN_BITS,
+            len: (word & ((1 << LEN_BITS) - 1)) as usize,
+        }
+    }
+}
 
 /// Where task outputs of one job live, and how many bytes moved through the pool.
 #[derive(Debug)]
@@ -20,6 +61,8 @@ pub(crate) struct OutputStore {
     client: Client,
     job: String,
     inline: OnceLock<File>,
+    /// This process's unfilled part of its last arena chunk: `[next, end)`.
+    arena: Mutex<(u64, u64)>,
     written: AtomicU64,
     read: AtomicU64,
 }
@@ -30,6 +73,7 @@ impl OutputStore {
             client,
             job,
             inline: OnceLock::new(),
+            arena: Mutex::new((0, 0)),
             written: AtomicU64::new(0),
             read: AtomicU64::new(0),
         }
@@ -70,37 +114,44 @@ impl OutputStore {
         Ok(self.inline.get_or_init(|| f))
     }
 
-    /// Appends a small output to the job's inline log; returns its position.
-    pub(crate) fn put_inline(&self, bytes: &[u8]) -> Result<u64, DagError> {
-        let mut record = Vec::with_capacity(8 + bytes.len());
-        record.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        record.extend_from_slice(bytes);
-        let pos = self.inline_log()?.append(&record)?;
-        self.written
-            .fetch_add(record.len() as u64, Ordering::Relaxed);
-        Ok(pos)
+    /// Writes a small output into this process's part of the inline arena; returns
+    /// where it is. One WRITE, plus one fetch-and-add when a new chunk is needed.
+    pub(crate) fn put_inline(&self, bytes: &[u8]) -> Result<InlineRef, DagError> {
+        let log = self.inline_log()?;
+        let len = bytes.len() as u64;
+        let pos = {
+            let mut arena = self.arena.lock();
+            if arena.1 - arena.0 < len {
+                let n = len.max(ARENA_CHUNK);
+                let start = log.reserve(n)?;
+                *arena = (start, start + n);
+            }
+            let pos = arena.0;
+            arena.0 += len;
+            pos
+        };
+        log.write_reserved(pos, bytes)?;
+        self.written.fetch_add(len, Ordering::Relaxed);
+        Ok(InlineRef {
+            pos,
+            len: bytes.len(),
+        })
     }
 
-    /// Reads the inline record at `pos`.
-    pub(crate) fn get_inline(&self, pos: u64) -> Result<Arc<Vec<u8>>, DagError> {
+    /// Reads the inline record `at`.
+    pub(crate) fn get_inline(&self, at: InlineRef) -> Result<Arc<Vec<u8>>, DagError> {
         let log = self.inline_log()?;
-        let corrupt = |what: String| DagError::Corrupt {
-            job: self.job.clone(),
-            what,
-        };
-        let mut len = [0u8; 8];
-        if log.read_at(pos, &mut len)? < 8 {
-            return Err(corrupt(format!(
-                "inline record at {pos} is past the log's end"
-            )));
+        let mut bytes = vec![0u8; at.len];
+        if log.read_at(at.pos, &mut bytes)? < at.len {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!(
+                    "inline record of {} bytes at {} is past the arena's end",
+                    at.len, at.pos
+                ),
+            });
         }
-        let len = usize::try_from(u64::from_le_bytes(len))
-            .map_err(|_| corrupt(format!("inline record at {pos} has an impossible length")))?;
-        let mut bytes = vec![0u8; len];
-        if log.read_at(pos + 8, &mut bytes)? < len {
-            return Err(corrupt(format!("inline record at {pos} is cut short")));
-        }
-        self.read.fetch_add(8 + len as u64, Ordering::Relaxed);
+        self.read.fetch_add(at.len as u64, Ordering::Relaxed);
         Ok(Arc::new(bytes))
     }
 

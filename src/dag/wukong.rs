@@ -8,16 +8,27 @@
 //! output. Small outputs travel inside invocations. An executor with a large output
 //! runs all its ready children itself (task clustering) instead of invoking executors
 //! that would have to read it.
+//!
+//! An executor that dies (a crash injected with `RuntimeConfig::crash_in`) is retried
+//! by the invoker with the same start task and payload, under the same owner id
+//! (`start + 1`). The retry walks the same path: a task whose output an earlier attempt
+//! already stored for a fan-in is not run again (its mark is read back from the
+//! child's flag), arrivals are replays (no double count), its own claims are given
+//! back to it, and children it already invoked (the task's invocation word holds its
+//! owner id) are not invoked again.
 
 use super::fanin::Arrival;
-use super::job::{Event, Job};
+use super::job::{Event, Job, Launcher, RemoteInvocation, WireHeld};
 use super::plan::TaskId;
+use super::store::InlineRef;
 use super::DagError;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Fan-in mark of an output stored as a pool object at `<job>/<task>`; any larger mark
-/// is `2 + position` of a record in the job's inline log.
+/// is `2 + ` a packed [`InlineRef`] (position and length) of a record in the job's
+/// inline arena.
 pub(crate) const MARK_OBJECT: u64 = 1;
 const MARK_INLINE_BASE: u64 = 2;
 
@@ -28,21 +39,73 @@ enum Held {
     Mark(u64),
 }
 
+/// How often the invoker retries an executor that died.
+pub(crate) const MAX_ATTEMPTS: u32 = 3;
+
 /// Invokes one executor per leaf.
 pub(crate) fn start(job: &Arc<Job>) -> Result<(), DagError> {
     for &leaf in job.plan.leaves() {
-        invoke(job, leaf, Vec::new())?;
+        invoke(job, leaf, Vec::new(), 0)?;
     }
     Ok(())
 }
 
-fn invoke(job: &Arc<Job>, task: TaskId, known: Vec<(TaskId, Held)>) -> Result<(), DagError> {
+fn invoke(
+    job: &Arc<Job>,
+    task: TaskId,
+    known: Vec<(TaskId, Held)>,
+    attempt: u32,
+) -> Result<(), DagError> {
+    if let Launcher::Remote(send) = &job.launcher {
+        job.counters.invocations.fetch_add(1, Ordering::Relaxed);
+        let known = known
+            .into_iter()
+            .map(|(t, h)| {
+                let wire = match h {
+                    Held::Bytes(b) => WireHeld::Bytes(b.as_ref().clone()),
+                    Held::Mark(m) => WireHeld::Mark(m),
+                };
+                (t, wire)
+            })
+            .collect();
+        return if send(RemoteInvocation {
+            task,
+            known,
+            attempt,
+        }) {
+            Ok(())
+        } else {
+            Err(DagError::ExecutorsGone)
+        };
+    }
     let j = job.clone();
-    job.invoke(move || {
-        if let Err(e) = run_path(&j, task, known) {
-            j.fail(e);
+    job.invoke(move || match run_path(&j, task, known.clone(), attempt) {
+        Ok(()) => {}
+        Err(DagError::ExecutorKilled { .. }) if attempt + 1 < MAX_ATTEMPTS => {
+            // The platform retries a crashed invocation with the same payload.
+            j.counters.retries.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = invoke(&j, task, known, attempt + 1) {
+                j.fail(e);
+            }
         }
+        Err(e) => j.fail(e),
     })
+}
+
+/// Runs an invocation that came from another process (a worker process's executor).
+pub(crate) fn run_remote(job: &Arc<Job>, inv: RemoteInvocation) -> Result<(), DagError> {
+    let known = inv
+        .known
+        .into_iter()
+        .map(|(t, w)| {
+            let held = match w {
+                WireHeld::Bytes(b) => Held::Bytes(Arc::new(b)),
+                WireHeld::Mark(m) => Held::Mark(m),
+            };
+            (t, held)
+        })
+        .collect();
+    run_path(job, inv.task, known, inv.attempt)
 }
 
 /// One executor's private state.
@@ -60,7 +123,15 @@ impl Executor<'_> {
             return Ok(m);
         }
         let mark = if out.len() <= self.job.inline_limit {
-            MARK_INLINE_BASE + self.job.store.put_inline(out)?
+            let at = self.job.store.put_inline(out)?;
+            let packed = at.pack().ok_or_else(|| DagError::Corrupt {
+                job: self.job.store.job().to_string(),
+                what: format!(
+                    "inline record of {} bytes at {} does not fit a fan-in mark",
+                    at.len, at.pos
+                ),
+            })?;
+            MARK_INLINE_BASE + packed
         } else {
             self.job.store.put(self.job.plan.name(t), out)?;
             MARK_OBJECT
@@ -72,14 +143,22 @@ impl Executor<'_> {
     /// Fetches the parents of `t` this executor only knows the marks of.
     fn resolve_parents(&mut self, t: TaskId) -> Result<(), DagError> {
         for &p in self.job.plan.parents(t) {
-            let bytes = match self.held.get(&p) {
-                Some(Held::Mark(MARK_OBJECT)) => self.job.store.get(self.job.plan.name(p))?,
-                Some(Held::Mark(m)) => self.job.store.get_inline(m - MARK_INLINE_BASE)?,
-                _ => continue,
-            };
-            self.held.insert(p, Held::Bytes(bytes));
+            if let Some(Held::Mark(m)) = self.held.get(&p) {
+                let bytes = self.fetch(p, *m)?;
+                self.held.insert(p, Held::Bytes(bytes));
+            }
         }
         Ok(())
+    }
+
+    fn fetch(&self, t: TaskId, mark: u64) -> Result<Arc<Vec<u8>>, DagError> {
+        match mark {
+            MARK_OBJECT => self.job.store.get(self.job.plan.name(t)),
+            m => self
+                .job
+                .store
+                .get_inline(InlineRef::unpack(m - MARK_INLINE_BASE)),
+        }
     }
 
     fn bytes(&self, t: TaskId) -> Option<Arc<Vec<u8>>> {
@@ -88,11 +167,39 @@ impl Executor<'_> {
             _ => None,
         }
     }
+
+    /// On a retry: the mark of `t`'s output if an earlier attempt stored it for one of
+    /// its fan-in children (then `t` need not run again).
+    fn stored_earlier(&mut self, t: TaskId) -> Result<Option<u64>, DagError> {
+        let plan = &self.job.plan;
+        for &c in plan.children(t) {
+            let parents = plan.parents(c);
+            if parents.len() < 2 {
+                continue;
+            }
+            let Some(edge) = parents.iter().position(|&p| p == t) else {
+                continue;
+            };
+            let mark = self.job.fanin.mark(c, edge)?;
+            if mark != 0 {
+                self.stored.insert(t, mark);
+                return Ok(Some(mark));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// One executor: runs `start` and whatever its schedule lets it continue with.
-fn run_path(job: &Arc<Job>, start: TaskId, known: Vec<(TaskId, Held)>) -> Result<(), DagError> {
+/// `attempt` counts earlier attempts of the same invocation that died.
+fn run_path(
+    job: &Arc<Job>,
+    start: TaskId,
+    known: Vec<(TaskId, Held)>,
+    attempt: u32,
+) -> Result<(), DagError> {
     let plan = &job.plan;
+    let owner = start as u64 + 1;
     let mut ex = Executor {
         job,
         held: known.into_iter().collect(),
@@ -103,15 +210,39 @@ fn run_path(job: &Arc<Job>, start: TaskId, known: Vec<(TaskId, Held)>) -> Result
         if job.failed() {
             return Ok(());
         }
-        ex.resolve_parents(t)?;
-        let out = job.execute(t, |p| ex.bytes(p))?;
-        ex.held.insert(t, Held::Bytes(out.clone()));
+        let recovered = if attempt > 0 {
+            ex.stored_earlier(t)?
+        } else {
+            None
+        };
+        // The output, or (recovered from an earlier attempt) only its mark.
+        let (out, large) = match recovered {
+            Some(mark) => {
+                ex.held.insert(t, Held::Mark(mark));
+                (None, mark == MARK_OBJECT)
+            }
+            None => {
+                ex.resolve_parents(t)?;
+                let out = job.execute(t, |p| ex.bytes(p))?;
+                if job.crash_now(t, attempt) {
+                    // Injected crash: the executor dies mid-task, before any effect
+                    // of the task; everything it held is lost.
+                    return Err(DagError::ExecutorKilled {
+                        task: plan.name(t).to_string(),
+                    });
+                }
+                ex.held.insert(t, Held::Bytes(out.clone()));
+                let large = out.len() > job.inline_limit;
+                (Some(out), large)
+            }
+        };
         let children = plan.children(t);
         if children.is_empty() {
-            job.send(Event::Sink(t, out));
+            if let Some(out) = out {
+                job.send(Event::Sink(t, out));
+            }
             continue;
         }
-        let large = out.len() > job.inline_limit;
         let mut ready = Vec::with_capacity(children.len());
         for &c in children {
             let parents = plan.parents(c);
@@ -120,7 +251,17 @@ fn run_path(job: &Arc<Job>, start: TaskId, known: Vec<(TaskId, Held)>) -> Result
                 continue;
             }
             // Another executor may run the child: the output must be readable first.
-            let mark = ex.store(t, &out)?;
+            let mark = match &out {
+                Some(out) => ex.store(t, out)?,
+                None => ex
+                    .stored
+                    .get(&t)
+                    .copied()
+                    .ok_or_else(|| DagError::Corrupt {
+                        job: job.store.job().to_string(),
+                        what: format!("the recovered output of task {t} has no mark"),
+                    })?,
+            };
             let edge = parents
                 .iter()
                 .position(|&p| p == t)
@@ -128,9 +269,9 @@ fn run_path(job: &Arc<Job>, start: TaskId, known: Vec<(TaskId, Held)>) -> Result
                     job: job.store.job().to_string(),
                     what: format!("task {t} is not a parent of its child {c}"),
                 })?;
-            let mut arrival = job.fanin.arrive(c, edge, mark)?;
+            let mut arrival = job.fanin.arrive(c, edge, mark, owner)?;
             if job.replay_fan_in {
-                if let replayed @ Arrival::Run(_) = job.fanin.arrive(c, edge, mark)? {
+                if let replayed @ Arrival::Run(_) = job.fanin.arrive(c, edge, mark, owner)? {
                     arrival = replayed;
                 }
             }
@@ -152,6 +293,10 @@ fn run_path(job: &Arc<Job>, start: TaskId, known: Vec<(TaskId, Held)>) -> Result
             continue;
         }
         for &c in rest {
+            // A retry must not invoke a child its earlier attempt already invoked.
+            if !job.fanin.begin_invoke(c, owner)? {
+                continue;
+            }
             let mut known = Vec::new();
             for &p in plan.parents(c) {
                 let held = match ex.held.get(&p).cloned() {
@@ -163,7 +308,7 @@ fn run_path(job: &Arc<Job>, start: TaskId, known: Vec<(TaskId, Held)>) -> Result
                 };
                 known.push((p, held));
             }
-            invoke(job, c, known)?;
+            invoke(job, c, known, 0)?;
         }
         stack.push(first);
     }

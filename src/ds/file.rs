@@ -180,6 +180,13 @@ impl File {
         Ok(())
     }
 
+    /// Writes `data` into a range [`File::reserve`] returned without publishing it in
+    /// the committed word: for owners that publish positions some other way (the DAG
+    /// executor's fan-in flags), so [`File::complete_len`] of such a file stays `None`.
+    pub(crate) fn write_reserved(&self, pos: u64, data: &[u8]) -> Result<(), DsError> {
+        self.write_pieces(pos, data)
+    }
+
     /// Writes `data` at `pos`, extending the file if it ends past the current length
     /// (a gap reads as zeros).
     pub fn write_at(&self, pos: u64, data: &[u8]) -> Result<(), DsError> {
