@@ -1322,3 +1322,255 @@ fn kv_get_many_matches_get_across_partitions_remote_values_and_writers() {
     let one: Vec<_> = keys.iter().map(|k| kv.get(k).unwrap()).collect();
     assert_eq!(quiet, one);
 }
+
+// ---- Notifications ----
+
+use farpool::ds::{EventKind, Listener, ListenerConfig, Notification};
+
+/// Writers re-read the listener count this often in these tests.
+const REFRESH: Duration = Duration::from_millis(10);
+
+fn listener_config() -> ListenerConfig {
+    ListenerConfig {
+        writer_refresh: REFRESH,
+        lease: Duration::from_secs(1),
+        housekeeping: Duration::from_millis(20),
+        max_poll: Duration::from_millis(2),
+    }
+}
+
+/// Every event until none comes for `quiet`.
+fn drain(l: &mut Listener, quiet: Duration) -> Vec<Notification> {
+    let mut out = Vec::new();
+    while let Some(n) = l.next(quiet).unwrap() {
+        out.push(n);
+    }
+    out
+}
+
+#[test]
+fn notify_kv_events_arrive_once_in_order_per_producer_to_every_listener_in_torn_mode() {
+    let pool = pool(true);
+    let client = pool.client().unwrap();
+    let kv = Kv::create_at(&client, "/n/kv", KvConfig::default()).unwrap();
+    kv.set_notify_refresh(REFRESH);
+    // Before anyone subscribes: never delivered.
+    kv.upsert(b"early", b"x").unwrap();
+    let mut a = Listener::listen_with(&client, "/n/kv", listener_config()).unwrap();
+    let mut b = Listener::listen_with(&pool.client().unwrap(), "/n/kv", listener_config()).unwrap();
+    kv.upsert(b"between", b"x").unwrap(); // after listen, before subscribe
+    a.subscribe(&[EventKind::Put, EventKind::Remove]).unwrap();
+    b.subscribe(&[EventKind::Remove]).unwrap();
+
+    const PRODUCERS: usize = 3;
+    const N: usize = 60;
+    let handles: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let c = pool.client().unwrap();
+            std::thread::spawn(move || {
+                let kv = Kv::open(&c, "/n/kv").unwrap();
+                kv.set_notify_refresh(REFRESH);
+                for i in 0..N {
+                    let k = format!("p{p}-{i}");
+                    assert!(kv.put(k.as_bytes(), b"v").unwrap());
+                    assert!(!kv.put(k.as_bytes(), b"w").unwrap()); // unchanged: no event
+                    if i % 3 == 0 {
+                        assert!(kv.update(k.as_bytes(), b"u").unwrap());
+                        assert!(kv.remove(k.as_bytes()).unwrap());
+                        assert!(!kv.remove(k.as_bytes()).unwrap()); // absent: no event
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    // What each producer did, in its order.
+    let expect = |p: usize, removes_only: bool| -> Vec<(EventKind, Vec<u8>)> {
+        let mut v = Vec::new();
+        for i in 0..N {
+            let k = format!("p{p}-{i}").into_bytes();
+            if !removes_only {
+                v.push((EventKind::Put, k.clone()));
+            }
+            if i % 3 == 0 {
+                if !removes_only {
+                    v.push((EventKind::Put, k.clone()));
+                }
+                v.push((EventKind::Remove, k));
+            }
+        }
+        v
+    };
+    for (l, removes_only) in [(&mut a, false), (&mut b, true)] {
+        let got = drain(l, Duration::from_millis(300));
+        let mut positions: Vec<u64> = got.iter().map(|n| n.position).collect();
+        positions.dedup();
+        assert_eq!(positions.len(), got.len(), "an event delivered twice");
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "log order");
+        assert!(got.iter().all(|n| n.len == n.data.len() as u64));
+        for p in 0..PRODUCERS {
+            let prefix = format!("p{p}-").into_bytes();
+            let mine: Vec<(EventKind, Vec<u8>)> = got
+                .iter()
+                .filter(|n| n.data.starts_with(&prefix))
+                .map(|n| (n.kind, n.data.clone()))
+                .collect();
+            assert_eq!(mine, expect(p, removes_only), "producer {p}");
+        }
+        let others = got.iter().filter(|n| !n.data.starts_with(b"p")).count();
+        assert_eq!(others, 0, "an event from before subscribe was delivered");
+    }
+    a.unsubscribe().unwrap();
+    assert!(matches!(
+        a.next(Duration::ZERO),
+        Err(DsError::NotSubscribed { .. })
+    ));
+}
+
+#[test]
+fn notify_queue_enqueues_and_dequeues_and_writers_stop_after_unsubscribe() {
+    let pool = pool(true);
+    let client = pool.client().unwrap();
+    let q = Queue::create_at(&client, "/n/q", QueueConfig { slot_size: 64 }).unwrap();
+    q.set_notify_refresh(REFRESH);
+    let events = "/n/q/events";
+    q.enqueue(b"before").unwrap();
+    let mut l = Listener::listen_with(&client, "/n/q", listener_config()).unwrap();
+    // Nobody subscribed: operations publish nothing (the event log stays empty).
+    let log = Log::open(&client, events).unwrap();
+    q.enqueue(b"unheard").unwrap();
+    assert_eq!(log.end().unwrap(), 0);
+
+    l.subscribe(&[EventKind::Enqueue, EventKind::Dequeue])
+        .unwrap();
+    let consumer = Queue::open(&pool.client().unwrap(), "/n/q").unwrap();
+    consumer.set_notify_refresh(REFRESH);
+    for i in 0..100u32 {
+        q.enqueue(&i.to_le_bytes()).unwrap();
+    }
+    let mut taken = consumer.dequeue_many(3).unwrap(); // "before", "unheard", 0
+    while let Some(item) = consumer.dequeue().unwrap() {
+        taken.push(item);
+    }
+    assert_eq!(taken.len(), 102);
+    let got = drain(&mut l, Duration::from_millis(300));
+    let enq: Vec<Vec<u8>> = got
+        .iter()
+        .filter(|n| n.kind == EventKind::Enqueue)
+        .map(|n| n.data.clone())
+        .collect();
+    let deq: Vec<Vec<u8>> = got
+        .iter()
+        .filter(|n| n.kind == EventKind::Dequeue)
+        .map(|n| n.data.clone())
+        .collect();
+    let items: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
+    assert_eq!(enq, items);
+    let mut all = vec![b"before".to_vec(), b"unheard".to_vec()];
+    all.extend(items);
+    assert_eq!(deq, all, "every dequeue, in order, once");
+
+    // Only dequeues from now on.
+    l.subscribe(&[EventKind::Dequeue]).unwrap();
+    q.enqueue(b"x").unwrap();
+    consumer.dequeue().unwrap();
+    let got = drain(&mut l, Duration::from_millis(100));
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].kind, &got[0].data[..]),
+        (EventKind::Dequeue, &b"x"[..])
+    );
+
+    // After unsubscribe and one refresh interval, writers stop publishing.
+    l.unsubscribe().unwrap();
+    std::thread::sleep(REFRESH * 2);
+    let end = log.end().unwrap();
+    for i in 0..20u32 {
+        q.enqueue(&i.to_le_bytes()).unwrap();
+        consumer.dequeue().unwrap();
+    }
+    assert_eq!(log.end().unwrap(), end, "published with no listener");
+}
+
+#[test]
+fn notify_log_is_trimmed_as_listeners_advance_and_expired_listeners_are_dropped() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let kv = Kv::create_at(&client, "/n/t", KvConfig::default()).unwrap();
+    kv.set_notify_refresh(REFRESH);
+    assert!(matches!(
+        Listener::listen(&client, "/n/missing"),
+        Err(DsError::NotFound { .. })
+    ));
+    let _f = File::create_at(&client, "/n/file").unwrap();
+    assert!(matches!(
+        Listener::listen(&client, "/n/file"),
+        Err(DsError::WrongKind { .. })
+    ));
+
+    // A listener that stops calling `next` (as if crashed) and one that keeps up.
+    let mut gone = Listener::listen_with(&client, "/n/t", listener_config()).unwrap();
+    gone.subscribe(&[EventKind::Put]).unwrap();
+    let mut live = Listener::listen_with(&client, "/n/t", listener_config()).unwrap();
+    live.subscribe(&[EventKind::Put]).unwrap();
+    let mut seen = 0;
+    for i in 0..600 {
+        kv.upsert(format!("key-{i:04}").as_bytes(), b"v").unwrap();
+        while live.next(Duration::ZERO).unwrap().is_some() {
+            seen += 1;
+        }
+    }
+    seen += drain(&mut live, Duration::from_millis(50)).len();
+    assert_eq!(seen, 600);
+    let (start, end) = live.log_bounds().unwrap();
+    assert!(end > 4 * BS, "600 events span several blocks");
+    assert_eq!(start, 0, "the silent listener still holds the log");
+
+    // After the lease, the live listener drops the silent one and trims to itself.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(live.next(Duration::from_millis(50)).unwrap().is_none());
+    let (start, end) = live.log_bounds().unwrap();
+    assert_eq!(start, end, "trimmed up to the live listener's cursor");
+    assert!(subtree_blocks(&client, "/n/t/events") <= 2);
+    assert!(matches!(
+        gone.next(Duration::ZERO),
+        Err(DsError::ListenerExpired { .. })
+    ));
+
+    // A listener that goes silent with nobody else listening: the writers drop it
+    // themselves after the lease, trim, and stop publishing.
+    live.unsubscribe().unwrap();
+    let mut silent = Listener::listen_with(&client, "/n/t", listener_config()).unwrap();
+    silent.subscribe(&[EventKind::Put]).unwrap();
+    std::mem::forget(silent);
+    let t0 = std::time::Instant::now();
+    let mut i = 0;
+    while t0.elapsed() < Duration::from_millis(2500) {
+        kv.upsert(format!("more-{i}").as_bytes(), b"v").unwrap();
+        i += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let log = Log::open(&client, "/n/t/events").unwrap();
+    let end = log.end().unwrap();
+    // Trimmed to the end when the writer dropped the listener; a few events follow
+    // until its next refresh of the count.
+    assert!(
+        end > 2 * BS,
+        "the writer published while the listener was counted"
+    );
+    assert!(
+        end - log.start().unwrap() < BS,
+        "the writer trimmed the silent listener's events"
+    );
+    assert!(subtree_blocks(&client, "/n/t/events") <= 2);
+    kv.upsert(b"last", b"v").unwrap();
+    std::thread::sleep(REFRESH * 2);
+    kv.upsert(b"last2", b"v").unwrap();
+    assert_eq!(
+        log.end().unwrap(),
+        end,
+        "no listener left: nothing published"
+    );
+}

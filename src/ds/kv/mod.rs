@@ -5,6 +5,7 @@ mod bucket;
 mod record;
 mod scan;
 
+use super::notify::{EventKind, Publisher};
 use super::object::{Entry, Object};
 use super::{decode_id, encode_id, is_stale, DsError};
 use crate::client::{BlockHandle, Client, ClientError, Task};
@@ -21,7 +22,7 @@ use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB2");
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB2");
 // Meta words.
 const BUCKETS: u64 = 8;
 const GMAX: u64 = 16;
@@ -147,6 +148,8 @@ pub struct Kv {
     splits: AtomicU64,
     merges: AtomicU64,
     compactions: AtomicU64,
+    /// Publishes puts and removes to listeners.
+    notify: Publisher,
 }
 
 /// A partition this handle has used: its block, and record space this handle
@@ -284,6 +287,7 @@ impl Kv {
             });
         };
         let kv = Kv {
+            notify: Publisher::new(&obj, obj.client()),
             obj,
             map_block,
             g: g as u32,
@@ -348,17 +352,33 @@ impl Kv {
     /// Inserts `key` with `value` if it is absent; returns whether it did (an
     /// existing value is left alone).
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<bool, DsError> {
-        Ok(self.write(key, value, Mode::Insert)? != Wrote::Unchanged)
+        self.write_and_publish(key, value, Mode::Insert)
     }
 
     /// Replaces the value of `key` if it is present; returns whether it did.
     pub fn update(&self, key: &[u8], value: &[u8]) -> Result<bool, DsError> {
-        Ok(self.write(key, value, Mode::Update)? != Wrote::Unchanged)
+        self.write_and_publish(key, value, Mode::Update)
     }
 
     /// Stores `value` under `key`, inserting or replacing.
     pub fn upsert(&self, key: &[u8], value: &[u8]) -> Result<(), DsError> {
-        self.write(key, value, Mode::Upsert).map(|_| ())
+        self.write_and_publish(key, value, Mode::Upsert).map(|_| ())
+    }
+
+    /// How often this handle re-reads whether anyone listens to the table (default
+    /// [`super::DEFAULT_REFRESH`]); listeners must be configured with at least the
+    /// longest interval of any writer ([`super::ListenerConfig::writer_refresh`]).
+    pub fn set_notify_refresh(&self, refresh: Duration) {
+        self.notify.set_refresh(refresh);
+    }
+
+    /// A write, then its notification (a Put event) if it changed the table.
+    fn write_and_publish(&self, key: &[u8], value: &[u8], mode: Mode) -> Result<bool, DsError> {
+        let changed = self.write(key, value, mode)? != Wrote::Unchanged;
+        if changed {
+            self.notify.publish(EventKind::Put, key)?;
+        }
+        Ok(changed)
     }
 
     /// Upserts every pair, in order.
@@ -450,6 +470,7 @@ impl Kv {
                     let route = self.route(h)?;
                     self.merge(route)?;
                 }
+                self.notify.publish(EventKind::Remove, key)?;
                 Ok(true)
             }
             None => Ok(false),
