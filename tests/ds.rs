@@ -1574,3 +1574,80 @@ fn notify_log_is_trimmed_as_listeners_advance_and_expired_listeners_are_dropped(
         "no listener left: nothing published"
     );
 }
+
+/// Operations served by the pool's memory nodes so far.
+fn node_ops(pool: &EmbeddedPool) -> u64 {
+    pool.nodes()
+        .iter()
+        .map(|n| {
+            let s = n.stats();
+            s.ops_read + s.ops_write + s.ops_atomic
+        })
+        .sum()
+}
+
+#[test]
+fn notify_costs_writers_nothing_per_operation_when_nobody_listens() {
+    let pool = EmbeddedPool::start(EmbeddedConfig {
+        nodes: 1,
+        capacity: 8 << 20,
+        block_size: BS,
+        ..EmbeddedConfig::default()
+    })
+    .expect("embedded pool");
+    let client = pool.client().unwrap();
+    let kv = Kv::create_at(&client, "/n/cost", KvConfig::default()).unwrap();
+    let q = Queue::create_at(&client, "/n/costq", QueueConfig { slot_size: 64 }).unwrap();
+    // 62 items per round plus one to warm up fill exactly one queue segment (63
+    // slots), so every round links and frees segments at the same points.
+    assert_eq!(q.segment_slots(), 63);
+    for i in 0..62 {
+        kv.upsert(&key(i), b"value-00").unwrap();
+    }
+    // A listener came and went: the count is back to 0.
+    let mut l = Listener::listen_with(&client, "/n/cost", listener_config()).unwrap();
+    l.subscribe(&[EventKind::Put]).unwrap();
+    l.unsubscribe().unwrap();
+    let round = |refresh: Duration| -> (u64, Duration) {
+        kv.set_notify_refresh(refresh);
+        q.set_notify_refresh(refresh);
+        kv.upsert(&key(0), b"value-00").unwrap(); // takes the first count read
+        q.enqueue(b"warm").unwrap();
+        q.dequeue().unwrap();
+        let (before, t0) = (node_ops(&pool), std::time::Instant::now());
+        for i in 0..62 {
+            kv.upsert(&key(i), b"value-01").unwrap(); // in place: same ops each time
+        }
+        let mid = node_ops(&pool);
+        for _ in 0..62 {
+            q.enqueue(b"item").unwrap();
+            q.dequeue().unwrap();
+        }
+        println!(
+            "kv upserts: {} node operations, queue pairs: {}",
+            mid - before,
+            node_ops(&pool) - mid
+        );
+        (node_ops(&pool) - before, t0.elapsed())
+    };
+    // Refresh never due during the round: the structures' own operations only (a
+    // Kv handle's record-space reservation may add one operation to a round).
+    let (quiet, _) = round(Duration::from_secs(3600));
+    assert!(round(Duration::from_secs(3600)).0.abs_diff(quiet) <= 2);
+    // Default refresh: one count read per handle per 50 ms, nothing per operation
+    // (one extra per operation would be 186).
+    let (ops, took) = round(farpool::ds::DEFAULT_REFRESH);
+    let bound = 2 * (took.as_millis() as u64 / 50 + 1) + 2;
+    assert!(
+        ops <= quiet + bound,
+        "{} extra operations in {took:?} (at most {bound})",
+        ops.saturating_sub(quiet)
+    );
+    println!(
+        "186 operations: {quiet} node operations with no count refresh, {ops} with the default refresh over {took:?}"
+    );
+    assert_eq!(
+        Log::open(&client, "/n/cost/events").unwrap().end().unwrap(),
+        0
+    );
+}
