@@ -1504,9 +1504,10 @@ fn notify_log_is_trimmed_as_listeners_advance_and_expired_listeners_are_dropped(
         Listener::listen(&client, "/n/missing"),
         Err(DsError::NotFound { .. })
     ));
-    let _f = File::create_at(&client, "/n/file").unwrap();
+    // (The first listener fixes the table's lease: 1 s here.)
+    let _other = Listener::listen_with(&client, "/n/t", listener_config()).unwrap();
     assert!(matches!(
-        Listener::listen(&client, "/n/file"),
+        Listener::listen(&client, "/n/t/listeners"),
         Err(DsError::WrongKind { .. })
     ));
 
@@ -1650,4 +1651,54 @@ fn notify_costs_writers_nothing_per_operation_when_nobody_listens() {
         Log::open(&client, "/n/cost/events").unwrap().end().unwrap(),
         0
     );
+}
+
+#[test]
+fn notify_file_and_log_appends_carry_their_offsets() {
+    let pool = pool(true);
+    let client = pool.client().unwrap();
+    let f = File::create_at(&client, "/n/f").unwrap();
+    f.set_notify_refresh(REFRESH);
+    let log = Log::create_at(&client, "/n/log").unwrap();
+    log.set_notify_refresh(REFRESH);
+    f.append(b"before").unwrap();
+    let mut lf = Listener::listen_with(&client, "/n/f", listener_config()).unwrap();
+    let mut ll = farpool::ds::listen(&client, "/n/log").unwrap();
+    lf.subscribe(&[EventKind::Append]).unwrap();
+    // Default writer refresh on the log's listener side: wait long enough anyway.
+    ll.subscribe(&[EventKind::Append]).unwrap();
+    let big = vec![7u8; 3000];
+    let mut offsets = Vec::new();
+    for i in 0..20u32 {
+        offsets.push(f.append(&i.to_le_bytes()).unwrap());
+    }
+    let big_at = f.append(&big).unwrap();
+    let positions: Vec<u64> = (0..10u32)
+        .map(|i| log.append(&i.to_le_bytes(), &[i % 3]).unwrap())
+        .collect();
+    let got = drain(&mut lf, Duration::from_millis(200));
+    assert_eq!(got.len(), 21);
+    for (i, n) in got[..20].iter().enumerate() {
+        assert_eq!(n.kind, EventKind::Append);
+        assert_eq!(n.data, (i as u32).to_le_bytes());
+        assert_eq!(n.at, Some(offsets[i]));
+    }
+    assert_eq!(got[20].at, Some(big_at));
+    assert_eq!(
+        (got[20].len, got[20].data.len()),
+        (3000, 1024),
+        "a bounded prefix"
+    );
+    let got = drain(&mut ll, Duration::from_millis(200));
+    let at: Vec<Option<u64>> = got.iter().map(|n| n.at).collect();
+    assert_eq!(at, positions.into_iter().map(Some).collect::<Vec<_>>());
+    // The event log of an object publishes nothing itself.
+    let mut meta = Listener::listen_with(&client, "/n/log/events", listener_config()).unwrap();
+    meta.subscribe(&[EventKind::Append]).unwrap();
+    log.append(b"one more", &[]).unwrap();
+    assert_eq!(
+        ll.next(Duration::from_millis(200)).unwrap().unwrap().data,
+        b"one more"
+    );
+    assert!(meta.next(Duration::from_millis(50)).unwrap().is_none());
 }

@@ -1,4 +1,5 @@
-//! Notifications: [`Listener::listen`] on a [`super::Kv`] or [`super::Queue`] path, then
+//! Notifications: [`Listener::listen`] on a [`super::Kv`], [`super::Queue`],
+//! [`super::File`] or [`super::Log`] path, then
 //! [`Listener::subscribe`] to the kinds of operations to hear about.
 //!
 //! Everything lives in the pool next to the object, built from one-sided operations:
@@ -64,6 +65,9 @@ pub enum EventKind {
     Enqueue,
     /// A Queue `dequeue` took an item (event data: the item).
     Dequeue,
+    /// A File `append` or Log `append` completed (event data: the bytes appended;
+    /// [`Notification::at`]: the file offset or log position).
+    Append,
 }
 
 impl EventKind {
@@ -74,6 +78,7 @@ impl EventKind {
             EventKind::Remove => 2,
             EventKind::Enqueue => 3,
             EventKind::Dequeue => 4,
+            EventKind::Append => 5,
         }
     }
 
@@ -83,6 +88,7 @@ impl EventKind {
             2 => EventKind::Remove,
             3 => EventKind::Enqueue,
             4 => EventKind::Dequeue,
+            5 => EventKind::Append,
             _ => return None,
         })
     }
@@ -97,6 +103,9 @@ pub struct Notification {
     pub data: Vec<u8>,
     /// The full length of the key or item.
     pub len: u64,
+    /// For Append events, where the bytes went: the file offset, or the log position
+    /// the append returned. `None` for other kinds.
+    pub at: Option<u64>,
     /// The event's position in the object's event log (increases with publication order).
     pub position: u64,
 }
@@ -266,7 +275,7 @@ impl Table {
     }
 }
 
-/// The writer side, held by every Kv and Queue handle.
+/// The writer side, held by every Kv, Queue, File and Log handle.
 pub(crate) struct Publisher {
     client: Client,
     path: PoolPath,
@@ -310,14 +319,24 @@ impl Publisher {
     /// Publishes one completed operation if anyone listens. Call only after the
     /// operation completed.
     pub(crate) fn publish(&self, kind: EventKind, data: &[u8]) -> Result<(), DsError> {
-        self.try_publish(kind, data)
+        self.publish_at(kind, data, None)
+    }
+
+    /// [`Publisher::publish`] with the object position the operation used.
+    pub(crate) fn publish_at(
+        &self,
+        kind: EventKind,
+        data: &[u8],
+        at: Option<u64>,
+    ) -> Result<(), DsError> {
+        self.try_publish(kind, data, at)
             .map_err(|e| DsError::NotPublished {
                 path: self.path.clone(),
                 source: Box::new(e),
             })
     }
 
-    fn try_publish(&self, kind: EventKind, data: &[u8]) -> Result<(), DsError> {
+    fn try_publish(&self, kind: EventKind, data: &[u8], at: Option<u64>) -> Result<(), DsError> {
         let now = Instant::now();
         let (log, housekeep) = {
             let mut st = self.state.lock();
@@ -336,7 +355,10 @@ impl Publisher {
             let log = match &st.log {
                 Some(l) => l.clone(),
                 None => {
-                    let l = Arc::new(Log::open(&self.client, events_path(&self.path)?.as_str())?);
+                    let l = Arc::new(Log::open_quiet(
+                        &self.client,
+                        events_path(&self.path)?.as_str(),
+                    )?);
                     st.log = Some(l.clone());
                     l
                 }
@@ -350,8 +372,9 @@ impl Publisher {
             (log, due)
         };
         let len = data.len() as u64;
-        let mut payload = Vec::with_capacity(8 + data.len().min(EVENT_DATA_MAX));
+        let mut payload = Vec::with_capacity(16 + data.len().min(EVENT_DATA_MAX));
         payload.extend_from_slice(&len.to_le_bytes());
+        payload.extend_from_slice(&at.unwrap_or(u64::MAX).to_le_bytes());
         payload.extend_from_slice(&data[..data.len().min(EVENT_DATA_MAX)]);
         match log.append(&payload, &[kind.stream()]) {
             Ok(_) => {}
@@ -417,7 +440,7 @@ impl Default for ListenerConfig {
     }
 }
 
-/// A listener on a Kv or Queue: [`Listener::subscribe`] to kinds of events, then
+/// A listener on a Kv, Queue, File or Log: [`Listener::subscribe`] to kinds of events, then
 /// [`Listener::next`] returns them, each once, in the order they were published.
 ///
 /// ```no_run
@@ -446,19 +469,19 @@ pub struct Listener {
     housekept: Instant,
 }
 
-/// Creates a listener on the Kv or Queue at `path` (see [`Listener::listen`]).
+/// Creates a listener on the Kv, Queue, File or Log at `path` (see [`Listener::listen`]).
 pub fn listen(client: &Client, path: &str) -> Result<Listener, DsError> {
     Listener::listen(client, path)
 }
 
 impl Listener {
-    /// A listener on the Kv or Queue at `path`, with the default configuration. It
+    /// A listener on the Kv, Queue, File or Log at `path`, with the default configuration. It
     /// hears nothing until [`Listener::subscribe`].
     pub fn listen(client: &Client, path: &str) -> Result<Listener, DsError> {
         Self::listen_with(client, path, ListenerConfig::default())
     }
 
-    /// A listener on the Kv or Queue at `path`.
+    /// A listener on the Kv, Queue, File or Log at `path`.
     pub fn listen_with(
         client: &Client,
         path: &str,
@@ -474,10 +497,15 @@ impl Listener {
         let obj = Object::open_any(
             client,
             path.clone(),
-            "kv table or queue",
-            &[super::kv::MAGIC, super::queue::MAGIC],
+            "kv table, queue, file or log",
+            &[
+                super::kv::MAGIC,
+                super::queue::MAGIC,
+                super::file::MAGIC,
+                super::log::MAGIC,
+            ],
         )?;
-        let log = Log::create_at(client, events_path(&path)?.as_str())?;
+        let log = Log::create_quiet(client, events_path(&path)?.as_str())?;
         let table = Table::create(client, &path, config.lease)?;
         Ok(Listener {
             meta: obj.meta().clone(),
@@ -607,17 +635,23 @@ impl Listener {
         };
         for e in scan.entries {
             let kind = e.streams.iter().find_map(|s| EventKind::from_stream(*s));
-            let (Some(kind), Some(len)) = (kind, e.data.get(..8)) else {
+            let word = |i: usize| {
+                e.data
+                    .get(8 * i..8 * i + 8)
+                    .and_then(|w| w.try_into().ok())
+                    .map(u64::from_le_bytes)
+            };
+            let (Some(kind), Some(len), Some(at)) = (kind, word(0), word(1)) else {
                 return Err(DsError::Corrupt {
                     path: self.log.path().clone(),
-                    what: format!("event at {} has no kind or length", e.position),
+                    what: format!("event at {} has no kind, length or offset", e.position),
                 });
             };
-            let len = u64::from_le_bytes(len.try_into().unwrap_or([0; 8]));
             self.pending.push_back(Notification {
                 kind,
-                data: e.data[8..].to_vec(),
+                data: e.data[16..].to_vec(),
                 len,
+                at: (at != u64::MAX).then_some(at),
                 position: e.position,
             });
         }

@@ -4,8 +4,8 @@
 //! Layout of the meta block: word 0 is the magic (set last, by CAS), words 1..8 are the
 //! object's own (configuration and counters), and directory entry `k` is the word at
 //! `HEADER + 8k`: 0 (never linked), a block id ([`super::encode_id`]), or [`FREED`].
-//! Word 56 of listenable objects (Kv, Queue) counts their notification listeners
-//! ([`super::notify`]); their own words end before it.
+//! Word 56 of every object kind (Kv, Queue, File, Log) counts its notification
+//! listeners ([`super::notify`]); their own words end before it.
 
 use super::{decode_id, encode_id, DsError};
 use crate::client::{BlockHandle, Client, ClientError};
