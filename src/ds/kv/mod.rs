@@ -352,17 +352,17 @@ impl Kv {
     /// Inserts `key` with `value` if it is absent; returns whether it did (an
     /// existing value is left alone).
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<bool, DsError> {
-        self.write_and_publish(key, value, Mode::Insert)
+        Ok(self.write(key, value, Mode::Insert)? != Wrote::Unchanged)
     }
 
     /// Replaces the value of `key` if it is present; returns whether it did.
     pub fn update(&self, key: &[u8], value: &[u8]) -> Result<bool, DsError> {
-        self.write_and_publish(key, value, Mode::Update)
+        Ok(self.write(key, value, Mode::Update)? != Wrote::Unchanged)
     }
 
     /// Stores `value` under `key`, inserting or replacing.
     pub fn upsert(&self, key: &[u8], value: &[u8]) -> Result<(), DsError> {
-        self.write_and_publish(key, value, Mode::Upsert).map(|_| ())
+        self.write(key, value, Mode::Upsert).map(|_| ())
     }
 
     /// How often this handle re-reads whether anyone listens to the table (default
@@ -370,15 +370,6 @@ impl Kv {
     /// longest interval of any writer ([`super::ListenerConfig::writer_refresh`]).
     pub fn set_notify_refresh(&self, refresh: Duration) {
         self.notify.set_refresh(refresh);
-    }
-
-    /// A write, then its notification (a Put event) if it changed the table.
-    fn write_and_publish(&self, key: &[u8], value: &[u8], mode: Mode) -> Result<bool, DsError> {
-        let changed = self.write(key, value, mode)? != Wrote::Unchanged;
-        if changed {
-            self.notify.publish(EventKind::Put, key)?;
-        }
-        Ok(changed)
     }
 
     /// Upserts every pair, in order.
@@ -391,6 +382,7 @@ impl Kv {
             .try_for_each(|(k, v)| self.upsert(k.as_ref(), v.as_ref()))
     }
 
+    /// A write, then (when it changed the table) its Put event.
     fn write(&self, key: &[u8], value: &[u8], mode: Mode) -> Result<Wrote, DsError> {
         let h = hash(key);
         let inline_max = self.inline_max();
@@ -417,16 +409,20 @@ impl Kv {
                 return Err(e);
             }
         };
-        match wrote {
-            Wrote::Inserted(count) => {
-                if count >= self.split_at {
-                    let route = self.route(h)?;
-                    self.split(route)?;
-                }
+        // The write is complete here; the clean-up and split after it do not change
+        // what it did, so its event is published even when they fail.
+        let after = match wrote {
+            Wrote::Inserted(count) if count >= self.split_at => {
+                self.route(h).and_then(|route| self.split(route))
             }
-            Wrote::Replaced(old) => self.drop_value(old)?,
-            Wrote::Unchanged => self.drop_value(ours)?,
+            Wrote::Inserted(_) => Ok(()),
+            Wrote::Replaced(old) => self.drop_value(old),
+            Wrote::Unchanged => self.drop_value(ours),
+        };
+        if wrote != Wrote::Unchanged {
+            self.notify.publish(EventKind::Put, key)?;
         }
+        after?;
         Ok(wrote)
     }
 
@@ -465,12 +461,17 @@ impl Kv {
         let removed = self.retry(h, |part, _| self.try_delete(part, h, key))?;
         match removed {
             Some(Removed { count, old }) => {
-                self.drop_value(old)?;
-                if count <= self.merge_at {
-                    let route = self.route(h)?;
-                    self.merge(route)?;
-                }
+                // Removed; the clean-up and merge after it do not change that, so the
+                // event is published even when they fail.
+                let after = self.drop_value(old).and_then(|()| {
+                    if count <= self.merge_at {
+                        let route = self.route(h)?;
+                        self.merge(route)?;
+                    }
+                    Ok(())
+                });
                 self.notify.publish(EventKind::Remove, key)?;
+                after?;
                 Ok(true)
             }
             None => Ok(false),
