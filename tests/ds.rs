@@ -1322,3 +1322,389 @@ fn kv_get_many_matches_get_across_partitions_remote_values_and_writers() {
     let one: Vec<_> = keys.iter().map(|k| kv.get(k).unwrap()).collect();
     assert_eq!(quiet, one);
 }
+
+// ---- Notifications ----
+
+use farpool::ds::{EventKind, Listener, ListenerConfig, Notification};
+
+/// Writers re-read the listener count this often in these tests.
+const REFRESH: Duration = Duration::from_millis(10);
+
+fn listener_config() -> ListenerConfig {
+    ListenerConfig {
+        writer_refresh: REFRESH,
+        lease: Duration::from_secs(1),
+        housekeeping: Duration::from_millis(20),
+        max_poll: Duration::from_millis(2),
+    }
+}
+
+/// Every event until none comes for `quiet`.
+fn drain(l: &mut Listener, quiet: Duration) -> Vec<Notification> {
+    let mut out = Vec::new();
+    while let Some(n) = l.next(quiet).unwrap() {
+        out.push(n);
+    }
+    out
+}
+
+#[test]
+fn notify_kv_events_arrive_once_in_order_per_producer_to_every_listener_in_torn_mode() {
+    let pool = pool(true);
+    let client = pool.client().unwrap();
+    let kv = Kv::create_at(&client, "/n/kv", KvConfig::default()).unwrap();
+    kv.set_notify_refresh(REFRESH);
+    // Before anyone subscribes: never delivered.
+    kv.upsert(b"early", b"x").unwrap();
+    let mut a = Listener::listen_with(&client, "/n/kv", listener_config()).unwrap();
+    let mut b = Listener::listen_with(&pool.client().unwrap(), "/n/kv", listener_config()).unwrap();
+    kv.upsert(b"between", b"x").unwrap(); // after listen, before subscribe
+    a.subscribe(&[EventKind::Put, EventKind::Remove]).unwrap();
+    b.subscribe(&[EventKind::Remove]).unwrap();
+
+    const PRODUCERS: usize = 3;
+    const N: usize = 60;
+    let handles: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let c = pool.client().unwrap();
+            std::thread::spawn(move || {
+                let kv = Kv::open(&c, "/n/kv").unwrap();
+                kv.set_notify_refresh(REFRESH);
+                for i in 0..N {
+                    let k = format!("p{p}-{i}");
+                    assert!(kv.put(k.as_bytes(), b"v").unwrap());
+                    assert!(!kv.put(k.as_bytes(), b"w").unwrap()); // unchanged: no event
+                    if i % 3 == 0 {
+                        assert!(kv.update(k.as_bytes(), b"u").unwrap());
+                        assert!(kv.remove(k.as_bytes()).unwrap());
+                        assert!(!kv.remove(k.as_bytes()).unwrap()); // absent: no event
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    // What each producer did, in its order.
+    let expect = |p: usize, removes_only: bool| -> Vec<(EventKind, Vec<u8>)> {
+        let mut v = Vec::new();
+        for i in 0..N {
+            let k = format!("p{p}-{i}").into_bytes();
+            if !removes_only {
+                v.push((EventKind::Put, k.clone()));
+            }
+            if i % 3 == 0 {
+                if !removes_only {
+                    v.push((EventKind::Put, k.clone()));
+                }
+                v.push((EventKind::Remove, k));
+            }
+        }
+        v
+    };
+    for (l, removes_only) in [(&mut a, false), (&mut b, true)] {
+        let got = drain(l, Duration::from_millis(300));
+        let mut positions: Vec<u64> = got.iter().map(|n| n.position).collect();
+        positions.dedup();
+        assert_eq!(positions.len(), got.len(), "an event delivered twice");
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "log order");
+        assert!(got.iter().all(|n| n.len == n.data.len() as u64));
+        for p in 0..PRODUCERS {
+            let prefix = format!("p{p}-").into_bytes();
+            let mine: Vec<(EventKind, Vec<u8>)> = got
+                .iter()
+                .filter(|n| n.data.starts_with(&prefix))
+                .map(|n| (n.kind, n.data.clone()))
+                .collect();
+            assert_eq!(mine, expect(p, removes_only), "producer {p}");
+        }
+        let others = got.iter().filter(|n| !n.data.starts_with(b"p")).count();
+        assert_eq!(others, 0, "an event from before subscribe was delivered");
+    }
+    a.unsubscribe().unwrap();
+    assert!(matches!(
+        a.next(Duration::ZERO),
+        Err(DsError::NotSubscribed { .. })
+    ));
+}
+
+#[test]
+fn notify_queue_enqueues_and_dequeues_and_writers_stop_after_unsubscribe() {
+    let pool = pool(true);
+    let client = pool.client().unwrap();
+    let q = Queue::create_at(&client, "/n/q", QueueConfig { slot_size: 64 }).unwrap();
+    q.set_notify_refresh(REFRESH);
+    let events = "/n/q/events";
+    q.enqueue(b"before").unwrap();
+    let mut l = Listener::listen_with(&client, "/n/q", listener_config()).unwrap();
+    // Nobody subscribed: operations publish nothing (the event log stays empty).
+    let log = Log::open(&client, events).unwrap();
+    q.enqueue(b"unheard").unwrap();
+    assert_eq!(log.end().unwrap(), 0);
+
+    l.subscribe(&[EventKind::Enqueue, EventKind::Dequeue])
+        .unwrap();
+    let consumer = Queue::open(&pool.client().unwrap(), "/n/q").unwrap();
+    consumer.set_notify_refresh(REFRESH);
+    for i in 0..100u32 {
+        q.enqueue(&i.to_le_bytes()).unwrap();
+    }
+    let mut taken = consumer.dequeue_many(3).unwrap(); // "before", "unheard", 0
+    while let Some(item) = consumer.dequeue().unwrap() {
+        taken.push(item);
+    }
+    assert_eq!(taken.len(), 102);
+    let got = drain(&mut l, Duration::from_millis(300));
+    let enq: Vec<Vec<u8>> = got
+        .iter()
+        .filter(|n| n.kind == EventKind::Enqueue)
+        .map(|n| n.data.clone())
+        .collect();
+    let deq: Vec<Vec<u8>> = got
+        .iter()
+        .filter(|n| n.kind == EventKind::Dequeue)
+        .map(|n| n.data.clone())
+        .collect();
+    let items: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
+    assert_eq!(enq, items);
+    let mut all = vec![b"before".to_vec(), b"unheard".to_vec()];
+    all.extend(items);
+    assert_eq!(deq, all, "every dequeue, in order, once");
+
+    // Only dequeues from now on.
+    l.subscribe(&[EventKind::Dequeue]).unwrap();
+    q.enqueue(b"x").unwrap();
+    consumer.dequeue().unwrap();
+    let got = drain(&mut l, Duration::from_millis(100));
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].kind, &got[0].data[..]),
+        (EventKind::Dequeue, &b"x"[..])
+    );
+
+    // After unsubscribe and one refresh interval, writers stop publishing.
+    l.unsubscribe().unwrap();
+    std::thread::sleep(REFRESH * 2);
+    let end = log.end().unwrap();
+    for i in 0..20u32 {
+        q.enqueue(&i.to_le_bytes()).unwrap();
+        consumer.dequeue().unwrap();
+    }
+    assert_eq!(log.end().unwrap(), end, "published with no listener");
+}
+
+#[test]
+fn notify_log_is_trimmed_as_listeners_advance_and_expired_listeners_are_dropped() {
+    let pool = pool(false);
+    let client = pool.client().unwrap();
+    let kv = Kv::create_at(&client, "/n/t", KvConfig::default()).unwrap();
+    kv.set_notify_refresh(REFRESH);
+    assert!(matches!(
+        Listener::listen(&client, "/n/missing"),
+        Err(DsError::NotFound { .. })
+    ));
+    // (The first listener fixes the table's lease: 1 s here.)
+    let _other = Listener::listen_with(&client, "/n/t", listener_config()).unwrap();
+    assert!(matches!(
+        Listener::listen(&client, "/n/t/listeners"),
+        Err(DsError::WrongKind { .. })
+    ));
+
+    // A listener that stops calling `next` (as if crashed) and one that keeps up.
+    let mut gone = Listener::listen_with(&client, "/n/t", listener_config()).unwrap();
+    gone.subscribe(&[EventKind::Put]).unwrap();
+    let mut live = Listener::listen_with(&client, "/n/t", listener_config()).unwrap();
+    live.subscribe(&[EventKind::Put]).unwrap();
+    let mut seen = 0;
+    let t0 = std::time::Instant::now();
+    for i in 0..600 {
+        kv.upsert(format!("key-{i:04}").as_bytes(), b"v").unwrap();
+        while live.next(Duration::ZERO).unwrap().is_some() {
+            seen += 1;
+        }
+    }
+    seen += drain(&mut live, Duration::from_millis(50)).len();
+    assert_eq!(seen, 600);
+    let (start, end) = live.log_bounds().unwrap();
+    assert!(end > 4 * BS, "600 events span several blocks");
+    let took = t0.elapsed();
+    println!("600 upserts with a listener keeping up: {took:?}");
+    if took < Duration::from_millis(800) {
+        // (A slower machine may legitimately have dropped it already.)
+        assert_eq!(start, 0, "the silent listener still holds the log");
+    }
+
+    // After the lease, the live listener drops the silent one and trims to itself.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(live.next(Duration::from_millis(50)).unwrap().is_none());
+    let (start, end) = live.log_bounds().unwrap();
+    assert_eq!(start, end, "trimmed up to the live listener's cursor");
+    assert!(subtree_blocks(&client, "/n/t/events") <= 2);
+    assert!(matches!(
+        gone.next(Duration::ZERO),
+        Err(DsError::ListenerExpired { .. })
+    ));
+
+    // A listener that goes silent with nobody else listening: the writers drop it
+    // themselves after the lease, trim, and stop publishing.
+    live.unsubscribe().unwrap();
+    let mut silent = Listener::listen_with(&client, "/n/t", listener_config()).unwrap();
+    silent.subscribe(&[EventKind::Put]).unwrap();
+    std::mem::forget(silent);
+    let t0 = std::time::Instant::now();
+    let mut i = 0;
+    while t0.elapsed() < Duration::from_millis(2500) {
+        kv.upsert(format!("more-{i}").as_bytes(), b"v").unwrap();
+        i += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let log = Log::open(&client, "/n/t/events").unwrap();
+    let end = log.end().unwrap();
+    // Trimmed to the end when the writer dropped the listener; a few events follow
+    // until its next refresh of the count.
+    assert!(
+        end > 2 * BS,
+        "the writer published while the listener was counted"
+    );
+    assert!(
+        end - log.start().unwrap() < BS,
+        "the writer trimmed the silent listener's events"
+    );
+    assert!(subtree_blocks(&client, "/n/t/events") <= 2);
+    kv.upsert(b"last", b"v").unwrap();
+    std::thread::sleep(REFRESH * 2);
+    kv.upsert(b"last2", b"v").unwrap();
+    assert_eq!(
+        log.end().unwrap(),
+        end,
+        "no listener left: nothing published"
+    );
+}
+
+/// Operations served by the pool's memory nodes so far.
+fn node_ops(pool: &EmbeddedPool) -> u64 {
+    pool.nodes()
+        .iter()
+        .map(|n| {
+            let s = n.stats();
+            s.ops_read + s.ops_write + s.ops_atomic
+        })
+        .sum()
+}
+
+#[test]
+fn notify_costs_writers_nothing_per_operation_when_nobody_listens() {
+    let pool = EmbeddedPool::start(EmbeddedConfig {
+        nodes: 1,
+        capacity: 8 << 20,
+        block_size: BS,
+        ..EmbeddedConfig::default()
+    })
+    .expect("embedded pool");
+    let client = pool.client().unwrap();
+    let kv = Kv::create_at(&client, "/n/cost", KvConfig::default()).unwrap();
+    let q = Queue::create_at(&client, "/n/costq", QueueConfig { slot_size: 64 }).unwrap();
+    // 62 items per round plus one to warm up fill exactly one queue segment (63
+    // slots), so every round links and frees segments at the same points.
+    assert_eq!(q.segment_slots(), 63);
+    for i in 0..62 {
+        kv.upsert(&key(i), b"value-00").unwrap();
+    }
+    // A listener came and went: the count is back to 0.
+    let mut l = Listener::listen_with(&client, "/n/cost", listener_config()).unwrap();
+    l.subscribe(&[EventKind::Put]).unwrap();
+    l.unsubscribe().unwrap();
+    let round = |refresh: Duration| -> (u64, Duration) {
+        kv.set_notify_refresh(refresh);
+        q.set_notify_refresh(refresh);
+        kv.upsert(&key(0), b"value-00").unwrap(); // takes the first count read
+        q.enqueue(b"warm").unwrap();
+        q.dequeue().unwrap();
+        let (before, t0) = (node_ops(&pool), std::time::Instant::now());
+        for i in 0..62 {
+            kv.upsert(&key(i), b"value-01").unwrap(); // in place: same ops each time
+        }
+        let mid = node_ops(&pool);
+        for _ in 0..62 {
+            q.enqueue(b"item").unwrap();
+            q.dequeue().unwrap();
+        }
+        println!(
+            "kv upserts: {} node operations, queue pairs: {}",
+            mid - before,
+            node_ops(&pool) - mid
+        );
+        (node_ops(&pool) - before, t0.elapsed())
+    };
+    // Refresh never due during the round: the structures' own operations only (a
+    // Kv handle's record-space reservation may add one operation to a round).
+    let (quiet, _) = round(Duration::from_secs(3600));
+    assert!(round(Duration::from_secs(3600)).0.abs_diff(quiet) <= 2);
+    // Default refresh: one count read per handle per 50 ms, nothing per operation
+    // (one extra per operation would be 186).
+    let (ops, took) = round(farpool::ds::DEFAULT_REFRESH);
+    let bound = 2 * (took.as_millis() as u64 / 50 + 1) + 2;
+    assert!(
+        ops <= quiet + bound,
+        "{} extra operations in {took:?} (at most {bound})",
+        ops.saturating_sub(quiet)
+    );
+    println!(
+        "186 operations: {quiet} node operations with no count refresh, {ops} with the default refresh over {took:?}"
+    );
+    assert_eq!(
+        Log::open(&client, "/n/cost/events").unwrap().end().unwrap(),
+        0
+    );
+}
+
+#[test]
+fn notify_file_and_log_appends_carry_their_offsets() {
+    let pool = pool(true);
+    let client = pool.client().unwrap();
+    let f = File::create_at(&client, "/n/f").unwrap();
+    f.set_notify_refresh(REFRESH);
+    let log = Log::create_at(&client, "/n/log").unwrap();
+    log.set_notify_refresh(REFRESH);
+    f.append(b"before").unwrap();
+    let mut lf = Listener::listen_with(&client, "/n/f", listener_config()).unwrap();
+    let mut ll = farpool::ds::listen(&client, "/n/log").unwrap();
+    lf.subscribe(&[EventKind::Append]).unwrap();
+    // Default writer refresh on the log's listener side: wait long enough anyway.
+    ll.subscribe(&[EventKind::Append]).unwrap();
+    let big = vec![7u8; 3000];
+    let mut offsets = Vec::new();
+    for i in 0..20u32 {
+        offsets.push(f.append(&i.to_le_bytes()).unwrap());
+    }
+    let big_at = f.append(&big).unwrap();
+    let positions: Vec<u64> = (0..10u32)
+        .map(|i| log.append(&i.to_le_bytes(), &[i % 3]).unwrap())
+        .collect();
+    let got = drain(&mut lf, Duration::from_millis(200));
+    assert_eq!(got.len(), 21);
+    for (i, n) in got[..20].iter().enumerate() {
+        assert_eq!(n.kind, EventKind::Append);
+        assert_eq!(n.data, (i as u32).to_le_bytes());
+        assert_eq!(n.at, Some(offsets[i]));
+    }
+    assert_eq!(got[20].at, Some(big_at));
+    assert_eq!(
+        (got[20].len, got[20].data.len()),
+        (3000, 1024),
+        "a bounded prefix"
+    );
+    let got = drain(&mut ll, Duration::from_millis(200));
+    let at: Vec<Option<u64>> = got.iter().map(|n| n.at).collect();
+    assert_eq!(at, positions.into_iter().map(Some).collect::<Vec<_>>());
+    // The event log of an object publishes nothing itself.
+    let mut meta = Listener::listen_with(&client, "/n/log/events", listener_config()).unwrap();
+    meta.subscribe(&[EventKind::Append]).unwrap();
+    log.append(b"one more", &[]).unwrap();
+    assert_eq!(
+        ll.next(Duration::from_millis(200)).unwrap().unwrap().data,
+        b"one more"
+    );
+    assert!(meta.next(Duration::from_millis(50)).unwrap().is_none());
+}

@@ -1,5 +1,6 @@
 //! `File`: a byte stream over a chain of blocks, shared by every client that opens it.
 
+use super::notify::{EventKind, Publisher};
 use super::object::{Entry, Object};
 use super::DsError;
 use crate::client::{BlockHandle, Client, Task};
@@ -7,8 +8,9 @@ use crate::proto::PoolPath;
 use parking_lot::Mutex;
 use std::io::{self, SeekFrom};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"FPFILE01");
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"FPFILE01");
 /// Data bytes per data block (the meta block's length).
 const CHUNK: u64 = 8;
 /// Bytes reserved (appends, writes past the end).
@@ -33,6 +35,8 @@ pub struct File {
     /// writes inside it need not read the tail again.
     seen: AtomicU64,
     pos: u64,
+    /// Publishes appends to listeners (`None` for the event logs of notifications).
+    notify: Option<Publisher>,
 }
 
 impl File {
@@ -111,11 +115,12 @@ impl File {
             });
         }
         Ok(File {
-            obj,
             chunk,
             blocks: Mutex::new(Vec::new()),
             seen: AtomicU64::new(0),
             pos: 0,
+            notify: Some(Publisher::new(&obj, obj.client())),
+            obj,
         })
     }
 
@@ -161,7 +166,31 @@ impl File {
     pub fn append(&self, data: &[u8]) -> Result<u64, DsError> {
         let pos = self.reserve(data.len() as u64)?;
         self.commit_reserved(pos, data)?;
+        self.publish_append(data, pos)?;
         Ok(pos)
+    }
+
+    /// How often this handle re-reads whether anyone listens to the file (default
+    /// [`super::DEFAULT_REFRESH`]); listeners must be configured with at least the
+    /// longest interval of any writer ([`super::ListenerConfig::writer_refresh`]).
+    pub fn set_notify_refresh(&self, refresh: Duration) {
+        if let Some(n) = &self.notify {
+            n.set_refresh(refresh);
+        }
+    }
+
+    /// Publishes a completed append of `data` at `pos` (an Append event) to listeners.
+    pub(crate) fn publish_append(&self, data: &[u8], pos: u64) -> Result<(), DsError> {
+        match &self.notify {
+            Some(n) => n.publish_at(EventKind::Append, data, Some(pos)),
+            None => Ok(()),
+        }
+    }
+
+    /// This handle, publishing nothing (for the event logs of notifications).
+    pub(crate) fn quiet(mut self) -> File {
+        self.notify = None;
+        self
     }
 
     /// Reserves `n` bytes at the end; returns where they start.

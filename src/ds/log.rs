@@ -7,7 +7,7 @@ use crate::proto::PoolPath;
 use siphasher::sip::SipHasher13;
 use std::hash::Hasher;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"FPSLOG01");
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"FPSLOG01");
 /// Meta word: entries before this position are trimmed.
 const TRIM: u64 = 32;
 /// Entry header: payload length u32, stream count u32, checksum u64.
@@ -71,6 +71,28 @@ impl Log {
         })
     }
 
+    /// Creates (or opens) a log that publishes no notifications: the event log of a
+    /// listened-to object.
+    pub(crate) fn create_quiet(client: &Client, path: &str) -> Result<Log, DsError> {
+        Ok(Log {
+            file: File::create_kind(client, path, "log", MAGIC)?.quiet(),
+        })
+    }
+
+    /// Opens a log that publishes no notifications.
+    pub(crate) fn open_quiet(client: &Client, path: &str) -> Result<Log, DsError> {
+        Ok(Log {
+            file: File::open_kind(client, path, "log", MAGIC)?.quiet(),
+        })
+    }
+
+    /// How often this handle re-reads whether anyone listens to the log (default
+    /// [`super::DEFAULT_REFRESH`]); listeners must be configured with at least the
+    /// longest interval of any writer ([`super::ListenerConfig::writer_refresh`]).
+    pub fn set_notify_refresh(&self, refresh: std::time::Duration) {
+        self.file.set_notify_refresh(refresh);
+    }
+
     /// The log's path.
     pub fn path(&self) -> &PoolPath {
         self.file.path()
@@ -101,6 +123,7 @@ impl Log {
         e.extend_from_slice(data);
         e.resize(size, 0);
         self.file.commit_reserved(pos, &e)?;
+        self.file.publish_append(data, pos)?;
         Ok(pos)
     }
 

@@ -25,6 +25,7 @@
 mod file;
 mod kv;
 mod log;
+mod notify;
 mod object;
 mod persist;
 mod queue;
@@ -33,6 +34,10 @@ mod snapshot;
 pub use file::File;
 pub use kv::{Kv, KvConfig, KvRepartitions};
 pub use log::{Log, LogEntry, Scan, MAX_STREAMS};
+pub use notify::{
+    listen, EventKind, Listener, ListenerConfig, Notification, DEFAULT_REFRESH, EVENT_DATA_MAX,
+    MAX_LISTENERS,
+};
 pub use queue::{Queue, QueueConfig, QueueSegments};
 pub use snapshot::{Snapshot, SnapshotError};
 
@@ -127,6 +132,37 @@ pub enum DsError {
         /// What is there.
         kind: &'static str,
         /// The path.
+        path: PoolPath,
+    },
+    /// An operation completed, but its notification event could not be published.
+    #[error("the operation on '{path}' completed, but its notification could not be published ({source}); listeners may miss this event, do not repeat the operation")]
+    NotPublished {
+        /// The object.
+        path: PoolPath,
+        /// Why publishing failed.
+        #[source]
+        source: Box<DsError>,
+    },
+    /// The listener went without a heartbeat for longer than the lease and was dropped.
+    #[error("the listener on '{path}' was dropped after {lease:?} without a heartbeat (call next more often); subscribe again, events in between are lost")]
+    ListenerExpired {
+        /// The object.
+        path: PoolPath,
+        /// The lease of the object's listeners.
+        lease: std::time::Duration,
+    },
+    /// Every listener slot of the object is taken.
+    #[error("'{path}' already has {max} listeners; unsubscribe one, or share a listener")]
+    TooManyListeners {
+        /// The object.
+        path: PoolPath,
+        /// Most listeners at a time.
+        max: u64,
+    },
+    /// `next` on a listener that is not subscribed.
+    #[error("the listener on '{path}' is not subscribed; call subscribe first")]
+    NotSubscribed {
+        /// The object.
         path: PoolPath,
     },
     /// Remote memory does not hold what the layout says it must.

@@ -4,6 +4,8 @@
 //! Layout of the meta block: word 0 is the magic (set last, by CAS), words 1..8 are the
 //! object's own (configuration and counters), and directory entry `k` is the word at
 //! `HEADER + 8k`: 0 (never linked), a block id ([`super::encode_id`]), or [`FREED`].
+//! Word 56 of every object kind (Kv, Queue, File, Log) counts its notification
+//! listeners ([`super::notify`]); their own words end before it.
 
 use super::{decode_id, encode_id, DsError};
 use crate::client::{BlockHandle, Client, ClientError};
@@ -116,6 +118,23 @@ impl Object {
         Ok(obj)
     }
 
+    /// Opens the object at `path` if its magic word is one of `magics` (`kind` names
+    /// them in errors).
+    pub(crate) fn open_any(
+        client: &Client,
+        path: PoolPath,
+        kind: &'static str,
+        magics: &[u64],
+    ) -> Result<Object, DsError> {
+        let first = magics.first().copied().unwrap_or(0);
+        match Object::open(client, path.clone(), kind, first, "") {
+            Err(DsError::WrongKind { found, .. }) if magics.contains(&found) => {
+                Object::open(client, path, kind, found, "")
+            }
+            other => other,
+        }
+    }
+
     fn wait_magic(&self, magic: u64) -> Result<(), DsError> {
         let deadline = Instant::now() + CREATE_WAIT;
         loop {
@@ -137,6 +156,11 @@ impl Object {
                 }
             }
         }
+    }
+
+    /// The client the object was opened with.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     /// The object's path.

@@ -1,5 +1,6 @@
 //! `Queue`: a multi-producer multi-consumer FIFO over linear segments of slots.
 
+use super::notify::{EventKind, Publisher};
 use super::object::{Entry, Object};
 use super::{is_stale, DsError};
 use crate::client::{BlockHandle, Client, ClientError, Task};
@@ -11,7 +12,7 @@ use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const MAGIC: u64 = u64::from_le_bytes(*b"FPQUEUE1");
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"FPQUEUE1");
 // Meta words.
 const SLOT_SIZE: u64 = 8;
 const SLOTS: u64 = 16;
@@ -69,6 +70,8 @@ pub struct Queue {
     seen_segments: AtomicU64,
     /// Segments this handle freed.
     freed_segments: AtomicU64,
+    /// Publishes enqueues and dequeues to listeners.
+    notify: Publisher,
 }
 
 /// How far a queue grew and shrank, as seen by one [`Queue`] handle (see
@@ -149,6 +152,7 @@ impl Queue {
         let head = obj.word(HEAD_HINT)?;
         let tail = obj.word(TAIL_HINT)?.max(head);
         Ok(Queue {
+            notify: Publisher::new(&obj, obj.client()),
             obj,
             slot_size,
             slots,
@@ -195,6 +199,18 @@ impl Queue {
 
     /// Appends `item` at the tail.
     pub fn enqueue(&self, item: &[u8]) -> Result<(), DsError> {
+        self.enqueue_one(item)?;
+        self.notify.publish(EventKind::Enqueue, item)
+    }
+
+    /// How often this handle re-reads whether anyone listens to the queue (default
+    /// [`super::DEFAULT_REFRESH`]); listeners must be configured with at least the
+    /// longest interval of any writer ([`super::ListenerConfig::writer_refresh`]).
+    pub fn set_notify_refresh(&self, refresh: Duration) {
+        self.notify.set_refresh(refresh);
+    }
+
+    fn enqueue_one(&self, item: &[u8]) -> Result<(), DsError> {
         if item.len() > self.max_item() {
             return Err(DsError::ItemTooLarge {
                 len: item.len(),
@@ -300,6 +316,9 @@ impl Queue {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        for item in &out {
+            self.notify.publish(EventKind::Dequeue, item)?;
         }
         Ok(out)
     }

@@ -5,6 +5,7 @@ mod bucket;
 mod record;
 mod scan;
 
+use super::notify::{EventKind, Publisher};
 use super::object::{Entry, Object};
 use super::{decode_id, encode_id, is_stale, DsError};
 use crate::client::{BlockHandle, Client, ClientError, Task};
@@ -21,7 +22,7 @@ use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB2");
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB2");
 // Meta words.
 const BUCKETS: u64 = 8;
 const GMAX: u64 = 16;
@@ -147,6 +148,8 @@ pub struct Kv {
     splits: AtomicU64,
     merges: AtomicU64,
     compactions: AtomicU64,
+    /// Publishes puts and removes to listeners.
+    notify: Publisher,
 }
 
 /// A partition this handle has used: its block, and record space this handle
@@ -284,6 +287,7 @@ impl Kv {
             });
         };
         let kv = Kv {
+            notify: Publisher::new(&obj, obj.client()),
             obj,
             map_block,
             g: g as u32,
@@ -361,6 +365,13 @@ impl Kv {
         self.write(key, value, Mode::Upsert).map(|_| ())
     }
 
+    /// How often this handle re-reads whether anyone listens to the table (default
+    /// [`super::DEFAULT_REFRESH`]); listeners must be configured with at least the
+    /// longest interval of any writer ([`super::ListenerConfig::writer_refresh`]).
+    pub fn set_notify_refresh(&self, refresh: Duration) {
+        self.notify.set_refresh(refresh);
+    }
+
     /// Upserts every pair, in order.
     pub fn upsert_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &self,
@@ -371,6 +382,7 @@ impl Kv {
             .try_for_each(|(k, v)| self.upsert(k.as_ref(), v.as_ref()))
     }
 
+    /// A write, then (when it changed the table) its Put event.
     fn write(&self, key: &[u8], value: &[u8], mode: Mode) -> Result<Wrote, DsError> {
         let h = hash(key);
         let inline_max = self.inline_max();
@@ -397,16 +409,20 @@ impl Kv {
                 return Err(e);
             }
         };
-        match wrote {
-            Wrote::Inserted(count) => {
-                if count >= self.split_at {
-                    let route = self.route(h)?;
-                    self.split(route)?;
-                }
+        // The write is complete here; the clean-up and split after it do not change
+        // what it did, so its event is published even when they fail.
+        let after = match wrote {
+            Wrote::Inserted(count) if count >= self.split_at => {
+                self.route(h).and_then(|route| self.split(route))
             }
-            Wrote::Replaced(old) => self.drop_value(old)?,
-            Wrote::Unchanged => self.drop_value(ours)?,
+            Wrote::Inserted(_) => Ok(()),
+            Wrote::Replaced(old) => self.drop_value(old),
+            Wrote::Unchanged => self.drop_value(ours),
+        };
+        if wrote != Wrote::Unchanged {
+            self.notify.publish(EventKind::Put, key)?;
         }
+        after?;
         Ok(wrote)
     }
 
@@ -445,11 +461,17 @@ impl Kv {
         let removed = self.retry(h, |part, _| self.try_delete(part, h, key))?;
         match removed {
             Some(Removed { count, old }) => {
-                self.drop_value(old)?;
-                if count <= self.merge_at {
-                    let route = self.route(h)?;
-                    self.merge(route)?;
-                }
+                // Removed; the clean-up and merge after it do not change that, so the
+                // event is published even when they fail.
+                let after = self.drop_value(old).and_then(|()| {
+                    if count <= self.merge_at {
+                        let route = self.route(h)?;
+                        self.merge(route)?;
+                    }
+                    Ok(())
+                });
+                self.notify.publish(EventKind::Remove, key)?;
+                after?;
                 Ok(true)
             }
             None => Ok(false),
