@@ -72,6 +72,10 @@ pub struct ControllerArgs {
     /// log records.
     #[arg(long, default_value_t = 100_000)]
     pub snapshot_every: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the
+    /// bound address is printed as `metrics <addr>` after the `listening` line).
+    #[arg(long, value_name = "ADDR", env = "FARPOOL_METRICS")]
+    pub metrics: Option<String>,
 }
 
 /// `farpool memnode`.
@@ -124,6 +128,10 @@ pub struct MemNodeArgs {
     /// it starts never outlive it).
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the
+    /// bound address is printed as `metrics <addr>` after the `listening` line).
+    #[arg(long, value_name = "ADDR", env = "FARPOOL_METRICS")]
+    pub metrics: Option<String>,
 }
 
 /// `farpool status`.
@@ -151,6 +159,14 @@ fn init_logging(default: &str) {
 fn announce(addr: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening {addr}");
+    let _ = out.flush();
+}
+
+/// Announces the metrics endpoint on stdout as `metrics <addr>`, after the
+/// `listening` line.
+fn announce_metrics(addr: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "metrics {addr}");
     let _ = out.flush();
 }
 
@@ -213,7 +229,14 @@ fn run_controller(a: ControllerArgs) -> Result<(), String> {
         snapshot_every: a.snapshot_every,
     };
     let c = Controller::start(config).map_err(|e| e.to_string())?;
+    let metrics = match &a.metrics {
+        Some(addr) => Some(c.serve_metrics(addr).map_err(|e| e.to_string())?),
+        None => None,
+    };
     announce(&c.local_addr().to_string());
+    if let Some(m) = metrics {
+        announce_metrics(&m.to_string());
+    }
     if a.exit_with_stdin {
         wait_for_stdin_eof();
         c.shutdown();
@@ -239,7 +262,14 @@ fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
         ..MemNodeConfig::default()
     })
     .map_err(|e| e.to_string())?;
+    let metrics = match &a.metrics {
+        Some(addr) => Some(node.serve_metrics(addr).map_err(|e| e.to_string())?),
+        None => None,
+    };
     announce(node.data_addr());
+    if let Some(m) = &metrics {
+        announce_metrics(&m.local_addr().to_string());
+    }
     if a.exit_with_stdin {
         wait_for_stdin_eof();
         node.shutdown();

@@ -20,6 +20,7 @@ pub mod demo;
 pub mod ds;
 pub mod embedded;
 pub mod memnode;
+pub mod metrics;
 pub mod proto;
 pub mod size;
 pub mod tier;
