@@ -32,6 +32,10 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Show memory nodes, capacity, and usage per job and task.
     Status(StatusArgs),
+    /// Run many verifying clients with mixed operations against a pool for a set time
+    /// and print `ops=N errors=N lost=N rss_start_kib=N rss_end_kib=N` (see
+    /// scripts/soak.sh).
+    Soak(crate::soak::SoakArgs),
 }
 
 /// `farpool controller`.
@@ -219,6 +223,10 @@ pub fn main() -> ExitCode {
             init_logging("warn");
             run_status(a)
         }
+        Command::Soak(a) => {
+            init_logging("warn");
+            run_soak(&a)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -291,6 +299,19 @@ fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
     }
     node.run_until_signal(Duration::from_millis(a.drain_ms))
         .map_err(|e| e.to_string())
+}
+
+fn run_soak(a: &crate::soak::SoakArgs) -> Result<(), String> {
+    let report = crate::soak::run(a).map_err(|e| e.to_string())?;
+    println!("{report}");
+    if report.errors > 0 || report.lost > 0 {
+        return Err(crate::soak::SoakError::Failed {
+            errors: report.errors,
+            lost: report.lost,
+        }
+        .to_string());
+    }
+    Ok(())
 }
 
 fn run_status(a: StatusArgs) -> Result<(), String> {

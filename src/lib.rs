@@ -24,6 +24,7 @@ pub mod memnode;
 pub mod metrics;
 pub mod proto;
 pub mod size;
+pub mod soak;
 pub mod tier;
 
 pub use client::{BlockHandle, Client, ClientConfig, ClientError, LeaseGuard, Task};
