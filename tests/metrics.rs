@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, spawn_with_metrics};
+use common::{eventually, spawn_with_metrics, spawn_with_metrics_env};
 use farpool::metrics::{sample_value, scrape};
 use farpool::Client;
 use farpool_rdma::soft::SoftTransport;
@@ -132,4 +132,38 @@ fn controller_and_memnode_metrics_move_with_operations() {
             assert!(line.starts_with('#') || families.contains(base), "{line}");
         }
     }
+}
+
+#[test]
+fn config_file_and_environment_reach_the_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("farpool.toml");
+    std::fs::write(
+        &file,
+        "[controller]\nlisten = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nlease_secs = 3\ngrace_secs = 1\n\n\
+         [memnode]\ncapacity = \"512KiB\"\nblock_size = \"64KiB\"\nno_lock = true\nno_hugepages = true\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    // The file sets the lease to 3 s, the environment to 7 s: the environment wins.
+    let (ctl, ctl_metrics) = spawn_with_metrics_env(
+        &["controller", "--config", file],
+        &[("FARPOOL_LEASE_SECS", "7")],
+    );
+    assert_eq!(value(&ctl_metrics, "farpool_controller_lease_seconds"), 7.0);
+    // The memory node takes its capacity from the file, its controller from the
+    // environment and its metrics address from a flag.
+    let (_node, node_metrics) = spawn_with_metrics_env(
+        &["memnode", "--metrics", "127.0.0.1:0"],
+        &[("FARPOOL_CONFIG", file), ("FARPOOL_CONTROLLER", &ctl.addr)],
+    );
+    assert_eq!(
+        value(&node_metrics, "farpool_memnode_region_bytes"),
+        (512 << 10) as f64
+    );
+    assert!(eventually(Duration::from_secs(5), || {
+        value(&ctl_metrics, "farpool_controller_capacity_bytes") == (512 << 10) as f64
+    }));
+    let client = Client::connect(&ctl.addr).unwrap();
+    assert_eq!(client.lease_period(), Duration::from_secs(7));
 }

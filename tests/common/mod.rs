@@ -124,8 +124,14 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// `listening <addr>` and `metrics <addr>` lines; returns the process and the metrics
 /// address.
 pub fn spawn_with_metrics(args: &[&str]) -> (Proc, String) {
+    spawn_with_metrics_env(args, &[])
+}
+
+/// [`spawn_with_metrics`] with extra environment variables.
+pub fn spawn_with_metrics_env(args: &[&str], envs: &[(&str, &str)]) -> (Proc, String) {
     let mut child = Command::new(bin())
         .args(args)
+        .envs(envs.iter().copied())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
