@@ -56,7 +56,7 @@ fn controller_and_memnode_metrics_move_with_operations() {
 
     let task = client.task("/job/m/t").unwrap();
     let blocks = task.alloc(2 * BS).unwrap();
-    let b = &blocks[0];
+    let b = blocks[0].clone();
     b.write(0, &[7u8; 1000]).unwrap();
     let mut back = [0u8; 1000];
     b.read(0, &mut back).unwrap();
@@ -109,7 +109,27 @@ fn controller_and_memnode_metrics_move_with_operations() {
     );
     assert!(value(&ctl_metrics, "farpool_controller_leases{state=\"active\"}") >= 1.0);
 
+    // Outside the region: refused as out of bounds.
+    let own = RKey {
+        key: b.grant().key,
+        epoch: b.grant().epoch,
+    };
+    let mut one = [0u8; 1];
+    assert!(raw.read(RemoteAddr::new(1 << 40, own), &mut one).is_err());
+    let stale = b.clone();
     task.free(blocks).unwrap();
+    // A handle kept past free names the old epoch: refused as stale.
+    assert!(stale.read(0, &mut one).is_err());
+    assert!(eventually(Duration::from_secs(5), || {
+        value(
+            &node_metrics,
+            "farpool_memnode_grants_refused_total{reason=\"stale_epoch\"}",
+        ) >= 1.0
+            && value(
+                &node_metrics,
+                "farpool_memnode_grants_refused_total{reason=\"out_of_bounds\"}",
+            ) >= 1.0
+    }));
     assert_eq!(
         value(&ctl_metrics, "farpool_controller_blocks_freed_total"),
         2.0
