@@ -80,7 +80,7 @@ pub struct ControllerArgs {
     /// bound address is printed as `metrics <addr>` after the `listening` line).
     #[arg(long, value_name = "ADDR", env = "FARPOOL_METRICS")]
     pub metrics: Option<String>,
-    /// TOML file with options in its [controller] table (flags and FARPOOL_* variables win
+    /// TOML file with options in its `[controller]` table (flags and FARPOOL_* variables win
     /// over it; see docs/OPERATIONS.md).
     #[arg(long, value_name = "FILE", env = "FARPOOL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -140,7 +140,7 @@ pub struct MemNodeArgs {
     /// bound address is printed as `metrics <addr>` after the `listening` line).
     #[arg(long, value_name = "ADDR", env = "FARPOOL_MEMNODE_METRICS")]
     pub metrics: Option<String>,
-    /// TOML file with options in its [memnode] table (flags and FARPOOL_* variables win
+    /// TOML file with options in its `[memnode]` table (flags and FARPOOL_* variables win
     /// over it; see docs/OPERATIONS.md).
     #[arg(long, value_name = "FILE", env = "FARPOOL_CONFIG")]
     pub config: Option<PathBuf>,

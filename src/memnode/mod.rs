@@ -424,8 +424,9 @@ impl MemNode {
     }
 
     /// Serves Prometheus metrics of this node at `http://addr/metrics` (port 0 picks a
-    /// free port) until the returned handle is dropped. See [`render_metrics`] for what
-    /// is exported.
+    /// free port) until the returned handle is dropped: operations, bytes and grant
+    /// refusals by kind, connections, region size and resident memory (the list is in
+    /// `docs/OPERATIONS.md`, *Metrics*).
     pub fn serve_metrics(&self, addr: &str) -> Result<crate::metrics::MetricsThread, MemNodeError> {
         let data = self.data.clone();
         let node_id = self.node_id.clone();
