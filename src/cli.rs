@@ -4,7 +4,7 @@
 use crate::controller::{Controller, ControllerConfig};
 use crate::memnode::{MemNode, MemNodeConfig};
 use crate::size::{format_size, parse_size};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use farpool_rdma::TransportKind;
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,6 +39,10 @@ pub enum Command {
     /// Run a DAG executor process (started by an invoker, `farpool::dag::process`;
     /// reads invocations on stdin, answers on stdout).
     Worker(WorkerArgs),
+    /// Run many verifying clients with mixed operations against a pool for a set time
+    /// and print `ops=N errors=N lost=N rss_start_kib=N rss_end_kib=N` (see
+    /// scripts/soak.sh).
+    Soak(crate::soak::SoakArgs),
 }
 
 /// `farpool worker`.
@@ -60,16 +64,16 @@ pub struct ControllerArgs {
     #[arg(long, env = "FARPOOL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Lease period in seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, env = "FARPOOL_LEASE_SECS")]
     pub lease_secs: f64,
     /// Grace period after a lease lapses, in seconds, before data is reclaimed.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, env = "FARPOOL_GRACE_SECS")]
     pub grace_secs: f64,
     /// Heartbeat interval asked of memory nodes, in milliseconds.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, env = "FARPOOL_HEARTBEAT_MS")]
     pub heartbeat_ms: u64,
     /// Heartbeats a node may miss before it is declared dead.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, env = "FARPOOL_MISSED_HEARTBEATS")]
     pub missed_heartbeats: u32,
     /// Shut down when standard input closes (used by `farpool bench`, so the processes
     /// it starts never outlive it).
@@ -77,7 +81,7 @@ pub struct ControllerArgs {
     pub exit_with_stdin: bool,
     /// Longest time a free waits for memory nodes to confirm its revocations, in
     /// milliseconds (0: answer at once).
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, env = "FARPOOL_REVOKE_WAIT_MS")]
     pub revoke_wait_ms: u64,
     /// Sync the metadata log to disk at most every this many milliseconds (0: before
     /// every answer, so a machine crash loses nothing acknowledged).
@@ -85,8 +89,16 @@ pub struct ControllerArgs {
     pub log_fsync_ms: u64,
     /// Start a new metadata generation (snapshot plus empty log) after this many
     /// log records.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, env = "FARPOOL_SNAPSHOT_EVERY")]
     pub snapshot_every: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the
+    /// bound address is printed as `metrics <addr>` after the `listening` line).
+    #[arg(long, value_name = "ADDR", env = "FARPOOL_METRICS")]
+    pub metrics: Option<String>,
+    /// TOML file with options in its `[controller]` table (flags and FARPOOL_* variables win
+    /// over it; see docs/OPERATIONS.md).
+    #[arg(long, value_name = "FILE", env = "FARPOOL_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 /// `farpool memnode`.
@@ -96,20 +108,20 @@ pub struct MemNodeArgs {
     #[arg(long, env = "FARPOOL_CONTROLLER")]
     pub controller: String,
     /// Data-plane listen address (soft transport).
-    #[arg(long, default_value = "127.0.0.1:0")]
+    #[arg(long, default_value = "127.0.0.1:0", env = "FARPOOL_MEMNODE_LISTEN")]
     pub listen: String,
     /// Address advertised to clients, if different from the bound one (e.g. behind NAT).
-    #[arg(long)]
+    #[arg(long, env = "FARPOOL_ADVERTISE")]
     pub advertise: Option<String>,
     /// Region size, e.g. 4GiB.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_size, env = "FARPOOL_CAPACITY")]
     pub capacity: u64,
     /// Block size, a power of two of at least 4 KiB.
-    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "1MiB", value_parser = parse_size, env = "FARPOOL_BLOCK_SIZE")]
     pub block_size: u64,
     /// Data-plane transport: soft (TCP), shm (same host, trusted) or verbs (RDMA; needs a
     /// build with `--features verbs`). verbs listens on --listen for queue-pair setup.
-    #[arg(long, default_value = "soft")]
+    #[arg(long, default_value = "soft", env = "FARPOOL_TRANSPORT")]
     pub transport: TransportKind,
     /// RDMA device for --transport verbs (see `ibv_devices`); default: the first one.
     #[arg(long, env = "FARPOOL_RDMA_DEVICE")]
@@ -123,22 +135,30 @@ pub struct MemNodeArgs {
     #[arg(long, env = "FARPOOL_NO_MEMORY_WINDOWS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_memory_windows: bool,
     /// Directory for the shm region file.
-    #[arg(long, default_value = "/dev/shm")]
+    #[arg(long, default_value = "/dev/shm", env = "FARPOOL_SHM_DIR")]
     pub shm_dir: PathBuf,
     /// Don't try huge pages.
-    #[arg(long)]
+    #[arg(long, env = "FARPOOL_NO_HUGEPAGES", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_hugepages: bool,
     /// Don't try to lock the region in memory.
-    #[arg(long)]
+    #[arg(long, env = "FARPOOL_NO_LOCK", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_lock: bool,
     /// On SIGTERM or Ctrl-C, how long to let data-plane connections finish the
     /// operations they already received before closing them, in milliseconds.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, env = "FARPOOL_DRAIN_MS")]
     pub drain_ms: u64,
     /// Shut down when standard input closes (used by `farpool bench`, so the processes
     /// it starts never outlive it).
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the
+    /// bound address is printed as `metrics <addr>` after the `listening` line).
+    #[arg(long, value_name = "ADDR", env = "FARPOOL_MEMNODE_METRICS")]
+    pub metrics: Option<String>,
+    /// TOML file with options in its `[memnode]` table (flags and FARPOOL_* variables win
+    /// over it; see docs/OPERATIONS.md).
+    #[arg(long, value_name = "FILE", env = "FARPOOL_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 /// `farpool status`.
@@ -169,6 +189,14 @@ fn announce(addr: &str) {
     let _ = out.flush();
 }
 
+/// Announces the metrics endpoint on stdout as `metrics <addr>`, after the
+/// `listening` line.
+fn announce_metrics(addr: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "metrics {addr}");
+    let _ = out.flush();
+}
+
 /// Blocks until standard input reaches end of file (or fails).
 fn wait_for_stdin_eof() {
     let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
@@ -181,7 +209,13 @@ fn secs(v: f64, what: &str) -> Result<Duration, String> {
 
 /// Entry point of the `farpool` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match crate::config::expand_args(&Cli::command(), std::env::args_os().collect()) {
+        Ok(argv) => Cli::parse_from(argv),
+        Err(e) => {
+            eprintln!("farpool: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result: Result<(), String> = match cli.command {
         Command::Controller(a) => {
             init_logging("info");
@@ -212,6 +246,10 @@ pub fn main() -> ExitCode {
             init_logging("warn");
             crate::dag::process::serve_stdio(&a.controller).map_err(|e| e.to_string())
         }
+        Command::Soak(a) => {
+            init_logging("warn");
+            run_soak(&a)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -236,7 +274,14 @@ fn run_controller(a: ControllerArgs) -> Result<(), String> {
         snapshot_every: a.snapshot_every,
     };
     let c = Controller::start(config).map_err(|e| e.to_string())?;
+    let metrics = match &a.metrics {
+        Some(addr) => Some(c.serve_metrics(addr).map_err(|e| e.to_string())?),
+        None => None,
+    };
     announce(&c.local_addr().to_string());
+    if let Some(m) = metrics {
+        announce_metrics(&m.to_string());
+    }
     if a.exit_with_stdin {
         wait_for_stdin_eof();
         c.shutdown();
@@ -262,7 +307,14 @@ fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
         ..MemNodeConfig::default()
     })
     .map_err(|e| e.to_string())?;
+    let metrics = match &a.metrics {
+        Some(addr) => Some(node.serve_metrics(addr).map_err(|e| e.to_string())?),
+        None => None,
+    };
     announce(node.data_addr());
+    if let Some(m) = &metrics {
+        announce_metrics(&m.local_addr().to_string());
+    }
     if a.exit_with_stdin {
         wait_for_stdin_eof();
         node.shutdown();
@@ -270,6 +322,19 @@ fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
     }
     node.run_until_signal(Duration::from_millis(a.drain_ms))
         .map_err(|e| e.to_string())
+}
+
+fn run_soak(a: &crate::soak::SoakArgs) -> Result<(), String> {
+    let report = crate::soak::run(a).map_err(|e| e.to_string())?;
+    println!("{report}");
+    if report.errors > 0 || report.lost > 0 {
+        return Err(crate::soak::SoakError::Failed {
+            errors: report.errors,
+            lost: report.lost,
+        }
+        .to_string());
+    }
+    Ok(())
 }
 
 fn run_status(a: StatusArgs) -> Result<(), String> {

@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod controller;
 pub mod dag;
 pub mod demo;
@@ -21,8 +22,10 @@ pub mod ds;
 pub mod embedded;
 pub mod experiment;
 pub mod memnode;
+pub mod metrics;
 pub mod proto;
 pub mod size;
+pub mod soak;
 pub mod tier;
 
 pub use client::{BlockHandle, Client, ClientConfig, ClientError, LeaseGuard, Task};

@@ -43,6 +43,7 @@
 //! [`ControllerState::join_node`]); clients reconnect by themselves.
 
 pub mod journal;
+mod metrics;
 mod namespace;
 mod registry;
 mod secret;
@@ -273,6 +274,40 @@ impl Controller {
     /// Cluster status, read directly from the in-process state.
     pub fn status(&self) -> ClusterStatus {
         self.shared.state.lock().status(Instant::now())
+    }
+
+    /// Serves Prometheus metrics at `http://addr/metrics` (port 0 picks a free port) on
+    /// the controller's runtime until it stops; returns the bound address. Exported:
+    /// requests and errors by kind with latency histograms, blocks allocated, freed and
+    /// expired, capacity and usage in total and per memory node, node health, leases by
+    /// state, and metadata log records and snapshots.
+    pub fn serve_metrics(&self, addr: &str) -> Result<SocketAddr, ControllerError> {
+        let bind_err = |source| ControllerError::Bind {
+            addr: addr.to_string(),
+            source,
+        };
+        let Some(runtime) = self.runtime.as_ref() else {
+            return Err(ControllerError::Config("the controller is stopped".into()));
+        };
+        let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+        let local = listener.local_addr().map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(bind_err)?
+        };
+        let shared = self.shared.clone();
+        let render: crate::metrics::Render = Arc::new(move || {
+            let status = shared.state.lock().status(Instant::now());
+            shared.metrics.render(&status, shared.logging())
+        });
+        runtime.spawn(crate::metrics::serve(
+            listener,
+            render,
+            self.shared.stop.subscribe(),
+        ));
+        tracing::info!(%local, "serving metrics at http://{local}/metrics");
+        Ok(local)
     }
 
     /// Stops accepting, closes every connection and stops the runtime.

@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub stop: watch::Sender<bool>,
     /// Numbers memory-node sessions.
     sessions: AtomicU64,
+    /// Request counters and latencies for `--metrics`.
+    pub metrics: super::metrics::ServerMetrics,
 }
 
 impl Shared {
@@ -96,6 +98,7 @@ impl Shared {
             snapshot_every: u64::MAX,
             stop: watch::channel(false).0,
             sessions: AtomicU64::new(1),
+            metrics: Default::default(),
         }
     }
 
@@ -103,6 +106,8 @@ impl Shared {
     /// `snapshot_every` records.
     pub fn with_store(mut self, store: Store, snapshot_every: u64) -> Self {
         self.store = Some(Mutex::new(store));
+        // The store starts with a snapshot.
+        self.metrics.log_snapshots.store(1, Ordering::Relaxed);
         self.snapshot_every = snapshot_every.max(1);
         self
     }
@@ -120,7 +125,12 @@ impl Shared {
             return true;
         }
         match store.lock().append(&records) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.metrics
+                    .log_records
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                true
+            }
             Err(e) => {
                 tracing::error!("metadata log write failed, stopping the controller: {e}");
                 self.stop.send_replace(true);
@@ -138,7 +148,11 @@ impl Shared {
         let mut store = store.lock();
         let r = if store.records() >= self.snapshot_every {
             let snap = state.snapshot();
-            store.rotate(&snap)
+            let r = store.rotate(&snap);
+            if r.is_ok() {
+                self.metrics.log_snapshots.fetch_add(1, Ordering::Relaxed);
+            }
+            r
         } else {
             store.sync_if_due(Instant::now())
         };
@@ -146,6 +160,11 @@ impl Shared {
             tracing::error!("metadata log upkeep failed, stopping the controller: {e}");
             self.stop.send_replace(true);
         }
+    }
+
+    /// Whether a metadata log is kept.
+    pub fn logging(&self) -> bool {
+        self.store.is_some()
     }
 
     /// Syncs the metadata log (on shutdown).
@@ -407,9 +426,11 @@ async fn client_session(
                 return;
             }
         };
+        let started = Instant::now();
+        let kind = super::metrics::kind_of(&req.body);
         let (response, effects) = {
             let mut state = shared.state.lock();
-            let (response, effects) = state.handle(req.body, Instant::now());
+            let (response, effects) = state.handle(req.body, started);
             if shared.persist(&mut state) {
                 (response, effects)
             } else {
@@ -434,6 +455,7 @@ async fn client_session(
             }
             shared.await_revocations(pending, peer).await;
         }
+        shared.metrics.request(kind, &response, started.elapsed());
         let bytes = encode(&Envelope {
             id: req.id,
             body: response,

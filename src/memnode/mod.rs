@@ -88,6 +88,9 @@ pub enum MemNodeError {
     /// Registration with the controller failed.
     #[error("controller link: {0}")]
     Link(String),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// The data-plane side of a node: the mapped region, its access table, and the server.
@@ -420,6 +423,18 @@ impl MemNode {
         self.data.stats()
     }
 
+    /// Serves Prometheus metrics of this node at `http://addr/metrics` (port 0 picks a
+    /// free port) until the returned handle is dropped: operations, bytes and grant
+    /// refusals by kind, connections, region size and resident memory (the list is in
+    /// `docs/OPERATIONS.md`, *Metrics*).
+    pub fn serve_metrics(&self, addr: &str) -> Result<crate::metrics::MetricsThread, MemNodeError> {
+        let data = self.data.clone();
+        let node_id = self.node_id.clone();
+        let render: crate::metrics::Render =
+            Arc::new(move || render_metrics(&data, node_id.load(Ordering::Relaxed)));
+        Ok(crate::metrics::MetricsThread::start(addr, render)?)
+    }
+
     /// Turns the region's torn mode on or off (see
     /// [`farpool_rdma::Region::set_torn_mode`]): READ and WRITE are then copied in small
     /// pieces with yields in between, so torn reads show up. For tests of code built on
@@ -504,6 +519,118 @@ impl Drop for MemNode {
     fn drop(&mut self) {
         self.stop_now();
     }
+}
+
+/// Renders the node's metrics: data-plane operations, bytes and refusals by kind (from
+/// the soft server's own counters; the shm and verbs data planes bypass the node, so
+/// only the region figures are exported for them), connections, region size and the
+/// process's resident memory.
+fn render_metrics(data: &DataPlane, node_id: u32) -> String {
+    use crate::metrics::{Exposition, MetricType::*};
+    let mut e = Exposition::new();
+    let bs = data.access.block_size();
+    e.single(
+        "farpool_memnode_node_id",
+        Gauge,
+        "Node id assigned by the controller (changes when the node registers anew).",
+        f64::from(node_id),
+    );
+    e.single(
+        "farpool_memnode_region_bytes",
+        Gauge,
+        "Size of the served region in bytes.",
+        data.access.region_len() as f64,
+    );
+    e.single(
+        "farpool_memnode_block_size_bytes",
+        Gauge,
+        "Block size in bytes.",
+        bs as f64,
+    );
+    e.single(
+        "farpool_memnode_blocks",
+        Gauge,
+        "Blocks in the region (the controller exports how many are in use per node).",
+        f64::from(data.access.num_blocks()),
+    );
+    e.single(
+        "farpool_memnode_resident_bytes",
+        Gauge,
+        "Resident memory of the memory node process in bytes.",
+        (process_rss_kib().unwrap_or(0) * 1024) as f64,
+    );
+    if let Some(srv) = &data.soft {
+        let st = srv.stats();
+        e.family(
+            "farpool_memnode_ops_total",
+            Counter,
+            "One-sided operations answered, by kind (successful or not).",
+        );
+        for (op, v) in [
+            ("read", st.ops_read),
+            ("write", st.ops_write),
+            ("cas", st.ops_cas),
+            ("faa", st.ops_faa),
+        ] {
+            e.sample("farpool_memnode_ops_total", &[("op", op)], v as f64);
+        }
+        e.family(
+            "farpool_memnode_bytes_total",
+            Counter,
+            "Payload bytes moved by successful operations, by kind (atomics move 8 bytes each and are counted in ops only).",
+        );
+        e.sample(
+            "farpool_memnode_bytes_total",
+            &[("op", "read")],
+            st.bytes_read as f64,
+        );
+        e.sample(
+            "farpool_memnode_bytes_total",
+            &[("op", "write")],
+            st.bytes_written as f64,
+        );
+        e.single(
+            "farpool_memnode_op_errors_total",
+            Counter,
+            "Operations answered with an error status (all reasons).",
+            st.op_errors as f64,
+        );
+        e.family(
+            "farpool_memnode_grants_refused_total",
+            Counter,
+            "Operations refused by grant checks, by reason.",
+        );
+        for (reason, v) in [
+            ("bad_key", st.refused_bad_key),
+            ("stale_epoch", st.refused_stale_epoch),
+            ("out_of_bounds", st.refused_out_of_bounds),
+        ] {
+            e.sample(
+                "farpool_memnode_grants_refused_total",
+                &[("reason", reason)],
+                v as f64,
+            );
+        }
+        e.single(
+            "farpool_memnode_protocol_errors_total",
+            Counter,
+            "Data-plane connections closed for protocol violations.",
+            st.protocol_errors as f64,
+        );
+        e.single(
+            "farpool_memnode_connections",
+            Gauge,
+            "Data-plane connections open now.",
+            st.connections as f64,
+        );
+        e.single(
+            "farpool_memnode_connections_accepted_total",
+            Counter,
+            "Data-plane connections accepted since start.",
+            st.accepted as f64,
+        );
+    }
+    e.finish()
 }
 
 #[cfg(test)]

@@ -119,3 +119,63 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// Spawns `farpool ARGS` (which must include `--metrics ADDR`) and waits for its
+/// `listening <addr>` and `metrics <addr>` lines; returns the process and the metrics
+/// address.
+pub fn spawn_with_metrics(args: &[&str]) -> (Proc, String) {
+    spawn_with_metrics_env(args, &[])
+}
+
+/// [`spawn_with_metrics`] with extra environment variables.
+pub fn spawn_with_metrics_env(args: &[&str], envs: &[(&str, &str)]) -> (Proc, String) {
+    let mut child = Command::new(bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn farpool");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        for _ in 0..2 {
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let _ = tx.send(line);
+        }
+        let mut sink = String::new();
+        while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("farpool {args:?} did not announce its addresses");
+            }
+        }
+    }
+    let addr = lines[0]
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("unexpected first line {:?} from farpool {args:?}", lines[0]))
+        .to_string();
+    let metrics = lines[1]
+        .trim()
+        .strip_prefix("metrics ")
+        .unwrap_or_else(|| {
+            panic!(
+                "unexpected second line {:?} from farpool {args:?}",
+                lines[1]
+            )
+        })
+        .to_string();
+    (Proc { child, addr }, metrics)
+}

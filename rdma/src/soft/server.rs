@@ -80,6 +80,15 @@ pub struct SoftServerStats {
     /// Connections closed for violating the protocol (bad preamble, malformed or
     /// truncated frames, oversized writes, unknown operations).
     pub protocol_errors: u64,
+    /// Operations refused because their key matched no grant of the block (wrong,
+    /// forged or guessed key; [`OpError::AccessDenied`]). Included in `op_errors`.
+    pub refused_bad_key: u64,
+    /// Operations refused because their grant names an older epoch of the block
+    /// ([`OpError::StaleEpoch`]). Included in `op_errors`.
+    pub refused_stale_epoch: u64,
+    /// Operations refused because they reach outside the region or the granted block
+    /// ([`OpError::OutOfBounds`]). Included in `op_errors`.
+    pub refused_out_of_bounds: u64,
 }
 
 /// Per-connection counters, folded into the shared ones once per batch.
@@ -92,6 +101,9 @@ struct LocalStats {
     bytes_read: u64,
     bytes_written: u64,
     op_errors: u64,
+    refused_bad_key: u64,
+    refused_stale_epoch: u64,
+    refused_out_of_bounds: u64,
 }
 
 #[derive(Default)]
@@ -106,6 +118,9 @@ struct Counters {
     bytes_written: AtomicU64,
     op_errors: AtomicU64,
     protocol_errors: AtomicU64,
+    refused_bad_key: AtomicU64,
+    refused_stale_epoch: AtomicU64,
+    refused_out_of_bounds: AtomicU64,
 }
 
 impl Counters {
@@ -123,6 +138,9 @@ impl Counters {
         add(&self.bytes_read, &mut l.bytes_read);
         add(&self.bytes_written, &mut l.bytes_written);
         add(&self.op_errors, &mut l.op_errors);
+        add(&self.refused_bad_key, &mut l.refused_bad_key);
+        add(&self.refused_stale_epoch, &mut l.refused_stale_epoch);
+        add(&self.refused_out_of_bounds, &mut l.refused_out_of_bounds);
     }
 }
 
@@ -226,6 +244,9 @@ impl SoftServer {
             bytes_written: g(&c.bytes_written),
             op_errors: g(&c.op_errors),
             protocol_errors: g(&c.protocol_errors),
+            refused_bad_key: g(&c.refused_bad_key),
+            refused_stale_epoch: g(&c.refused_stale_epoch),
+            refused_out_of_bounds: g(&c.refused_out_of_bounds),
         }
     }
 
@@ -750,6 +771,12 @@ impl Conn<'_> {
     }
 
     fn reply_err(&mut self, id: u64, e: &OpError) -> Result<(), End> {
+        match e {
+            OpError::AccessDenied => self.stats.refused_bad_key += 1,
+            OpError::StaleEpoch { .. } => self.stats.refused_stale_epoch += 1,
+            OpError::OutOfBounds { .. } => self.stats.refused_out_of_bounds += 1,
+            _ => {}
+        }
         let mut p = [0u8; MAX_ERROR_PAYLOAD];
         let (status, n) = encode_error(e, &mut p);
         self.reply(id, status, &p[..n])
