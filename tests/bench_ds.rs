@@ -86,7 +86,15 @@ fn queue_verify_and_a_structure_measurement() {
     assert!(v["ops"].as_u64().is_some_and(|n| n > 0), "{out}");
 
     // Only kv get is batched (Kv::get_many); other structure operations refuse a depth.
-    let (ok, _, err) = farpool(&["bench", "kv", "--op", "put", "--depth", "8", "--no-progress"]);
+    let (ok, _, err) = farpool(&[
+        "bench",
+        "kv",
+        "--op",
+        "put",
+        "--depth",
+        "8",
+        "--no-progress",
+    ]);
     assert!(!ok);
     assert!(err.contains("--depth 1"), "{err}");
 }
