@@ -686,14 +686,17 @@ fn kv_in_place_rewrites_are_never_seen_torn() {
     let kv = Kv::create(&task, "t", KvConfig::default()).unwrap();
     kv.upsert(b"hot", &[0u8; 300]).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    // Writes start once both readers are reading.
+    let ready = Arc::new(std::sync::Barrier::new(3));
     let readers: Vec<_> = (0..2)
         .map(|_| {
             let c = pool.client().unwrap();
-            let stop = stop.clone();
+            let (stop, ready) = (stop.clone(), ready.clone());
             std::thread::spawn(move || {
                 let kv = Kv::open(&c, "/j/inplace/t").unwrap();
                 let (mut last, mut reads) = (0u8, 0u32);
-                while !stop.load(Ordering::Relaxed) {
+                ready.wait();
+                while reads == 0 || !stop.load(Ordering::Relaxed) {
                     let v = kv.get(b"hot").unwrap().expect("the key is never removed");
                     assert_eq!(v.len(), 300);
                     assert!(v.iter().all(|&b| b == v[0]), "torn value {v:?}");
@@ -705,6 +708,7 @@ fn kv_in_place_rewrites_are_never_seen_torn() {
             })
         })
         .collect();
+    ready.wait();
     for round in 1..=120u8 {
         kv.upsert(b"hot", &[round; 300]).unwrap();
     }
