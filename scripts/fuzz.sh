@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-60}"
+# libfuzzer-sys compiles libFuzzer (C++): install a compiler when there is none.
+if ! command -v c++ >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+fi
+command -v c++ >/dev/null || { echo "fuzz.sh: needs a C++ compiler (g++ or clang++) for libFuzzer"; exit 1; }
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 scratch="$(mktemp -d)"
