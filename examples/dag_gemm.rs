@@ -8,8 +8,10 @@
 //! repetitions and JSON output.
 
 use farpool::dag::workloads::{gemm, GemmSpec};
-use farpool::dag::{DagRuntime, RuntimeConfig, Scheduler};
 use farpool::{EmbeddedConfig, EmbeddedPool};
+
+#[path = "common/mod.rs"]
+mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -26,31 +28,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         capacity: 512 << 20,
         ..EmbeddedConfig::default()
     })?;
-    let runtime = DagRuntime::new(
-        pool.client()?,
-        workload.registry().clone(),
-        RuntimeConfig {
-            executors,
-            ..RuntimeConfig::default()
-        },
-    )?;
-    for scheduler in [Scheduler::Wukong, Scheduler::Central] {
-        let out = runtime.run(workload.graph(), scheduler)?;
-        let check = workload.check(&out)?;
-        let s = out.stats();
-        println!(
-            "{scheduler:?}: {} ({}), {} tasks in {:.1} ms (compute {:.1} ms), pool bytes moved {} of {} ideal",
-            check.detail,
-            if check.correct { "correct" } else { "WRONG" },
-            s.tasks,
-            s.makespan.as_secs_f64() * 1e3,
-            s.compute.as_secs_f64() * 1e3,
-            s.bytes_written + s.bytes_read,
-            s.ideal_bytes,
-        );
-        if !check.correct {
-            return Err(format!("{scheduler:?}: {}", check.detail).into());
-        }
-    }
-    Ok(())
+    common::run_both(&pool, &workload, executors, common::bytes_line)
 }

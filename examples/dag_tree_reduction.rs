@@ -8,9 +8,11 @@
 //! --workload tr` runs the same workload with repetitions and JSON output.
 
 use farpool::dag::workloads::{tree_reduction, TaskWork, TreeSpec};
-use farpool::dag::{DagRuntime, RuntimeConfig, Scheduler};
 use farpool::{EmbeddedConfig, EmbeddedPool};
 use std::time::Duration;
+
+#[path = "common/mod.rs"]
+mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -34,34 +36,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         transport,
         ..EmbeddedConfig::default()
     })?;
-    let runtime = DagRuntime::new(
-        pool.client()?,
-        workload.registry().clone(),
-        RuntimeConfig {
-            executors,
-            ..RuntimeConfig::default()
-        },
-    )?;
-    for scheduler in [Scheduler::Wukong, Scheduler::Central] {
-        let out = runtime.run(workload.graph(), scheduler)?;
-        let check = workload.check(&out)?;
-        let s = out.stats();
-        let overhead = (s.makespan.as_secs_f64() * executors as f64 - s.compute.as_secs_f64())
-            / s.tasks as f64
-            * 1e6;
-        println!(
-            "{scheduler:?}: {} ({}), {} tasks in {:.2} ms, overhead {overhead:.1} us/task, {} invocations, {} counter ops, {} pool bytes moved",
-            check.detail,
-            if check.correct { "correct" } else { "WRONG" },
+    common::run_both(&pool, &workload, executors, |s| {
+        let overhead = s.overhead_us_per_task(executors);
+        format!(
+            "{} tasks in {:.2} ms, overhead {overhead:.1} us/task, {} invocations, {} counter ops, {} pool bytes moved",
             s.tasks,
             s.makespan.as_secs_f64() * 1e3,
             s.invocations,
             s.counter_ops,
             s.bytes_written + s.bytes_read,
-        );
-        if !check.correct {
-            return Err(format!("{scheduler:?}: {}", check.detail).into());
-        }
-    }
-    Ok(())
+        )
+    })
 }

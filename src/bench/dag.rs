@@ -376,7 +376,7 @@ fn run_once(
     let makespan = s.makespan.as_secs_f64();
     let compute = s.compute.as_secs_f64();
     let moved = s.bytes_written + s.bytes_read;
-    let overhead = (makespan * args.workers as f64 - compute) / (s.tasks.max(1) as f64) * 1e6;
+    let overhead = s.overhead_us_per_task(args.workers);
     Ok(DagRecord {
         workload: work.name(),
         scheduler: scheduler_name(scheduler),

@@ -194,6 +194,18 @@ fn send(out: &Out, msg: &FromWorker) -> Result<(), DagError> {
         .map_err(|e| DagError::Worker(format!("cannot write to the invoker: {e}")))
 }
 
+/// Reports that a request for `job` failed with `message`.
+fn send_failed(out: &Out, job: u64, message: String) -> Result<(), DagError> {
+    send(out, &FromWorker::Failed { job, message })
+}
+
+/// Reports that a request for `job` failed, then ends it (every run request ends with
+/// one `Done` or `TaskDone`).
+fn send_failed_done(out: &Out, job: u64, message: String, delta: Delta) -> Result<(), DagError> {
+    send_failed(out, job, message)?;
+    send(out, &FromWorker::Done { job, delta })
+}
+
 struct WorkerJob {
     job: Arc<Job>,
     events: Receiver<Event>,
@@ -278,75 +290,38 @@ pub fn serve_stdio(controller: &str) -> Result<(), DagError> {
                 Ok(j) => {
                     jobs.insert(spec.id, j);
                 }
-                Err(e) => send(
-                    &out,
-                    &FromWorker::Failed {
-                        job: spec.id,
-                        message: e.to_string(),
-                    },
-                )?,
+                Err(e) => send_failed(&out, spec.id, e.to_string())?,
             },
             ToWorker::EndJob(id) => {
                 jobs.remove(&id);
             }
             ToWorker::Run { job, task } => {
                 let Some(wj) = jobs.get(&job) else {
-                    send(
-                        &out,
-                        &FromWorker::Failed {
-                            job,
-                            message: "task for a job this worker has not joined".into(),
-                        },
-                    )?;
-                    send(
-                        &out,
-                        &FromWorker::Done {
-                            job,
-                            delta: Delta::default(),
-                        },
-                    )?;
+                    let message = "task for a job this worker has not joined".into();
+                    send_failed_done(&out, job, message, Delta::default())?;
                     continue;
                 };
                 let before = wj.snapshot();
-                let msg = match run_task(&wj.job, &task) {
-                    Ok(result) => FromWorker::TaskDone {
-                        job,
-                        task: task.task,
-                        out: result,
-                        delta: wj.snapshot().since(&before),
-                    },
-                    Err(e) => {
-                        send(
-                            &out,
-                            &FromWorker::Failed {
-                                job,
-                                message: e.to_string(),
-                            },
-                        )?;
-                        FromWorker::Done {
+                match run_task(&wj.job, &task) {
+                    Ok(result) => send(
+                        &out,
+                        &FromWorker::TaskDone {
                             job,
+                            task: task.task,
+                            out: result,
                             delta: wj.snapshot().since(&before),
-                        }
+                        },
+                    )?,
+                    Err(e) => {
+                        let delta = wj.snapshot().since(&before);
+                        send_failed_done(&out, job, e.to_string(), delta)?;
                     }
-                };
-                send(&out, &msg)?;
+                }
             }
             ToWorker::Invoke { job, inv } => {
                 let Some(wj) = jobs.get(&job) else {
-                    send(
-                        &out,
-                        &FromWorker::Failed {
-                            job,
-                            message: "invocation for a job this worker has not joined".into(),
-                        },
-                    )?;
-                    send(
-                        &out,
-                        &FromWorker::Done {
-                            job,
-                            delta: Delta::default(),
-                        },
-                    )?;
+                    let message = "invocation for a job this worker has not joined".into();
+                    send_failed_done(&out, job, message, Delta::default())?;
                     continue;
                 };
                 let before = wj.snapshot();
@@ -372,17 +347,11 @@ pub fn serve_stdio(controller: &str) -> Result<(), DagError> {
                     };
                     send(&out, &msg)?;
                 }
-                if let Err(e) = result {
-                    send(
-                        &out,
-                        &FromWorker::Failed {
-                            job,
-                            message: e.to_string(),
-                        },
-                    )?;
-                }
                 let delta = wj.snapshot().since(&before);
-                send(&out, &FromWorker::Done { job, delta })?;
+                match result {
+                    Err(e) => send_failed_done(&out, job, e.to_string(), delta)?,
+                    Ok(_) => send(&out, &FromWorker::Done { job, delta })?,
+                }
             }
         }
     }

@@ -105,6 +105,15 @@ pub struct JobStats {
     pub fan_in_count: u64,
 }
 
+impl JobStats {
+    /// Scheduling overhead per task in microseconds with `workers` executors:
+    /// `(makespan x workers - task compute) / tasks`.
+    pub fn overhead_us_per_task(&self, workers: usize) -> f64 {
+        let busy = self.makespan.as_secs_f64() * workers as f64 - self.compute.as_secs_f64();
+        busy / self.tasks.max(1) as f64 * 1e6
+    }
+}
+
 /// The sink outputs of a job, by task name, and its statistics.
 #[derive(Debug, Clone)]
 pub struct JobOutput {

@@ -28,6 +28,21 @@ pub(super) fn store(tier: &Tier, key: &str, snap: &Snapshot) -> Result<u64, DsEr
     Ok(n)
 }
 
+/// Refuses to load into a structure that already holds data.
+fn ensure_empty(
+    empty: bool,
+    kind: &'static str,
+    path: &crate::proto::PoolPath,
+) -> Result<(), DsError> {
+    if empty {
+        return Ok(());
+    }
+    Err(DsError::Exists {
+        kind,
+        path: path.clone(),
+    })
+}
+
 /// The error for a snapshot of another kind.
 pub(super) fn wrong(key: &str, wanted: &'static str, found: &Snapshot) -> DsError {
     DsError::Snapshot {
@@ -59,12 +74,7 @@ impl File {
             return Err(wrong(key, "file", &snap));
         };
         let f = File::create_at(client, path)?;
-        if f.len()? > 0 {
-            return Err(DsError::Exists {
-                kind: "file",
-                path: f.path().clone(),
-            });
-        }
+        ensure_empty(f.len()? == 0, "file", f.path())?;
         f.write_at(0, &bytes)?;
         Ok(f)
     }
@@ -98,12 +108,7 @@ impl Queue {
             return Err(wrong(key, "queue", &snap));
         };
         let q = Queue::create_at(client, path, config)?;
-        if !q.is_empty()? {
-            return Err(DsError::Exists {
-                kind: "queue",
-                path: q.path().clone(),
-            });
-        }
+        ensure_empty(q.is_empty()?, "queue", q.path())?;
         q.enqueue_many(&items)?;
         Ok(q)
     }
@@ -136,12 +141,7 @@ impl Kv {
             return Err(wrong(key, "kv table", &snap));
         };
         let kv = Kv::create_at(client, path, config)?;
-        if !kv.entries()?.is_empty() {
-            return Err(DsError::Exists {
-                kind: "kv table",
-                path: kv.path().clone(),
-            });
-        }
+        ensure_empty(kv.entries()?.is_empty(), "kv table", kv.path())?;
         kv.upsert_many(&pairs)?;
         Ok(kv)
     }
@@ -170,12 +170,7 @@ impl Log {
             return Err(wrong(key, "log", &snap));
         };
         let log = Log::create_at(client, path)?;
-        if log.end()? > 0 {
-            return Err(DsError::Exists {
-                kind: "log",
-                path: log.path().clone(),
-            });
-        }
+        ensure_empty(log.end()? == 0, "log", log.path())?;
         log.restore(start, &bytes)?;
         Ok(log)
     }
