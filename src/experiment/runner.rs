@@ -192,16 +192,9 @@ pub fn run_alone(
         .map_err(|e| ExperimentError::client("connect the memory sampler", e))?;
     let mut runs = Vec::with_capacity(workload.jobs.len());
     for (idx, job) in workload.jobs.iter().enumerate() {
-        let stop = AtomicBool::new(false);
         let start = Instant::now();
-        let (out, samples) = std::thread::scope(|s| {
-            let sampler = s.spawn(|| sample_memory(&sampler_client, &usage, &stop, start, cfg));
-            let out = run_job(&ctx, idx, job, None);
-            stop.store(true, Ordering::Relaxed);
-            let samples = sampler
-                .join()
-                .unwrap_or_else(|_| Err(ExperimentError::Panicked("memory sampler".into())));
-            (out, samples)
+        let (out, samples) = while_sampling(&sampler_client, &usage, start, cfg, || {
+            run_job(&ctx, idx, job, None)
         });
         let out = out?;
         let mean_allocated = time_weighted(&samples?).mean_allocated.round() as u64;
@@ -273,36 +266,30 @@ pub fn run_policy(
     let sampler_client = pool
         .client()
         .map_err(|e| ExperimentError::client("connect the memory sampler", e))?;
-    let stop = AtomicBool::new(false);
     let start = Instant::now();
-    let (outcomes, samples) = std::thread::scope(|s| {
-        let sampler = s.spawn(|| sample_memory(&sampler_client, &usage, &stop, start, cfg));
-        let jobs: Vec<_> = workload
-            .jobs
-            .iter()
-            .enumerate()
-            .map(|(idx, job)| {
-                let ctx = &ctx;
-                let reserve = reservation(policy, job, alone.get(idx), cfg);
-                s.spawn(move || {
-                    let at = start + Duration::from_millis(job.arrival_ms);
-                    std::thread::sleep(at.saturating_duration_since(Instant::now()));
-                    run_job(ctx, idx, job, reserve)
+    let (outcomes, samples) = while_sampling(&sampler_client, &usage, start, cfg, || {
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = workload
+                .jobs
+                .iter()
+                .enumerate()
+                .map(|(idx, job)| {
+                    let ctx = &ctx;
+                    let reserve = reservation(policy, job, alone.get(idx), cfg);
+                    s.spawn(move || {
+                        let at = start + Duration::from_millis(job.arrival_ms);
+                        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                        run_job(ctx, idx, job, reserve)
+                    })
                 })
-            })
-            .collect();
-        let outcomes: Vec<Result<JobOutcome, ExperimentError>> = jobs
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(ExperimentError::Panicked("job driver".into())))
-            })
-            .collect();
-        stop.store(true, Ordering::Relaxed);
-        let samples = sampler
-            .join()
-            .unwrap_or_else(|_| Err(ExperimentError::Panicked("memory sampler".into())));
-        (outcomes, samples)
+                .collect();
+            jobs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(ExperimentError::Panicked("job driver".into())))
+                })
+                .collect::<Vec<Result<JobOutcome, ExperimentError>>>()
+        })
     });
     let samples = samples?;
     let mut jobs = Vec::with_capacity(outcomes.len());
@@ -341,6 +328,27 @@ pub fn run_policy(
 }
 
 /// Samples allocated (from the controller) and used memory until `stop`.
+/// Runs `f` while a thread samples the pool's memory use from `start` on; returns
+/// what `f` returned and the samples.
+fn while_sampling<T>(
+    client: &Client,
+    usage: &Usage,
+    start: Instant,
+    cfg: &ExperimentConfig,
+    f: impl FnOnce() -> T,
+) -> (T, Result<Vec<Sample>, ExperimentError>) {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| sample_memory(client, usage, &stop, start, cfg));
+        let out = f();
+        stop.store(true, Ordering::Relaxed);
+        let samples = sampler
+            .join()
+            .unwrap_or_else(|_| Err(ExperimentError::Panicked("memory sampler".into())));
+        (out, samples)
+    })
+}
+
 fn sample_memory(
     client: &Client,
     usage: &Usage,

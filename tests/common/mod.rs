@@ -34,10 +34,12 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_farpool")
 }
 
-/// Spawns `farpool ARGS` and waits for its `listening <addr>` line.
-pub fn spawn(args: &[&str]) -> Proc {
+/// Spawns `farpool ARGS` with `envs` and returns it with its first `lines` lines of
+/// standard output (the rest is drained so the child never blocks on a full pipe).
+fn spawn_announcing(args: &[&str], envs: &[(&str, &str)], lines: usize) -> (Child, Vec<String>) {
     let mut child = Command::new(bin())
         .args(args)
+        .envs(envs.iter().copied())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -48,27 +50,41 @@ pub fn spawn(args: &[&str]) -> Proc {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut r = BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = r.read_line(&mut line);
-        let _ = tx.send(line);
-        // Keep draining so the child never blocks on a full pipe.
+        for _ in 0..lines {
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let _ = tx.send(line);
+        }
         let mut sink = String::new();
         while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
             sink.clear();
         }
     });
-    let line = match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(l) => l,
-        Err(_) => {
-            let _ = child.kill();
-            panic!("farpool {args:?} did not announce its address");
+    let mut got = Vec::new();
+    for _ in 0..lines {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => got.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("farpool {args:?} did not announce its address");
+            }
         }
-    };
-    let addr = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?} from farpool {args:?}"))
-        .to_string();
+    }
+    (child, got)
+}
+
+/// The value after `prefix` on an announced line.
+fn announced(line: &str, prefix: &str, args: &[&str]) -> String {
+    line.trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("unexpected line {line:?} from farpool {args:?}"))
+        .to_string()
+}
+
+/// Spawns `farpool ARGS` and waits for its `listening <addr>` line.
+pub fn spawn(args: &[&str]) -> Proc {
+    let (child, lines) = spawn_announcing(args, &[], 1);
+    let addr = announced(&lines[0], "listening ", args);
     Proc { child, addr }
 }
 
@@ -129,53 +145,8 @@ pub fn spawn_with_metrics(args: &[&str]) -> (Proc, String) {
 
 /// [`spawn_with_metrics`] with extra environment variables.
 pub fn spawn_with_metrics_env(args: &[&str], envs: &[(&str, &str)]) -> (Proc, String) {
-    let mut child = Command::new(bin())
-        .args(args)
-        .envs(envs.iter().copied())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn farpool");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        for _ in 0..2 {
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
-        }
-        let mut sink = String::new();
-        while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
-    });
-    let mut lines = Vec::new();
-    for _ in 0..2 {
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(l) => lines.push(l),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("farpool {args:?} did not announce its addresses");
-            }
-        }
-    }
-    let addr = lines[0]
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("unexpected first line {:?} from farpool {args:?}", lines[0]))
-        .to_string();
-    let metrics = lines[1]
-        .trim()
-        .strip_prefix("metrics ")
-        .unwrap_or_else(|| {
-            panic!(
-                "unexpected second line {:?} from farpool {args:?}",
-                lines[1]
-            )
-        })
-        .to_string();
+    let (child, lines) = spawn_announcing(args, envs, 2);
+    let addr = announced(&lines[0], "listening ", args);
+    let metrics = announced(&lines[1], "metrics ", args);
     (Proc { child, addr }, metrics)
 }
