@@ -20,7 +20,7 @@
 
 mod block;
 mod control;
-mod data;
+pub(crate) mod data;
 mod error;
 mod lease;
 mod task;

@@ -46,6 +46,8 @@ pub mod journal;
 mod metrics;
 mod namespace;
 mod registry;
+mod replicas;
+mod copier;
 mod secret;
 mod server;
 mod state;
