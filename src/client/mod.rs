@@ -23,6 +23,7 @@ mod control;
 pub(crate) mod data;
 mod error;
 mod lease;
+mod replica;
 mod task;
 
 pub use block::{BatchRun, BlockHandle};
@@ -119,8 +120,11 @@ impl Client {
     /// `writable` the grants allow writes and atomics; otherwise they are read-only.
     pub fn open_blocks(&self, path: &str, writable: bool) -> Result<Vec<BlockHandle>, ClientError> {
         let path = PoolPath::parse(path)?;
-        match self.request(Request::Lookup { path, writable })? {
-            Response::Blocks(grants) => self.handles(grants),
+        match self.request(Request::Lookup {
+            path: path.clone(),
+            writable,
+        })? {
+            Response::Blocks(grants) => self.handles(&path, grants),
             other => Err(ClientError::unexpected(&other)),
         }
     }
@@ -189,12 +193,18 @@ impl Client {
         }
     }
 
-    pub(crate) fn handles(&self, grants: Vec<BlockGrant>) -> Result<Vec<BlockHandle>, ClientError> {
+    /// Handles for `grants` of blocks owned by `path`.
+    pub(crate) fn handles(
+        &self,
+        path: &PoolPath,
+        grants: Vec<BlockGrant>,
+    ) -> Result<Vec<BlockHandle>, ClientError> {
         grants
             .into_iter()
             .map(|g| {
                 let t = self.inner.data.transport(&g.endpoint)?;
-                Ok(BlockHandle::new(g, t))
+                let ctx = replica::HandleCtx::new(self, path, &g, &t)?;
+                Ok(BlockHandle::with_ctx(g, t, ctx))
             })
             .collect()
     }
