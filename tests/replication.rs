@@ -45,9 +45,12 @@ fn kill9_memory_node_replicated_survive_unreplicated_lost_others_unaffected() {
     let ctl = controller();
     let mut nodes: Vec<Proc> = (0..3).map(|_| memnode(&ctl.addr, "4MiB", "soft")).collect();
     let c = Client::connect(&ctl.addr).unwrap();
-    assert!(eventually(WAIT, || c
-        .status()
-        .is_ok_and(|s| s.nodes.iter().filter(|n| n.alive).count() == 3)));
+    assert!(eventually(WAIT, || c.status().is_ok_and(|s| s
+        .nodes
+        .iter()
+        .filter(|n| n.alive)
+        .count()
+        == 3)));
     let st = status(&c);
     let ids: Vec<u32> = nodes
         .iter()
@@ -65,7 +68,10 @@ fn kill9_memory_node_replicated_survive_unreplicated_lost_others_unaffected() {
     let three = probe
         .alloc_replicated(BS, Placement::LeastLoaded, 3)
         .unwrap();
-    assert_eq!(three[0].grant().replication.as_ref().unwrap().others.len(), 2);
+    assert_eq!(
+        three[0].grant().replication.as_ref().unwrap().others.len(),
+        2
+    );
     assert!(matches!(
         probe.alloc_replicated(BS, Placement::LeastLoaded, 9),
         Err(ClientError::Control(ControlError::BadRequest(_)))
@@ -155,7 +161,10 @@ fn kill9_memory_node_replicated_survive_unreplicated_lost_others_unaffected() {
     let probe = c.task("/probe/t2").unwrap();
     assert!(matches!(
         probe.alloc_replicated(BS, Placement::LeastLoaded, 3),
-        Err(ClientError::Control(ControlError::NotEnoughNodes { copies: 3, nodes: 2 }))
+        Err(ClientError::Control(ControlError::NotEnoughNodes {
+            copies: 3,
+            nodes: 2
+        }))
     ));
     probe.close().unwrap();
     // Job C is unaffected.

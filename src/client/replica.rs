@@ -100,9 +100,9 @@ impl HandleCtx {
     /// Asks the controller for the block's current grant; fails with
     /// `DataLost` when no copy survives.
     fn refresh(&self) -> Result<Arc<View>, ClientError> {
-        let client = self
-            .client()
-            .ok_or_else(|| ClientError::Protocol("the client of this block handle is gone".into()))?;
+        let client = self.client().ok_or_else(|| {
+            ClientError::Protocol("the client of this block handle is gone".into())
+        })?;
         let resp = client.request(Request::Refresh {
             path: self.path.clone(),
             group: self.group,

@@ -42,12 +42,12 @@
 //! re-register with the same incarnation, which resumes them with their blocks (see
 //! [`ControllerState::join_node`]); clients reconnect by themselves.
 
+mod copier;
 pub mod journal;
 mod metrics;
 mod namespace;
 mod registry;
 mod replicas;
-mod copier;
 mod secret;
 mod server;
 mod state;
@@ -55,6 +55,8 @@ mod store;
 
 #[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod replication_tests;
 #[cfg(test)]
 mod state_tests;
 

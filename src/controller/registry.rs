@@ -775,17 +775,18 @@ impl Registry {
                         .ok_or(ControlError::NoSuchNode(id))?,
                     (0, Placement::Spread) => {
                         let slot = self.next_spread(&usable);
-                        slot.map(|s| usable[s].0).ok_or(ControlError::NotEnoughNodes {
-                            copies,
-                            nodes: usable.len() as u64,
-                        })?
+                        slot.map(|s| usable[s].0)
+                            .ok_or(ControlError::NotEnoughNodes {
+                                copies,
+                                nodes: usable.len() as u64,
+                            })?
                     }
-                    _ => most_free(&usable)
-                        .map(|s| usable[s].0)
-                        .ok_or(ControlError::NotEnoughNodes {
+                    _ => most_free(&usable).map(|s| usable[s].0).ok_or(
+                        ControlError::NotEnoughNodes {
                             copies,
                             nodes: (nodes.len() + usable.len()) as u64,
-                        })?,
+                        },
+                    )?,
                 };
                 if let Some(c) = cands.iter_mut().find(|c| c.0 == pick) {
                     c.1 -= 1;

@@ -115,7 +115,9 @@ impl ReplicaTable {
             .get_mut(&id)
             .ok_or_else(|| format!("unknown replica group {id}"))?;
         if g.pending != Some(target) {
-            return Err(format!("block {target} is not the pending copy of group {id}"));
+            return Err(format!(
+                "block {target} is not the pending copy of group {id}"
+            ));
         }
         g.pending = None;
         let gone: Vec<BlockId> = g.members.iter().copied().filter(|&b| dead(b)).collect();

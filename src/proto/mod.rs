@@ -14,9 +14,7 @@ pub mod grant;
 pub mod msg;
 pub mod path;
 
-pub use grant::{
-    derive_key, BlockGrant, BlockId, Endpoint, Replication, Secret, WireTransport,
-};
+pub use grant::{derive_key, BlockGrant, BlockId, Endpoint, Replication, Secret, WireTransport};
 pub use msg::*;
 pub use path::{PathError, PoolPath};
 

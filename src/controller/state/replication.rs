@@ -99,7 +99,11 @@ impl ControllerState {
         if live.is_empty() {
             return Err(ControlError::DataLost {
                 path: path.clone(),
-                block: g.members.first().copied().unwrap_or(BlockId { node: 0, index: 0 }),
+                block: g
+                    .members
+                    .first()
+                    .copied()
+                    .unwrap_or(BlockId { node: 0, index: 0 }),
             });
         }
         // Nodes not back yet after a restart go last: clients try live ones first.
@@ -245,7 +249,10 @@ impl ControllerState {
                 continue;
             };
             let Some((node, index, epoch)) = self.registry.take_excluding(&exclude, owner) else {
-                tracing::warn!(group = gid, "no live memory node to re-replicate to; waiting");
+                tracing::warn!(
+                    group = gid,
+                    "no live memory node to re-replicate to; waiting"
+                );
                 self.replicas.want_repair(gid);
                 continue;
             };
@@ -264,6 +271,7 @@ impl ControllerState {
             }
             let bs = self.registry.block_size().unwrap_or(0);
             self.ns.add_blocks(owner, &[target], bs);
+            self.blocks_allocated_total += 1;
             let source = self.block_grant(live[0], false);
             let dest = self.block_grant(target, true);
             if let (Some(source), Some(dest)) = (source, dest) {
@@ -430,7 +438,9 @@ impl ControllerState {
             nodes.sort_unstable();
             nodes.dedup();
             if nodes.len() != blocks.len() {
-                return Err(format!("group {gid} has two copies on one node: {blocks:?}"));
+                return Err(format!(
+                    "group {gid} has two copies on one node: {blocks:?}"
+                ));
             }
             if g.members.is_empty() {
                 return Err(format!("group {gid} has no members"));
