@@ -178,8 +178,9 @@ fn kill9_memory_node_replicated_survive_unreplicated_lost_others_unaffected() {
     // Fresh handles of the replicated object see the data too.
     let reopened = c.open_blocks("/ja/t", false).unwrap();
     assert_eq!(reopened.len(), 2);
-    for (h, d) in reopened.iter().zip(&data) {
-        assert!(h.id().node != ids[0]);
+    for ((h, d), old) in reopened.iter().zip(&data).zip(&rep) {
+        assert_eq!(h.id(), old.id(), "a replicated block keeps its id");
+        assert!(h.grant().block.node != ids[0], "served by a live copy");
         assert_eq!(&read_all(h), d);
     }
 
@@ -191,4 +192,79 @@ fn kill9_memory_node_replicated_survive_unreplicated_lost_others_unaffected() {
     }
     drop(ja);
     drop(jc);
+}
+
+#[test]
+fn replicated_data_structures_survive_a_memory_node_kill9() {
+    use farpool::ds::{File, Kv, KvConfig};
+    let ctl = controller();
+    let mut nodes: Vec<Proc> = (0..3).map(|_| memnode(&ctl.addr, "8MiB", "soft")).collect();
+    let c = Client::connect(&ctl.addr).unwrap();
+    assert!(eventually(WAIT, || c.status().is_ok_and(|s| s
+        .nodes
+        .iter()
+        .filter(|n| n.alive)
+        .count()
+        == 3)));
+    let _lease = c.lease("/ds").unwrap();
+    let rc = c.with_copies(2);
+    let file = File::create_at(&rc, "/ds/file").unwrap();
+    let bytes = pattern(5, 3 * BS as usize + 1000);
+    file.append(&bytes).unwrap();
+    let got = file.read_all().unwrap();
+    assert!(
+        got == bytes,
+        "file differs ({} vs {} bytes)",
+        got.len(),
+        bytes.len()
+    );
+    let kv = Kv::create_at(&rc, "/ds/kv", KvConfig::default()).unwrap();
+    for k in 0..200u32 {
+        kv.put(&k.to_le_bytes(), &pattern(k as u8, 100)).unwrap();
+    }
+    // Every block of both objects has two copies.
+    let st = status(&c);
+    assert_eq!(st.blocks_degraded, 0);
+    for h in c.open_blocks("/ds/file", false).unwrap() {
+        assert!(h.replicated());
+    }
+    // Kill the node holding the file's meta block (its primary).
+    let meta_node = c.open_blocks("/ds/file", false).unwrap()[0].id().node;
+    let victim = nodes
+        .iter()
+        .position(|p| {
+            st.nodes
+                .iter()
+                .any(|n| n.endpoint.node == meta_node && n.endpoint.addr == p.addr)
+        })
+        .unwrap();
+    nodes[victim].kill();
+    let got = file.read_all().unwrap();
+    assert!(got == bytes, "file differs after the kill");
+    for k in 0..200u32 {
+        assert_eq!(
+            kv.get(&k.to_le_bytes()).unwrap(),
+            Some(pattern(k as u8, 100)),
+            "key {k}"
+        );
+    }
+    // Both keep working and are re-replicated.
+    file.append(b"tail").unwrap();
+    kv.put(b"new", b"value").unwrap();
+    assert!(
+        eventually(WAIT, || status(&c).blocks_degraded == 0),
+        "re-replication did not finish: {:?}",
+        status(&c)
+    );
+    let reopened = File::open(&c, "/ds/file").unwrap();
+    let mut want = bytes.clone();
+    want.extend_from_slice(b"tail");
+    let got = reopened.read_all().unwrap();
+    assert!(
+        got == want,
+        "reopened file differs ({} vs {} bytes)",
+        got.len(),
+        want.len()
+    );
+    assert_eq!(kv.get(b"new").unwrap(), Some(b"value".to_vec()));
 }

@@ -77,9 +77,15 @@ impl BlockHandle {
         self.grant.len == 0
     }
 
-    /// The block's identity.
+    /// The block's identity. For a replicated block this is its first copy at
+    /// allocation, which stays its name (in frees, in ids stored in the pool) after
+    /// that copy was lost and replaced; [`BlockHandle::grant`] names the copy the
+    /// grant was issued for.
     pub fn id(&self) -> BlockId {
-        self.grant.block
+        match &self.grant.replication {
+            Some(r) => r.origin,
+            None => self.grant.block,
+        }
     }
 
     /// The grant behind this handle.

@@ -69,6 +69,8 @@ impl Default for ClientConfig {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
+    /// Copies of every block of the data-structure objects this handle creates.
+    copies: u8,
 }
 
 pub(crate) struct ClientInner {
@@ -93,7 +95,25 @@ impl Client {
             renewer: Renewer::new(lease),
         });
         inner.renewer.start(Arc::downgrade(&inner));
-        Ok(Client { inner })
+        Ok(Client { inner, copies: 1 })
+    }
+
+    /// This client with data-structure objects ([`crate::ds::File`], `Queue`, `Kv`,
+    /// `Log`) created through it replicated: every block of an object created with the
+    /// returned handle has `copies` copies on distinct memory nodes (1: unreplicated,
+    /// the default; see docs/OPERATIONS.md, "Replication"). Objects keep the copy count
+    /// of their first block for every block they add later, whoever adds it. Shares the
+    /// connections of `self`.
+    pub fn with_copies(&self, copies: u8) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            copies: copies.max(1),
+        }
+    }
+
+    /// Copies per block of the data-structure objects created through this handle.
+    pub fn copies(&self) -> u8 {
+        self.copies
     }
 
     /// Opens a task at `path` (for example `/job/stage/task`): creates the path if

@@ -90,7 +90,9 @@ impl HandleCtx {
     }
 
     fn client(&self) -> Option<Client> {
-        self.client.upgrade().map(|inner| Client { inner })
+        self.client
+            .upgrade()
+            .map(|inner| Client { inner, copies: 1 })
     }
 
     fn view(&self) -> Option<Arc<View>> {

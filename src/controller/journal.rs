@@ -175,6 +175,8 @@ pub struct SnapGroup {
     pub id: u64,
     /// Copies wanted.
     pub copies: u8,
+    /// The group's stable identity (first copy at allocation).
+    pub origin: BlockId,
     /// Copies holding the data.
     pub members: Vec<BlockId>,
     /// Copy being filled by re-replication.
@@ -650,6 +652,7 @@ mod tests {
             groups: vec![SnapGroup {
                 id: 4,
                 copies: 2,
+                origin: BlockId { node: 1, index: 0 },
                 members: vec![BlockId { node: 2, index: 0 }],
                 pending: Some(BlockId { node: 3, index: 5 }),
             }],

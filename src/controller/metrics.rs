@@ -131,6 +131,24 @@ impl ServerMetrics {
             st.blocks_expired_total as f64,
         );
         e.single(
+            "farpool_controller_blocks_degraded",
+            Gauge,
+            "Replicated blocks with fewer live copies than wanted (being re-replicated or waiting for a node).",
+            st.blocks_degraded as f64,
+        );
+        e.single(
+            "farpool_controller_blocks_lost",
+            Gauge,
+            "Blocks whose every copy was on memory nodes that died.",
+            st.blocks_lost as f64,
+        );
+        e.single(
+            "farpool_controller_replicas_rebuilt_total",
+            Counter,
+            "Copies re-created by re-replication since start.",
+            st.replicas_rebuilt_total as f64,
+        );
+        e.single(
             "farpool_controller_capacity_bytes",
             Gauge,
             "Total capacity of live memory nodes.",

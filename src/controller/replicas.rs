@@ -15,6 +15,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 pub(crate) struct Group {
     /// Copies wanted.
     pub copies: u8,
+    /// The group's stable identity (its first copy at allocation). It stays owned by
+    /// the path (and in the block index) after it left `members`, until the group is
+    /// freed, so its id is never handed to another block while clients may name it.
+    pub origin: BlockId,
     /// Copies that hold the data, in order (the first live one is the primary).
     pub members: Vec<BlockId>,
     /// A copy being filled by re-replication (written by clients, never read).
@@ -53,10 +57,14 @@ impl ReplicaTable {
         for &b in &members {
             self.of.insert(b, id);
         }
+        let origin = *members
+            .first()
+            .ok_or_else(|| format!("replica group {id} has no blocks"))?;
         self.groups.insert(
             id,
             Group {
                 copies,
+                origin,
                 members,
                 pending: None,
             },
@@ -80,11 +88,26 @@ impl ReplicaTable {
         self.groups.iter().map(|(&id, g)| (id, g))
     }
 
-    /// Every block of group `id` (members and pending copy).
+    /// Every block of group `id`: members, pending copy, and the origin when it is
+    /// no longer a member.
     pub fn blocks(&self, id: u64) -> Vec<BlockId> {
         self.groups.get(&id).map_or_else(Vec::new, |g| {
-            g.members.iter().copied().chain(g.pending).collect()
+            let retired = (!g.members.contains(&g.origin)).then_some(g.origin);
+            retired
+                .into_iter()
+                .chain(g.members.iter().copied())
+                .chain(g.pending)
+                .collect()
         })
+    }
+
+    /// Takes the origin of group `id` out of its members, keeping it indexed
+    /// (snapshot restore of a group whose first copy was lost and replaced).
+    pub fn retire_origin(&mut self, id: u64) {
+        if let Some(g) = self.groups.get_mut(&id) {
+            let origin = g.origin;
+            g.members.retain(|&b| b != origin);
+        }
     }
 
     /// Starts filling `target` as a new copy of group `id`.
@@ -103,7 +126,8 @@ impl ReplicaTable {
     }
 
     /// The pending copy `target` of group `id` is in sync: it becomes a member, and
-    /// the members `dead` says are gone leave the group. Returns those members.
+    /// the members `dead` says are gone leave the group. Returns those members, except
+    /// the origin, which stays owned (and indexed) until the group is freed.
     pub fn promote(
         &mut self,
         id: u64,
@@ -123,6 +147,8 @@ impl ReplicaTable {
         let gone: Vec<BlockId> = g.members.iter().copied().filter(|&b| dead(b)).collect();
         g.members.retain(|&b| !dead(b));
         g.members.push(target);
+        let origin = g.origin;
+        let gone: Vec<BlockId> = gone.into_iter().filter(|&b| b != origin).collect();
         for b in &gone {
             self.of.remove(b);
         }
@@ -141,7 +167,8 @@ impl ReplicaTable {
         if g.pending == Some(block) {
             g.pending = None;
         }
-        if g.members.is_empty() && g.pending.is_none() {
+        let origin_held = self.of.get(&g.origin) == Some(&id);
+        if g.members.is_empty() && g.pending.is_none() && !origin_held {
             self.groups.remove(&id);
             self.needs_repair.remove(&id);
         }
@@ -190,12 +217,21 @@ mod tests {
         assert!(t.set_pending(1, b(3, 1)).is_err(), "one repair at a time");
         assert_eq!(t.blocks(1), vec![b(1, 0), b(2, 0), b(3, 0)]);
         assert!(t.promote(1, b(3, 1), |_| false).is_err());
+        // The origin (first copy) stays indexed when it dies.
         let gone = t.promote(1, b(3, 0), |x| x.node == 1).unwrap();
-        assert_eq!(gone, vec![b(1, 0)]);
+        assert!(gone.is_empty());
         assert_eq!(t.get(1).unwrap().members, vec![b(2, 0), b(3, 0)]);
-        assert_eq!(t.group_of(b(1, 0)), None);
-        t.forget(b(2, 0));
+        assert_eq!(t.group_of(b(1, 0)), Some(1));
+        assert_eq!(t.blocks(1), vec![b(1, 0), b(2, 0), b(3, 0)]);
+        // Another member that dies leaves for good.
+        t.set_pending(1, b(4, 0)).unwrap();
+        let gone = t.promote(1, b(4, 0), |x| x.node == 2).unwrap();
+        assert_eq!(gone, vec![b(2, 0)]);
+        assert_eq!(t.group_of(b(2, 0)), None);
         t.forget(b(3, 0));
+        t.forget(b(4, 0));
+        assert!(t.get(1).is_some(), "origin still held");
+        t.forget(b(1, 0));
         assert!(t.get(1).is_none(), "empty group dropped");
     }
 }

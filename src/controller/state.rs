@@ -208,6 +208,7 @@ impl ControllerState {
                 .map(|(id, g)| SnapGroup {
                     id,
                     copies: g.copies,
+                    origin: g.origin,
                     members: g.members.clone(),
                     pending: g.pending,
                 })
@@ -303,7 +304,13 @@ impl ControllerState {
             self.ns.add_blocks(id, &p.blocks, bs);
         }
         for g in &snap.groups {
-            self.replicas.insert(g.id, g.copies, g.members.clone())?;
+            let mut blocks = vec![g.origin];
+            blocks.extend(g.members.iter().copied().filter(|&b| b != g.origin));
+            self.replicas.insert(g.id, g.copies, blocks)?;
+            if !g.members.contains(&g.origin) {
+                // A retired origin: indexed, not a member.
+                self.replicas.retire_origin(g.id);
+            }
             if let Some(t) = g.pending {
                 self.replicas.set_pending(g.id, t)?;
             }

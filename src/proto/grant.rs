@@ -128,6 +128,10 @@ pub struct Replication {
     pub group: u64,
     /// Copies wanted.
     pub copies: u8,
+    /// The block's stable identity: its first copy at allocation, which
+    /// [`crate::client::BlockHandle::id`] reports and which names the block in frees
+    /// and in ids stored in the pool even after that copy was lost and replaced.
+    pub origin: BlockId,
     /// Grants for the other copies, each with whether it is in sync (`false`: a new
     /// copy being filled by re-replication, to be written but never read).
     pub others: Vec<(BlockGrant, bool)>,

@@ -120,6 +120,7 @@ impl ControllerState {
         grant.replication = Some(Box::new(Replication {
             group: gid,
             copies: g.copies,
+            origin: g.origin,
             others,
         }));
         Ok(grant)
@@ -244,7 +245,12 @@ impl ControllerState {
             if live.is_empty() || live.len() >= usize::from(g.copies) {
                 continue;
             }
-            let exclude: Vec<u32> = g.members.iter().map(|b| b.node).collect();
+            let exclude: Vec<u32> = g
+                .members
+                .iter()
+                .chain(std::iter::once(&g.origin))
+                .map(|b| b.node)
+                .collect();
             let Some(owner) = self.owner(live[0]) else {
                 continue;
             };
@@ -433,8 +439,8 @@ impl ControllerState {
         owner_of: &std::collections::HashMap<BlockId, PathId>,
     ) -> Result<(), String> {
         for (gid, g) in self.replicas.iter() {
-            let blocks = self.replicas.blocks(gid);
-            let mut nodes: Vec<u32> = blocks.iter().map(|b| b.node).collect();
+            let copies: Vec<BlockId> = g.members.iter().copied().chain(g.pending).collect();
+            let mut nodes: Vec<u32> = copies.iter().map(|b| b.node).collect();
             nodes.sort_unstable();
             nodes.dedup();
             if nodes.len() != blocks.len() {
