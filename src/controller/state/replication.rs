@@ -443,11 +443,12 @@ impl ControllerState {
             let mut nodes: Vec<u32> = copies.iter().map(|b| b.node).collect();
             nodes.sort_unstable();
             nodes.dedup();
-            if nodes.len() != blocks.len() {
+            if nodes.len() != copies.len() {
                 return Err(format!(
-                    "group {gid} has two copies on one node: {blocks:?}"
+                    "group {gid} has two copies on one node: {copies:?}"
                 ));
             }
+            let blocks = self.replicas.blocks(gid);
             if g.members.is_empty() {
                 return Err(format!("group {gid} has no members"));
             }
