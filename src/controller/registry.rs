@@ -58,6 +58,9 @@ impl Block {
     }
 }
 
+/// A block taken for an owner: `(node, index, epoch)`.
+pub(crate) type Taken = (u32, u32, u32);
+
 /// What releasing an owned block did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Released {
@@ -735,7 +738,7 @@ impl Registry {
         placement: crate::proto::Placement,
         owner: PathId,
         block_size: u64,
-    ) -> Result<Vec<Vec<(u32, u32, u32)>>, ControlError> {
+    ) -> Result<Vec<Vec<Taken>>, ControlError> {
         use crate::proto::Placement;
         let total = u64::from(count) * u64::from(copies);
         let free = self.live_free_blocks();

@@ -100,32 +100,6 @@ pub enum Request {
         /// Placement policy.
         placement: Placement,
     },
-    /// Like [`Request::Alloc`], with `copies` copies of every block, each on a
-    /// different memory node (1 = unreplicated).
-    AllocReplicated {
-        /// Owner path.
-        path: PoolPath,
-        /// Bytes wanted; rounded up to whole blocks.
-        bytes: u64,
-        /// Placement policy (for the primary copies; other copies go to the least
-        /// loaded other nodes).
-        placement: Placement,
-        /// Copies per block (1 to [`MAX_COPIES`]).
-        copies: u8,
-    },
-    /// The current grant of one block of `path`: the replica group `group` (from
-    /// the block's [`super::grant::Replication`]), or, with `group` 0, the unreplicated `block`.
-    /// Fails with [`ControlError::DataLost`] when no copy survives.
-    Refresh {
-        /// Owner path.
-        path: PoolPath,
-        /// Replica group id, 0 for an unreplicated block.
-        group: u64,
-        /// The block (used when `group` is 0).
-        block: BlockId,
-        /// Whether write access is wanted.
-        writable: bool,
-    },
     /// Free blocks owned by `path`.
     Free {
         /// Owner path.
@@ -166,6 +140,32 @@ pub enum Request {
         path: PoolPath,
         /// `true` pins, `false` unpins (the lease applies again from then on).
         pinned: bool,
+    },
+    /// Like [`Request::Alloc`], with `copies` copies of every block, each on a
+    /// different memory node (1 = unreplicated).
+    AllocReplicated {
+        /// Owner path.
+        path: PoolPath,
+        /// Bytes wanted; rounded up to whole blocks.
+        bytes: u64,
+        /// Placement policy (for the primary copies; other copies go to the least
+        /// loaded other nodes).
+        placement: Placement,
+        /// Copies per block (1 to [`MAX_COPIES`]).
+        copies: u8,
+    },
+    /// The current grant of one block of `path`: the replica group `group` (from
+    /// the block's [`super::grant::Replication`]), or, with `group` 0, the unreplicated `block`.
+    /// Fails with [`ControlError::DataLost`] when no copy survives.
+    Refresh {
+        /// Owner path.
+        path: PoolPath,
+        /// Replica group id, 0 for an unreplicated block.
+        group: u64,
+        /// The block (used when `group` is 0).
+        block: BlockId,
+        /// Whether write access is wanted.
+        writable: bool,
     },
 }
 
