@@ -276,8 +276,29 @@ fn replication_survives_replay_and_restarts_copies() {
     back.finish_recovery(t0);
     assert!(back.lookup(&p("/b/s"), true).is_ok());
     assert_eq!(back.status(t0).blocks_lost, 0);
-    // After the grace, the dead node's data is lost.
-    back.tick(t0 + Duration::from_secs(4));
+    // After the grace, the dead node's data is lost, and the copy that was in flight
+    // starts again (its source node came back).
+    let reg = Register {
+        data_addr: "10.0.0.1:9000".into(),
+        transport: WireTransport::Soft,
+        capacity: 4 * BS,
+        block_size: BS,
+        hugepages: false,
+        locked: false,
+    };
+    for (i, &id) in ids.iter().enumerate().skip(1) {
+        let mut r = reg.clone();
+        r.data_addr = format!("10.0.0.{i}:9000");
+        assert_eq!(back.join_node(&r, i as u64 + 1, t0).unwrap().id, id);
+    }
+    let later = t0 + Duration::from_secs(4);
+    for &id in &ids[1..] {
+        back.heartbeat(id, Default::default(), later).unwrap();
+    }
+    let effects = back.tick(later);
+    let again = copies(&effects);
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].0, again[0].2), (started[1].0, started[1].2));
     assert!(matches!(
         back.lookup(&p("/b/s"), true),
         Err(ControlError::DataLost { .. })

@@ -302,9 +302,6 @@ pub(crate) async fn run(
     if let Some(rx) = shared.copy_rx.lock().take() {
         tokio::spawn(super::copier::run(shared.clone(), rx, shutdown.clone()));
     }
-    // Copies that were in flight when the controller last stopped start again.
-    let restart = shared.state.lock().pending_repairs();
-    shared.dispatch(restart, None);
     loop {
         tokio::select! {
             () = stopped(&mut shutdown) => break,

@@ -884,6 +884,9 @@ impl ControllerState {
         if self.recovery_grace.is_some_and(|t| now >= t) {
             self.recovery_grace = None;
             self.recovery_scan();
+            // Copies in flight when the controller stopped start again, now that the
+            // nodes that are coming back are back.
+            effects.extend(self.pending_repairs());
         }
         self.start_repairs(&mut effects);
         for node in self.registry.drop_empty_dead() {
