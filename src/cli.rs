@@ -363,6 +363,18 @@ pub fn render_status(st: &crate::proto::ClusterStatus) -> String {
         st.blocks_freed_total,
         st.blocks_expired_total
     );
+    let _ = writeln!(
+        o,
+        "replication: degraded {}  lost {}  copies rebuilt {}",
+        st.blocks_degraded, st.blocks_lost, st.replicas_rebuilt_total
+    );
+    if st.blocks_lost > 0 {
+        let _ = writeln!(
+            o,
+            "  {} block(s) lost with their memory nodes; their paths answer DataLost: remove them and recreate the data",
+            st.blocks_lost
+        );
+    }
     let _ = writeln!(o, "\nNODES");
     let _ = writeln!(
         o,

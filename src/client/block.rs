@@ -1,5 +1,6 @@
 //! Block handles: one-sided operations on one granted block.
 
+use super::replica::HandleCtx;
 use super::ClientError;
 use crate::proto::{BlockGrant, BlockId};
 use farpool_rdma::{Op, Transport};
@@ -12,10 +13,18 @@ pub type BatchRun = (usize, usize, Result<(), ClientError>);
 /// A granted block: where it lives, its epoch and key, and the connection to its
 /// memory node. Offsets are relative to the block start; every access is checked
 /// against the block length here and again by the memory node.
+///
+/// A replicated block (allocated with several copies) writes every copy and reads
+/// one, failing over to another copy when a memory node is lost (see
+/// docs/OPERATIONS.md, "Replication"). Operations are always built against the grant
+/// the handle was made with; the handle maps them onto the copies. An operation on an
+/// unreplicated block whose memory node died fails with
+/// [`crate::proto::ControlError::DataLost`].
 #[derive(Clone)]
 pub struct BlockHandle {
     grant: Arc<BlockGrant>,
     transport: Arc<dyn Transport>,
+    ctx: Option<Arc<HandleCtx>>,
 }
 
 impl BlockHandle {
@@ -23,6 +32,38 @@ impl BlockHandle {
         Self {
             grant: Arc::new(grant),
             transport,
+            ctx: None,
+        }
+    }
+
+    pub(crate) fn with_ctx(
+        grant: BlockGrant,
+        transport: Arc<dyn Transport>,
+        ctx: HandleCtx,
+    ) -> Self {
+        Self {
+            grant: Arc::new(grant),
+            transport,
+            ctx: Some(Arc::new(ctx)),
+        }
+    }
+
+    /// Whether the block has several copies.
+    pub fn replicated(&self) -> bool {
+        self.repl().is_some()
+    }
+
+    fn repl(&self) -> Option<&HandleCtx> {
+        self.ctx.as_deref().filter(|c| c.replicated())
+    }
+
+    /// Maps a data-plane failure of an unreplicated block to `DataLost` when its
+    /// memory node is dead.
+    fn fail(&self, e: impl Into<ClientError>) -> ClientError {
+        let e = e.into();
+        match &self.ctx {
+            Some(c) => c.lost_or(e),
+            None => e,
         }
     }
 
@@ -36,9 +77,15 @@ impl BlockHandle {
         self.grant.len == 0
     }
 
-    /// The block's identity.
+    /// The block's identity. For a replicated block this is its first copy at
+    /// allocation, which stays its name (in frees, in ids stored in the pool) after
+    /// that copy was lost and replaced; [`BlockHandle::grant`] names the copy the
+    /// grant was issued for.
     pub fn id(&self) -> BlockId {
-        self.grant.block
+        match &self.grant.replication {
+            Some(r) => r.origin,
+            None => self.grant.block,
+        }
     }
 
     /// The grant behind this handle.
@@ -113,8 +160,15 @@ impl BlockHandle {
                 return Err(ClientError::ForeignOp { index });
             }
         }
-        self.transport.execute(ops)?;
-        Ok(())
+        self.run(ops)
+    }
+
+    /// Runs validated operations: on every copy for a replicated block.
+    fn run(&self, ops: &mut [Op<'_>]) -> Result<(), ClientError> {
+        match self.repl() {
+            Some(r) => r.execute(&self.grant, ops),
+            None => self.transport.execute(ops).map_err(|e| self.fail(e)),
+        }
     }
 
     /// Runs `ops[i]`, built with `handles[i]`'s `*_op` methods, with one batch per
@@ -143,11 +197,23 @@ impl BlockHandle {
         let mut runs = Vec::new();
         let mut start = 0;
         while start < ops.len() {
-            let t = &handles[start].transport;
+            let h = handles[start];
+            let t = &h.transport;
+            // A replicated block runs alone (its operations fan out to its copies).
             let end = (start..ops.len())
-                .find(|&i| !Arc::ptr_eq(&handles[i].transport, t))
+                .find(|&i| {
+                    if h.replicated() || handles[i].replicated() {
+                        handles[i].grant.block != h.grant.block
+                    } else {
+                        !Arc::ptr_eq(&handles[i].transport, t)
+                    }
+                })
                 .unwrap_or(ops.len());
-            let outcome = t.execute(&mut ops[start..end]).map_err(ClientError::from);
+            let outcome = if h.replicated() {
+                h.run(&mut ops[start..end])
+            } else {
+                t.execute(&mut ops[start..end]).map_err(|e| h.fail(e))
+            };
             runs.push((start, end, outcome));
             start = end;
         }
@@ -165,17 +231,18 @@ impl BlockHandle {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
         self.check(offset, buf.len() as u64)?;
         let max = self.transport.max_op_bytes().max(1);
-        if buf.len() <= max {
-            self.transport.read(self.grant.remote(offset), buf)?;
-            return Ok(());
+        if buf.len() <= max && self.repl().is_none() {
+            return self
+                .transport
+                .read(self.grant.remote(offset), buf)
+                .map_err(|e| self.fail(e));
         }
         let mut ops: Vec<Op<'_>> = buf
             .chunks_mut(max)
             .enumerate()
             .map(|(i, c)| Op::read(self.grant.remote(offset + (i * max) as u64), c))
             .collect();
-        self.transport.execute(&mut ops)?;
-        Ok(())
+        self.run(&mut ops)
     }
 
     /// Writes `data` at `offset` (split like [`BlockHandle::read`]). Writes larger than
@@ -183,31 +250,44 @@ impl BlockHandle {
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
         self.check(offset, data.len() as u64)?;
         let max = self.transport.max_op_bytes().max(1);
-        if data.len() <= max {
-            self.transport.write(self.grant.remote(offset), data)?;
-            return Ok(());
+        if data.len() <= max && self.repl().is_none() {
+            return self
+                .transport
+                .write(self.grant.remote(offset), data)
+                .map_err(|e| self.fail(e));
         }
         let mut ops: Vec<Op<'_>> = data
             .chunks(max)
             .enumerate()
             .map(|(i, c)| Op::write(self.grant.remote(offset + (i * max) as u64), c))
             .collect();
-        self.transport.execute(&mut ops)?;
-        Ok(())
+        self.run(&mut ops)
     }
 
     /// Compare-and-swap on the u64 at `offset` (8-byte aligned); returns the value found.
     pub fn cas(&self, offset: u64, expected: u64, new: u64) -> Result<u64, ClientError> {
         self.check_atomic(offset)?;
-        Ok(self
-            .transport
-            .compare_swap(self.grant.remote(offset), expected, new)?)
+        if self.repl().is_some() {
+            let mut ops = [Op::compare_swap(self.grant.remote(offset), expected, new)];
+            self.run(&mut ops)?;
+            return Ok(ops[0].result);
+        }
+        self.transport
+            .compare_swap(self.grant.remote(offset), expected, new)
+            .map_err(|e| self.fail(e))
     }
 
     /// Fetch-and-add on the u64 at `offset` (8-byte aligned); returns the old value.
     pub fn faa(&self, offset: u64, add: u64) -> Result<u64, ClientError> {
         self.check_atomic(offset)?;
-        Ok(self.transport.fetch_add(self.grant.remote(offset), add)?)
+        if self.repl().is_some() {
+            let mut ops = [Op::fetch_add(self.grant.remote(offset), add)];
+            self.run(&mut ops)?;
+            return Ok(ops[0].result);
+        }
+        self.transport
+            .fetch_add(self.grant.remote(offset), add)
+            .map_err(|e| self.fail(e))
     }
 }
 

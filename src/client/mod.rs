@@ -20,9 +20,10 @@
 
 mod block;
 mod control;
-mod data;
+pub(crate) mod data;
 mod error;
 mod lease;
+mod replica;
 mod task;
 
 pub use block::{BatchRun, BlockHandle};
@@ -68,6 +69,8 @@ impl Default for ClientConfig {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
+    /// Copies of every block of the data-structure objects this handle creates.
+    copies: u8,
 }
 
 pub(crate) struct ClientInner {
@@ -92,7 +95,25 @@ impl Client {
             renewer: Renewer::new(lease),
         });
         inner.renewer.start(Arc::downgrade(&inner));
-        Ok(Client { inner })
+        Ok(Client { inner, copies: 1 })
+    }
+
+    /// This client with data-structure objects ([`crate::ds::File`], `Queue`, `Kv`,
+    /// `Log`) created through it replicated: every block of an object created with the
+    /// returned handle has `copies` copies on distinct memory nodes (1: unreplicated,
+    /// the default; see docs/OPERATIONS.md, "Replication"). Objects keep the copy count
+    /// of their first block for every block they add later, whoever adds it. Shares the
+    /// connections of `self`.
+    pub fn with_copies(&self, copies: u8) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            copies: copies.max(1),
+        }
+    }
+
+    /// Copies per block of the data-structure objects created through this handle.
+    pub fn copies(&self) -> u8 {
+        self.copies
     }
 
     /// Opens a task at `path` (for example `/job/stage/task`): creates the path if
@@ -119,8 +140,11 @@ impl Client {
     /// `writable` the grants allow writes and atomics; otherwise they are read-only.
     pub fn open_blocks(&self, path: &str, writable: bool) -> Result<Vec<BlockHandle>, ClientError> {
         let path = PoolPath::parse(path)?;
-        match self.request(Request::Lookup { path, writable })? {
-            Response::Blocks(grants) => self.handles(grants),
+        match self.request(Request::Lookup {
+            path: path.clone(),
+            writable,
+        })? {
+            Response::Blocks(grants) => self.handles(&path, grants),
             other => Err(ClientError::unexpected(&other)),
         }
     }
@@ -189,12 +213,18 @@ impl Client {
         }
     }
 
-    pub(crate) fn handles(&self, grants: Vec<BlockGrant>) -> Result<Vec<BlockHandle>, ClientError> {
+    /// Handles for `grants` of blocks owned by `path`.
+    pub(crate) fn handles(
+        &self,
+        path: &PoolPath,
+        grants: Vec<BlockGrant>,
+    ) -> Result<Vec<BlockHandle>, ClientError> {
         grants
             .into_iter()
             .map(|g| {
                 let t = self.inner.data.transport(&g.endpoint)?;
-                Ok(BlockHandle::new(g, t))
+                let ctx = replica::HandleCtx::new(self, path, &g, &t)?;
+                Ok(BlockHandle::with_ctx(g, t, ctx))
             })
             .collect()
     }

@@ -57,18 +57,52 @@ impl Task {
         self.alloc_at_path(path, bytes, Placement::LeastLoaded)
     }
 
+    /// Allocates with `copies` copies of every block, each on a different memory node
+    /// (1: unreplicated, like [`Task::alloc_with`]). Writes go to every copy, reads to
+    /// one; if a memory node dies the controller re-creates its copies elsewhere. Fails
+    /// with [`crate::proto::ControlError::NotEnoughNodes`] when fewer live memory nodes
+    /// than `copies` have free blocks. See docs/OPERATIONS.md ("Replication").
+    pub fn alloc_replicated(
+        &self,
+        bytes: u64,
+        placement: Placement,
+        copies: u8,
+    ) -> Result<Vec<BlockHandle>, ClientError> {
+        self.alloc_copies_at(self.path.clone(), bytes, placement, copies)
+    }
+
     fn alloc_at_path(
         &self,
         path: PoolPath,
         bytes: u64,
         placement: Placement,
     ) -> Result<Vec<BlockHandle>, ClientError> {
-        match self.client.request(Request::Alloc {
-            path,
-            bytes,
-            placement,
-        })? {
-            Response::Blocks(grants) => self.client.handles(grants),
+        self.alloc_copies_at(path, bytes, placement, 1)
+    }
+
+    fn alloc_copies_at(
+        &self,
+        path: PoolPath,
+        bytes: u64,
+        placement: Placement,
+        copies: u8,
+    ) -> Result<Vec<BlockHandle>, ClientError> {
+        let req = if copies == 1 {
+            Request::Alloc {
+                path: path.clone(),
+                bytes,
+                placement,
+            }
+        } else {
+            Request::AllocReplicated {
+                path: path.clone(),
+                bytes,
+                placement,
+                copies,
+            }
+        };
+        match self.client.request(req)? {
+            Response::Blocks(grants) => self.client.handles(&path, grants),
             other => Err(ClientError::unexpected(&other)),
         }
     }

@@ -31,7 +31,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// Magic at the start of a log file (format version in the last byte).
 pub const LOG_MAGIC: [u8; 8] = *b"FPLOG\0\0\x01";
 /// Magic at the start of a snapshot file (format version in the last byte).
-pub const SNAPSHOT_MAGIC: [u8; 8] = *b"FPSNAP\0\x01";
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"FPSNAP\0\x02";
 /// Frame header: length and checksum.
 pub const FRAME_HEADER: usize = 8;
 /// Largest record payload accepted (a snapshot may be larger, see
@@ -136,6 +136,51 @@ pub enum Record {
         /// Pinned or not.
         pinned: bool,
     },
+    /// The blocks of the preceding [`Record::Alloc`] form replica groups.
+    Replicas {
+        /// `(group id, copies wanted, members)` per group.
+        groups: Vec<(u64, u8, Vec<BlockId>)>,
+    },
+    /// Re-replication of a group started: `target` was given to `path` as the
+    /// group's pending copy.
+    RepairStarted {
+        /// Owner path.
+        path: PoolPath,
+        /// Replica group id.
+        group: u64,
+        /// `(node, index, epoch)` of the new copy.
+        target: (u32, u32, u32),
+    },
+    /// The pending copy of a group is in sync: it became a member and the group's
+    /// members on dead nodes were freed.
+    RepairDone {
+        /// Replica group id.
+        group: u64,
+        /// The new copy.
+        target: BlockId,
+    },
+    /// Re-replication of a group failed: its pending copy was freed.
+    RepairAbandoned {
+        /// Replica group id.
+        group: u64,
+        /// The freed copy.
+        target: BlockId,
+    },
+}
+
+/// One replica group in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapGroup {
+    /// Group id.
+    pub id: u64,
+    /// Copies wanted.
+    pub copies: u8,
+    /// The group's stable identity (first copy at allocation).
+    pub origin: BlockId,
+    /// Copies holding the data.
+    pub members: Vec<BlockId>,
+    /// Copy being filled by re-replication.
+    pub pending: Option<BlockId>,
 }
 
 /// State of one block in a snapshot.
@@ -185,6 +230,10 @@ pub struct Snapshot {
     /// Paths (root included when it has a quota) in path order, so parents come
     /// before children.
     pub paths: Vec<SnapPath>,
+    /// Replica groups, by id.
+    pub groups: Vec<SnapGroup>,
+    /// Id the next replica group gets.
+    pub next_group: u64,
 }
 
 /// Why log or snapshot bytes could not be decoded.
@@ -443,6 +492,39 @@ mod tests {
         ]
     }
 
+    /// Records of a replicated allocation and its repair after a node loss.
+    fn replica_sample() -> Vec<Record> {
+        let b = |node, index| BlockId { node, index };
+        vec![
+            Record::Alloc {
+                path: p("/job/r"),
+                blocks: vec![(1, 0, 1), (2, 0, 1)],
+            },
+            Record::Replicas {
+                groups: vec![(1, 2, vec![b(1, 0), b(2, 0)])],
+            },
+            Record::NodeDead { id: 1 },
+            Record::RepairStarted {
+                path: p("/job/r"),
+                group: 1,
+                target: (3, 0, 1),
+            },
+            Record::RepairAbandoned {
+                group: 1,
+                target: b(3, 0),
+            },
+            Record::RepairStarted {
+                path: p("/job/r"),
+                group: 1,
+                target: (3, 1, 1),
+            },
+            Record::RepairDone {
+                group: 1,
+                target: b(3, 1),
+            },
+        ]
+    }
+
     pub(crate) fn log_bytes(records: &[Record]) -> Vec<u8> {
         let mut out = LOG_MAGIC.to_vec();
         for r in records {
@@ -567,6 +649,14 @@ mod tests {
                 blocks: vec![BlockId { node: 2, index: 0 }],
                 pinned: true,
             }],
+            groups: vec![SnapGroup {
+                id: 4,
+                copies: 2,
+                origin: BlockId { node: 1, index: 0 },
+                members: vec![BlockId { node: 2, index: 0 }],
+                pending: Some(BlockId { node: 3, index: 5 }),
+            }],
+            next_group: 5,
         };
         let bytes = encode_snapshot(&snap).unwrap();
         assert_eq!(decode_snapshot(&bytes).unwrap(), snap);
@@ -593,6 +683,7 @@ mod tests {
             ("log-whole", whole.clone()),
             ("log-torn", whole[..whole.len() - 3].to_vec()),
             ("log-empty", LOG_MAGIC.to_vec()),
+            ("log-replicas", log_bytes(&replica_sample())),
         ];
         for (name, bytes) in seeds {
             let file = dir.join(name);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Request kinds, in the order of the counters below.
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 10] = [
     "open",
     "alloc",
     "free",
@@ -19,13 +19,14 @@ const KINDS: [&str; 9] = [
     "set_quota",
     "status",
     "pin",
+    "refresh",
 ];
 
 /// The metric name of a request's kind (an index into [`KINDS`]).
 pub(crate) fn kind_of(req: &Request) -> usize {
     match req {
         Request::Open { .. } => 0,
-        Request::Alloc { .. } => 1,
+        Request::Alloc { .. } | Request::AllocReplicated { .. } => 1,
         Request::Free { .. } => 2,
         Request::Lookup { .. } => 3,
         Request::Renew { .. } => 4,
@@ -33,6 +34,7 @@ pub(crate) fn kind_of(req: &Request) -> usize {
         Request::SetQuota { .. } => 6,
         Request::Status => 7,
         Request::Pin { .. } => 8,
+        Request::Refresh { .. } => 9,
     }
 }
 
@@ -127,6 +129,24 @@ impl ServerMetrics {
             Counter,
             "Blocks reclaimed because their lease lapsed.",
             st.blocks_expired_total as f64,
+        );
+        e.single(
+            "farpool_controller_blocks_degraded",
+            Gauge,
+            "Replicated blocks with fewer live copies than wanted (being re-replicated or waiting for a node).",
+            st.blocks_degraded as f64,
+        );
+        e.single(
+            "farpool_controller_blocks_lost",
+            Gauge,
+            "Blocks whose every copy was on memory nodes that died.",
+            st.blocks_lost as f64,
+        );
+        e.single(
+            "farpool_controller_replicas_rebuilt_total",
+            Counter,
+            "Copies re-created by re-replication since start.",
+            st.replicas_rebuilt_total as f64,
         );
         e.single(
             "farpool_controller_capacity_bytes",

@@ -26,8 +26,11 @@
 //!   epochs (or were lost), so the freeing client's stale handles fail as soon as the
 //!   call returns; the wait is bounded by [`ControllerConfig::revoke_wait`].
 //! - A memory node that misses heartbeats for `dead_after`, or whose connection closes,
-//!   is dead: it gets no new blocks, its blocks stay listed (their owners see I/O
-//!   errors rather than silently lost data), and it is dropped once they are all freed.
+//!   is dead: it gets no new blocks, its blocks stay listed until freed (then it is
+//!   dropped). Replicated blocks with a surviving copy are re-replicated onto another
+//!   live node (`replicas`, `state/replication.rs`, `copier`); unreplicated ones are
+//!   lost, and lookups of their paths fail with [`crate::proto::ControlError::DataLost`]
+//!   rather than serving zeroes.
 //!   Only the same node process (same incarnation) can bring it back, resumed with its
 //!   blocks after its unowned blocks are revoked anew; a restarted node process
 //!   registers afresh with a new id and an empty region.
@@ -42,10 +45,12 @@
 //! re-register with the same incarnation, which resumes them with their blocks (see
 //! [`ControllerState::join_node`]); clients reconnect by themselves.
 
+mod copier;
 pub mod journal;
 mod metrics;
 mod namespace;
 mod registry;
+mod replicas;
 mod secret;
 mod server;
 mod state;
@@ -53,6 +58,8 @@ mod store;
 
 #[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod replication_tests;
 #[cfg(test)]
 mod state_tests;
 

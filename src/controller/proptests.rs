@@ -7,6 +7,10 @@
 //! while a revocation for it is pending, and every re-grant carries a strictly newer
 //! epoch and its matching key.
 //!
+//! Replicated allocations (2 or 3 copies), node losses and the completion or failure
+//! of the re-replication copies they start are mixed in; after every step the copies of
+//! a replicated block are on distinct nodes and owned by one path.
+//!
 //! The state journals every change while it runs; at the end, replaying the whole
 //! journal, and replaying its second half on a snapshot taken halfway, must both
 //! reproduce the state exactly (`ControllerState::snapshot` equality).
@@ -29,6 +33,11 @@ enum Op {
         path: usize,
         blocks: u64,
         placement: u8,
+        copies: u8,
+    },
+    Repair {
+        pick: usize,
+        ok: bool,
     },
     Free {
         path: usize,
@@ -71,11 +80,14 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let path = 0..PATHS.len();
     prop_oneof![
-        4 => (path.clone(), 1u64..5, 0u8..6).prop_map(|(path, blocks, placement)| Op::Alloc {
-            path,
-            blocks,
-            placement
-        }),
+        4 => (path.clone(), 1u64..5, 0u8..6, prop_oneof![2 => Just(1u8), 2 => Just(2u8), 1 => Just(3u8)])
+            .prop_map(|(path, blocks, placement, copies)| Op::Alloc {
+                path,
+                blocks,
+                placement,
+                copies,
+            }),
+        2 => (any::<usize>(), prop::bool::weighted(0.8)).prop_map(|(pick, ok)| Op::Repair { pick, ok }),
         3 => (path.clone(), any::<u8>()).prop_map(|(path, pick)| Op::Free { path, pick }),
         1 => (path.clone(), path.clone()).prop_map(|(path, other)| Op::FreeWrong { path, other }),
         3 => (any::<usize>(), prop::bool::weighted(0.2))
@@ -99,11 +111,16 @@ struct Model {
     epochs: HashMap<BlockId, u32>,
     /// Epoch of the latest grant per block.
     granted: HashMap<BlockId, u32>,
+    /// Re-replication copies started and not yet reported: (group, target).
+    copies: Vec<(u64, BlockId)>,
 }
 
 impl Model {
     fn absorb(&mut self, effects: &[Effect]) -> Result<(), TestCaseError> {
         for e in effects {
+            if let Effect::Copy { group, target, .. } = e {
+                self.copies.push((*group, target.block));
+            }
             if let Effect::Revoke { node, blocks } = e {
                 for &(index, epoch) in blocks {
                     let id = BlockId { node: *node, index };
@@ -151,6 +168,7 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
         pending: Vec::new(),
         epochs: HashMap::new(),
         granted: HashMap::new(),
+        copies: Vec::new(),
     };
     let path = |i: usize| PoolPath::parse(PATHS[i % PATHS.len()]).unwrap();
 
@@ -159,10 +177,23 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
             mid = Some((st.snapshot(), log.len()));
         }
         match op {
+            Op::Repair { pick, ok } => {
+                if model.copies.is_empty() {
+                    continue;
+                }
+                let (group, target) = model.copies.swap_remove(pick % model.copies.len());
+                let effects = if ok {
+                    st.repair_done(group, target)
+                } else {
+                    st.repair_failed(group, target)
+                };
+                model.absorb(&effects)?;
+            }
             Op::Alloc {
                 path: pi,
                 blocks,
                 placement,
+                copies,
             } => {
                 let placement = match placement {
                     0 | 1 => Placement::LeastLoaded,
@@ -170,10 +201,27 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     n => Placement::Node(ids[usize::from(n) % ids.len()]),
                 };
                 let before = st.status(now).used_bytes;
-                match st.alloc(&path(pi), blocks * BS, placement, now) {
+                match st.alloc_copies(&path(pi), blocks * BS, placement, copies, now) {
                     Ok(grants) => {
                         prop_assert_eq!(grants.len() as u64, blocks);
-                        for g in grants {
+                        let mut all = Vec::new();
+                        for mut g in grants {
+                            let others = g.replication.take().map(|r| r.others).unwrap_or_default();
+                            prop_assert_eq!(others.len() + 1, usize::from(copies));
+                            let mut nodes: Vec<u32> =
+                                others.iter().map(|o| o.0.block.node).collect();
+                            nodes.push(g.block.node);
+                            nodes.sort_unstable();
+                            nodes.dedup();
+                            prop_assert_eq!(
+                                nodes.len(),
+                                usize::from(copies),
+                                "copies on distinct nodes"
+                            );
+                            all.push(g);
+                            all.extend(others.into_iter().map(|o| o.0));
+                        }
+                        for g in all {
                             let pending = model
                                 .pending
                                 .iter()
@@ -195,6 +243,7 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Err(
                         ControlError::NoCapacity { .. }
                         | ControlError::NoSuchNode(_)
+                        | ControlError::NotEnoughNodes { .. }
                         | ControlError::QuotaExceeded { .. },
                     ) => {
                         prop_assert_eq!(st.status(now).used_bytes, before, "all or nothing");
@@ -265,9 +314,10 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Lose { node } => {
                 let n = ids[node % ids.len()];
-                st.node_lost(n);
+                let effects = st.node_lost(n);
                 // A dead node's pending revocations are void.
                 model.pending.retain(|&(pn, _, _)| pn != n);
+                model.absorb(&effects)?;
             }
             Op::Resume { node } => {
                 let i = node % nodes.len();

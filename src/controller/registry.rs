@@ -58,6 +58,9 @@ impl Block {
     }
 }
 
+/// A block taken for an owner: `(node, index, epoch)`.
+pub(crate) type Taken = (u32, u32, u32);
+
 /// What releasing an owned block did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Released {
@@ -115,6 +118,16 @@ impl MemNode {
     /// Blocks available for allocation (recycled plus untouched).
     pub fn free_blocks(&self) -> u64 {
         self.free.len() as u64 + (u64::from(self.blocks_total) - self.blocks.len() as u64)
+    }
+
+    /// Indices of the blocks owned by paths.
+    pub fn owned_indices(&self) -> impl Iterator<Item = u32> + '_ {
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| matches!(b.state(), BlockState::Owned(_)))
+            // Block tables are bounded by `blocks_total`, a u32.
+            .map(|(i, _)| i as u32)
     }
 
     /// Blocks owned by paths.
@@ -711,6 +724,110 @@ impl Registry {
             }
         }
         Ok(out)
+    }
+
+    /// Takes `count` groups of `copies` blocks for `owner`, the copies of each group on
+    /// distinct live nodes, all or nothing. The first copy of each group follows
+    /// `placement`; the others go to the live nodes with the most free blocks among
+    /// those the group does not use yet. Returns `(node, index, epoch)` per block,
+    /// group after group.
+    pub fn take_replicated(
+        &mut self,
+        count: u32,
+        copies: u8,
+        placement: crate::proto::Placement,
+        owner: PathId,
+        block_size: u64,
+    ) -> Result<Vec<Vec<Taken>>, ControlError> {
+        use crate::proto::Placement;
+        let total = u64::from(count) * u64::from(copies);
+        let free = self.live_free_blocks();
+        if free < total {
+            return Err(ControlError::NoCapacity {
+                requested: total * block_size,
+                free: free * block_size,
+            });
+        }
+        let mut cands: Vec<(u32, u64)> = self
+            .nodes
+            .values()
+            .filter(|n| n.alive && n.free_blocks() > 0)
+            .map(|n| (n.id, n.free_blocks()))
+            .collect();
+        if (cands.len() as u64) < u64::from(copies) {
+            return Err(ControlError::NotEnoughNodes {
+                copies,
+                nodes: cands.len() as u64,
+            });
+        }
+        // Plan on the candidate counts first, so a failure takes nothing.
+        let mut plan: Vec<Vec<u32>> = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let mut nodes: Vec<u32> = Vec::with_capacity(usize::from(copies));
+            for copy in 0..copies {
+                let usable: Vec<(u32, u64)> = cands
+                    .iter()
+                    .copied()
+                    .filter(|&(id, f)| f > 0 && !nodes.contains(&id))
+                    .collect();
+                let pick = match (copy, placement) {
+                    (0, Placement::Node(id)) => usable
+                        .iter()
+                        .find(|&&(n, _)| n == id)
+                        .map(|&(n, _)| n)
+                        .ok_or(ControlError::NoSuchNode(id))?,
+                    (0, Placement::Spread) => {
+                        let slot = self.next_spread(&usable);
+                        slot.map(|s| usable[s].0)
+                            .ok_or(ControlError::NotEnoughNodes {
+                                copies,
+                                nodes: usable.len() as u64,
+                            })?
+                    }
+                    _ => most_free(&usable).map(|s| usable[s].0).ok_or(
+                        ControlError::NotEnoughNodes {
+                            copies,
+                            nodes: (nodes.len() + usable.len()) as u64,
+                        },
+                    )?,
+                };
+                if let Some(c) = cands.iter_mut().find(|c| c.0 == pick) {
+                    c.1 -= 1;
+                }
+                nodes.push(pick);
+            }
+            plan.push(nodes);
+        }
+        let mut out = Vec::with_capacity(plan.len());
+        for nodes in plan {
+            let mut group = Vec::with_capacity(nodes.len());
+            for id in nodes {
+                let node = self.nodes.get_mut(&id).ok_or_else(internal)?;
+                let (index, epoch) = node.take(owner).ok_or_else(internal)?;
+                group.push((id, index, epoch));
+            }
+            out.push(group);
+        }
+        Ok(out)
+    }
+
+    /// Takes one block for `owner` on the live node with the most free blocks that is
+    /// not in `exclude`; `None` if there is none.
+    pub fn take_excluding(&mut self, exclude: &[u32], owner: PathId) -> Option<(u32, u32, u32)> {
+        let cands: Vec<(u32, u64)> = self
+            .nodes
+            .values()
+            .filter(|n| n.alive && n.free_blocks() > 0 && !exclude.contains(&n.id))
+            .map(|n| (n.id, n.free_blocks()))
+            .collect();
+        let id = cands[most_free(&cands)?].0;
+        let (index, epoch) = self.nodes.get_mut(&id)?.take(owner)?;
+        Some((id, index, epoch))
+    }
+
+    /// Whether node `id` is registered and alive.
+    pub fn alive(&self, id: u32) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.alive)
     }
 
     /// Picks the first candidate with an id after the spread cursor (wrapping) and

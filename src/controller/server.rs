@@ -57,7 +57,7 @@ struct NodeLink {
 
 /// A revocation a client waits for. Resolves with `Ok` when the node confirmed it and
 /// with `Err` when the node was unlinked first.
-struct Pending {
+pub(super) struct Pending {
     node: u32,
     rx: oneshot::Receiver<()>,
 }
@@ -83,13 +83,20 @@ pub(crate) struct Shared {
     sessions: AtomicU64,
     /// Request counters and latencies for `--metrics`.
     pub metrics: super::metrics::ServerMetrics,
+    /// Re-replication copies to run (see [`super::copier`]).
+    copy_tx: mpsc::UnboundedSender<super::copier::CopyJob>,
+    /// The receiving end, taken by [`run`].
+    copy_rx: Mutex<Option<mpsc::UnboundedReceiver<super::copier::CopyJob>>>,
 }
 
 impl Shared {
     /// Wraps `state`; memory nodes are told to heartbeat every `heartbeat`, and client
     /// frees wait at most `revoke_wait` for their revocations.
     pub fn new(state: ControllerState, heartbeat: Duration, revoke_wait: Duration) -> Self {
+        let (copy_tx, copy_rx) = mpsc::unbounded_channel();
         Self {
+            copy_tx,
+            copy_rx: Mutex::new(Some(copy_rx)),
             state: Mutex::new(state),
             links: Mutex::new(HashMap::new()),
             heartbeat,
@@ -116,7 +123,7 @@ impl Shared {
     /// order is state order) to the log. Returns false, and stops the controller, if
     /// the log cannot be written: the change is then not durable and must not be
     /// acknowledged.
-    fn persist(&self, state: &mut ControllerState) -> bool {
+    pub(super) fn persist(&self, state: &mut ControllerState) -> bool {
         let Some(store) = &self.store else {
             return true;
         };
@@ -181,7 +188,7 @@ impl Shared {
     /// Carries out effects of a state operation. With `waiters`, a waiter is
     /// registered for every revocation sent (before it is sent, so a confirmation
     /// cannot overtake it) and pushed there.
-    fn dispatch(&self, effects: Vec<Effect>, mut waiters: Option<&mut Vec<Pending>>) {
+    pub(super) fn dispatch(&self, effects: Vec<Effect>, mut waiters: Option<&mut Vec<Pending>>) {
         if effects.is_empty() {
             return;
         }
@@ -212,6 +219,20 @@ impl Shared {
                     // Dropping the sender makes the writer say goodbye and close;
                     // dropping the waiters releases them.
                     links.remove(&node);
+                }
+                Effect::Copy {
+                    group,
+                    source,
+                    target,
+                } => {
+                    let job = super::copier::CopyJob {
+                        group,
+                        source,
+                        target,
+                    };
+                    if self.copy_tx.send(job).is_err() {
+                        tracing::debug!(group, "copier stopped; re-replication dropped");
+                    }
                 }
             }
         }
@@ -278,6 +299,9 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     tokio::spawn(ticker(shared.clone(), shutdown.clone()));
+    if let Some(rx) = shared.copy_rx.lock().take() {
+        tokio::spawn(super::copier::run(shared.clone(), rx, shutdown.clone()));
+    }
     loop {
         tokio::select! {
             () = stopped(&mut shutdown) => break,
@@ -604,16 +628,21 @@ async fn node_session(
         }
         // If still running, the writer ends once its queue is unlinked below.
     }
-    let mut state = shared.state.lock();
-    let mut links = shared.links.lock();
-    // A node that came back on a newer session (resumed) belongs to that session now.
-    let replaced = links.get(&node).is_some_and(|l| l.session != session);
-    if !replaced {
-        state.node_lost(node);
+    let effects = {
+        let mut state = shared.state.lock();
+        let mut links = shared.links.lock();
+        // A node that came back on a newer session (resumed) belongs to that session now.
+        let replaced = links.get(&node).is_some_and(|l| l.session != session);
+        if replaced {
+            return;
+        }
+        let effects = state.node_lost(node);
         shared.persist(&mut state);
         // Unlinking also releases every client still waiting for this node.
         links.remove(&node);
-    }
+        effects
+    };
+    shared.dispatch(effects, None);
 }
 
 /// Drains a memory node's queue onto its socket, flushing when the queue runs dry.

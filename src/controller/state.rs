@@ -11,9 +11,10 @@
 //! block is therefore never handed to a new owner while a grant for an older epoch
 //! could still be honoured by its node.
 
-use super::journal::{Record, SnapPath, Snapshot};
+use super::journal::{Record, SnapGroup, SnapPath, Snapshot};
 use super::namespace::{later, Namespace, PathId, Reclaimed, ROOT};
 use super::registry::{Registry, Released};
+use super::replicas::ReplicaTable;
 use crate::proto::{
     derive_key, BlockGrant, BlockId, ClusterStatus, ControlError, NodeStats, NodeStatus, PathError,
     Placement, PoolPath, Register, Request, Response, Secret,
@@ -21,6 +22,8 @@ use crate::proto::{
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
+
+mod replication;
 
 /// Most blocks one allocation may ask for (keeps responses well inside a frame).
 pub const MAX_BLOCKS_PER_ALLOC: u64 = 65_536;
@@ -62,6 +65,17 @@ pub enum Effect {
         /// Memory node id.
         node: u32,
     },
+    /// Re-replication: copy block `source` into `target` (the pending copy of
+    /// replica group `group`), then report with [`ControllerState::repair_done`] or
+    /// [`ControllerState::repair_failed`].
+    Copy {
+        /// Replica group id.
+        group: u64,
+        /// A live, in-sync copy to read (read-only grant).
+        source: Box<BlockGrant>,
+        /// The new copy to fill (read-write grant).
+        target: Box<BlockGrant>,
+    },
 }
 
 /// What [`ControllerState::remove`] took away.
@@ -83,6 +97,13 @@ pub struct ControllerState {
     blocks_allocated_total: u64,
     blocks_freed_total: u64,
     blocks_expired_total: u64,
+    /// Replica groups.
+    replicas: ReplicaTable,
+    /// Copies re-created since start.
+    replicas_rebuilt_total: u64,
+    /// After a recovery, until when memory nodes that have not come back yet count as
+    /// "not yet back" rather than lost (no lost data reported, no re-replication).
+    recovery_grace: Option<Instant>,
     /// Metadata changes not yet taken by the I/O layer; `None`: not journaling.
     journal: Option<Vec<Record>>,
 }
@@ -133,6 +154,9 @@ impl ControllerState {
             blocks_allocated_total: 0,
             blocks_freed_total: 0,
             blocks_expired_total: 0,
+            replicas: ReplicaTable::default(),
+            replicas_rebuilt_total: 0,
+            recovery_grace: None,
             journal: None,
         }
     }
@@ -178,6 +202,18 @@ impl ControllerState {
             next_node_id: self.registry.next_id(),
             nodes: self.registry.iter().map(|n| n.snapshot()).collect(),
             paths,
+            groups: self
+                .replicas
+                .iter()
+                .map(|(id, g)| SnapGroup {
+                    id,
+                    copies: g.copies,
+                    origin: g.origin,
+                    members: g.members.clone(),
+                    pending: g.pending,
+                })
+                .collect(),
+            next_group: self.replicas.next_id(),
         }
     }
 
@@ -214,6 +250,9 @@ impl ControllerState {
     /// may be gone. Each node gets `dead_after` from `now` before a dead node without
     /// data is dropped by [`ControllerState::tick`].
     pub fn finish_recovery(&mut self, now: Instant) {
+        // Nodes get two dead-after periods to come back before their blocks count as
+        // lost and their replicas are re-created elsewhere.
+        self.recovery_grace = Some(later(now, self.cfg.dead_after * 2));
         let ids: Vec<u32> = self.registry.iter().map(|n| n.id).collect();
         for id in ids {
             self.registry.kill(id);
@@ -263,6 +302,21 @@ impl ControllerState {
         let bs = self.registry.block_size().unwrap_or(0);
         for (p, id) in snap.paths.iter().zip(ids) {
             self.ns.add_blocks(id, &p.blocks, bs);
+        }
+        for g in &snap.groups {
+            let mut blocks = vec![g.origin];
+            blocks.extend(g.members.iter().copied().filter(|&b| b != g.origin));
+            self.replicas.insert(g.id, g.copies, blocks)?;
+            if !g.members.contains(&g.origin) {
+                // A retired origin: indexed, not a member.
+                self.replicas.retire_origin(g.id);
+            }
+            if let Some(t) = g.pending {
+                self.replicas.set_pending(g.id, t)?;
+            }
+        }
+        if snap.next_group > self.replicas.next_id() {
+            self.replicas.bump_next_id(snap.next_group);
         }
         Ok(())
     }
@@ -320,6 +374,25 @@ impl ControllerState {
                 Ok(())
             }
             Record::Pin { path, pinned } => self.pin(path, *pinned).map_err(e),
+            Record::Replicas { groups } => {
+                for (id, copies, members) in groups {
+                    self.replicas.insert(*id, *copies, members.clone())?;
+                }
+                Ok(())
+            }
+            Record::RepairStarted {
+                path,
+                group,
+                target,
+            } => self.apply_repair_started(path, *group, *target),
+            Record::RepairDone { group, target } => {
+                self.repair_done(*group, *target);
+                Ok(())
+            }
+            Record::RepairAbandoned { group, target } => {
+                self.repair_failed(*group, *target);
+                Ok(())
+            }
         }
     }
 
@@ -435,16 +508,22 @@ impl ControllerState {
     }
 
     /// The node's connection closed: it is dead from now on. Its owned blocks stay
-    /// listed (their owners get I/O errors, never silently lost data); once they are
-    /// all freed the node is dropped from the registry.
-    pub fn node_lost(&mut self, node: u32) {
+    /// listed until freed: replicated ones are re-replicated (the returned
+    /// [`Effect::Copy`]s), unreplicated ones are reported lost
+    /// ([`ControlError::DataLost`]); once they are all freed the node is dropped from
+    /// the registry.
+    pub fn node_lost(&mut self, node: u32) -> Vec<Effect> {
+        let mut effects = Vec::new();
         if self.registry.kill(node) {
             tracing::warn!(node, "memory node lost; its blocks stay listed until freed");
             self.log(Record::NodeDead { id: node });
+            self.node_died(node);
+            self.start_repairs(&mut effects);
         }
         if self.registry.drop_if_empty(node) {
             self.log(Record::NodeDropped { id: node });
         }
+        effects
     }
 
     /// The node confirmed that blocks now hold the given epochs. Blocks revoking at
@@ -497,6 +576,26 @@ impl ControllerState {
         placement: Placement,
         now: Instant,
     ) -> Result<Vec<BlockGrant>, ControlError> {
+        self.alloc_copies(path, bytes, placement, 1, now)
+    }
+
+    /// Like [`ControllerState::alloc`], with `copies` copies of every block on
+    /// distinct live memory nodes (quotas count every copy). The grants are those of
+    /// the primary copies, each carrying its [`crate::proto::Replication`].
+    pub fn alloc_copies(
+        &mut self,
+        path: &PoolPath,
+        bytes: u64,
+        placement: Placement,
+        copies: u8,
+        now: Instant,
+    ) -> Result<Vec<BlockGrant>, ControlError> {
+        if copies == 0 || copies > crate::proto::MAX_COPIES {
+            return Err(ControlError::BadRequest(format!(
+                "{copies} copies asked for; ask for 1 to {}",
+                crate::proto::MAX_COPIES
+            )));
+        }
         let path = canonical(path)?;
         if path.is_root() {
             return Err(PathError::Root.into());
@@ -518,7 +617,7 @@ impl ControllerState {
                 "allocation of {bytes} bytes needs {count} blocks of {bs} bytes; at most {MAX_BLOCKS_PER_ALLOC} blocks per request, allocate in several requests"
             )));
         }
-        let requested = count * bs;
+        let requested = count * bs * u64::from(copies);
         let new = self.ns.find(&path).is_none();
         let id = self.open_id(&path, now)?;
         if new {
@@ -527,6 +626,10 @@ impl ControllerState {
             });
         }
         self.ns.check_quota(id, requested)?;
+        if copies > 1 {
+            // count <= MAX_BLOCKS_PER_ALLOC fits in u32.
+            return self.alloc_groups(&path, id, count as u32, copies, placement, bs);
+        }
         // count <= MAX_BLOCKS_PER_ALLOC fits in u32.
         let taken = self.registry.take(count as u32, placement, id, bs)?;
         let mut ids = Vec::with_capacity(taken.len());
@@ -559,6 +662,7 @@ impl ControllerState {
             epoch,
             key: derive_key(&self.secret, block.node, block.index, epoch, writable),
             writable,
+            replication: None,
         })
     }
 
@@ -593,11 +697,15 @@ impl ControllerState {
                 )));
             }
         }
+        let logged = blocks;
+        // Freeing any copy of a replicated block frees all its copies.
+        let expanded = self.with_copies(blocks);
+        let blocks: &[BlockId] = &expanded;
         let bs = self.registry.block_size().unwrap_or(0);
         if self.journal.is_some() {
             self.log(Record::Free {
                 path: path.clone().into_owned(),
-                blocks: blocks.to_vec(),
+                blocks: logged.to_vec(),
             });
         }
         self.ns.remove_blocks(id, blocks, bs);
@@ -618,6 +726,7 @@ impl ControllerState {
     fn release_all(&mut self, blocks: &[(PathId, BlockId)], revs: &mut Revocations) {
         let mut touched_dead = false;
         for &(owner, b) in blocks {
+            self.replicas.forget(b);
             match self.registry.release(b.node, b.index, owner) {
                 Some(Released::Revoking { new_epoch }) => {
                     revs.0.entry(b.node).or_default().push((b.index, new_epoch));
@@ -649,14 +758,31 @@ impl ControllerState {
             .find(&path)
             .and_then(|id| self.ns.get(id))
             .ok_or_else(|| ControlError::NotFound(path.clone().into_owned()))?;
-        Ok(node
-            .blocks
-            .iter()
-            .filter_map(|&b| {
-                let (_, epoch) = self.registry.get(b.node)?.block(b.index)?;
-                self.grant(b, epoch, writable)
-            })
-            .collect())
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(node.blocks.len());
+        for &b in &node.blocks {
+            match self.replicas.group_of(b) {
+                // A group appears where its first listed copy is, so block order
+                // survives re-replication.
+                Some(g) => {
+                    if seen.insert(g) {
+                        out.push(self.group_grant(g, &path, writable)?);
+                    }
+                }
+                None => {
+                    if self.is_lost(b.node) {
+                        return Err(ControlError::DataLost {
+                            path: path.into_owned(),
+                            block: b,
+                        });
+                    }
+                    if let Some(g) = self.block_grant(b, writable) {
+                        out.push(g);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Renews the lease of `prefix` (and through it its subtree); returns the lease
@@ -753,7 +879,16 @@ impl ControllerState {
             self.registry.kill(node);
             self.log(Record::NodeDead { id: node });
             effects.push(Effect::NodeDead { node });
+            self.node_died(node);
         }
+        if self.recovery_grace.is_some_and(|t| now >= t) {
+            self.recovery_grace = None;
+            self.recovery_scan();
+            // Copies in flight when the controller stopped start again, now that the
+            // nodes that are coming back are back.
+            effects.extend(self.pending_repairs());
+        }
+        self.start_repairs(&mut effects);
         for node in self.registry.drop_empty_dead() {
             tracing::info!(node, "dead memory node holds no blocks; dropped");
             self.log(Record::NodeDropped { id: node });
@@ -815,6 +950,9 @@ impl ControllerState {
             blocks_allocated_total: self.blocks_allocated_total,
             blocks_freed_total: self.blocks_freed_total,
             blocks_expired_total: self.blocks_expired_total,
+            blocks_degraded: self.degraded_blocks(),
+            blocks_lost: self.lost_blocks(),
+            replicas_rebuilt_total: self.replicas_rebuilt_total,
         }
     }
 
@@ -829,6 +967,22 @@ impl ControllerState {
             } => self
                 .alloc(&path, bytes, placement, now)
                 .map(|g| (Response::Blocks(g), vec![])),
+            Request::AllocReplicated {
+                path,
+                bytes,
+                placement,
+                copies,
+            } => self
+                .alloc_copies(&path, bytes, placement, copies, now)
+                .map(|g| (Response::Blocks(g), vec![])),
+            Request::Refresh {
+                path,
+                group,
+                block,
+                writable,
+            } => self
+                .refresh(&path, group, block, writable)
+                .map(|g| (Response::Blocks(vec![g]), vec![])),
             Request::Free { path, blocks } => self.free(&path, &blocks).map(|e| (Response::Ok, e)),
             Request::Lookup { path, writable } => self
                 .lookup(&path, writable)
@@ -908,7 +1062,7 @@ impl ControllerState {
                 return Err(format!("dead node {} has revoking blocks", n.id));
             }
         }
-        Ok(())
+        self.check_replica_invariants(&owner_of)
     }
 
     /// The registry, for tests.

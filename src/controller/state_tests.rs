@@ -116,7 +116,7 @@ fn usage_is_summed_up_the_tree_and_remove_frees_subtrees() {
         .iter()
         .map(|e| match e {
             Effect::Revoke { blocks, .. } => blocks.len(),
-            Effect::NodeDead { .. } => 0,
+            Effect::NodeDead { .. } | Effect::Copy { .. } => 0,
         })
         .sum();
     assert_eq!(revoked, 3);
@@ -500,12 +500,15 @@ fn a_dead_node_keeps_its_blocks_listed_until_freed() {
     assert_eq!(nb.blocks_revoking, 0, "pending revocations dropped");
     assert_eq!(status.capacity_bytes, 4 * BS, "only live capacity");
     assert_eq!(status.used_bytes, 2 * BS);
-    // Grants for the dead node's blocks are still handed out: I/O fails, nothing is
-    // silently replaced.
+    // The dead node's unreplicated blocks are reported lost, never silently replaced.
     assert_eq!(
-        block_ids(&st.lookup(&p("/t"), true).unwrap()),
-        block_ids(&on_b)
+        st.lookup(&p("/t"), true),
+        Err(ControlError::DataLost {
+            path: p("/t"),
+            block: on_b[0].block
+        })
     );
+    assert_eq!(st.status(t0).blocks_lost, 2);
     // Placement avoids it.
     let g = st
         .alloc(&p("/v"), 4 * BS, Placement::default(), t0)

@@ -39,6 +39,8 @@ pub(crate) struct Object {
     meta: BlockHandle,
     kind: &'static str,
     prefix: &'static str,
+    /// Copies of each block: those of the meta block (see [`Client::with_copies`]).
+    copies: u8,
 }
 
 impl Object {
@@ -53,7 +55,7 @@ impl Object {
         prefix: &'static str,
         config: impl FnOnce(u64) -> Result<Vec<(u64, u64)>, DsError>,
     ) -> Result<Object, DsError> {
-        let mine = alloc_one(client, &path, 1)?;
+        let mine = alloc_one(client, &path, 1, client.copies())?;
         let config = match config(mine.len()) {
             Ok(c) => c,
             Err(e) => {
@@ -72,6 +74,7 @@ impl Object {
         let obj = Object {
             client: client.clone(),
             path,
+            copies: copies_of(&meta),
             meta,
             kind,
             prefix,
@@ -110,6 +113,7 @@ impl Object {
         let obj = Object {
             client: client.clone(),
             path,
+            copies: copies_of(&meta),
             meta,
             kind,
             prefix,
@@ -234,7 +238,7 @@ impl Object {
         }
         let path = self.child_path(k)?;
         let need = self.block_len();
-        let block = alloc_one(&self.client, &path, need)?;
+        let block = alloc_one(&self.client, &path, need, self.copies)?;
         if block.len() < need {
             free_quietly(&self.client, &path, block.id());
             return Err(DsError::BlockSize {
@@ -295,7 +299,12 @@ impl Object {
     /// Allocates one block of at least `bytes` at the child path `name` (outside the
     /// directory: the caller records the block id itself).
     pub(crate) fn alloc_named(&self, name: &str, bytes: u64) -> Result<BlockHandle, DsError> {
-        alloc_one(&self.client, &self.path.join(name)?, bytes.max(1))
+        alloc_one(
+            &self.client,
+            &self.path.join(name)?,
+            bytes.max(1),
+            self.copies,
+        )
     }
 
     /// The handle of block `id` at the child path `name`; `None` when it is gone.
@@ -328,17 +337,37 @@ impl Object {
     }
 }
 
-/// Allocates one block of at least `bytes` at `path`.
-fn alloc_one(client: &Client, path: &PoolPath, bytes: u64) -> Result<BlockHandle, DsError> {
-    let resp = client.request(Request::Alloc {
-        path: path.clone(),
-        bytes,
-        placement: Placement::LeastLoaded,
-    })?;
+/// Copies per block of the object whose meta block is `meta`.
+fn copies_of(meta: &BlockHandle) -> u8 {
+    meta.grant().replication.as_ref().map_or(1, |r| r.copies)
+}
+
+/// Allocates one block of at least `bytes` at `path`, with `copies` copies.
+fn alloc_one(
+    client: &Client,
+    path: &PoolPath,
+    bytes: u64,
+    copies: u8,
+) -> Result<BlockHandle, DsError> {
+    let req = if copies > 1 {
+        Request::AllocReplicated {
+            path: path.clone(),
+            bytes,
+            placement: Placement::LeastLoaded,
+            copies,
+        }
+    } else {
+        Request::Alloc {
+            path: path.clone(),
+            bytes,
+            placement: Placement::LeastLoaded,
+        }
+    };
+    let resp = client.request(req)?;
     let Response::Blocks(grants) = resp else {
         return Err(ClientError::unexpected(&resp).into());
     };
-    let mut blocks = client.handles(grants)?;
+    let mut blocks = client.handles(path, grants)?;
     if blocks.len() == 1 {
         if let Some(b) = blocks.pop() {
             return Ok(b);
@@ -362,7 +391,7 @@ fn lookup(client: &Client, path: &PoolPath) -> Result<Vec<BlockHandle>, ClientEr
         path: path.clone(),
         writable: true,
     })? {
-        Response::Blocks(grants) => client.handles(grants),
+        Response::Blocks(grants) => client.handles(path, grants),
         other => Err(ClientError::unexpected(&other)),
     }
 }

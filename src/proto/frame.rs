@@ -192,6 +192,32 @@ mod tests {
                 .unwrap(),
             ),
             (
+                "alloc-replicated",
+                encode(&Envelope {
+                    id: 4,
+                    body: Request::AllocReplicated {
+                        path: path.clone(),
+                        bytes: 8192,
+                        placement: Placement::LeastLoaded,
+                        copies: 2,
+                    },
+                })
+                .unwrap(),
+            ),
+            (
+                "refresh",
+                encode(&Envelope {
+                    id: 5,
+                    body: Request::Refresh {
+                        path: path.clone(),
+                        group: 7,
+                        block: crate::proto::BlockId { node: 1, index: 2 },
+                        writable: true,
+                    },
+                })
+                .unwrap(),
+            ),
+            (
                 "renew",
                 encode(&Envelope {
                     id: 3,

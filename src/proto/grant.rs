@@ -115,6 +115,26 @@ pub struct BlockGrant {
     pub key: u64,
     /// Whether the key allows writes and atomics.
     pub writable: bool,
+    /// The other copies of a replicated block (`None`: the block has one copy).
+    pub replication: Option<Box<Replication>>,
+}
+
+/// The replica set of a replicated block, carried by the grant of its primary copy
+/// (the first live copy: reads and atomics go there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    /// The replica group's id (stable while copies come and go); used to refresh
+    /// the grant with [`crate::proto::Request::Refresh`].
+    pub group: u64,
+    /// Copies wanted.
+    pub copies: u8,
+    /// The block's stable identity: its first copy at allocation, which
+    /// [`crate::client::BlockHandle::id`] reports and which names the block in frees
+    /// and in ids stored in the pool even after that copy was lost and replaced.
+    pub origin: BlockId,
+    /// Grants for the other copies, each with whether it is in sync (`false`: a new
+    /// copy being filled by re-replication, to be written but never read).
+    pub others: Vec<(BlockGrant, bool)>,
 }
 
 impl BlockGrant {

@@ -14,12 +14,12 @@ pub mod grant;
 pub mod msg;
 pub mod path;
 
-pub use grant::{derive_key, BlockGrant, BlockId, Endpoint, Secret, WireTransport};
+pub use grant::{derive_key, BlockGrant, BlockId, Endpoint, Replication, Secret, WireTransport};
 pub use msg::*;
 pub use path::{PathError, PoolPath};
 
 /// Version of the control protocol spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest control frame accepted (bytes).
 pub const MAX_FRAME: usize = 16 << 20;

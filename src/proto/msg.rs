@@ -1,6 +1,9 @@
 //! Control-plane messages.
 
 use super::grant::{BlockGrant, BlockId, Endpoint, Secret, WireTransport};
+
+/// Most copies a replicated allocation may ask for.
+pub const MAX_COPIES: u8 = 3;
 use super::path::{PathError, PoolPath};
 use serde::{Deserialize, Serialize};
 
@@ -137,6 +140,32 @@ pub enum Request {
         path: PoolPath,
         /// `true` pins, `false` unpins (the lease applies again from then on).
         pinned: bool,
+    },
+    /// Like [`Request::Alloc`], with `copies` copies of every block, each on a
+    /// different memory node (1 = unreplicated).
+    AllocReplicated {
+        /// Owner path.
+        path: PoolPath,
+        /// Bytes wanted; rounded up to whole blocks.
+        bytes: u64,
+        /// Placement policy (for the primary copies; other copies go to the least
+        /// loaded other nodes).
+        placement: Placement,
+        /// Copies per block (1 to [`MAX_COPIES`]).
+        copies: u8,
+    },
+    /// The current grant of one block of `path`: the replica group `group` (from
+    /// the block's [`super::grant::Replication`]), or, with `group` 0, the unreplicated `block`.
+    /// Fails with [`ControlError::DataLost`] when no copy survives.
+    Refresh {
+        /// Owner path.
+        path: PoolPath,
+        /// Replica group id, 0 for an unreplicated block.
+        group: u64,
+        /// The block (used when `group` is 0).
+        block: BlockId,
+        /// Whether write access is wanted.
+        writable: bool,
     },
 }
 
@@ -297,6 +326,13 @@ pub struct ClusterStatus {
     pub blocks_freed_total: u64,
     /// Blocks reclaimed because a lease expired.
     pub blocks_expired_total: u64,
+    /// Replicated blocks with fewer live copies than wanted (being re-replicated,
+    /// or waiting for a memory node to copy to).
+    pub blocks_degraded: u64,
+    /// Blocks whose every copy was on memory nodes that died: their data is gone.
+    pub blocks_lost: u64,
+    /// Copies re-created by re-replication since start.
+    pub replicas_rebuilt_total: u64,
 }
 
 /// Why a control request failed. Each variant says what to do about it.
@@ -355,4 +391,20 @@ pub enum ControlError {
     /// The request was not valid in this state.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// Every copy of the block was on memory nodes that died: the data is gone.
+    #[error("data lost: block {block} of '{path}' was on a memory node that died and had no surviving replica; remove '{path}' and recreate the data from its source (allocate with 2 replicas to survive the loss of a memory node)")]
+    DataLost {
+        /// The owner path.
+        path: PoolPath,
+        /// The lost block (its first copy).
+        block: BlockId,
+    },
+    /// Fewer live memory nodes with free blocks than copies asked for.
+    #[error("{copies} copies per block need {copies} live memory nodes with free blocks, only {nodes} have; add memory nodes or ask for fewer copies")]
+    NotEnoughNodes {
+        /// Copies asked for.
+        copies: u8,
+        /// Live nodes with free blocks.
+        nodes: u64,
+    },
 }
