@@ -24,7 +24,7 @@
 //! dropping it would silently lose acknowledged metadata.
 
 use crate::proto::grant::WireTransport;
-use crate::proto::{BlockId, PoolPath};
+use crate::proto::{Backing, BlockId, PoolPath};
 use bincode::Options;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -136,6 +136,13 @@ pub enum Record {
         /// Pinned or not.
         pinned: bool,
     },
+    /// A path was mapped to a backing path in the persistent tier, or unmapped.
+    Map {
+        /// The path.
+        path: PoolPath,
+        /// Where it is flushed at lease expiry; `None`: unmapped.
+        backing: Option<Backing>,
+    },
 }
 
 /// State of one block in a snapshot.
@@ -185,6 +192,29 @@ pub struct Snapshot {
     /// Paths (root included when it has a quota) in path order, so parents come
     /// before children.
     pub paths: Vec<SnapPath>,
+    /// Mapped paths with their backing paths, in path order (added after the first
+    /// release of the format: snapshots without it decode with none).
+    pub mappings: Vec<(PoolPath, Backing)>,
+}
+
+/// A snapshot as written before mappings existed (same magic; decoded when the
+/// current layout does not fit).
+#[derive(Deserialize)]
+struct SnapshotV1 {
+    next_node_id: u32,
+    nodes: Vec<SnapNode>,
+    paths: Vec<SnapPath>,
+}
+
+impl From<SnapshotV1> for Snapshot {
+    fn from(v: SnapshotV1) -> Self {
+        Snapshot {
+            next_node_id: v.next_node_id,
+            nodes: v.nodes,
+            paths: v.paths,
+            mappings: Vec::new(),
+        }
+    }
 }
 
 /// Why log or snapshot bytes could not be decoded.
@@ -387,7 +417,11 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, FormatError> {
     };
     match read_frame(bytes, at, MAX_SNAPSHOT) {
         Frame::Intact { payload, next } if next == bytes.len() => {
-            decode_payload(payload, MAX_SNAPSHOT).map_err(corrupt)
+            decode_payload(payload, MAX_SNAPSHOT).or_else(|e| {
+                decode_payload::<SnapshotV1>(payload, MAX_SNAPSHOT)
+                    .map(Snapshot::from)
+                    .map_err(|_| corrupt(e))
+            })
         }
         Frame::Intact { .. } => Err(corrupt("trailing bytes after the snapshot".into())),
         Frame::Incomplete => Err(corrupt("truncated".into())),
@@ -439,6 +473,17 @@ mod tests {
             Record::Pin {
                 path: p("/job"),
                 pinned: true,
+            },
+            Record::Map {
+                path: p("/job"),
+                backing: Some(Backing {
+                    url: "/var/lib/farpool/tier".into(),
+                    key: "job/kv".into(),
+                }),
+            },
+            Record::Map {
+                path: p("/job"),
+                backing: None,
             },
         ]
     }
@@ -567,9 +612,38 @@ mod tests {
                 blocks: vec![BlockId { node: 2, index: 0 }],
                 pinned: true,
             }],
+            mappings: vec![(
+                p("/j"),
+                Backing {
+                    url: "s3://b/x".into(),
+                    key: "k".into(),
+                },
+            )],
         };
         let bytes = encode_snapshot(&snap).unwrap();
         assert_eq!(decode_snapshot(&bytes).unwrap(), snap);
+        // A snapshot written before mappings existed still decodes, with none.
+        #[derive(Serialize)]
+        struct V1<'a> {
+            next_node_id: u32,
+            nodes: &'a [SnapNode],
+            paths: &'a [SnapPath],
+        }
+        let mut v1 = SNAPSHOT_MAGIC.to_vec();
+        v1.extend(
+            encode_frame(
+                &V1 {
+                    next_node_id: snap.next_node_id,
+                    nodes: &snap.nodes,
+                    paths: &snap.paths,
+                },
+                MAX_SNAPSHOT,
+            )
+            .unwrap(),
+        );
+        let old = decode_snapshot(&v1).unwrap();
+        assert_eq!(old.paths, snap.paths);
+        assert!(old.mappings.is_empty());
         for cut in 0..bytes.len() {
             assert!(decode_snapshot(&bytes[..cut]).is_err(), "cut {cut}");
         }

@@ -22,7 +22,8 @@ use super::state::{ControllerState, Effect, Joined};
 use super::store::Store;
 use crate::proto::frame::{encode, read_msg_async, write_msg_async, FrameError};
 use crate::proto::{
-    ControlError, ControllerMsg, Envelope, Hello, NodeMsg, Register, Request, Response, Role,
+    ControlError, ControllerMsg, Envelope, Hello, NodeMsg, PoolPath, Register, Request, Response,
+    Role,
     Welcome, PROTOCOL_VERSION,
 };
 use parking_lot::Mutex;
@@ -83,6 +84,8 @@ pub(crate) struct Shared {
     sessions: AtomicU64,
     /// Request counters and latencies for `--metrics`.
     pub metrics: super::metrics::ServerMetrics,
+    /// Runs flushes of mapped paths; set once the controller's address is known.
+    pub flusher: std::sync::OnceLock<super::flusher::Flusher>,
 }
 
 impl Shared {
@@ -99,6 +102,7 @@ impl Shared {
             stop: watch::channel(false).0,
             sessions: AtomicU64::new(1),
             metrics: Default::default(),
+            flusher: std::sync::OnceLock::new(),
         }
     }
 
@@ -185,6 +189,7 @@ impl Shared {
         if effects.is_empty() {
             return;
         }
+        let mut flushes = Vec::new();
         let mut links = self.links.lock();
         for effect in effects {
             match effect {
@@ -213,8 +218,44 @@ impl Shared {
                     // dropping the waiters releases them.
                     links.remove(&node);
                 }
+                Effect::Flush {
+                    path,
+                    backing,
+                    token,
+                    has_children,
+                } => flushes.push(super::flusher::FlushJob {
+                    path,
+                    backing,
+                    token,
+                    has_children,
+                }),
             }
         }
+        drop(links);
+        for job in flushes {
+            match self.flusher.get() {
+                Some(f) => f.submit(job, self),
+                None => self.flush_result(
+                    &job.path,
+                    job.token,
+                    Err("the controller's flusher is not running".into()),
+                ),
+            }
+        }
+    }
+
+    /// Reports the outcome of a flush attempt to the state machine (from a flush
+    /// thread) and carries out the revocations of a successful one.
+    pub fn flush_result(&self, path: &PoolPath, token: u64, result: Result<u64, String>) {
+        let effects = {
+            let mut state = self.state.lock();
+            let effects = state.flush_done(path, token, result, Instant::now());
+            if !self.persist(&mut state) {
+                return;
+            }
+            effects
+        };
+        self.dispatch(effects, None);
     }
 
     /// Completes the waiters of revocations `node` confirmed.
