@@ -55,6 +55,8 @@ mod state;
 mod store;
 
 #[cfg(test)]
+mod flush_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod state_tests;
