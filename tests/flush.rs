@@ -142,12 +142,14 @@ fn child_process_entry() {
             ObjectFlags::mapped(&tier, "fjob/kv")
                 .apply(&client, kv.path())
                 .expect("map kv");
-            let q = Queue::create_at(&client, "/fjob/q", QueueConfig { slot_size: 64 })
-                .expect("queue");
+            let q =
+                Queue::create_at(&client, "/fjob/q", QueueConfig { slot_size: 64 }).expect("queue");
             for i in 0..ITEMS {
                 q.enqueue(&item(i)).expect("enqueue");
             }
-            client.map_to("/fjob/q", &tier, "fjob/q").expect("map queue");
+            client
+                .map_to("/fjob/q", &tier, "fjob/q")
+                .expect("map queue");
             // An unmapped task's blocks, freed plainly.
             let task = client.task("/fjob/scratch").expect("task");
             task.alloc(256 << 10).expect("alloc");
@@ -291,7 +293,10 @@ fn a_failing_flush_keeps_the_data_reports_it_and_retries() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("FLUSHES"), "{text}");
-    assert!(text.contains("/bjob/kv") && text.contains("last error"), "{text}");
+    assert!(
+        text.contains("/bjob/kv") && text.contains("last error"),
+        "{text}"
+    );
     let out = Command::new(common::bin())
         .args(["status", "--controller", &ctl.addr, "--json"])
         .output()
@@ -391,7 +396,10 @@ fn a_mapping_survives_a_controller_kill_9_and_is_flushed_after_restart() {
         .find(|u| u.path.as_str() == "/djob/kv")
         .expect("the object is recovered");
     let b = kv.backing.as_ref().expect("the mapping is recovered");
-    assert_eq!((b.url.as_str(), b.key.as_str()), (tier_url.as_str(), "djob/kv"));
+    assert_eq!(
+        (b.url.as_str(), b.key.as_str()),
+        (tier_url.as_str(), "djob/kv")
+    );
     // Nobody renews it: the recovered controller flushes it once its node is back.
     assert!(
         eventually(BOUND, || {

@@ -94,7 +94,10 @@ fn object(st: &mut ControllerState, t0: Instant) {
 fn an_expired_mapped_path_is_flushed_then_freed() {
     let (mut st, t0) = setup();
     object(&mut st, t0);
-    assert!(flushes(&st.tick(t0 + ms(11_000))).is_empty(), "grace not over");
+    assert!(
+        flushes(&st.tick(t0 + ms(11_000))).is_empty(),
+        "grace not over"
+    );
     let effects = st.tick(t0 + ms(12_500));
     let f = flushes(&effects);
     assert_eq!(f.len(), 1, "{effects:?}");
@@ -144,7 +147,10 @@ fn a_renew_during_the_flush_keeps_the_object() {
     assert!(exists(&st, now, "/j/kv/p0"));
     let status = st.status(now + ms(20));
     assert_eq!(status.flushes_total, 0);
-    assert!(status.flushes.is_empty(), "the job is over; expiry re-arms it");
+    assert!(
+        status.flushes.is_empty(),
+        "the job is over; expiry re-arms it"
+    );
     // Flushed again at the next expiry.
     let later = now + ms(10) + ms(12_001);
     assert_eq!(flushes(&st.tick(later)).len(), 1);
@@ -160,9 +166,16 @@ fn a_late_child_keeps_the_whole_object_alive() {
         .unwrap();
     let effects = st.tick(t0 + ms(12_500));
     assert!(flushes(&effects).is_empty());
-    assert!(exists(&st, t0, "/j/kv/p0"), "an expired partition is not freed alone");
+    assert!(
+        exists(&st, t0, "/j/kv/p0"),
+        "an expired partition is not freed alone"
+    );
     let effects = st.tick(t0 + ms(17_500));
-    assert_eq!(flushes(&effects).len(), 1, "the late child's timer flushes the object");
+    assert_eq!(
+        flushes(&effects).len(),
+        1,
+        "the late child's timer flushes the object"
+    );
     st.check_invariants().unwrap();
 }
 

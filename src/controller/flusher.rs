@@ -67,7 +67,9 @@ impl Flusher {
                 .name(format!("farpool-flush-{i}"))
                 .spawn(move || w.run());
             if let Err(e) = spawned {
-                tracing::error!("cannot start a flush thread: {e}; flushes of mapped paths wait for the others");
+                tracing::error!(
+                    "cannot start a flush thread: {e}; flushes of mapped paths wait for the others"
+                );
             }
         }
         Flusher { tx: Mutex::new(tx) }

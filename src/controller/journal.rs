@@ -668,14 +668,38 @@ mod tests {
             ("log-torn", whole[..whole.len() - 3].to_vec()),
             ("log-empty", LOG_MAGIC.to_vec()),
         ];
-        for (name, bytes) in seeds {
+        let snapshot = Snapshot {
+            next_node_id: 2,
+            nodes: Vec::new(),
+            paths: vec![SnapPath {
+                path: p("/job/kv"),
+                quota: None,
+                blocks: Vec::new(),
+                pinned: false,
+            }],
+            mappings: vec![(
+                p("/job/kv"),
+                Backing {
+                    url: "/var/lib/farpool/tier".into(),
+                    key: "job/kv".into(),
+                },
+            )],
+        };
+        let snapshots: Vec<(&str, Vec<u8>)> =
+            vec![("snapshot-mapped", encode_snapshot(&snapshot).unwrap())];
+        for (name, bytes) in seeds.into_iter().chain(snapshots) {
             let file = dir.join(name);
             if std::env::var_os("FARPOOL_WRITE_CORPUS").is_some() {
                 std::fs::create_dir_all(&dir).unwrap();
                 std::fs::write(&file, &bytes).unwrap();
             }
             let stored = std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            assert!(decode_log(&stored).is_ok(), "{name}");
+            let ok = if name.starts_with("snapshot") {
+                decode_snapshot(&stored).is_ok()
+            } else {
+                decode_log(&stored).is_ok()
+            };
+            assert!(ok, "{name}");
         }
     }
 }

@@ -274,10 +274,9 @@ impl Controller {
             shared = shared.with_store(store, config.snapshot_every);
         }
         let shared = Arc::new(shared);
-        let _ = shared.flusher.set(flusher::Flusher::start(
-            local_addr,
-            Arc::downgrade(&shared),
-        ));
+        let _ = shared
+            .flusher
+            .set(flusher::Flusher::start(local_addr, Arc::downgrade(&shared)));
         let rx = shared.stop.subscribe();
         runtime.spawn(server::run(listener, shared.clone(), rx));
         tracing::info!(%local_addr, lease = ?config.lease, "controller listening");

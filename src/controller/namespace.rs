@@ -442,8 +442,7 @@ impl Namespace {
             let parent = node.parent;
             if let Some(mapped) = self.mapped_at_or_above(id) {
                 // Part of a mapped object: only the object as a whole goes, flushed.
-                if self.subtree_expired(mapped, now, grace) && !out.flush_due.contains(&mapped)
-                {
+                if self.subtree_expired(mapped, now, grace) && !out.flush_due.contains(&mapped) {
                     out.flush_due.push(mapped);
                 }
                 continue;

@@ -317,7 +317,11 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     continue;
                 }
                 let (p, token) = model.flushing.swap_remove(pick % model.flushing.len());
-                let result = if ok { Ok(1) } else { Err("tier down".to_string()) };
+                let result = if ok {
+                    Ok(1)
+                } else {
+                    Err("tier down".to_string())
+                };
                 let before = st.status(now).paths.into_iter().find(|u| u.path == p);
                 let existed = before.is_some();
                 let expired_before = before.is_some_and(|u| u.lease_remaining_ms <= -2000);
@@ -327,7 +331,11 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if exists || !existed {
                     prop_assert!(effects.is_empty());
                 } else {
-                    prop_assert!(ok && expired_before, "{} removed by a failed or unexpired flush", p);
+                    prop_assert!(
+                        ok && expired_before,
+                        "{} removed by a failed or unexpired flush",
+                        p
+                    );
                 }
             }
             Op::Heartbeats => {

@@ -23,8 +23,7 @@ use super::store::Store;
 use crate::proto::frame::{encode, read_msg_async, write_msg_async, FrameError};
 use crate::proto::{
     ControlError, ControllerMsg, Envelope, Hello, NodeMsg, PoolPath, Register, Request, Response,
-    Role,
-    Welcome, PROTOCOL_VERSION,
+    Role, Welcome, PROTOCOL_VERSION,
 };
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};

@@ -19,8 +19,8 @@ use super::journal::{Record, SnapPath, Snapshot};
 use super::namespace::{later, Namespace, PathId, Reclaimed, ROOT};
 use super::registry::{Registry, Released};
 use crate::proto::{
-    derive_key, Backing, BlockGrant, BlockId, ClusterStatus, ControlError, NodeStats, NodeStatus, PathError,
-    Placement, PoolPath, Register, Request, Response, Secret,
+    derive_key, Backing, BlockGrant, BlockId, ClusterStatus, ControlError, NodeStats, NodeStatus,
+    PathError, Placement, PoolPath, Register, Request, Response, Secret,
 };
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
