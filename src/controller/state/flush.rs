@@ -2,7 +2,7 @@
 //! lease runs out, then freed.
 //!
 //! The state machine only decides; the I/O layer writes. When the whole subtree of a
-//! mapped path has expired ([`super::Namespace::subtree_expired`]: every path past its
+//! mapped path has expired (`Namespace::subtree_expired`: every path past its
 //! effective deadline plus grace, nothing pinned), [`ControllerState::tick`] queues a
 //! [`FlushJob`] and emits [`Effect::Flush`]. The I/O layer reads the object and writes
 //! it to the tier, then calls [`ControllerState::flush_done`] with the attempt's token:
@@ -15,7 +15,7 @@
 //!   at its next expiry. This is the renew-during-flush race: a renew always wins;
 //! - failure (tier unreachable, object corrupt): nothing is freed; the reason is kept
 //!   for `farpool status`, counted, and the flush retried after a backoff that starts
-//!   at [`StateConfig::flush_retry`](super::StateConfig) and doubles up to
+//!   at `StateConfig::flush_retry` and doubles up to
 //!   [`MAX_FLUSH_BACKOFF`]. An operator may remove the path meanwhile.
 //!
 //! Jobs are not journaled: after a controller restart every lease is re-armed, so a
