@@ -10,7 +10,7 @@
 mod common;
 
 use common::{eventually, memnode, spawn, Proc};
-use farpool::ds::{Kv, KvConfig, ObjectFlags, Queue, QueueConfig};
+use farpool::ds::{File, Kv, KvConfig, Log, ObjectFlags, Queue, QueueConfig};
 use farpool::proto::ClusterStatus;
 use farpool::tier::Tier;
 use farpool::Client;
@@ -414,5 +414,60 @@ fn a_mapping_survives_a_controller_kill_9_and_is_flushed_after_restart() {
     let kv = Kv::load(&client, "/back/kv", KvConfig::default(), &tier, "djob/kv").unwrap();
     for i in 0..KEYS {
         assert_eq!(kv.get(&key(i)).unwrap(), Some(value(i)), "key {i}");
+    }
+}
+
+#[test]
+fn files_logs_and_raw_paths_are_flushed_by_kind() {
+    let ctl = controller(None, "127.0.0.1:0");
+    let _mem = memnode(&ctl.addr, "16MiB", "soft");
+    let dir = tempfile::tempdir().unwrap();
+    let tier_url = format!("file://{}", dir.path().to_str().unwrap());
+    let client = Client::connect(&ctl.addr).unwrap();
+    let lease = client.lease("/rjob").unwrap();
+    // A file and a log, spanning several blocks.
+    let file = File::create_at(&client, "/rjob/file").unwrap();
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    file.append(&bytes).unwrap();
+    client.map_to("/rjob/file", &tier_url, "r/file").unwrap();
+    let log = Log::create_at(&client, "/rjob/log").unwrap();
+    let mut positions = Vec::new();
+    for i in 0..50u32 {
+        positions.push(log.append(&item(i as usize), &[i % 3]).unwrap());
+    }
+    client.map_to("/rjob/log", &tier_url, "r/log").unwrap();
+    // Raw blocks (no farpool object): flushed as their bytes in allocation order.
+    let task = client.task("/rjob/raw").unwrap();
+    let blocks = task.alloc(3 * (64 << 10)).unwrap();
+    let mut raw = Vec::new();
+    for (k, b) in blocks.iter().enumerate() {
+        let fill = vec![0xA0 + k as u8; b.len() as usize];
+        b.write(0, &fill).unwrap();
+        raw.extend(fill);
+    }
+    client.map_to("/rjob/raw", &tier_url, "r/raw").unwrap();
+    task.finish().unwrap();
+    // Nobody renews from here.
+    drop(lease);
+    assert!(
+        eventually(BOUND, || {
+            let st = status(&client);
+            st.flushes_total == 3 && all_free(&st) && st.paths.is_empty()
+        }),
+        "{:?}",
+        status(&client)
+    );
+    let tier = Tier::open(&tier_url).unwrap();
+    assert_eq!(tier.get("r/raw").unwrap(), raw);
+    let _lease = client.lease("/back").unwrap();
+    let f = File::load(&client, "/back/file", &tier, "r/file").unwrap();
+    assert_eq!(f.read_all().unwrap(), bytes);
+    let l = Log::load(&client, "/back/log", &tier, "r/log").unwrap();
+    let scan = l.scan(0, l.end().unwrap(), &[]).unwrap();
+    assert_eq!(scan.entries.len(), 50);
+    for (i, e) in scan.entries.iter().enumerate() {
+        assert_eq!(e.position, positions[i]);
+        assert_eq!(e.data, item(i));
+        assert_eq!(e.streams, [i as u32 % 3]);
     }
 }
