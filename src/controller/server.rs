@@ -1095,6 +1095,12 @@ mod tests {
         let mut c = config(Duration::from_millis(10));
         c.heartbeat = Duration::from_millis(100);
         assert!(Controller::start(c).is_err(), "dead_after below heartbeat");
+        for retry in [Duration::ZERO, super::super::MAX_FLUSH_BACKOFF * 2] {
+            let mut c = config(Duration::from_secs(1));
+            c.flush_retry = retry;
+            let err = Controller::start(c).unwrap_err();
+            assert!(err.to_string().contains("flush_retry"), "{err}");
+        }
         let ctl = Controller::start(config(Duration::from_secs(1))).unwrap();
         let mut c = config(Duration::from_secs(1));
         c.listen = ctl.local_addr().to_string();
