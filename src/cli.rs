@@ -83,6 +83,10 @@ pub struct ControllerArgs {
     /// milliseconds (0: answer at once).
     #[arg(long, default_value_t = 5000, env = "FARPOOL_REVOKE_WAIT_MS")]
     pub revoke_wait_ms: u64,
+    /// Wait before retrying a failed flush of a mapped path to its backing path, in
+    /// milliseconds (doubles with each further failure, up to 5 minutes).
+    #[arg(long, default_value_t = 1000, env = "FARPOOL_FLUSH_RETRY_MS")]
+    pub flush_retry_ms: u64,
     /// Sync the metadata log to disk at most every this many milliseconds (0: before
     /// every answer, so a machine crash loses nothing acknowledged).
     #[arg(long, default_value_t = 0, env = "FARPOOL_LOG_FSYNC_MS")]
@@ -270,6 +274,7 @@ fn run_controller(a: ControllerArgs) -> Result<(), String> {
         heartbeat,
         dead_after: heartbeat * a.missed_heartbeats.max(1),
         revoke_wait: Duration::from_millis(a.revoke_wait_ms),
+        flush_retry: Duration::from_millis(a.flush_retry_ms),
         fsync_interval: Duration::from_millis(a.log_fsync_ms),
         snapshot_every: a.snapshot_every,
     };
@@ -355,13 +360,15 @@ pub fn render_status(st: &crate::proto::ClusterStatus) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "capacity {}  used {}  lease {} ms  blocks allocated {} freed {} expired {}",
+        "capacity {}  used {}  lease {} ms  blocks allocated {} freed {} expired {}  flushed {} flush failures {}",
         format_size(st.capacity_bytes),
         format_size(st.used_bytes),
         st.lease_ms,
         st.blocks_allocated_total,
         st.blocks_freed_total,
-        st.blocks_expired_total
+        st.blocks_expired_total,
+        st.flushes_total,
+        st.flush_failures_total
     );
     let _ = writeln!(
         o,
@@ -402,7 +409,7 @@ pub fn render_status(st: &crate::proto::ClusterStatus) -> String {
     let _ = writeln!(o, "\nUSAGE (per job, stage, task)");
     let _ = writeln!(
         o,
-        "{:<48} {:>7} {:>10} {:>10} {:>9}",
+        "{:<48} {:>7} {:>10} {:>10} {:>9}  mapped to",
         "path", "blocks", "subtree", "quota", "lease"
     );
     for p in &st.paths {
@@ -414,7 +421,7 @@ pub fn render_status(st: &crate::proto::ClusterStatus) -> String {
         );
         let _ = writeln!(
             o,
-            "{:<48} {:>7} {:>10} {:>10} {:>9}",
+            "{:<48} {:>7} {:>10} {:>10} {:>9}  {}",
             name,
             p.blocks,
             format_size(p.subtree_bytes),
@@ -424,7 +431,33 @@ pub fn render_status(st: &crate::proto::ClusterStatus) -> String {
             } else {
                 format!("{:.1}s", p.lease_remaining_ms as f64 / 1000.0)
             },
+            p.backing
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "-".into()),
         );
+    }
+    if !st.flushes.is_empty() {
+        let _ = writeln!(o, "\nFLUSHES (mapped paths whose lease ran out)");
+        for f in &st.flushes {
+            let state = if f.in_flight {
+                "running".to_string()
+            } else {
+                format!("retry in {:.1}s", f.retry_in_ms as f64 / 1000.0)
+            };
+            let _ = writeln!(
+                o,
+                "{}  -> {}  {}  failures {}{}",
+                f.path,
+                f.backing,
+                state,
+                f.failures,
+                f.last_error
+                    .as_deref()
+                    .map(|e| format!("  last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
     }
     o
 }

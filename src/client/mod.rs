@@ -175,6 +175,32 @@ impl Client {
         Ok(())
     }
 
+    /// Maps the object at `path` to `key` in the persistent tier at `tier_url`: when
+    /// its lease runs out (lease plus grace without renewal), the controller flushes
+    /// it there (with the object kind's `sync`) and then frees it, instead of just
+    /// freeing it. `tier_url` is resolved by the controller's process: an absolute
+    /// directory, `file:///dir` or `s3://bucket/prefix` (not `memory:`). The mapping
+    /// is kept in the controller's metadata log. Mappings do not nest.
+    pub fn map_to(&self, path: &str, tier_url: &str, key: &str) -> Result<(), ClientError> {
+        let path = PoolPath::parse(path)?;
+        let backing = Some(crate::proto::Backing {
+            url: tier_url.to_string(),
+            key: key.to_string(),
+        });
+        self.request(Request::Map { path, backing })?;
+        Ok(())
+    }
+
+    /// Removes the mapping of `path`: it is freed at lease expiry like any path.
+    pub fn unmap(&self, path: &str) -> Result<(), ClientError> {
+        let path = PoolPath::parse(path)?;
+        self.request(Request::Map {
+            path,
+            backing: None,
+        })?;
+        Ok(())
+    }
+
     /// Renews the lease of `prefix` once.
     pub fn renew(&self, prefix: &str) -> Result<Duration, ClientError> {
         let prefix = PoolPath::parse(prefix)?;

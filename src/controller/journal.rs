@@ -24,7 +24,7 @@
 //! dropping it would silently lose acknowledged metadata.
 
 use crate::proto::grant::WireTransport;
-use crate::proto::{BlockId, PoolPath};
+use crate::proto::{Backing, BlockId, PoolPath};
 use bincode::Options;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -32,6 +32,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub const LOG_MAGIC: [u8; 8] = *b"FPLOG\0\0\x01";
 /// Magic at the start of a snapshot file (format version in the last byte).
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"FPSNAP\0\x02";
+/// Magic of format 1 snapshots (no replica groups, no mappings), still read.
+pub const SNAPSHOT_MAGIC_V1: [u8; 8] = *b"FPSNAP\0\x01";
 /// Frame header: length and checksum.
 pub const FRAME_HEADER: usize = 8;
 /// Largest record payload accepted (a snapshot may be larger, see
@@ -166,6 +168,13 @@ pub enum Record {
         /// The freed copy.
         target: BlockId,
     },
+    /// A path was mapped to a backing path in the persistent tier, or unmapped.
+    Map {
+        /// The path.
+        path: PoolPath,
+        /// Where it is flushed at lease expiry; `None`: unmapped.
+        backing: Option<Backing>,
+    },
 }
 
 /// One replica group in a snapshot.
@@ -234,6 +243,30 @@ pub struct Snapshot {
     pub groups: Vec<SnapGroup>,
     /// Id the next replica group gets.
     pub next_group: u64,
+    /// Mapped paths with their backing paths, in path order.
+    pub mappings: Vec<(PoolPath, Backing)>,
+}
+
+/// A snapshot in format 1 ([`SNAPSHOT_MAGIC_V1`]), written before replica groups and
+/// mappings existed: decoded with none of either.
+#[derive(Deserialize)]
+struct SnapshotV1 {
+    next_node_id: u32,
+    nodes: Vec<SnapNode>,
+    paths: Vec<SnapPath>,
+}
+
+impl From<SnapshotV1> for Snapshot {
+    fn from(v: SnapshotV1) -> Self {
+        Snapshot {
+            next_node_id: v.next_node_id,
+            nodes: v.nodes,
+            paths: v.paths,
+            groups: Vec::new(),
+            next_group: 1,
+            mappings: Vec::new(),
+        }
+    }
 }
 
 /// Why log or snapshot bytes could not be decoded.
@@ -425,9 +458,11 @@ pub fn decode_log(bytes: &[u8]) -> Result<DecodedLog, FormatError> {
 /// into place only once complete and synced, so any damage is an error.
 pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, FormatError> {
     const KIND: &str = "snapshot";
-    if bytes.get(..SNAPSHOT_MAGIC.len()) != Some(&SNAPSHOT_MAGIC[..]) {
-        return Err(FormatError::BadMagic { kind: KIND });
-    }
+    let v1 = match bytes.get(..SNAPSHOT_MAGIC.len()) {
+        Some(m) if m == &SNAPSHOT_MAGIC[..] => false,
+        Some(m) if m == &SNAPSHOT_MAGIC_V1[..] => true,
+        _ => return Err(FormatError::BadMagic { kind: KIND }),
+    };
     let at = SNAPSHOT_MAGIC.len();
     let corrupt = |reason: String| FormatError::Corrupt {
         kind: KIND,
@@ -435,9 +470,12 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, FormatError> {
         reason,
     };
     match read_frame(bytes, at, MAX_SNAPSHOT) {
-        Frame::Intact { payload, next } if next == bytes.len() => {
-            decode_payload(payload, MAX_SNAPSHOT).map_err(corrupt)
+        Frame::Intact { payload, next } if next == bytes.len() => if v1 {
+            decode_payload::<SnapshotV1>(payload, MAX_SNAPSHOT).map(Snapshot::from)
+        } else {
+            decode_payload(payload, MAX_SNAPSHOT)
         }
+        .map_err(corrupt),
         Frame::Intact { .. } => Err(corrupt("trailing bytes after the snapshot".into())),
         Frame::Incomplete => Err(corrupt("truncated".into())),
         Frame::BadLength(len) => Err(corrupt(format!("frame length {len} is out of range"))),
@@ -488,6 +526,17 @@ mod tests {
             Record::Pin {
                 path: p("/job"),
                 pinned: true,
+            },
+            Record::Map {
+                path: p("/job"),
+                backing: Some(Backing {
+                    url: "/var/lib/farpool/tier".into(),
+                    key: "job/kv".into(),
+                }),
+            },
+            Record::Map {
+                path: p("/job"),
+                backing: None,
             },
         ]
     }
@@ -657,9 +706,38 @@ mod tests {
                 pending: Some(BlockId { node: 3, index: 5 }),
             }],
             next_group: 5,
+            mappings: vec![(
+                p("/j"),
+                Backing {
+                    url: "s3://b/x".into(),
+                    key: "k".into(),
+                },
+            )],
         };
         let bytes = encode_snapshot(&snap).unwrap();
         assert_eq!(decode_snapshot(&bytes).unwrap(), snap);
+        // A format-1 snapshot (before replica groups and mappings) still decodes.
+        #[derive(Serialize)]
+        struct V1<'a> {
+            next_node_id: u32,
+            nodes: &'a [SnapNode],
+            paths: &'a [SnapPath],
+        }
+        let mut v1 = SNAPSHOT_MAGIC_V1.to_vec();
+        v1.extend(
+            encode_frame(
+                &V1 {
+                    next_node_id: snap.next_node_id,
+                    nodes: &snap.nodes,
+                    paths: &snap.paths,
+                },
+                MAX_SNAPSHOT,
+            )
+            .unwrap(),
+        );
+        let old = decode_snapshot(&v1).unwrap();
+        assert_eq!(old.paths, snap.paths);
+        assert!(old.mappings.is_empty() && old.groups.is_empty());
         for cut in 0..bytes.len() {
             assert!(decode_snapshot(&bytes[..cut]).is_err(), "cut {cut}");
         }
@@ -685,14 +763,40 @@ mod tests {
             ("log-empty", LOG_MAGIC.to_vec()),
             ("log-replicas", log_bytes(&replica_sample())),
         ];
-        for (name, bytes) in seeds {
+        let snapshot = Snapshot {
+            next_node_id: 2,
+            nodes: Vec::new(),
+            paths: vec![SnapPath {
+                path: p("/job/kv"),
+                quota: None,
+                blocks: Vec::new(),
+                pinned: false,
+            }],
+            groups: Vec::new(),
+            next_group: 1,
+            mappings: vec![(
+                p("/job/kv"),
+                Backing {
+                    url: "/var/lib/farpool/tier".into(),
+                    key: "job/kv".into(),
+                },
+            )],
+        };
+        let snapshots: Vec<(&str, Vec<u8>)> =
+            vec![("snapshot-mapped", encode_snapshot(&snapshot).unwrap())];
+        for (name, bytes) in seeds.into_iter().chain(snapshots) {
             let file = dir.join(name);
             if std::env::var_os("FARPOOL_WRITE_CORPUS").is_some() {
                 std::fs::create_dir_all(&dir).unwrap();
                 std::fs::write(&file, &bytes).unwrap();
             }
             let stored = std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            assert!(decode_log(&stored).is_ok(), "{name}");
+            let ok = if name.starts_with("snapshot") {
+                decode_snapshot(&stored).is_ok()
+            } else {
+                decode_log(&stored).is_ok()
+            };
+            assert!(ok, "{name}");
         }
     }
 }

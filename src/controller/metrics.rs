@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Request kinds, in the order of the counters below.
-const KINDS: [&str; 10] = [
+const KINDS: [&str; 11] = [
     "open",
     "alloc",
     "free",
@@ -20,6 +20,7 @@ const KINDS: [&str; 10] = [
     "status",
     "pin",
     "refresh",
+    "map",
 ];
 
 /// The metric name of a request's kind (an index into [`KINDS`]).
@@ -35,6 +36,7 @@ pub(crate) fn kind_of(req: &Request) -> usize {
         Request::Status => 7,
         Request::Pin { .. } => 8,
         Request::Refresh { .. } => 9,
+        Request::Map { .. } => 10,
     }
 }
 
@@ -147,6 +149,24 @@ impl ServerMetrics {
             Counter,
             "Copies re-created by re-replication since start.",
             st.replicas_rebuilt_total as f64,
+        );
+        e.single(
+            "farpool_controller_flushes_total",
+            Counter,
+            "Mapped paths flushed to their backing path and freed since start.",
+            st.flushes_total as f64,
+        );
+        e.single(
+            "farpool_controller_flush_failures_total",
+            Counter,
+            "Flush attempts of mapped paths that failed (the data stays; retried with backoff).",
+            st.flush_failures_total as f64,
+        );
+        e.single(
+            "farpool_controller_flushes_pending",
+            Gauge,
+            "Mapped paths whose lease ran out and whose flush is running or waiting for a retry.",
+            st.flushes.len() as f64,
         );
         e.single(
             "farpool_controller_capacity_bytes",

@@ -13,6 +13,8 @@
 //! - `namespace`: the path tree, usage accounting, quotas and lease expiry.
 //! - `server`: tokio networking around the state (one mutex, never held across an
 //!   `.await`), a writer task per memory node, and a ticker for leases and heartbeats.
+//! - `flusher`: threads that flush mapped paths to the persistent tier at lease
+//!   expiry (see `state::flush` for the rules).
 //! - `secret`: the cluster secret in the data directory.
 //! - `journal`: the metadata log format (records, snapshots, framing); pure.
 //! - `store`: the metadata log's files, generations and sync policy.
@@ -46,6 +48,7 @@
 //! [`ControllerState::join_node`]); clients reconnect by themselves.
 
 mod copier;
+mod flusher;
 pub mod journal;
 mod metrics;
 mod namespace;
@@ -57,6 +60,8 @@ mod state;
 mod store;
 
 #[cfg(test)]
+mod flush_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod replication_tests;
@@ -64,7 +69,9 @@ mod replication_tests;
 mod state_tests;
 
 pub use registry::{INITIAL_EPOCH, MIN_BLOCK_SIZE};
-pub use state::{ControllerState, Effect, Joined, Removal, StateConfig, MAX_BLOCKS_PER_ALLOC};
+pub use state::{
+    ControllerState, Effect, Joined, Removal, StateConfig, MAX_BLOCKS_PER_ALLOC, MAX_FLUSH_BACKOFF,
+};
 pub use store::StoreError;
 
 use crate::proto::{ClusterStatus, Secret};
@@ -103,6 +110,9 @@ pub struct ControllerConfig {
     /// confirm the revocations it caused. On timeout the response is sent anyway (with
     /// a warning in the log); zero answers at once without waiting.
     pub revoke_wait: Duration,
+    /// Wait before retrying a failed flush of a mapped path (doubles with each further
+    /// failure, up to [`MAX_FLUSH_BACKOFF`]).
+    pub flush_retry: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -117,6 +127,7 @@ impl Default for ControllerConfig {
             heartbeat: Duration::from_millis(500),
             dead_after: Duration::from_millis(1500),
             revoke_wait: Duration::from_secs(5),
+            flush_retry: Duration::from_secs(1),
         }
     }
 }
@@ -139,6 +150,12 @@ impl ControllerConfig {
         check("dead_after", self.dead_after, self.heartbeat)?;
         check("revoke_wait", self.revoke_wait, Duration::ZERO)?;
         check("fsync_interval", self.fsync_interval, Duration::ZERO)?;
+        if self.flush_retry < Duration::from_millis(10) || self.flush_retry > MAX_FLUSH_BACKOFF {
+            return Err(ControllerError::Config(format!(
+                "flush_retry of {:?} is out of range; use between 10ms and {MAX_FLUSH_BACKOFF:?}",
+                self.flush_retry
+            )));
+        }
         if self.snapshot_every == 0 {
             return Err(ControllerError::Config(
                 "snapshot_every must be at least 1 record".into(),
@@ -153,6 +170,7 @@ impl ControllerConfig {
             lease: self.lease,
             grace: self.grace,
             dead_after: self.dead_after,
+            flush_retry: self.flush_retry,
         }
     }
 }
@@ -263,6 +281,9 @@ impl Controller {
             shared = shared.with_store(store, config.snapshot_every);
         }
         let shared = Arc::new(shared);
+        let _ = shared
+            .flusher
+            .set(flusher::Flusher::start(local_addr, Arc::downgrade(&shared)));
         let rx = shared.stop.subscribe();
         runtime.spawn(server::run(listener, shared.clone(), rx));
         tracing::info!(%local_addr, lease = ?config.lease, "controller listening");

@@ -20,9 +20,18 @@
 //! alive needs no entry: the ancestor's entry sweeps it. A path kept only for its
 //! live children is queued again when it loses its last child. The timer therefore costs
 //! O(log paths) per renewal period and path, never a scan of the whole namespace.
+//!
+//! # Mapped paths
+//! A path mapped to a backing path (an object to flush to the persistent tier) is
+//! never removed by the sweep. Once its whole subtree is expired (every path in it past
+//! its effective deadline plus grace) and nothing in it is pinned, expiry reports it in
+//! [`Reclaimed::flush_due`] instead; the controller flushes the object and then removes
+//! it with [`Namespace::remove_subtree`] if it is still expired. The timer entry of any
+//! path of the subtree that falls due checks its mapped ancestor, so a late child keeps
+//! the whole object alive. Mappings do not nest (checked by the state machine).
 
 use super::registry::MAX_PATH_ID;
-use crate::proto::{BlockId, ControlError, PathUsage, PoolPath};
+use crate::proto::{Backing, BlockId, ControlError, PathUsage, PoolPath};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -58,6 +67,8 @@ pub(crate) struct PathNode {
     pub deadline: Instant,
     /// Never reclaimed by lease expiry.
     pub pinned: bool,
+    /// Flushed to this backing path when its lease runs out, then removed.
+    pub backing: Option<Backing>,
     /// Unique per created path, so heap entries of a reused slot are recognised.
     gen: u64,
     /// Whether the expiry heap holds an entry for this path.
@@ -73,6 +84,9 @@ pub(crate) struct Reclaimed {
     pub paths: u64,
     /// The path of every subtree removal, in order (what the metadata log replays).
     pub roots: Vec<PoolPath>,
+    /// Mapped paths whose whole subtree expired: to flush, then remove (nothing of them
+    /// was removed).
+    pub flush_due: Vec<PathId>,
 }
 
 /// The namespace tree.
@@ -97,6 +111,7 @@ impl Namespace {
             quota: None,
             deadline: now,
             pinned: false,
+            backing: None,
             gen: 0,
             queued: false,
         };
@@ -192,6 +207,7 @@ impl Namespace {
             quota: None,
             deadline,
             pinned: false,
+            backing: None,
             gen,
             queued: true,
         });
@@ -222,6 +238,67 @@ impl Namespace {
             let entry = Reverse((node.deadline, id, node.gen));
             self.expiry.push(entry);
         }
+    }
+
+    /// Maps `id` to `backing` (or unmaps it). An unmapped path is queued for expiry
+    /// again.
+    pub fn set_backing(&mut self, id: PathId, backing: Option<Backing>) {
+        let node = self.node_mut(id);
+        let unmapped = backing.is_none();
+        node.backing = backing;
+        if unmapped && !node.queued {
+            node.queued = true;
+            let entry = Reverse((node.deadline, id, node.gen));
+            self.expiry.push(entry);
+        }
+    }
+
+    /// The creation number of `id` (distinguishes a path from a later one in the same
+    /// slot).
+    pub fn gen(&self, id: PathId) -> Option<u64> {
+        self.get(id).map(|n| n.gen)
+    }
+
+    /// `id` itself or its nearest ancestor that is mapped to a backing path.
+    pub fn mapped_at_or_above(&self, id: PathId) -> Option<PathId> {
+        let mut cur = Some(id);
+        while let Some(c) = cur {
+            let node = self.node(c);
+            if node.backing.is_some() {
+                return Some(c);
+            }
+            cur = node.parent;
+        }
+        None
+    }
+
+    /// Whether a path strictly below `id` is mapped.
+    pub fn mapped_below(&self, id: PathId) -> bool {
+        let mut stack: Vec<PathId> = self.node(id).children.values().copied().collect();
+        while let Some(c) = stack.pop() {
+            let node = self.node(c);
+            if node.backing.is_some() {
+                return true;
+            }
+            stack.extend(node.children.values().copied());
+        }
+        false
+    }
+
+    /// Whether every path of the subtree of `id` is past its effective deadline plus
+    /// `grace` at `now` and none of them is pinned: a mapped path may then be flushed.
+    pub fn subtree_expired(&self, id: PathId, now: Instant, grace: Duration) -> bool {
+        let mut latest = self.effective_deadline(id);
+        let mut stack = vec![id];
+        while let Some(c) = stack.pop() {
+            let node = self.node(c);
+            if node.pinned {
+                return false;
+            }
+            latest = latest.max(node.deadline);
+            stack.extend(node.children.values().copied());
+        }
+        later(latest, grace) <= now
     }
 
     /// The latest of the own deadlines of `id` and all its ancestors.
@@ -362,7 +439,15 @@ impl Namespace {
                 self.expiry.push(entry);
                 continue;
             }
-            let inherited = node.parent.map(|p| self.effective_deadline(p));
+            let parent = node.parent;
+            if let Some(mapped) = self.mapped_at_or_above(id) {
+                // Part of a mapped object: only the object as a whole goes, flushed.
+                if self.subtree_expired(mapped, now, grace) && !out.flush_due.contains(&mapped) {
+                    out.flush_due.push(mapped);
+                }
+                continue;
+            }
+            let inherited = parent.map(|p| self.effective_deadline(p));
             self.sweep(id, inherited, now, grace, out);
         }
     }
@@ -380,6 +465,12 @@ impl Namespace {
         let node = self.node(id);
         let eff = inherited.map_or(node.deadline, |i| i.max(node.deadline));
         if later(eff, grace) > now {
+            return;
+        }
+        if node.backing.is_some() {
+            if self.subtree_expired(id, now, grace) && !out.flush_due.contains(&id) {
+                out.flush_due.push(id);
+            }
             return;
         }
         let children: Vec<PathId> = node.children.values().copied().collect();
@@ -414,6 +505,7 @@ impl Namespace {
                     quota: n.quota,
                     lease_remaining_ms: remaining,
                     pinned: n.pinned,
+                    backing: n.backing.clone(),
                 }
             })
             .collect();

@@ -18,7 +18,9 @@
 use super::journal::{Record, Snapshot};
 use super::state::{ControllerState, Effect, StateConfig};
 use crate::proto::grant::WireTransport;
-use crate::proto::{derive_key, BlockId, ControlError, Placement, PoolPath, Register, Secret};
+use crate::proto::{
+    derive_key, Backing, BlockId, ControlError, Placement, PoolPath, Register, Secret,
+};
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -75,6 +77,14 @@ enum Op {
         path: usize,
         pinned: bool,
     },
+    Map {
+        path: usize,
+        mapped: bool,
+    },
+    FlushDone {
+        pick: usize,
+        ok: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -99,7 +109,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..3).prop_map(|node| Op::Lose { node }),
         1 => (0usize..3).prop_map(|node| Op::Resume { node }),
         1 => (path.clone(), prop::option::of(0u64..12)).prop_map(|(path, blocks)| Op::Quota { path, blocks }),
-        1 => (path, any::<bool>()).prop_map(|(path, pinned)| Op::Pin { path, pinned }),
+        1 => (path.clone(), any::<bool>()).prop_map(|(path, pinned)| Op::Pin { path, pinned }),
+        1 => (path, prop::bool::weighted(0.7)).prop_map(|(path, mapped)| Op::Map { path, mapped }),
+        2 => (any::<usize>(), prop::bool::weighted(0.7)).prop_map(|(pick, ok)| Op::FlushDone { pick, ok }),
     ]
 }
 
@@ -113,6 +125,8 @@ struct Model {
     granted: HashMap<BlockId, u32>,
     /// Re-replication copies started and not yet reported: (group, target).
     copies: Vec<(u64, BlockId)>,
+    /// Flush attempts started and not yet reported: (path, token).
+    flushing: Vec<(PoolPath, u64)>,
 }
 
 impl Model {
@@ -120,6 +134,9 @@ impl Model {
         for e in effects {
             if let Effect::Copy { group, target, .. } = e {
                 self.copies.push((*group, target.block));
+            }
+            if let Effect::Flush { path, token, .. } = e {
+                self.flushing.push((path.clone(), *token));
             }
             if let Effect::Revoke { node, blocks } = e {
                 for &(index, epoch) in blocks {
@@ -132,6 +149,21 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Paths mapped to a backing path, and everything below them.
+fn mapped_paths(st: &ControllerState, now: Instant) -> Vec<PoolPath> {
+    let paths = st.status(now).paths;
+    let roots: Vec<&PoolPath> = paths
+        .iter()
+        .filter(|u| u.backing.is_some())
+        .map(|u| &u.path)
+        .collect();
+    paths
+        .iter()
+        .filter(|u| roots.iter().any(|r| u.path.starts_with(r)))
+        .map(|u| u.path.clone())
+        .collect()
 }
 
 fn node_reg(blocks: u64) -> Register {
@@ -152,6 +184,7 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
         lease: Duration::from_secs(10),
         grace: Duration::from_secs(2),
         dead_after: Duration::from_secs(3600),
+        ..StateConfig::default()
     };
     let mut st = ControllerState::new(cfg, SECRET, t0);
     st.enable_journal();
@@ -169,6 +202,7 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
         epochs: HashMap::new(),
         granted: HashMap::new(),
         copies: Vec::new(),
+        flushing: Vec::new(),
     };
     let path = |i: usize| PoolPath::parse(PATHS[i % PATHS.len()]).unwrap();
 
@@ -304,8 +338,54 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Tick { advance_ms } => {
                 now += Duration::from_millis(advance_ms);
+                let mapped = mapped_paths(&st, now);
                 let effects = st.tick(now);
                 model.absorb(&effects)?;
+                // Expiry never removes a mapped path (or anything in its subtree): only
+                // a successful flush or an explicit removal does.
+                let after: HashSet<PoolPath> =
+                    st.status(now).paths.into_iter().map(|u| u.path).collect();
+                for m in mapped {
+                    prop_assert!(after.contains(&m), "mapped path {} expired unflushed", m);
+                }
+            }
+            Op::Map { path: pi, mapped } => {
+                let backing = mapped.then(|| Backing {
+                    url: "/tier".into(),
+                    key: PATHS[pi % PATHS.len()].into(),
+                });
+                match st.map(&path(pi), backing) {
+                    Ok(()) | Err(ControlError::NotFound(_)) => {}
+                    // Nesting is refused.
+                    Err(ControlError::BadRequest(e)) => prop_assert!(e.contains("nest"), "{}", e),
+                    Err(e) => return Err(TestCaseError::fail(format!("map: {e}"))),
+                }
+            }
+            Op::FlushDone { pick, ok } => {
+                if model.flushing.is_empty() {
+                    continue;
+                }
+                let (p, token) = model.flushing.swap_remove(pick % model.flushing.len());
+                let result = if ok {
+                    Ok(1)
+                } else {
+                    Err("tier down".to_string())
+                };
+                let before = st.status(now).paths.into_iter().find(|u| u.path == p);
+                let existed = before.is_some();
+                let expired_before = before.is_some_and(|u| u.lease_remaining_ms <= -2000);
+                let effects = st.flush_done(&p, token, result, now);
+                model.absorb(&effects)?;
+                let exists = st.status(now).paths.iter().any(|u| u.path == p);
+                if exists || !existed {
+                    prop_assert!(effects.is_empty());
+                } else {
+                    prop_assert!(
+                        ok && expired_before,
+                        "{} removed by a failed or unexpired flush",
+                        p
+                    );
+                }
             }
             Op::Heartbeats => {
                 for &n in &ids {
@@ -396,8 +476,21 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
     for pi in 0..PATHS.len() {
         let _ = st.pin(&path(pi), false);
     }
-    now += Duration::from_secs(60);
-    st.tick(now);
+    // Expire everything; flush every mapped path successfully (attempts started during
+    // the run and new ones), then let the paths above them expire too.
+    for _ in 0..3 {
+        now += Duration::from_secs(60);
+        let effects = st.tick(now);
+        model.absorb(&effects)?;
+        for (p, token) in std::mem::take(&mut model.flushing) {
+            let effects = st.flush_done(&p, token, Ok(1), now);
+            model.absorb(&effects)?;
+        }
+        for (n, i, e) in std::mem::take(&mut model.pending) {
+            st.revoked(n, &[(i, e)]);
+        }
+    }
+    prop_assert!(st.status(now).flushes.is_empty());
     let status = st.status(now);
     prop_assert!(status.paths.is_empty());
     prop_assert_eq!(status.used_bytes, 0);

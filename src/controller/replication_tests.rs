@@ -19,6 +19,7 @@ fn cfg() -> StateConfig {
         lease: Duration::from_secs(10),
         grace: Duration::from_secs(2),
         dead_after: Duration::from_millis(1500),
+        ..StateConfig::default()
     }
 }
 

@@ -22,8 +22,8 @@ use super::state::{ControllerState, Effect, Joined};
 use super::store::Store;
 use crate::proto::frame::{encode, read_msg_async, write_msg_async, FrameError};
 use crate::proto::{
-    ControlError, ControllerMsg, Envelope, Hello, NodeMsg, Register, Request, Response, Role,
-    Welcome, PROTOCOL_VERSION,
+    ControlError, ControllerMsg, Envelope, Hello, NodeMsg, PoolPath, Register, Request, Response,
+    Role, Welcome, PROTOCOL_VERSION,
 };
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
@@ -87,6 +87,8 @@ pub(crate) struct Shared {
     copy_tx: mpsc::UnboundedSender<super::copier::CopyJob>,
     /// The receiving end, taken by [`run`].
     copy_rx: Mutex<Option<mpsc::UnboundedReceiver<super::copier::CopyJob>>>,
+    /// Runs flushes of mapped paths; set once the controller's address is known.
+    pub flusher: std::sync::OnceLock<super::flusher::Flusher>,
 }
 
 impl Shared {
@@ -106,6 +108,7 @@ impl Shared {
             stop: watch::channel(false).0,
             sessions: AtomicU64::new(1),
             metrics: Default::default(),
+            flusher: std::sync::OnceLock::new(),
         }
     }
 
@@ -192,6 +195,7 @@ impl Shared {
         if effects.is_empty() {
             return;
         }
+        let mut flushes = Vec::new();
         let mut links = self.links.lock();
         for effect in effects {
             match effect {
@@ -234,8 +238,44 @@ impl Shared {
                         tracing::debug!(group, "copier stopped; re-replication dropped");
                     }
                 }
+                Effect::Flush {
+                    path,
+                    backing,
+                    token,
+                    has_children,
+                } => flushes.push(super::flusher::FlushJob {
+                    path,
+                    backing,
+                    token,
+                    has_children,
+                }),
             }
         }
+        drop(links);
+        for job in flushes {
+            match self.flusher.get() {
+                Some(f) => f.submit(job, self),
+                None => self.flush_result(
+                    &job.path,
+                    job.token,
+                    Err("the controller's flusher is not running".into()),
+                ),
+            }
+        }
+    }
+
+    /// Reports the outcome of a flush attempt to the state machine (from a flush
+    /// thread) and carries out the revocations of a successful one.
+    pub fn flush_result(&self, path: &PoolPath, token: u64, result: Result<u64, String>) {
+        let effects = {
+            let mut state = self.state.lock();
+            let effects = state.flush_done(path, token, result, Instant::now());
+            if !self.persist(&mut state) {
+                return;
+            }
+            effects
+        };
+        self.dispatch(effects, None);
     }
 
     /// Completes the waiters of revocations `node` confirmed.
@@ -1084,6 +1124,12 @@ mod tests {
         let mut c = config(Duration::from_millis(10));
         c.heartbeat = Duration::from_millis(100);
         assert!(Controller::start(c).is_err(), "dead_after below heartbeat");
+        for retry in [Duration::ZERO, super::super::MAX_FLUSH_BACKOFF * 2] {
+            let mut c = config(Duration::from_secs(1));
+            c.flush_retry = retry;
+            let err = Controller::start(c).unwrap_err();
+            assert!(err.to_string().contains("flush_retry"), "{err}");
+        }
         let ctl = Controller::start(config(Duration::from_secs(1))).unwrap();
         let mut c = config(Duration::from_secs(1));
         c.listen = ctl.local_addr().to_string();

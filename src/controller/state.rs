@@ -11,13 +11,17 @@
 //! block is therefore never handed to a new owner while a grant for an older epoch
 //! could still be honoured by its node.
 
+mod flush;
+
+pub use flush::MAX_FLUSH_BACKOFF;
+
 use super::journal::{Record, SnapGroup, SnapPath, Snapshot};
 use super::namespace::{later, Namespace, PathId, Reclaimed, ROOT};
 use super::registry::{Registry, Released};
 use super::replicas::ReplicaTable;
 use crate::proto::{
-    derive_key, BlockGrant, BlockId, ClusterStatus, ControlError, NodeStats, NodeStatus, PathError,
-    Placement, PoolPath, Register, Request, Response, Secret,
+    derive_key, Backing, BlockGrant, BlockId, ClusterStatus, ControlError, NodeStats, NodeStatus,
+    PathError, Placement, PoolPath, Register, Request, Response, Secret,
 };
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -37,6 +41,9 @@ pub struct StateConfig {
     pub grace: Duration,
     /// A live node without a heartbeat for this long is declared dead.
     pub dead_after: Duration,
+    /// Wait before retrying a failed flush of a mapped path; doubles with every
+    /// further failure, up to [`MAX_FLUSH_BACKOFF`].
+    pub flush_retry: Duration,
 }
 
 impl Default for StateConfig {
@@ -45,6 +52,7 @@ impl Default for StateConfig {
             lease: Duration::from_secs(10),
             grace: Duration::from_secs(2),
             dead_after: Duration::from_millis(1500),
+            flush_retry: Duration::from_secs(1),
         }
     }
 }
@@ -76,6 +84,19 @@ pub enum Effect {
         /// The new copy to fill (read-write grant).
         target: Box<BlockGrant>,
     },
+    /// The lease of mapped path `path` ran out: write the object there to `backing`,
+    /// then report with [`ControllerState::flush_done`] and `token`.
+    Flush {
+        /// The object's path.
+        path: PoolPath,
+        /// Where to write it.
+        backing: Backing,
+        /// Names this attempt in [`ControllerState::flush_done`].
+        token: u64,
+        /// Whether paths below `path` own blocks (a raw, non-object path can then not
+        /// be flushed).
+        has_children: bool,
+    },
 }
 
 /// What [`ControllerState::remove`] took away.
@@ -106,6 +127,12 @@ pub struct ControllerState {
     recovery_grace: Option<Instant>,
     /// Metadata changes not yet taken by the I/O layer; `None`: not journaling.
     journal: Option<Vec<Record>>,
+    /// Flushes of mapped paths running or waiting for a retry, by path.
+    flushes: BTreeMap<PoolPath, flush::FlushJob>,
+    /// Names the next flush attempt.
+    next_flush_token: u64,
+    flushes_total: u64,
+    flush_failures_total: u64,
 }
 
 /// What [`ControllerState::join_node`] did.
@@ -158,6 +185,10 @@ impl ControllerState {
             replicas_rebuilt_total: 0,
             recovery_grace: None,
             journal: None,
+            flushes: BTreeMap::new(),
+            next_flush_token: 1,
+            flushes_total: 0,
+            flush_failures_total: 0,
         }
     }
 
@@ -198,6 +229,12 @@ impl ControllerState {
             })
             .collect();
         paths.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        let mut mappings: Vec<(PoolPath, Backing)> = self
+            .ns
+            .iter()
+            .filter_map(|(_, n)| Some((n.path.clone(), n.backing.clone()?)))
+            .collect();
+        mappings.sort_unstable();
         Snapshot {
             next_node_id: self.registry.next_id(),
             nodes: self.registry.iter().map(|n| n.snapshot()).collect(),
@@ -214,6 +251,7 @@ impl ControllerState {
                 })
                 .collect(),
             next_group: self.replicas.next_id(),
+            mappings,
         }
     }
 
@@ -297,6 +335,13 @@ impl ControllerState {
         }
         if let Some(node) = owners.keys().find(|&&n| self.registry.get(n).is_none()) {
             return Err(format!("paths own blocks of unknown node {node}"));
+        }
+        for (path, backing) in &snap.mappings {
+            let id = self
+                .ns
+                .find(path)
+                .ok_or_else(|| format!("mapped path {path} is not in the snapshot"))?;
+            self.ns.set_backing(id, Some(backing.clone()));
         }
         self.registry.bump_next_id(snap.next_node_id);
         let bs = self.registry.block_size().unwrap_or(0);
@@ -393,6 +438,7 @@ impl ControllerState {
                 self.repair_failed(*group, *target);
                 Ok(())
             }
+            Record::Map { path, backing } => self.map(path, backing.clone()).map_err(e),
         }
     }
 
@@ -814,6 +860,7 @@ impl ControllerState {
         self.log(Record::Remove {
             path: path.clone().into_owned(),
         });
+        self.forget_removed_flushes();
         let mut revs = Revocations::default();
         self.release_all(&gone.blocks, &mut revs);
         Ok((
@@ -898,6 +945,8 @@ impl ControllerState {
         for path in std::mem::take(&mut gone.roots) {
             self.log(Record::Remove { path });
         }
+        self.queue_flushes(&gone.flush_due, now);
+        effects.extend(self.start_flushes(now));
         if gone.paths > 0 {
             tracing::info!(
                 paths = gone.paths,
@@ -953,6 +1002,9 @@ impl ControllerState {
             blocks_degraded: self.degraded_blocks(),
             blocks_lost: self.lost_blocks(),
             replicas_rebuilt_total: self.replicas_rebuilt_total,
+            flushes_total: self.flushes_total,
+            flush_failures_total: self.flush_failures_total,
+            flushes: self.flush_status(now),
         }
     }
 
@@ -1005,6 +1057,9 @@ impl ControllerState {
             Request::Status => Ok((Response::Status(Box::new(self.status(now))), vec![])),
             Request::Pin { path, pinned } => {
                 self.pin(&path, pinned).map(|()| (Response::Ok, vec![]))
+            }
+            Request::Map { path, backing } => {
+                self.map(&path, backing).map(|()| (Response::Ok, vec![]))
             }
         };
         r.unwrap_or_else(|e| (Response::Error(e), vec![]))

@@ -38,6 +38,7 @@ fn setup(nodes: &[u64]) -> (ControllerState, Instant, Vec<u32>) {
             lease: Duration::from_secs(10),
             grace: Duration::from_secs(2),
             dead_after: ms(1500),
+            ..StateConfig::default()
         },
         SECRET,
         t0,
@@ -116,7 +117,7 @@ fn usage_is_summed_up_the_tree_and_remove_frees_subtrees() {
         .iter()
         .map(|e| match e {
             Effect::Revoke { blocks, .. } => blocks.len(),
-            Effect::NodeDead { .. } | Effect::Copy { .. } => 0,
+            Effect::NodeDead { .. } | Effect::Copy { .. } | Effect::Flush { .. } => 0,
         })
         .sum();
     assert_eq!(revoked, 3);
@@ -662,6 +663,7 @@ fn recovery_resumes_nodes_by_incarnation() {
         lease: Duration::from_secs(10),
         grace: Duration::from_secs(2),
         dead_after: ms(1500),
+        ..StateConfig::default()
     };
     let mut st = ControllerState::new(cfg, SECRET, t0);
     st.enable_journal();

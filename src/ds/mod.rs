@@ -25,6 +25,7 @@
 mod file;
 mod kv;
 mod log;
+mod mapped;
 mod notify;
 mod object;
 mod persist;
@@ -34,6 +35,7 @@ mod snapshot;
 pub use file::File;
 pub use kv::{Kv, KvConfig, KvRepartitions};
 pub use log::{Log, LogEntry, Scan, MAX_STREAMS};
+pub use mapped::{kind_at, sync_any, ObjectFlags, ObjectKind};
 pub use notify::{
     listen, EventKind, Listener, ListenerConfig, Notification, DEFAULT_REFRESH, EVENT_DATA_MAX,
     MAX_LISTENERS,

@@ -226,6 +226,20 @@ mod tests {
                 .unwrap(),
             ),
             (
+                "map",
+                encode(&Envelope {
+                    id: 4,
+                    body: Request::Map {
+                        path: PoolPath::parse("/job/kv").unwrap(),
+                        backing: Some(crate::proto::Backing {
+                            url: "/var/lib/farpool/tier".into(),
+                            key: "job/kv".into(),
+                        }),
+                    },
+                })
+                .unwrap(),
+            ),
+            (
                 "revoked",
                 encode(&NodeMsg::Revoked(vec![(1, 2), (3, 4)])).unwrap(),
             ),

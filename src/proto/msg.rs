@@ -167,6 +167,47 @@ pub enum Request {
         /// Whether write access is wanted.
         writable: bool,
     },
+    /// Map (or unmap) the object at `path` to a backing path in the persistent tier:
+    /// when its lease runs out, the controller flushes it there before freeing it.
+    Map {
+        /// The object's path (must exist, not the root).
+        path: PoolPath,
+        /// Where to flush it; `None` removes the mapping.
+        backing: Option<Backing>,
+    },
+}
+
+/// A backing path in the persistent tier ([`crate::tier::Tier`]): a tier URL and a key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Backing {
+    /// The tier, as seen by the controller's process: an absolute directory,
+    /// `file:///dir` or `s3://bucket/prefix`.
+    pub url: String,
+    /// The object's key in the tier.
+    pub key: String,
+}
+
+impl std::fmt::Display for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.url, self.key)
+    }
+}
+
+/// A flush of a mapped path that has not succeeded yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushStatus {
+    /// The mapped path.
+    pub path: PoolPath,
+    /// Where it is flushed to.
+    pub backing: Backing,
+    /// Attempts that failed so far.
+    pub failures: u32,
+    /// Why the last attempt failed, if one did.
+    pub last_error: Option<String>,
+    /// Whether an attempt is running now.
+    pub in_flight: bool,
+    /// Milliseconds until the next attempt (0 while one runs or is due).
+    pub retry_in_ms: u64,
 }
 
 /// Controller responses.
@@ -305,6 +346,9 @@ pub struct PathUsage {
     pub lease_remaining_ms: i64,
     /// Pinned: never reclaimed by lease expiry.
     pub pinned: bool,
+    /// Mapped: flushed to this backing path when the lease runs out, then freed.
+    #[serde(default)]
+    pub backing: Option<Backing>,
 }
 
 /// Cluster-wide status.
@@ -333,6 +377,15 @@ pub struct ClusterStatus {
     pub blocks_lost: u64,
     /// Copies re-created by re-replication since start.
     pub replicas_rebuilt_total: u64,
+    /// Mapped paths flushed to their backing path and freed since start.
+    #[serde(default)]
+    pub flushes_total: u64,
+    /// Flush attempts that failed since start (each is retried with backoff).
+    #[serde(default)]
+    pub flush_failures_total: u64,
+    /// Flushes that are running, or failed and wait for a retry.
+    #[serde(default)]
+    pub flushes: Vec<FlushStatus>,
 }
 
 /// Why a control request failed. Each variant says what to do about it.
