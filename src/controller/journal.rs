@@ -136,6 +136,33 @@ pub enum Record {
         /// Pinned or not.
         pinned: bool,
     },
+    /// A fenced lock on a path was granted (see `controller::fence`).
+    Fenced {
+        /// The path locked.
+        path: PoolPath,
+        /// Its token (larger than every earlier grant's).
+        token: u64,
+        /// Time to live in milliseconds (re-armed from recovery).
+        ttl_ms: u64,
+    },
+    /// A fenced lock was released by its holder.
+    Unfenced {
+        /// The path.
+        path: PoolPath,
+        /// The token released.
+        token: u64,
+    },
+}
+
+/// One held fenced lock in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapFence {
+    /// The path locked.
+    pub path: PoolPath,
+    /// The holder's token.
+    pub token: u64,
+    /// Its time to live in milliseconds.
+    pub ttl_ms: u64,
 }
 
 /// State of one block in a snapshot.
@@ -185,6 +212,19 @@ pub struct Snapshot {
     /// Paths (root included when it has a quota) in path order, so parents come
     /// before children.
     pub paths: Vec<SnapPath>,
+    /// Token the next fenced lock gets (added after the first format: a snapshot
+    /// without it decodes with 1 here and no fences).
+    pub next_fence: u64,
+    /// Fenced locks held, in path order.
+    pub fences: Vec<SnapFence>,
+}
+
+/// A snapshot as written before fenced locks existed (a prefix of [`Snapshot`]).
+#[derive(Deserialize)]
+struct SnapshotV1 {
+    next_node_id: u32,
+    nodes: Vec<SnapNode>,
+    paths: Vec<SnapPath>,
 }
 
 /// Why log or snapshot bytes could not be decoded.
@@ -387,7 +427,18 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, FormatError> {
     };
     match read_frame(bytes, at, MAX_SNAPSHOT) {
         Frame::Intact { payload, next } if next == bytes.len() => {
-            decode_payload(payload, MAX_SNAPSHOT).map_err(corrupt)
+            decode_payload(payload, MAX_SNAPSHOT).or_else(|e| {
+                // A snapshot from before fenced locks: the same fields, fewer of them.
+                decode_payload::<SnapshotV1>(payload, MAX_SNAPSHOT)
+                    .map(|v1| Snapshot {
+                        next_node_id: v1.next_node_id,
+                        nodes: v1.nodes,
+                        paths: v1.paths,
+                        next_fence: 1,
+                        fences: Vec::new(),
+                    })
+                    .map_err(|_| corrupt(e))
+            })
         }
         Frame::Intact { .. } => Err(corrupt("trailing bytes after the snapshot".into())),
         Frame::Incomplete => Err(corrupt("truncated".into())),
@@ -439,6 +490,15 @@ mod tests {
             Record::Pin {
                 path: p("/job"),
                 pinned: true,
+            },
+            Record::Fenced {
+                path: p("/job/kv"),
+                token: 7,
+                ttl_ms: 2000,
+            },
+            Record::Unfenced {
+                path: p("/job/kv"),
+                token: 7,
             },
         ]
     }
@@ -567,9 +627,37 @@ mod tests {
                 blocks: vec![BlockId { node: 2, index: 0 }],
                 pinned: true,
             }],
+            next_fence: 9,
+            fences: vec![SnapFence {
+                path: p("/j/kv"),
+                token: 8,
+                ttl_ms: 2000,
+            }],
         };
         let bytes = encode_snapshot(&snap).unwrap();
         assert_eq!(decode_snapshot(&bytes).unwrap(), snap);
+        // A snapshot written before fenced locks existed still decodes.
+        #[derive(Serialize)]
+        struct V1<'a> {
+            next_node_id: u32,
+            nodes: &'a [SnapNode],
+            paths: &'a [SnapPath],
+        }
+        let mut old = SNAPSHOT_MAGIC.to_vec();
+        old.extend(
+            encode_frame(
+                &V1 {
+                    next_node_id: snap.next_node_id,
+                    nodes: &snap.nodes,
+                    paths: &snap.paths,
+                },
+                MAX_SNAPSHOT,
+            )
+            .unwrap(),
+        );
+        let v1 = decode_snapshot(&old).unwrap();
+        assert_eq!((v1.next_fence, v1.fences.len()), (1, 0));
+        assert_eq!((v1.nodes, v1.paths), (snap.nodes.clone(), snap.paths.clone()));
         for cut in 0..bytes.len() {
             assert!(decode_snapshot(&bytes[..cut]).is_err(), "cut {cut}");
         }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Request kinds, in the order of the counters below.
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 10] = [
     "open",
     "alloc",
     "free",
@@ -19,6 +19,7 @@ const KINDS: [&str; 9] = [
     "set_quota",
     "status",
     "pin",
+    "fence",
 ];
 
 /// The metric name of a request's kind (an index into [`KINDS`]).
@@ -33,6 +34,9 @@ pub(crate) fn kind_of(req: &Request) -> usize {
         Request::SetQuota { .. } => 6,
         Request::Status => 7,
         Request::Pin { .. } => 8,
+        Request::FenceAcquire { .. }
+        | Request::FenceRenew { .. }
+        | Request::FenceRelease { .. } => 9,
     }
 }
 

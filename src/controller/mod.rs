@@ -42,6 +42,7 @@
 //! re-register with the same incarnation, which resumes them with their blocks (see
 //! [`ControllerState::join_node`]); clients reconnect by themselves.
 
+mod fence;
 pub mod journal;
 mod metrics;
 mod namespace;

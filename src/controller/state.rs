@@ -11,6 +11,7 @@
 //! block is therefore never handed to a new owner while a grant for an older epoch
 //! could still be honoured by its node.
 
+use super::fence::Fences;
 use super::journal::{Record, SnapPath, Snapshot};
 use super::namespace::{later, Namespace, PathId, Reclaimed, ROOT};
 use super::registry::{Registry, Released};
@@ -83,6 +84,8 @@ pub struct ControllerState {
     blocks_allocated_total: u64,
     blocks_freed_total: u64,
     blocks_expired_total: u64,
+    /// Fenced locks.
+    fences: Fences,
     /// Metadata changes not yet taken by the I/O layer; `None`: not journaling.
     journal: Option<Vec<Record>>,
 }
@@ -133,6 +136,7 @@ impl ControllerState {
             blocks_allocated_total: 0,
             blocks_freed_total: 0,
             blocks_expired_total: 0,
+            fences: Fences::new(),
             journal: None,
         }
     }
@@ -178,6 +182,8 @@ impl ControllerState {
             next_node_id: self.registry.next_id(),
             nodes: self.registry.iter().map(|n| n.snapshot()).collect(),
             paths,
+            next_fence: self.fences.next_token(),
+            fences: self.fences.snapshot(),
         }
     }
 
@@ -260,6 +266,7 @@ impl ControllerState {
             return Err(format!("paths own blocks of unknown node {node}"));
         }
         self.registry.bump_next_id(snap.next_node_id);
+        self.fences.restore(snap.next_fence, &snap.fences, now);
         let bs = self.registry.block_size().unwrap_or(0);
         for (p, id) in snap.paths.iter().zip(ids) {
             self.ns.add_blocks(id, &p.blocks, bs);
@@ -320,6 +327,19 @@ impl ControllerState {
                 Ok(())
             }
             Record::Pin { path, pinned } => self.pin(path, *pinned).map_err(e),
+            Record::Fenced {
+                path,
+                token,
+                ttl_ms,
+            } => {
+                let ttl = Duration::from_millis(*ttl_ms).min(super::fence::MAX_FENCE_TTL);
+                self.fences.grant(path, *token, ttl, now);
+                Ok(())
+            }
+            Record::Unfenced { path, token } => {
+                self.fences.release(path, *token);
+                Ok(())
+            }
         }
     }
 
@@ -743,6 +763,34 @@ impl ControllerState {
         Ok(())
     }
 
+    // ----- fenced locks -------------------------------------------------------------
+
+    /// Grants the fenced lock on `path` (see [`super::fence`]); journaled.
+    pub fn fence_acquire(
+        &mut self,
+        path: &PoolPath,
+        ttl_ms: u64,
+        now: Instant,
+    ) -> Result<u64, ControlError> {
+        let path = canonical(path)?.into_owned();
+        let token = self.fences.acquire(&path, ttl_ms, now)?;
+        self.log(Record::Fenced {
+            path,
+            token,
+            ttl_ms,
+        });
+        Ok(token)
+    }
+
+    /// Releases the fenced lock on `path` held under `token`; journaled when it was.
+    pub fn fence_release(&mut self, path: &PoolPath, token: u64) -> Result<(), ControlError> {
+        let path = canonical(path)?.into_owned();
+        if self.fences.release(&path, token) {
+            self.log(Record::Unfenced { path, token });
+        }
+        Ok(())
+    }
+
     // ----- time ---------------------------------------------------------------------
 
     /// Periodic work: declares nodes without heartbeats dead and reclaims expired paths.
@@ -758,6 +806,7 @@ impl ControllerState {
             tracing::info!(node, "dead memory node holds no blocks; dropped");
             self.log(Record::NodeDropped { id: node });
         }
+        self.fences.expire(now);
         let mut gone = Reclaimed::default();
         self.ns.expire(now, self.cfg.grace, &mut gone);
         for path in std::mem::take(&mut gone.roots) {
@@ -852,6 +901,19 @@ impl ControllerState {
             Request::Pin { path, pinned } => {
                 self.pin(&path, pinned).map(|()| (Response::Ok, vec![]))
             }
+            Request::FenceAcquire { path, ttl_ms } => self
+                .fence_acquire(&path, ttl_ms, now)
+                .map(|token| (Response::Fence { token }, vec![])),
+            Request::FenceRenew {
+                path,
+                token,
+                ttl_ms,
+            } => canonical(&path)
+                .and_then(|p| self.fences.renew(&p, token, ttl_ms, now))
+                .map(|()| (Response::Fence { token }, vec![])),
+            Request::FenceRelease { path, token } => self
+                .fence_release(&path, token)
+                .map(|()| (Response::Ok, vec![])),
         };
         r.unwrap_or_else(|e| (Response::Error(e), vec![]))
     }

@@ -53,6 +53,10 @@ pub enum DsError {
     /// A path is malformed.
     #[error(transparent)]
     Path(#[from] PathError),
+    /// A test armed a fault that stopped the operation as a crash would (see
+    /// [`kv::FaultPoint`]); never returned otherwise.
+    #[error("fault injected at {0}: the operation stopped as if its client had crashed")]
+    FaultInjected(String),
     /// Nothing (or nothing finished) lives at the path.
     #[error(
         "no {kind} at '{path}'; create it first (File::create, Queue::create) or check the path"

@@ -138,6 +138,31 @@ pub enum Request {
         /// `true` pins, `false` unpins (the lease applies again from then on).
         pinned: bool,
     },
+    /// Take the fenced lock on `path` (answered with [`Response::Fence`], or
+    /// [`ControlError::FenceHeld`] while another holder renews it).
+    FenceAcquire {
+        /// The path to lock (it need not exist).
+        path: PoolPath,
+        /// Time to live in milliseconds; renew within it to keep the lock.
+        ttl_ms: u64,
+    },
+    /// Extend the fenced lock held under `token` ([`ControlError::FenceLost`] when it
+    /// was taken over or released).
+    FenceRenew {
+        /// The path locked.
+        path: PoolPath,
+        /// The holder's token.
+        token: u64,
+        /// New time to live in milliseconds, from now.
+        ttl_ms: u64,
+    },
+    /// Release the fenced lock held under `token` (no-op when it is not held so).
+    FenceRelease {
+        /// The path locked.
+        path: PoolPath,
+        /// The holder's token.
+        token: u64,
+    },
 }
 
 /// Controller responses.
@@ -161,6 +186,11 @@ pub enum Response {
     },
     /// Cluster status.
     Status(Box<ClusterStatus>),
+    /// A fenced lock was granted.
+    Fence {
+        /// The token: larger than that of every earlier grant.
+        token: u64,
+    },
     /// The request failed.
     Error(ControlError),
 }
@@ -355,4 +385,20 @@ pub enum ControlError {
     /// The request was not valid in this state.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// Another client holds the fenced lock.
+    #[error("the fenced lock on '{path}' is held by another client; retry in {retry_ms} ms (it expires then unless renewed)")]
+    FenceHeld {
+        /// The path locked.
+        path: PoolPath,
+        /// Milliseconds until it expires unless renewed.
+        retry_ms: u64,
+    },
+    /// The fenced lock is no longer held under this token.
+    #[error("the fenced lock on '{path}' under token {token} expired and was taken over or released; stop the work it guarded")]
+    FenceLost {
+        /// The path locked.
+        path: PoolPath,
+        /// The token that lost it.
+        token: u64,
+    },
 }
