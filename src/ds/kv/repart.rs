@@ -258,6 +258,31 @@ impl Kv {
         }
     }
 
+    /// Finishes a repartitioning left in progress by a client that died (once its
+    /// fence expires) and waits for one in progress to be published. Operations do
+    /// this on their own when they need the moving partitions; this is for tools and
+    /// tests that want the table settled. Bounded by the repartitioning wait (10 s).
+    pub fn settle(&self) -> Result<(), DsError> {
+        let deadline = Instant::now() + REPARTITION_WAIT;
+        loop {
+            let root = Root::decode(self.map_block.faa(ROOT, 0)?);
+            if root.is_some_and(|r| !r.busy) {
+                return self.reload();
+            }
+            if Instant::now() > deadline {
+                return Err(self.stuck());
+            }
+            let want = if root.is_none() {
+                Want::Init
+            } else {
+                Want::Recover
+            };
+            if self.repartition(want)? != Ran::Published {
+                std::thread::sleep(RECOVER_EVERY);
+            }
+        }
+    }
+
     // ----- runs ---------------------------------------------------------------------
 
     /// Splits the partition at `route` in two, or compacts it when its live records
