@@ -8,6 +8,7 @@ mod root;
 mod scan;
 
 pub use repart::{FaultAction, FaultPoint};
+pub use root::fuzz_intent;
 
 use super::notify::{EventKind, Publisher};
 use super::object::{Entry, Object};
