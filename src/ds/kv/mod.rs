@@ -402,16 +402,6 @@ impl Kv {
         self.notify.set_refresh(refresh);
     }
 
-    /// Upserts every pair, in order.
-    pub fn upsert_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
-        &self,
-        pairs: &[(K, V)],
-    ) -> Result<(), DsError> {
-        pairs
-            .iter()
-            .try_for_each(|(k, v)| self.upsert(k.as_ref(), v.as_ref()))
-    }
-
     /// A write, then (when it changed the table) its Put event.
     fn write(&self, key: &[u8], value: &[u8], mode: Mode) -> Result<Wrote, DsError> {
         let h = hash(key);
