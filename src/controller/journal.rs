@@ -657,7 +657,10 @@ mod tests {
         );
         let v1 = decode_snapshot(&old).unwrap();
         assert_eq!((v1.next_fence, v1.fences.len()), (1, 0));
-        assert_eq!((v1.nodes, v1.paths), (snap.nodes.clone(), snap.paths.clone()));
+        assert_eq!(
+            (v1.nodes, v1.paths),
+            (snap.nodes.clone(), snap.paths.clone())
+        );
         for cut in 0..bytes.len() {
             assert!(decode_snapshot(&bytes[..cut]).is_err(), "cut {cut}");
         }

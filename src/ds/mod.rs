@@ -32,7 +32,9 @@ mod queue;
 mod snapshot;
 
 pub use file::File;
-pub use kv::{fuzz_intent as fuzz_kv_intent, FaultAction, FaultPoint, Kv, KvConfig, KvRepartitions};
+pub use kv::{
+    fuzz_intent as fuzz_kv_intent, FaultAction, FaultPoint, Kv, KvConfig, KvRepartitions,
+};
 pub use log::{Log, LogEntry, Scan, MAX_STREAMS};
 pub use notify::{
     listen, EventKind, Listener, ListenerConfig, Notification, DEFAULT_REFRESH, EVENT_DATA_MAX,

@@ -307,7 +307,8 @@ impl Kv {
             match p.spot {
                 Some((_, _, inserted)) => {
                     done.push(p.at);
-                    self.notify.publish(EventKind::Put, pairs[p.at].0.as_ref())?;
+                    self.notify
+                        .publish(EventKind::Put, pairs[p.at].0.as_ref())?;
                     if inserted && pair[1].is_some_and(|c| c + 1 >= self.split_at) {
                         if let Ok(route) = self.route(p.h) {
                             if route.child == p.child && !splits.contains(&route) {
@@ -340,8 +341,8 @@ impl Kv {
             }
             BlockHandle::execute_many(&handles, &mut ops)?;
             for (i, o) in ops.iter().enumerate() {
-                if o.outcome().is_err() {
-                    return Err(self.corrupt(format!("bucket read {i} of a batch failed")));
+                if let Err(e) = o.outcome() {
+                    return Err(self.corrupt(format!("bucket read {i} of a batch failed: {e}")));
                 }
             }
         }
@@ -382,9 +383,8 @@ impl Kv {
                     }
                     Decoded::Record(_) => {}
                     Decoded::Bad => {
-                        return Err(self.corrupt(
-                            "a record fails its checksum under its bucket's lock".into(),
-                        ))
+                        return Err(self
+                            .corrupt("a record fails its checksum under its bucket's lock".into()))
                     }
                 }
             }

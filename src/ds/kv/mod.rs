@@ -18,8 +18,7 @@ use crate::proto::PoolPath;
 use bucket::{Bucket, BUCKET_BYTES, FROZEN, LOCKED, SLOTS, SLOTS_AT, UNLOCKED};
 use parking_lot::{Mutex, RwLock};
 use record::{
-    decode, encode, value_name, value_sum, Decoded, Record, Value, REC_HEADER,
-    REMOTE_REF,
+    decode, encode, value_name, value_sum, Decoded, Record, Value, REC_HEADER, REMOTE_REF,
 };
 use siphasher::sip::SipHasher13;
 use std::collections::HashMap;

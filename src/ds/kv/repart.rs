@@ -386,10 +386,7 @@ impl Kv {
         }
         let dir = n;
         let intent = Intent {
-            new: [
-                n + 1,
-                if plan.kind == Kind::Init { 0 } else { n + 2 },
-            ],
+            new: [n + 1, if plan.kind == Kind::Init { 0 } else { n + 2 }],
             ..plan
         };
         let dblock = self.link_new(dir)?;
@@ -541,12 +538,14 @@ impl Kv {
                 {
                     return Ok(None); // the buddy is split further, or the map changed
                 }
-                let (Some(p), Some(q)) = (self.partition(route.child)?, self.partition(buddy >> 8)?)
+                let (Some(p), Some(q)) =
+                    (self.partition(route.child)?, self.partition(buddy >> 8)?)
                 else {
                     return Ok(None);
                 };
                 let total = p.faa(COUNT, 0)?.wrapping_add(q.faa(COUNT, 0)?);
-                (total <= self.merge_at).then(|| intent(Kind::Merge, route, [route.child, buddy >> 8]))
+                (total <= self.merge_at)
+                    .then(|| intent(Kind::Merge, route, [route.child, buddy >> 8]))
             }
         })
     }
