@@ -283,10 +283,7 @@ impl Kv {
         let result = self.upsert_locked(pairs, &mut held);
         // 6. Unlock every bucket held, adding inserted keys to the partition counts.
         let unlocked = {
-            let handles: Vec<&BlockHandle> = held
-                .iter()
-                .flat_map(|p| std::iter::repeat_n(&p.part, 2))
-                .collect();
+            let handles: Vec<&BlockHandle> = held.iter().flat_map(|p| [&p.part, &p.part]).collect();
             let mut ops = Vec::with_capacity(2 * held.len());
             for p in &held {
                 let inserted = matches!(p.spot, Some((_, _, true))) && result.is_ok();
