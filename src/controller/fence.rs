@@ -133,10 +133,19 @@ impl Fences {
         }
     }
 
-    /// Forgets locks that expired before `now` (not journaled: a replay re-arms them,
-    /// which only delays the next grant by one TTL).
-    pub fn expire(&mut self, now: Instant) {
-        self.held.retain(|_, h| h.expires > now);
+    /// Forgets locks that expired before `now`; returns them (path, token) for the
+    /// journal.
+    pub fn expire(&mut self, now: Instant) -> Vec<(PoolPath, u64)> {
+        let gone: Vec<(PoolPath, u64)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.expires <= now)
+            .map(|(p, h)| (p.clone(), h.token))
+            .collect();
+        for (p, _) in &gone {
+            self.held.remove(p);
+        }
+        gone
     }
 
     /// The token the next grant gets.

@@ -145,7 +145,7 @@ pub enum Record {
         /// Time to live in milliseconds (re-armed from recovery).
         ttl_ms: u64,
     },
-    /// A fenced lock was released by its holder.
+    /// A fenced lock was released by its holder (or dropped after it expired).
     Unfenced {
         /// The path.
         path: PoolPath,

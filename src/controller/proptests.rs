@@ -62,6 +62,13 @@ enum Op {
         path: usize,
         blocks: Option<u64>,
     },
+    Fence {
+        path: usize,
+        ttl_ms: u64,
+    },
+    Unfence {
+        path: usize,
+    },
     Pin {
         path: usize,
         pinned: bool,
@@ -87,7 +94,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..3).prop_map(|node| Op::Lose { node }),
         1 => (0usize..3).prop_map(|node| Op::Resume { node }),
         1 => (path.clone(), prop::option::of(0u64..12)).prop_map(|(path, blocks)| Op::Quota { path, blocks }),
-        1 => (path, any::<bool>()).prop_map(|(path, pinned)| Op::Pin { path, pinned }),
+        1 => (path.clone(), any::<bool>()).prop_map(|(path, pinned)| Op::Pin { path, pinned }),
+        1 => (path.clone(), 1u64..6000).prop_map(|(path, ttl_ms)| Op::Fence { path, ttl_ms }),
+        1 => path.prop_map(|path| Op::Unfence { path }),
     ]
 }
 
@@ -99,6 +108,10 @@ struct Model {
     epochs: HashMap<BlockId, u32>,
     /// Epoch of the latest grant per block.
     granted: HashMap<BlockId, u32>,
+    /// Largest fence token granted.
+    last_fence: u64,
+    /// Latest fence token per path index.
+    fences: HashMap<usize, u64>,
 }
 
 impl Model {
@@ -151,6 +164,8 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
         pending: Vec::new(),
         epochs: HashMap::new(),
         granted: HashMap::new(),
+        last_fence: 0,
+        fences: HashMap::new(),
     };
     let path = |i: usize| PoolPath::parse(PATHS[i % PATHS.len()]).unwrap();
 
@@ -283,6 +298,21 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                             }
                         }
                     }
+                }
+            }
+            Op::Fence { path: pi, ttl_ms } => match st.fence_acquire(&path(pi), ttl_ms, now) {
+                Ok(token) => {
+                    prop_assert!(token > model.last_fence, "fence token reused");
+                    model.last_fence = token;
+                    model.fences.insert(pi % PATHS.len(), token);
+                }
+                Err(ControlError::FenceHeld { .. }) => {}
+                Err(e) => return Err(TestCaseError::fail(format!("fence: {e}"))),
+            },
+            Op::Unfence { path: pi } => {
+                if let Some(token) = model.fences.remove(&(pi % PATHS.len())) {
+                    st.fence_release(&path(pi), token)
+                        .map_err(|e| TestCaseError::fail(format!("unfence: {e}")))?;
                 }
             }
             Op::Pin { path: pi, pinned } => match st.pin(&path(pi), pinned) {

@@ -806,7 +806,9 @@ impl ControllerState {
             tracing::info!(node, "dead memory node holds no blocks; dropped");
             self.log(Record::NodeDropped { id: node });
         }
-        self.fences.expire(now);
+        for (path, token) in self.fences.expire(now) {
+            self.log(Record::Unfenced { path, token });
+        }
         let mut gone = Reclaimed::default();
         self.ns.expire(now, self.cfg.grace, &mut gone);
         for path in std::mem::take(&mut gone.roots) {
