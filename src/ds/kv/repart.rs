@@ -299,13 +299,23 @@ impl Kv {
         if route.depth == 0 {
             return Ok(());
         }
-        // Cheap checks on the cached map first: most removes do not merge.
-        {
+        // Cheap checks on the cached map and the key counts first (no controller
+        // call): most removes do not merge.
+        let buddy = {
             let map = self.map.read();
             let theirs = self.range(route.depth, route.prefix ^ 1);
-            let buddy = map.entries.get(theirs.start).copied().unwrap_or(0);
-            if (buddy & 0xFF) as u32 != route.depth || buddy >> 8 == route.child {
-                return Ok(());
+            map.entries.get(theirs.start).copied().unwrap_or(0)
+        };
+        if (buddy & 0xFF) as u32 != route.depth || buddy >> 8 == route.child {
+            return Ok(());
+        }
+        if let (Some(p), Some(q)) = (self.partition(route.child)?, self.partition(buddy >> 8)?) {
+            match (p.faa(COUNT, 0), q.faa(COUNT, 0)) {
+                (Ok(a), Ok(b)) if a.wrapping_add(b) > self.merge_at => return Ok(()),
+                // Moved meanwhile: the next remove looks again.
+                (Err(e), _) | (_, Err(e)) if is_stale(&e) => return Ok(()),
+                (Err(e), _) | (_, Err(e)) => return Err(e.into()),
+                _ => {}
             }
         }
         match self.repartition(Want::Merge(route))? {
