@@ -288,9 +288,22 @@ impl Kv {
     /// Splits the partition at `route` in two, or compacts it when its live records
     /// use little of it (if it still is what `route` says).
     pub(super) fn split(&self, route: Route) -> Result<(), DsError> {
-        match self.repartition(Want::Split(route))? {
-            Ran::Busy => self.reload_after(route.version),
-            _ => self.reload(),
+        let deadline = Instant::now() + REPARTITION_WAIT;
+        loop {
+            if self.repartition(Want::Split(route))? != Ran::Busy {
+                return self.reload();
+            }
+            // Another client holds the fence, maybe for a run elsewhere that publishes
+            // nothing: ask again until the map moves (then the caller routes anew) or
+            // the fence is ours (which also takes over from a dead holder). Bounded.
+            self.reload()?;
+            if self.map.read().version != route.version {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.stuck());
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
