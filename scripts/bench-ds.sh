@@ -52,6 +52,7 @@ run() { # workload op depth
 run kv get 1
 run kv put 1
 run kv get 16
+run kv put 16
 run queue enqueue 1
 run queue dequeue 1
 run file read 1

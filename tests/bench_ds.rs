@@ -85,16 +85,40 @@ fn queue_verify_and_a_structure_measurement() {
     assert_eq!(v["errors"], 0, "{out}");
     assert!(v["ops"].as_u64().is_some_and(|n| n > 0), "{out}");
 
-    // Only kv get is batched (Kv::get_many); other structure operations refuse a depth.
+    // Only kv get and put are batched (Kv::get_many, Kv::upsert_many); other structure
+    // operations refuse a depth.
     let (ok, _, err) = farpool(&[
         "bench",
-        "kv",
+        "queue",
         "--op",
-        "put",
+        "enqueue",
         "--depth",
         "8",
         "--no-progress",
     ]);
     assert!(!ok);
     assert!(err.contains("--depth 1"), "{err}");
+    // kv put at depth 8 runs pipelined upsert_many batches without errors.
+    let (ok, out, err) = farpool(&[
+        "bench",
+        "kv",
+        "--op",
+        "put",
+        "--depth",
+        "8",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0",
+        "--json",
+        "--no-progress",
+    ]);
+    assert!(ok, "stdout: {out}\nstderr: {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON record");
+    assert_eq!(
+        (v["op"].as_str(), v["depth"].as_u64()),
+        (Some("put"), Some(8))
+    );
+    assert_eq!(v["errors"], 0, "{out}");
+    assert!(v["ops"].as_u64().is_some_and(|n| n > 0), "{out}");
 }

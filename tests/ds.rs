@@ -572,8 +572,9 @@ fn kv_partitions_split_as_it_grows_and_merge_as_it_shrinks() {
     }
     let grown = kv.partitions().unwrap();
     assert!(grown >= 8, "{grown} partitions for {N} keys");
-    // Meta block, map block, one block per partition: replaced ones were freed.
-    assert_eq!(subtree_blocks(&client, "/j/kvgrow/t"), 2 + grown as u64);
+    // Meta block, map block, directory block, one block per partition: replaced
+    // partitions and directories were freed.
+    assert_eq!(subtree_blocks(&client, "/j/kvgrow/t"), 3 + grown as u64);
     let other = Kv::open(&pool.client().unwrap(), "/j/kvgrow/t").unwrap();
     for i in 0..N {
         assert_eq!(
@@ -587,7 +588,7 @@ fn kv_partitions_split_as_it_grows_and_merge_as_it_shrinks() {
     }
     let shrunk = kv.partitions().unwrap();
     assert!(shrunk < grown / 2, "{shrunk} partitions left of {grown}");
-    assert_eq!(subtree_blocks(&client, "/j/kvgrow/t"), 2 + shrunk as u64);
+    assert_eq!(subtree_blocks(&client, "/j/kvgrow/t"), 3 + shrunk as u64);
     for i in 0..N {
         let want = (i >= N - 10).then(|| format!("value-{i}").into_bytes());
         assert_eq!(kv.get(&key(i)).unwrap(), want, "key {i}");
@@ -951,7 +952,8 @@ fn kv_compacts_a_partition_full_of_replaced_values_instead_of_splitting() {
     for i in 0..4 {
         assert_eq!(kv.get(&key(i)).unwrap(), Some(vec![199u8; 300]));
     }
-    assert_eq!(subtree_blocks(&client, "/j/kvcompact/t"), 3);
+    // Meta, map, directory and the one partition.
+    assert_eq!(subtree_blocks(&client, "/j/kvcompact/t"), 4);
     task.close().unwrap();
 }
 

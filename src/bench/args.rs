@@ -455,10 +455,10 @@ impl Plan {
                 names.join(", ")
             )));
         }
-        let batched = workload == Workload::Kv && op == BenchOp::Get;
+        let batched = workload == Workload::Kv && matches!(op, BenchOp::Get | BenchOp::Put);
         if workload.is_structure() && args.depth != 1 && !batched {
             return Err(BenchError::Args(format!(
-                "the {workload} benchmark with --op {op} issues one operation at a time per client (only kv get has a batched API, Kv::get_many); use --depth 1 and more --clients"
+                "the {workload} benchmark with --op {op} issues one operation at a time per client (only kv get and put have batched APIs, Kv::get_many and Kv::upsert_many); use --depth 1 and more --clients"
             )));
         }
         if args.verify && !matches!(workload, Workload::Kv | Workload::Queue) {
@@ -733,7 +733,6 @@ mod tests {
             &["queue", "--op", "get"],
             &["--op", "get"],
             &["log", "--op", "read"],
-            &["kv", "--op", "put", "--depth", "4"],
             &["queue", "--depth", "4"],
             &["file", "--verify"],
             &["raw", "--verify"],
@@ -742,8 +741,11 @@ mod tests {
             let err = Plan::from_args(&parse(bad)).unwrap_err();
             assert!(matches!(err, BenchError::Args(_)), "{bad:?}: {err}");
         }
-        let err = Plan::from_args(&parse(&["kv", "--op", "put", "--depth", "4"])).unwrap_err();
+        let err = Plan::from_args(&parse(&["queue", "--depth", "4"])).unwrap_err();
         assert!(err.to_string().contains("--depth 1"), "{err}");
+        // kv put is batched too (Kv::upsert_many).
+        let p = Plan::from_args(&parse(&["kv", "--op", "put", "--depth", "8"])).unwrap();
+        assert_eq!((p.op, p.depth), (BenchOp::Put, 8));
         // kv get is batched (Kv::get_many).
         let p = Plan::from_args(&parse(&["kv", "--depth", "16"])).unwrap();
         assert_eq!((p.op, p.depth), (BenchOp::Get, 16));

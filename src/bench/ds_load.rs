@@ -305,6 +305,23 @@ impl Connection for DsConn {
             outcome.latency = Some(started.elapsed());
             return Ok(outcome);
         }
+        if let (Some(Handle::Kv(kv)), BenchOp::Put, true) = (&self.handle, self.op, slots.len() > 1)
+        {
+            // One pipelined Kv::upsert_many per batch (the Redis peer pipelines SETs).
+            let started = Instant::now();
+            let pairs: Vec<(&Vec<u8>, &Vec<u8>)> = slots
+                .iter()
+                .filter_map(|&s| self.keys.get(s))
+                .map(|k| (k, &self.value))
+                .collect();
+            if let Err(e) = kv.upsert_many(&pairs) {
+                for _ in slots {
+                    outcome.fail(|| format!("upsert_many: {e}"));
+                }
+            }
+            outcome.latency = Some(started.elapsed());
+            return Ok(outcome);
+        }
         let mut timed = Duration::ZERO;
         let started = Instant::now();
         for &s in slots {

@@ -175,6 +175,22 @@ pub enum Record {
         /// Where it is flushed at lease expiry; `None`: unmapped.
         backing: Option<Backing>,
     },
+    /// A fenced lock on a path was granted (see `controller::fence`).
+    Fenced {
+        /// The path locked.
+        path: PoolPath,
+        /// Its token (larger than every earlier grant's).
+        token: u64,
+        /// Time to live in milliseconds (re-armed from recovery).
+        ttl_ms: u64,
+    },
+    /// A fenced lock was released by its holder (or dropped after it expired).
+    Unfenced {
+        /// The path.
+        path: PoolPath,
+        /// The token released.
+        token: u64,
+    },
 }
 
 /// One replica group in a snapshot.
@@ -190,6 +206,17 @@ pub struct SnapGroup {
     pub members: Vec<BlockId>,
     /// Copy being filled by re-replication.
     pub pending: Option<BlockId>,
+}
+
+/// One held fenced lock in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapFence {
+    /// The path locked.
+    pub path: PoolPath,
+    /// The holder's token.
+    pub token: u64,
+    /// Its time to live in milliseconds.
+    pub ttl_ms: u64,
 }
 
 /// State of one block in a snapshot.
@@ -245,10 +272,14 @@ pub struct Snapshot {
     pub next_group: u64,
     /// Mapped paths with their backing paths, in path order.
     pub mappings: Vec<(PoolPath, Backing)>,
+    /// Token the next fenced lock gets.
+    pub next_fence: u64,
+    /// Fenced locks held, in path order.
+    pub fences: Vec<SnapFence>,
 }
 
-/// A snapshot in format 1 ([`SNAPSHOT_MAGIC_V1`]), written before replica groups and
-/// mappings existed: decoded with none of either.
+/// A snapshot in format 1 ([`SNAPSHOT_MAGIC_V1`]), written before replica groups,
+/// mappings and fenced locks existed: decoded with none of them.
 #[derive(Deserialize)]
 struct SnapshotV1 {
     next_node_id: u32,
@@ -265,6 +296,8 @@ impl From<SnapshotV1> for Snapshot {
             groups: Vec::new(),
             next_group: 1,
             mappings: Vec::new(),
+            next_fence: 1,
+            fences: Vec::new(),
         }
     }
 }
@@ -538,6 +571,15 @@ mod tests {
                 path: p("/job"),
                 backing: None,
             },
+            Record::Fenced {
+                path: p("/job/kv"),
+                token: 7,
+                ttl_ms: 2000,
+            },
+            Record::Unfenced {
+                path: p("/job/kv"),
+                token: 7,
+            },
         ]
     }
 
@@ -713,10 +755,16 @@ mod tests {
                     key: "k".into(),
                 },
             )],
+            next_fence: 9,
+            fences: vec![SnapFence {
+                path: p("/j/kv"),
+                token: 8,
+                ttl_ms: 2000,
+            }],
         };
         let bytes = encode_snapshot(&snap).unwrap();
         assert_eq!(decode_snapshot(&bytes).unwrap(), snap);
-        // A format-1 snapshot (before replica groups and mappings) still decodes.
+        // A format-1 snapshot (before replica groups, mappings and fences) still decodes.
         #[derive(Serialize)]
         struct V1<'a> {
             next_node_id: u32,
@@ -737,7 +785,8 @@ mod tests {
         );
         let old = decode_snapshot(&v1).unwrap();
         assert_eq!(old.paths, snap.paths);
-        assert!(old.mappings.is_empty() && old.groups.is_empty());
+        assert!(old.mappings.is_empty() && old.groups.is_empty() && old.fences.is_empty());
+        assert_eq!(old.next_fence, 1);
         for cut in 0..bytes.len() {
             assert!(decode_snapshot(&bytes[..cut]).is_err(), "cut {cut}");
         }
@@ -772,6 +821,8 @@ mod tests {
                 blocks: Vec::new(),
                 pinned: false,
             }],
+            next_fence: 1,
+            fences: Vec::new(),
             groups: Vec::new(),
             next_group: 1,
             mappings: vec![(

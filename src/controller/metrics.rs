@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Request kinds, in the order of the counters below.
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 12] = [
     "open",
     "alloc",
     "free",
@@ -21,6 +21,7 @@ const KINDS: [&str; 11] = [
     "pin",
     "refresh",
     "map",
+    "fence",
 ];
 
 /// The metric name of a request's kind (an index into [`KINDS`]).
@@ -37,6 +38,9 @@ pub(crate) fn kind_of(req: &Request) -> usize {
         Request::Pin { .. } => 8,
         Request::Refresh { .. } => 9,
         Request::Map { .. } => 10,
+        Request::FenceAcquire { .. }
+        | Request::FenceRenew { .. }
+        | Request::FenceRelease { .. } => 11,
     }
 }
 

@@ -48,6 +48,7 @@
 //! [`ControllerState::join_node`]); clients reconnect by themselves.
 
 mod copier;
+mod fence;
 mod flusher;
 pub mod journal;
 mod metrics;

@@ -73,6 +73,13 @@ enum Op {
         path: usize,
         blocks: Option<u64>,
     },
+    Fence {
+        path: usize,
+        ttl_ms: u64,
+    },
+    Unfence {
+        path: usize,
+    },
     Pin {
         path: usize,
         pinned: bool,
@@ -110,8 +117,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..3).prop_map(|node| Op::Resume { node }),
         1 => (path.clone(), prop::option::of(0u64..12)).prop_map(|(path, blocks)| Op::Quota { path, blocks }),
         1 => (path.clone(), any::<bool>()).prop_map(|(path, pinned)| Op::Pin { path, pinned }),
-        1 => (path, prop::bool::weighted(0.7)).prop_map(|(path, mapped)| Op::Map { path, mapped }),
+        1 => (path.clone(), prop::bool::weighted(0.7)).prop_map(|(path, mapped)| Op::Map { path, mapped }),
         2 => (any::<usize>(), prop::bool::weighted(0.7)).prop_map(|(pick, ok)| Op::FlushDone { pick, ok }),
+        1 => (path.clone(), 1u64..6000).prop_map(|(path, ttl_ms)| Op::Fence { path, ttl_ms }),
+        1 => path.prop_map(|path| Op::Unfence { path }),
     ]
 }
 
@@ -127,6 +136,10 @@ struct Model {
     copies: Vec<(u64, BlockId)>,
     /// Flush attempts started and not yet reported: (path, token).
     flushing: Vec<(PoolPath, u64)>,
+    /// Largest fence token granted.
+    last_fence: u64,
+    /// Latest fence token per path index.
+    fences: HashMap<usize, u64>,
 }
 
 impl Model {
@@ -203,6 +216,8 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
         granted: HashMap::new(),
         copies: Vec::new(),
         flushing: Vec::new(),
+        last_fence: 0,
+        fences: HashMap::new(),
     };
     let path = |i: usize| PoolPath::parse(PATHS[i % PATHS.len()]).unwrap();
 
@@ -413,6 +428,21 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                             }
                         }
                     }
+                }
+            }
+            Op::Fence { path: pi, ttl_ms } => match st.fence_acquire(&path(pi), ttl_ms, now) {
+                Ok(token) => {
+                    prop_assert!(token > model.last_fence, "fence token reused");
+                    model.last_fence = token;
+                    model.fences.insert(pi % PATHS.len(), token);
+                }
+                Err(ControlError::FenceHeld { .. }) => {}
+                Err(e) => return Err(TestCaseError::fail(format!("fence: {e}"))),
+            },
+            Op::Unfence { path: pi } => {
+                if let Some(token) = model.fences.remove(&(pi % PATHS.len())) {
+                    st.fence_release(&path(pi), token)
+                        .map_err(|e| TestCaseError::fail(format!("unfence: {e}")))?;
                 }
             }
             Op::Pin { path: pi, pinned } => match st.pin(&path(pi), pinned) {

@@ -15,6 +15,7 @@ mod flush;
 
 pub use flush::MAX_FLUSH_BACKOFF;
 
+use super::fence::Fences;
 use super::journal::{Record, SnapGroup, SnapPath, Snapshot};
 use super::namespace::{later, Namespace, PathId, Reclaimed, ROOT};
 use super::registry::{Registry, Released};
@@ -125,6 +126,8 @@ pub struct ControllerState {
     /// After a recovery, until when memory nodes that have not come back yet count as
     /// "not yet back" rather than lost (no lost data reported, no re-replication).
     recovery_grace: Option<Instant>,
+    /// Fenced locks.
+    fences: Fences,
     /// Metadata changes not yet taken by the I/O layer; `None`: not journaling.
     journal: Option<Vec<Record>>,
     /// Flushes of mapped paths running or waiting for a retry, by path.
@@ -184,6 +187,7 @@ impl ControllerState {
             replicas: ReplicaTable::default(),
             replicas_rebuilt_total: 0,
             recovery_grace: None,
+            fences: Fences::new(),
             journal: None,
             flushes: BTreeMap::new(),
             next_flush_token: 1,
@@ -252,6 +256,8 @@ impl ControllerState {
                 .collect(),
             next_group: self.replicas.next_id(),
             mappings,
+            next_fence: self.fences.next_token(),
+            fences: self.fences.snapshot(),
         }
     }
 
@@ -344,6 +350,7 @@ impl ControllerState {
             self.ns.set_backing(id, Some(backing.clone()));
         }
         self.registry.bump_next_id(snap.next_node_id);
+        self.fences.restore(snap.next_fence, &snap.fences, now);
         let bs = self.registry.block_size().unwrap_or(0);
         for (p, id) in snap.paths.iter().zip(ids) {
             self.ns.add_blocks(id, &p.blocks, bs);
@@ -439,6 +446,19 @@ impl ControllerState {
                 Ok(())
             }
             Record::Map { path, backing } => self.map(path, backing.clone()).map_err(e),
+            Record::Fenced {
+                path,
+                token,
+                ttl_ms,
+            } => {
+                let ttl = Duration::from_millis(*ttl_ms).min(super::fence::MAX_FENCE_TTL);
+                self.fences.grant(path, *token, ttl, now);
+                Ok(())
+            }
+            Record::Unfenced { path, token } => {
+                self.fences.release(path, *token);
+                Ok(())
+            }
         }
     }
 
@@ -916,6 +936,34 @@ impl ControllerState {
         Ok(())
     }
 
+    // ----- fenced locks -------------------------------------------------------------
+
+    /// Grants the fenced lock on `path` (see [`super::fence`]); journaled.
+    pub fn fence_acquire(
+        &mut self,
+        path: &PoolPath,
+        ttl_ms: u64,
+        now: Instant,
+    ) -> Result<u64, ControlError> {
+        let path = canonical(path)?.into_owned();
+        let token = self.fences.acquire(&path, ttl_ms, now)?;
+        self.log(Record::Fenced {
+            path,
+            token,
+            ttl_ms,
+        });
+        Ok(token)
+    }
+
+    /// Releases the fenced lock on `path` held under `token`; journaled when it was.
+    pub fn fence_release(&mut self, path: &PoolPath, token: u64) -> Result<(), ControlError> {
+        let path = canonical(path)?.into_owned();
+        if self.fences.release(&path, token) {
+            self.log(Record::Unfenced { path, token });
+        }
+        Ok(())
+    }
+
     // ----- time ---------------------------------------------------------------------
 
     /// Periodic work: declares nodes without heartbeats dead and reclaims expired paths.
@@ -939,6 +987,9 @@ impl ControllerState {
         for node in self.registry.drop_empty_dead() {
             tracing::info!(node, "dead memory node holds no blocks; dropped");
             self.log(Record::NodeDropped { id: node });
+        }
+        for (path, token) in self.fences.expire(now) {
+            self.log(Record::Unfenced { path, token });
         }
         let mut gone = Reclaimed::default();
         self.ns.expire(now, self.cfg.grace, &mut gone);
@@ -1061,6 +1112,19 @@ impl ControllerState {
             Request::Map { path, backing } => {
                 self.map(&path, backing).map(|()| (Response::Ok, vec![]))
             }
+            Request::FenceAcquire { path, ttl_ms } => self
+                .fence_acquire(&path, ttl_ms, now)
+                .map(|token| (Response::Fence { token }, vec![])),
+            Request::FenceRenew {
+                path,
+                token,
+                ttl_ms,
+            } => canonical(&path)
+                .and_then(|p| self.fences.renew(&p, token, ttl_ms, now))
+                .map(|()| (Response::Fence { token }, vec![])),
+            Request::FenceRelease { path, token } => self
+                .fence_release(&path, token)
+                .map(|()| (Response::Ok, vec![])),
         };
         r.unwrap_or_else(|e| (Response::Error(e), vec![]))
     }

@@ -33,7 +33,9 @@ mod queue;
 mod snapshot;
 
 pub use file::File;
-pub use kv::{Kv, KvConfig, KvRepartitions};
+pub use kv::{
+    fuzz_intent as fuzz_kv_intent, FaultAction, FaultPoint, Kv, KvConfig, KvRepartitions,
+};
 pub use log::{Log, LogEntry, Scan, MAX_STREAMS};
 pub use mapped::{kind_at, sync_any, ObjectFlags, ObjectKind};
 pub use notify::{
@@ -55,6 +57,10 @@ pub enum DsError {
     /// A path is malformed.
     #[error(transparent)]
     Path(#[from] PathError),
+    /// A test armed a fault that stopped the operation as a crash would (see
+    /// [`kv::FaultPoint`]); never returned otherwise.
+    #[error("fault injected at {0}: the operation stopped as if its client had crashed")]
+    FaultInjected(String),
     /// Nothing (or nothing finished) lives at the path.
     #[error(
         "no {kind} at '{path}'; create it first (File::create, Queue::create) or check the path"

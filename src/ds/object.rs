@@ -267,6 +267,12 @@ impl Object {
         }
     }
 
+    /// Marks never-linked child `k` freed, so it is never linked; whether it was
+    /// still unlinked (`false`: linked or freed meanwhile).
+    pub(crate) fn kill_empty(&self, k: u64) -> Result<bool, DsError> {
+        Ok(self.meta.cas(self.dir_off(k)?, 0, FREED)? == 0)
+    }
+
     /// The handle of linked child `k` (block `id`); `None` when it was freed since.
     pub(crate) fn child_handle(&self, k: u64, id: BlockId) -> Result<Option<BlockHandle>, DsError> {
         match lookup(&self.client, &self.child_path(k)?) {

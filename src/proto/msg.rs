@@ -175,6 +175,31 @@ pub enum Request {
         /// Where to flush it; `None` removes the mapping.
         backing: Option<Backing>,
     },
+    /// Take the fenced lock on `path` (answered with [`Response::Fence`], or
+    /// [`ControlError::FenceHeld`] while another holder renews it).
+    FenceAcquire {
+        /// The path to lock (it need not exist).
+        path: PoolPath,
+        /// Time to live in milliseconds; renew within it to keep the lock.
+        ttl_ms: u64,
+    },
+    /// Extend the fenced lock held under `token` ([`ControlError::FenceLost`] when it
+    /// was taken over or released).
+    FenceRenew {
+        /// The path locked.
+        path: PoolPath,
+        /// The holder's token.
+        token: u64,
+        /// New time to live in milliseconds, from now.
+        ttl_ms: u64,
+    },
+    /// Release the fenced lock held under `token` (no-op when it is not held so).
+    FenceRelease {
+        /// The path locked.
+        path: PoolPath,
+        /// The holder's token.
+        token: u64,
+    },
 }
 
 /// A backing path in the persistent tier ([`crate::tier::Tier`]): a tier URL and a key.
@@ -231,6 +256,11 @@ pub enum Response {
     },
     /// Cluster status.
     Status(Box<ClusterStatus>),
+    /// A fenced lock was granted.
+    Fence {
+        /// The token: larger than that of every earlier grant.
+        token: u64,
+    },
     /// The request failed.
     Error(ControlError),
 }
@@ -459,5 +489,21 @@ pub enum ControlError {
         copies: u8,
         /// Live nodes with free blocks.
         nodes: u64,
+    },
+    /// Another client holds the fenced lock.
+    #[error("the fenced lock on '{path}' is held by another client; retry in {retry_ms} ms (it expires then unless renewed)")]
+    FenceHeld {
+        /// The path locked.
+        path: PoolPath,
+        /// Milliseconds until it expires unless renewed.
+        retry_ms: u64,
+    },
+    /// The fenced lock is no longer held under this token.
+    #[error("the fenced lock on '{path}' under token {token} expired and was taken over or released; stop the work it guarded")]
+    FenceLost {
+        /// The path locked.
+        path: PoolPath,
+        /// The token that lost it.
+        token: u64,
     },
 }

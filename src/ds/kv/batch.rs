@@ -1,10 +1,12 @@
 //! Batched operations of [`Kv`]: many keys per round trip.
 
-use super::bucket::{self, BUCKET_BYTES, FROZEN};
-use super::record::{decode, Decoded, Value};
-use super::{hash, Kv};
+use super::bucket::{self, BUCKET_BYTES, FROZEN, LOCKED, SLOTS, SLOTS_AT, UNLOCKED};
+use super::record::{decode, encode, Decoded, Value, REC_HEADER};
+use super::{hash, slot_place, slot_word, Kv, COUNT, HEAP};
 use crate::client::BlockHandle;
+use crate::ds::notify::EventKind;
 use crate::ds::DsError;
+use farpool_rdma::Op;
 
 /// One key of a batched get, as far as the batch got with it.
 struct Probe {
@@ -125,4 +127,335 @@ enum Verdict {
     Absent,
     /// Look it up on its own.
     Alone,
+}
+
+/// One key of a pipelined upsert being written this round.
+struct Pending {
+    /// Index of the pair in the caller's slice.
+    at: usize,
+    h: u64,
+    child: u64,
+    part: BlockHandle,
+    /// Bucket offset.
+    b: u64,
+    /// The encoded record.
+    rec: Vec<u8>,
+    /// The bucket's slots, read under its lock.
+    slots: [u64; SLOTS],
+    /// Where the record goes, whether it rewrites the key's record in place, and
+    /// whether it inserts a key.
+    spot: Option<(u64, bool, bool)>,
+}
+
+/// Runs `ops` (built with `handles`) in one round trip per memory node; the outcome of
+/// each op (`None`: it did not complete).
+fn run(handles: &[&BlockHandle], ops: &mut [Op<'_>]) -> Result<Vec<Option<u64>>, DsError> {
+    BlockHandle::execute_many(handles, ops)?;
+    Ok(ops.iter().map(|o| o.outcome().ok()).collect())
+}
+
+impl Kv {
+    /// Upserts every pair. Pipelined across keys in different buckets: each round locks
+    /// one bucket per pending key (keys sharing a bucket go in later rounds, in order,
+    /// so the last pair of a key wins) with one batch of CASes, then reads the buckets,
+    /// the candidate records, writes the records, then the slots, then unlocks: about
+    /// six round trips per memory node for the whole round instead of four per key.
+    /// A bucket held by another writer is retried next round (after this round's locks
+    /// are released, so batches never wait while holding locks and cannot deadlock);
+    /// keys whose partition is moving or full, or whose value needs a block of its own,
+    /// go through [`Kv::upsert`] one by one. Each write is linearizable on its own, as
+    /// with `upsert`; the batch is not atomic, and pairs of different keys take effect
+    /// in no particular order.
+    pub fn upsert_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        pairs: &[(K, V)],
+    ) -> Result<(), DsError> {
+        let inline_max = self.inline_max();
+        let mut alone = Vec::new();
+        // Per key, in order: the pairs still to write.
+        let mut queue: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
+        if pairs
+            .iter()
+            .any(|(k, v)| REC_HEADER + k.as_ref().len() + v.as_ref().len() > inline_max)
+        {
+            // Values in blocks of their own: one by one, in order.
+            return pairs
+                .iter()
+                .try_for_each(|(k, v)| self.upsert(k.as_ref(), v.as_ref()));
+        }
+        queue.extend(0..pairs.len());
+        // Keys some pair of which goes one by one: their later pairs follow it there,
+        // so the last pair of a key still wins.
+        let mut alone_keys: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+        let mut splits = Vec::new();
+        let mut rounds = 0u32;
+        while !queue.is_empty() {
+            rounds += 1;
+            if rounds > super::MAX_RETRIES {
+                return Err(self.corrupt("a pipelined upsert made no progress".into()));
+            }
+            // One key per bucket this round; the rest wait, in order.
+            let mut taken = std::collections::HashSet::new();
+            let mut round = Vec::new();
+            let mut later = std::collections::VecDeque::new();
+            for at in queue.drain(..) {
+                let (k, v) = (pairs[at].0.as_ref(), pairs[at].1.as_ref());
+                if alone_keys.contains(k) {
+                    alone.push(at);
+                    continue;
+                }
+                let h = hash(k);
+                let route = self.route(h)?;
+                let Some(part) = self.partition(route.child)? else {
+                    alone_keys.insert(k);
+                    alone.push(at);
+                    continue;
+                };
+                let b = self.bucket_off(h);
+                if !taken.insert((route.child, b)) {
+                    later.push_back(at);
+                    continue;
+                }
+                round.push(Pending {
+                    at,
+                    h,
+                    child: route.child,
+                    part,
+                    b,
+                    rec: encode(k, &Value::Inline(v.to_vec()))?,
+                    slots: [0; SLOTS],
+                    spot: None,
+                });
+            }
+            round.sort_by_key(|p| p.part.transport_key());
+            let (done, retry, moved) = self.upsert_round(pairs, &mut round, &mut splits)?;
+            if done.is_empty() && moved.is_empty() {
+                std::thread::yield_now(); // every bucket was held by other writers
+            }
+            // Keys that lost their bucket to another writer go first next round.
+            let mut next: std::collections::VecDeque<usize> = retry.into();
+            next.extend(later);
+            queue = next;
+            for at in moved {
+                alone_keys.insert(pairs[at].0.as_ref());
+                alone.push(at);
+            }
+        }
+        alone.sort_unstable();
+        for at in alone {
+            self.upsert(pairs[at].0.as_ref(), pairs[at].1.as_ref())?;
+        }
+        for route in splits {
+            self.split(route)?;
+        }
+        Ok(())
+    }
+
+    /// One pipelined round; returns the pairs written, those to retry (bucket held by
+    /// another writer) and those to write one by one (partition moving or full).
+    #[allow(clippy::type_complexity)]
+    fn upsert_round<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        pairs: &[(K, V)],
+        round: &mut Vec<Pending>,
+        splits: &mut Vec<super::Route>,
+    ) -> Result<(Vec<usize>, Vec<usize>, Vec<usize>), DsError> {
+        let (mut retry, mut moved) = (Vec::new(), Vec::new());
+        // 1. Lock every bucket.
+        let locked = {
+            let handles: Vec<&BlockHandle> = round.iter().map(|p| &p.part).collect();
+            let mut ops = round
+                .iter()
+                .map(|p| p.part.cas_op(p.b, UNLOCKED, LOCKED))
+                .collect::<Result<Vec<_>, _>>()?;
+            run(&handles, &mut ops)?
+        };
+        let mut held = Vec::with_capacity(round.len());
+        for (p, got) in round.drain(..).zip(locked) {
+            match got {
+                Some(UNLOCKED) => held.push(p),
+                // Held by another writer: next round.
+                Some(LOCKED) => retry.push(p.at),
+                // Moving, or gone (a stale map): one by one, which reloads the map.
+                _ => moved.push(p.at),
+            }
+        }
+        let result = self.upsert_locked(pairs, &mut held);
+        // 6. Unlock every bucket held, adding inserted keys to the partition counts.
+        let unlocked = {
+            let handles: Vec<&BlockHandle> = held.iter().flat_map(|p| [&p.part, &p.part]).collect();
+            let mut ops = Vec::with_capacity(2 * held.len());
+            for p in &held {
+                let inserted = matches!(p.spot, Some((_, _, true))) && result.is_ok();
+                ops.push(p.part.cas_op(p.b, LOCKED, UNLOCKED)?);
+                ops.push(p.part.faa_op(COUNT, u64::from(inserted))?);
+            }
+            run(&handles, &mut ops)?
+        };
+        result?;
+        let mut done = Vec::new();
+        for (p, pair) in held.iter().zip(unlocked.chunks(2)) {
+            if pair[0] != Some(LOCKED) {
+                return Err(self.corrupt(format!(
+                    "bucket at offset {} was not locked when a pipelined upsert released it",
+                    p.b
+                )));
+            }
+            match p.spot {
+                Some((_, _, inserted)) => {
+                    done.push(p.at);
+                    self.notify
+                        .publish(EventKind::Put, pairs[p.at].0.as_ref())?;
+                    if inserted && pair[1].is_some_and(|c| c + 1 >= self.split_at) {
+                        if let Ok(route) = self.route(p.h) {
+                            if route.child == p.child && !splits.contains(&route) {
+                                splits.push(route);
+                            }
+                        }
+                    }
+                }
+                None => moved.push(p.at), // bucket or record space full
+            }
+        }
+        Ok((done, retry, moved))
+    }
+
+    /// Steps 2-5 of a pipelined round, every bucket in `held` locked by us: read the
+    /// buckets, read the candidate records, write the records, write the slots. A key
+    /// left without a spot (full bucket or record space) is written one by one later.
+    fn upsert_locked<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        pairs: &[(K, V)],
+        held: &mut [Pending],
+    ) -> Result<(), DsError> {
+        // 2. Read every bucket (stable: we hold its lock).
+        let mut raws = vec![[0u8; BUCKET_BYTES as usize]; held.len()];
+        {
+            let handles: Vec<&BlockHandle> = held.iter().map(|p| &p.part).collect();
+            let mut ops = Vec::with_capacity(held.len());
+            for (p, raw) in held.iter().zip(raws.iter_mut()) {
+                ops.push(p.part.read_op(p.b, raw)?);
+            }
+            BlockHandle::execute_many(&handles, &mut ops)?;
+            for (i, o) in ops.iter().enumerate() {
+                if let Err(e) = o.outcome() {
+                    return Err(self.corrupt(format!("bucket read {i} of a batch failed: {e}")));
+                }
+            }
+        }
+        for (p, raw) in held.iter_mut().zip(&raws) {
+            let Some(bk) = bucket::decode(p.b, raw) else {
+                return Err(self.corrupt(format!(
+                    "bucket at offset {} fails its checksum under its lock",
+                    p.b
+                )));
+            };
+            p.slots = bk.slots;
+        }
+        // 3. Read the records whose fingerprint matches.
+        let mut cands: Vec<(usize, usize, u64, Vec<u8>)> = Vec::new(); // (pending, slot, off, buf)
+        for (j, p) in held.iter().enumerate() {
+            for (slot, off, len) in self.candidates(&p.part, p.h, &p.slots) {
+                cands.push((j, slot, off, vec![0u8; len as usize]));
+            }
+        }
+        let mut found: Vec<Option<(usize, u64)>> = vec![None; held.len()]; // (slot, len)
+        if !cands.is_empty() {
+            let handles: Vec<&BlockHandle> = cands.iter().map(|c| &held[c.0].part).collect();
+            let mut ops = Vec::with_capacity(cands.len());
+            for (c, h) in cands.iter_mut().zip(&handles) {
+                ops.push(h.read_op(c.2, &mut c.3)?);
+            }
+            BlockHandle::execute_many(&handles, &mut ops)?;
+            let ok: Vec<bool> = ops.iter().map(|o| o.outcome().is_ok()).collect();
+            drop(ops);
+            for ((j, slot, _, buf), fine) in cands.into_iter().zip(ok) {
+                if !fine {
+                    return Err(self.corrupt("a record read of a batch failed".into()));
+                }
+                let key = pairs[held[j].at].0.as_ref();
+                match decode(&buf) {
+                    Decoded::Record(r) if r.key == key => {
+                        found[j] = Some((slot, slot_place(held[j].slots[slot]).1))
+                    }
+                    Decoded::Record(_) => {}
+                    Decoded::Bad => {
+                        return Err(self
+                            .corrupt("a record fails its checksum under its bucket's lock".into()))
+                    }
+                }
+            }
+        }
+        // 4. Pick each record's place: in place (same size), or new record space.
+        for (p, f) in held.iter_mut().zip(&found) {
+            let need = (p.rec.len() as u64).next_multiple_of(8);
+            match *f {
+                Some((slot, len)) if len == need => {
+                    p.spot = Some((slot_place(p.slots[slot]).0, true, false));
+                }
+                _ => {
+                    if f.is_none() && p.slots.iter().all(|&s| s != 0) {
+                        continue; // bucket full: one by one (splits)
+                    }
+                    let spot = match self.take_space(p.child, need) {
+                        Some(off) => Some(off),
+                        None => {
+                            let chunk = self.chunk_len(need);
+                            let start = p.part.faa(HEAP, chunk)?;
+                            let end = start.saturating_add(chunk);
+                            (start >= self.heap_start && end <= p.part.len()).then(|| {
+                                self.add_space(p.child, start + need, end);
+                                start
+                            })
+                        }
+                    };
+                    let Some(off) = spot else {
+                        continue; // record space full: one by one (splits)
+                    };
+                    let word = slot_word(off, need, p.h);
+                    match *f {
+                        Some((slot, _)) => p.slots[slot] = word,
+                        None => {
+                            if let Some(s) = p.slots.iter_mut().find(|s| **s == 0) {
+                                *s = word;
+                            }
+                        }
+                    }
+                    p.spot = Some((off, false, f.is_none()));
+                }
+            }
+        }
+        // Write the records (before any slot names them).
+        {
+            let writing: Vec<&Pending> = held.iter().filter(|p| p.spot.is_some()).collect();
+            let handles: Vec<&BlockHandle> = writing.iter().map(|p| &p.part).collect();
+            let mut ops = Vec::with_capacity(writing.len());
+            for p in &writing {
+                if let Some((off, _, _)) = p.spot {
+                    ops.push(p.part.write_op(off, &p.rec)?);
+                }
+            }
+            if run(&handles, &mut ops)?.iter().any(Option::is_none) {
+                return Err(self.corrupt("a record write of a batch failed".into()));
+            }
+        }
+        // 5. Point the slots at the new records (in-place rewrites need nothing more).
+        let bodies: Vec<(usize, [u8; bucket::BODY_BYTES])> = held
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| matches!(p.spot, Some((_, false, _))))
+            .map(|(j, p)| (j, bucket::encode_body(p.b, &p.slots)))
+            .collect();
+        if !bodies.is_empty() {
+            let handles: Vec<&BlockHandle> = bodies.iter().map(|(j, _)| &held[*j].part).collect();
+            let mut ops = Vec::with_capacity(bodies.len());
+            for ((j, body), h) in bodies.iter().zip(&handles) {
+                ops.push(h.write_op(held[*j].b + SLOTS_AT, body)?);
+            }
+            if run(&handles, &mut ops)?.iter().any(Option::is_none) {
+                return Err(self.corrupt("a slot write of a batch failed".into()));
+            }
+        }
+        Ok(())
+    }
 }

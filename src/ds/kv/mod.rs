@@ -3,7 +3,12 @@
 mod batch;
 mod bucket;
 mod record;
+mod repart;
+mod root;
 mod scan;
+
+pub use repart::{FaultAction, FaultPoint};
+pub use root::fuzz_intent;
 
 use super::notify::{EventKind, Publisher};
 use super::object::{Entry, Object};
@@ -13,8 +18,7 @@ use crate::proto::PoolPath;
 use bucket::{Bucket, BUCKET_BYTES, FROZEN, LOCKED, SLOTS, SLOTS_AT, UNLOCKED};
 use parking_lot::{Mutex, RwLock};
 use record::{
-    decode, encode, record_len, value_name, value_sum, Decoded, Record, Value, REC_HEADER,
-    REMOTE_REF,
+    decode, encode, value_name, value_sum, Decoded, Record, Value, REC_HEADER, REMOTE_REF,
 };
 use siphasher::sip::SipHasher13;
 use std::collections::HashMap;
@@ -22,11 +26,11 @@ use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB2");
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB3");
 // Meta words.
 const BUCKETS: u64 = 8;
 const GMAX: u64 = 16;
-/// Next unused child index for partitions (changed only under the map lock).
+/// Next unused child index for partitions and directory blocks (FAA).
 const NEXT: u64 = 24;
 /// Split threshold, in thousandths of a partition's slots.
 const SPLIT_PERMILLE: u64 = 32;
@@ -34,16 +38,14 @@ const SPLIT_PERMILLE: u64 = 32;
 const MERGE_PERMILLE: u64 = 40;
 /// Largest directory: 2^10 partitions.
 const MAX_G: u32 = 10;
-// Map block (child 0): the version word (seqlock: odd while repartitioning), then
-// 2^G entries `child << 8 | depth`.
-const VERSION: u64 = 0;
-const MAP_HEADER: u64 = 64;
+// Map block (child 0): the root word (see `root.rs`); directory blocks: an intent,
+// then 2^G entries `child << 8 | depth` from `MAP_HEADER`.
+const MAP_HEADER: u64 = repart::DIR_ENTRIES;
 // Partition blocks.
 const HEAP: u64 = 0;
 const COUNT: u64 = 8;
 const PART_HEADER: u64 = 64;
-/// How long to wait for another client's repartitioning before reporting it stuck.
-const REPARTITION_WAIT: Duration = Duration::from_secs(10);
+use repart::REPARTITION_WAIT;
 
 /// Settings of a new hash table.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,8 +78,12 @@ pub struct KvRepartitions {
     pub splits: u64,
     /// Pairs of buddy partitions merged into one.
     pub merges: u64,
-    /// Partitions rewritten in place to reclaim record space left by replaced values.
+    /// Partitions rewritten to reclaim record space left by replaced values (or
+    /// copied in place because a merge did not fit or a split had no level left).
     pub compactions: u64,
+    /// Repartitionings this handle started and found taken over by a client with a
+    /// newer fence token (its work was discarded, the other client's published).
+    pub superseded: u64,
 }
 
 /// What a write does when the key is present or absent.
@@ -148,6 +154,11 @@ pub struct Kv {
     splits: AtomicU64,
     merges: AtomicU64,
     compactions: AtomicU64,
+    superseded: AtomicU64,
+    /// Time to live of the repartitioning fence this handle asks for, in ms.
+    fence_ttl_ms: AtomicU64,
+    /// Fault-injection point armed by a test.
+    fault: Mutex<Option<(FaultPoint, FaultAction)>>,
     /// Publishes puts and removes to listeners.
     notify: Publisher,
 }
@@ -300,6 +311,9 @@ impl Kv {
             splits: AtomicU64::new(0),
             merges: AtomicU64::new(0),
             compactions: AtomicU64::new(0),
+            superseded: AtomicU64::new(0),
+            fence_ttl_ms: AtomicU64::new(repart::FENCE_TTL.as_millis() as u64),
+            fault: Mutex::new(None),
         };
         kv.reload()?;
         Ok(kv)
@@ -318,7 +332,22 @@ impl Kv {
             splits: self.splits.load(Ordering::Relaxed),
             merges: self.merges.load(Ordering::Relaxed),
             compactions: self.compactions.load(Ordering::Relaxed),
+            superseded: self.superseded.load(Ordering::Relaxed),
         }
+    }
+
+    /// How long the controller fence this handle takes to repartition lasts unless
+    /// renewed (default 2 s). When the handle's client dies mid-repartition, other
+    /// clients take the work over after this long.
+    pub fn set_fence_ttl(&self, ttl: Duration) {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.fence_ttl_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Arms a fault for this handle's next repartitioning that reaches `at`: stop
+    /// there as a crashed client would, or pause. For crash-safety tests.
+    pub fn inject_fault(&self, at: FaultPoint, action: FaultAction) {
+        *self.fault.lock() = Some((at, action));
     }
 
     /// Number of partitions in the current map.
@@ -370,16 +399,6 @@ impl Kv {
     /// longest interval of any writer ([`super::ListenerConfig::writer_refresh`]).
     pub fn set_notify_refresh(&self, refresh: Duration) {
         self.notify.set_refresh(refresh);
-    }
-
-    /// Upserts every pair, in order.
-    pub fn upsert_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
-        &self,
-        pairs: &[(K, V)],
-    ) -> Result<(), DsError> {
-        pairs
-            .iter()
-            .try_for_each(|(k, v)| self.upsert(k.as_ref(), v.as_ref()))
     }
 
     /// A write, then (when it changed the table) its Put event.
@@ -1026,438 +1045,6 @@ impl Kv {
                 .or_insert_with(|| CachedPart::new(p.clone()));
         }
         Ok(handle)
-    }
-
-    /// Reloads the map, waiting until it is newer than `seen` (the partition we used
-    /// is being replaced) or a while has passed.
-    fn reload_after(&self, seen: u64) -> Result<(), DsError> {
-        let deadline = Instant::now() + REPARTITION_WAIT;
-        loop {
-            self.reload()?;
-            if self.map.read().version != seen {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(self.stuck());
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-
-    /// Reads the map (a seqlock: version, entries, version again).
-    fn reload(&self) -> Result<(), DsError> {
-        let deadline = Instant::now() + REPARTITION_WAIT;
-        let n = 1usize << self.g;
-        loop {
-            let v1 = self.map_block.faa(VERSION, 0)?;
-            if v1 == 0 {
-                self.init()?;
-                continue;
-            }
-            if v1 % 2 == 1 {
-                if Instant::now() > deadline {
-                    return Err(self.stuck());
-                }
-                std::thread::sleep(Duration::from_micros(200));
-                continue;
-            }
-            let mut buf = vec![0u8; n * 8];
-            self.map_block.read(MAP_HEADER, &mut buf)?;
-            let v2 = self.map_block.faa(VERSION, 0)?;
-            if v1 == v2 {
-                let entries = buf
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                    .collect();
-                *self.map.write() = Map {
-                    version: v1,
-                    entries,
-                };
-                return Ok(());
-            }
-        }
-    }
-
-    /// Sets up the first partition, once (whoever moves the version from 0 to 1).
-    fn init(&self) -> Result<(), DsError> {
-        if self.map_block.cas(VERSION, 0, 1)? != 0 {
-            return Ok(());
-        }
-        let child = self.obj.meta().faa(NEXT, 2)?.max(1);
-        let part = self.link_new(child)?;
-        self.write_partition(&part, &[])?;
-        let entry = child << 8;
-        let bytes: Vec<u8> = (0..1u64 << self.g)
-            .flat_map(|_| entry.to_le_bytes())
-            .collect();
-        self.map_block.write(MAP_HEADER, &bytes)?;
-        // Publish after the partition and the entries are written.
-        self.map_block.faa(VERSION, 1)?;
-        Ok(())
-    }
-
-    fn link_new(&self, child: u64) -> Result<BlockHandle, DsError> {
-        match self.obj.link(child)? {
-            Some(p) => {
-                self.parts.lock().insert(child, CachedPart::new(p.clone()));
-                Ok(p)
-            }
-            None => Err(self.corrupt(format!("new partition {child} was freed before use"))),
-        }
-    }
-
-    /// Takes the map lock (version even → odd); `false` when someone else holds it.
-    fn lock_map(&self) -> Result<Option<u64>, DsError> {
-        let v = self.map_block.faa(VERSION, 0)?;
-        if v == 0 || v % 2 == 1 {
-            return Ok(None);
-        }
-        Ok((self.map_block.cas(VERSION, v, v + 1)? == v).then_some(v + 1))
-    }
-
-    /// The map entries, read by the holder of the map lock.
-    fn locked_entries(&self) -> Result<Vec<u64>, DsError> {
-        let mut buf = vec![0u8; 8usize << self.g];
-        self.map_block.read(MAP_HEADER, &mut buf)?;
-        Ok(buf
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect())
-    }
-
-    /// Splits the partition at `route` in two, or compacts it when its live records
-    /// use little of it (if it still is what `route` says).
-    fn split(&self, route: Route) -> Result<(), DsError> {
-        let Some(locked) = self.lock_map()? else {
-            return self.reload_after(route.version);
-        };
-        let outcome = self.split_locked(route);
-        // Unlock (publish) whatever happened: the map is consistent either way.
-        self.map_block.faa(VERSION, 1)?;
-        debug_assert!(locked % 2 == 1);
-        let retired = outcome?;
-        if let Some((_, _, split)) = &retired {
-            let counter = if *split {
-                &self.splits
-            } else {
-                &self.compactions
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-        self.reload()?;
-        if let Some((child, part, _)) = retired {
-            self.parts.lock().remove(&child);
-            self.obj.retire(child, part.id())?;
-        }
-        Ok(())
-    }
-
-    /// The retired partition and whether it was split (`false`: compacted), or `None`
-    /// when nothing was repartitioned.
-    fn split_locked(&self, route: Route) -> Result<Option<(u64, BlockHandle, bool)>, DsError> {
-        let mut entries = self.locked_entries()?;
-        let range = self.range(route.depth, route.prefix);
-        let word = route.child << 8 | u64::from(route.depth);
-        if entries[range.clone()].iter().any(|&e| e != word) {
-            return Ok(None); // already repartitioned
-        }
-        let Some(old) = self.partition(route.child)? else {
-            return Ok(None);
-        };
-        self.freeze(&old)?;
-        match self.split_frozen(route, &old, &mut entries, range) {
-            Ok(split) => Ok(Some((route.child, old, split))),
-            Err(e) => {
-                // Nothing was published: let writers back in.
-                self.unfreeze(&old)?;
-                Err(e)
-            }
-        }
-    }
-
-    fn split_frozen(
-        &self,
-        route: Route,
-        old: &BlockHandle,
-        entries: &mut [u64],
-        range: std::ops::Range<usize>,
-    ) -> Result<bool, DsError> {
-        let records = self.collect(old)?;
-        if self.roomy(&records) {
-            // The record space filled up with replaced values: compact into one fresh
-            // partition at the same place instead of splitting.
-            let next = self.obj.meta().faa(NEXT, 1)?;
-            let part = self.link_new(next)?;
-            self.write_partition(&part, &records)?;
-            let word = next << 8 | u64::from(route.depth);
-            entries[range.clone()].iter_mut().for_each(|e| *e = word);
-            return self
-                .write_entries(&entries[range.clone()], range.start)
-                .map(|()| false);
-        }
-        if route.depth >= self.g {
-            return Err(DsError::Config(format!(
-                "'{}' is full: a partition at the deepest split level ({}) ran out of room; use a larger block size or a larger expected_record",
-                self.obj.path(),
-                self.g
-            )));
-        }
-        let bit = 63 - route.depth;
-        let (ones, zeros): (Vec<_>, Vec<_>) =
-            records.into_iter().partition(|(h, _)| h >> bit & 1 == 1);
-        let next = self.obj.meta().faa(NEXT, 2)?;
-        let (a, b) = (self.link_new(next)?, self.link_new(next + 1)?);
-        self.write_partition(&a, &zeros)?;
-        self.write_partition(&b, &ones)?;
-        let half = range.len() / 2;
-        let depth = u64::from(route.depth + 1);
-        for (i, e) in entries[range.clone()].iter_mut().enumerate() {
-            *e = if i < half {
-                next << 8 | depth
-            } else {
-                (next + 1) << 8 | depth
-            };
-        }
-        self.write_entries(&entries[range.clone()], range.start)
-            .map(|()| true)
-    }
-
-    /// Merges the partition at `route` with its buddy when both are small enough.
-    fn merge(&self, route: Route) -> Result<(), DsError> {
-        if route.depth == 0 {
-            return Ok(());
-        }
-        let Some(_locked) = self.lock_map()? else {
-            return Ok(()); // someone else is repartitioning; merging can wait
-        };
-        let outcome = self.merge_locked(route);
-        self.map_block.faa(VERSION, 1)?;
-        let retired = outcome?;
-        if !retired.is_empty() {
-            self.merges.fetch_add(1, Ordering::Relaxed);
-        }
-        self.reload()?;
-        for (child, part) in retired {
-            self.parts.lock().remove(&child);
-            self.obj.retire(child, part.id())?;
-        }
-        Ok(())
-    }
-
-    fn merge_locked(&self, route: Route) -> Result<Vec<(u64, BlockHandle)>, DsError> {
-        let mut entries = self.locked_entries()?;
-        let buddy_prefix = route.prefix ^ 1;
-        let (mine, theirs) = (
-            self.range(route.depth, route.prefix),
-            self.range(route.depth, buddy_prefix),
-        );
-        let word = route.child << 8 | u64::from(route.depth);
-        let buddy_word = entries[theirs.start];
-        if entries[mine.clone()].iter().any(|&e| e != word)
-            || entries[theirs.clone()].iter().any(|&e| e != buddy_word)
-            || (buddy_word & 0xFF) as u32 != route.depth
-        {
-            return Ok(vec![]); // the buddy is split further, or the map changed
-        }
-        let buddy_child = buddy_word >> 8;
-        let (Some(p), Some(q)) = (self.partition(route.child)?, self.partition(buddy_child)?)
-        else {
-            return Ok(vec![]);
-        };
-        let total = p.faa(COUNT, 0)?.wrapping_add(q.faa(COUNT, 0)?);
-        if total > self.merge_at {
-            return Ok(vec![]);
-        }
-        self.freeze(&p)?;
-        if let Err(e) = self.freeze(&q) {
-            self.unfreeze(&p)?;
-            return Err(e);
-        }
-        match self.merge_frozen(route, &p, &q, &mut entries) {
-            Ok(true) => Ok(vec![(route.child, p), (buddy_child, q)]),
-            result => {
-                // Nothing was published: let writers back in.
-                self.unfreeze(&p)?;
-                self.unfreeze(&q)?;
-                result.map(|_| vec![])
-            }
-        }
-    }
-
-    /// Builds and publishes the merge of frozen `p` and `q`; `false` when they do not
-    /// fit one partition.
-    fn merge_frozen(
-        &self,
-        route: Route,
-        p: &BlockHandle,
-        q: &BlockHandle,
-        entries: &mut [u64],
-    ) -> Result<bool, DsError> {
-        let mut records = self.collect(p)?;
-        records.extend(self.collect(q)?);
-        if !self.fits(&records) {
-            return Ok(false);
-        }
-        let next = self.obj.meta().faa(NEXT, 2)?;
-        let merged = self.link_new(next)?;
-        self.write_partition(&merged, &records)?;
-        let range = self.range(route.depth - 1, route.prefix >> 1);
-        for e in &mut entries[range.clone()] {
-            *e = next << 8 | u64::from(route.depth - 1);
-        }
-        self.write_entries(&entries[range.clone()], range.start)?;
-        Ok(true)
-    }
-
-    /// Directory entries covered by the partition `prefix` at `depth`.
-    fn range(&self, depth: u32, prefix: u64) -> std::ops::Range<usize> {
-        let shift = self.g - depth;
-        let start = (prefix << shift) as usize;
-        start..start + (1usize << shift)
-    }
-
-    fn write_entries(&self, entries: &[u64], start: usize) -> Result<(), DsError> {
-        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-        self.map_block
-            .write(MAP_HEADER + 8 * start as u64, &bytes)?;
-        Ok(())
-    }
-
-    /// Locks every bucket of `part` for good: writers then reload the map.
-    fn freeze(&self, part: &BlockHandle) -> Result<(), DsError> {
-        self.set_locks(part, UNLOCKED, FROZEN)
-    }
-
-    fn unfreeze(&self, part: &BlockHandle) -> Result<(), DsError> {
-        self.set_locks(part, FROZEN, UNLOCKED)
-    }
-
-    fn set_locks(&self, part: &BlockHandle, from: u64, to: u64) -> Result<(), DsError> {
-        let mut pending: Vec<u64> = (0..self.buckets).collect();
-        let deadline = Instant::now() + REPARTITION_WAIT;
-        while !pending.is_empty() {
-            let mut left = Vec::new();
-            for chunk in pending.chunks(256) {
-                let mut ops = chunk
-                    .iter()
-                    .map(|&b| part.cas_op(PART_HEADER + b * BUCKET_BYTES, from, to))
-                    .collect::<Result<Vec<_>, _>>()?;
-                part.execute(&mut ops)?;
-                for (op, &b) in ops.iter().zip(chunk) {
-                    // `to` already: an earlier attempt got there (idempotent).
-                    if op.result != from && op.result != to {
-                        left.push(b); // a writer holds the bucket: retry
-                    }
-                }
-            }
-            if !left.is_empty() {
-                if Instant::now() > deadline {
-                    return Err(self.corrupt(
-                        "a bucket lock was held for over 10 s; a writer probably crashed inside it"
-                            .into(),
-                    ));
-                }
-                std::thread::yield_now();
-            }
-            pending = left;
-        }
-        Ok(())
-    }
-
-    /// Every record of a frozen partition, with its key's hash.
-    fn collect(&self, part: &BlockHandle) -> Result<Vec<(u64, Record)>, DsError> {
-        let heap_end = part.faa(HEAP, 0)?.clamp(self.heap_start, part.len());
-        let mut image = vec![0u8; heap_end as usize];
-        part.read(0, &mut image)?;
-        let mut out = Vec::new();
-        for b in 0..self.buckets {
-            for i in 0..SLOTS as u64 {
-                let at = (PART_HEADER + b * BUCKET_BYTES + SLOTS_AT + 8 * i) as usize;
-                let s = u64::from_le_bytes(image[at..at + 8].try_into().unwrap_or([0; 8]));
-                if s == 0 {
-                    continue;
-                }
-                let (off, len) = slot_place(s);
-                let rec = image
-                    .get(off as usize..(off + len) as usize)
-                    .filter(|_| off >= self.heap_start)
-                    .and_then(|bytes| match decode(bytes) {
-                        Decoded::Record(r) => Some(r),
-                        Decoded::Bad => None,
-                    })
-                    .ok_or_else(|| {
-                        self.corrupt(format!("slot {i} of bucket {b} points at no record"))
-                    })?;
-                out.push((hash(&rec.key), rec));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Whether `records` fit one partition with room to spare: no bucket full, at most
-    /// half the record space, fewer keys than the split threshold.
-    fn roomy(&self, records: &[(u64, Record)]) -> bool {
-        let mut per_bucket = vec![0usize; self.buckets as usize];
-        let mut heap = 0;
-        for (h, r) in records {
-            per_bucket[((h & 0xFFFF_FFFF) % self.buckets) as usize] += 1;
-            heap += (record_len(r) as u64).next_multiple_of(8);
-        }
-        per_bucket.iter().all(|&n| n < SLOTS)
-            && heap <= (self.obj.block_len() - self.heap_start) / 2
-            && (records.len() as u64) < self.split_at
-    }
-
-    /// Whether `records` fit one partition.
-    fn fits(&self, records: &[(u64, Record)]) -> bool {
-        let mut per_bucket = vec![0usize; self.buckets as usize];
-        let mut heap = self.heap_start;
-        for (h, r) in records {
-            let b = ((h & 0xFFFF_FFFF) % self.buckets) as usize;
-            per_bucket[b] += 1;
-            heap += (record_len(r) as u64).next_multiple_of(8);
-        }
-        per_bucket.iter().all(|&n| n <= SLOTS) && heap <= self.obj.block_len()
-    }
-
-    /// Writes a fresh partition holding `records` (all fit: a split only halves a
-    /// partition's buckets and records; a merge checks [`Kv::fits`] first).
-    fn write_partition(
-        &self,
-        part: &BlockHandle,
-        records: &[(u64, Record)],
-    ) -> Result<(), DsError> {
-        let mut image = vec![0u8; self.heap_start as usize];
-        let mut slots = vec![[0u64; SLOTS]; self.buckets as usize];
-        for (h, r) in records {
-            let bi = ((h & 0xFFFF_FFFF) % self.buckets) as usize;
-            let rec = encode(&r.key, &r.value)?;
-            let off = image.len() as u64;
-            let need = (rec.len() as u64).next_multiple_of(8);
-            image.extend_from_slice(&rec);
-            image.resize((off + need) as usize, 0);
-            let slot = slots[bi]
-                .iter_mut()
-                .find(|s| **s == 0)
-                .ok_or_else(|| self.corrupt(format!("bucket {bi} overflows while rebuilding")))?;
-            *slot = slot_word(off, need, *h);
-        }
-        if image.len() as u64 > part.len() {
-            return Err(self.corrupt("records overflow a partition while rebuilding".into()));
-        }
-        // Every bucket gets its checksum, the empty ones too.
-        for (bi, s) in slots.iter().enumerate() {
-            let b = PART_HEADER + bi as u64 * BUCKET_BYTES;
-            let at = (b + SLOTS_AT) as usize;
-            image[at..at + bucket::BODY_BYTES].copy_from_slice(&bucket::encode_body(b, s));
-        }
-        let heap = image.len() as u64;
-        image[HEAP as usize..HEAP as usize + 8].copy_from_slice(&heap.to_le_bytes());
-        image[COUNT as usize..COUNT as usize + 8]
-            .copy_from_slice(&(records.len() as u64).to_le_bytes());
-        // Not visible to anyone until the map points at it.
-        part.write(0, &image)?;
-        Ok(())
     }
 
     fn corrupt(&self, what: String) -> DsError {
