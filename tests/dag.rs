@@ -215,9 +215,16 @@ fn fan_in_arrival_is_replay_safe() {
     // Invocation words: the first record wins, a retry of the same owner does not
     // invoke again.
     let a = plan.id("a").unwrap();
-    assert!(fanin.begin_invoke(a, 7).unwrap());
-    assert!(!fanin.begin_invoke(a, 7).unwrap());
-    assert!(!fanin.begin_invoke(a, 8).unwrap());
+    assert_eq!(fanin.begin_invoke(a, 7).unwrap(), 0);
+    assert_eq!(
+        fanin.begin_invoke(a, 7).unwrap(),
+        7,
+        "the retry sees its own id"
+    );
+    assert_eq!(fanin.begin_invoke(a, 8).unwrap(), 7);
+    assert!(!fanin.sink_done(a).unwrap());
+    fanin.record_sink(a, 7).unwrap();
+    assert!(fanin.sink_done(a).unwrap());
     job.close().unwrap();
 }
 
@@ -411,6 +418,128 @@ fn crashed_executor_is_retried_without_double_counting() {
     ));
 }
 
+/// Retry case: the executor recorded in the pool that it invokes a child (the
+/// invocation word) and died before invoking it. The retry finds its own id in the
+/// word and invokes the child again; a second invocation of the same start task (the
+/// dead attempt had made it) is dropped by the invoker.
+#[test]
+fn crash_between_invocation_record_and_invocation_loses_nothing() {
+    use farpool::dag::CrashSite;
+    let pool = pool();
+    // a -> {b, c} -> d with small outputs: a's executor keeps b and invokes c.
+    let mut g = Graph::new();
+    g.add("a", "sum", [("x", Input::value(&1u64).unwrap())])
+        .unwrap();
+    g.add(
+        "b",
+        "sum",
+        [
+            ("x", Input::task("a")),
+            ("k", Input::value(&10u64).unwrap()),
+        ],
+    )
+    .unwrap();
+    g.add(
+        "c",
+        "sum",
+        [
+            ("x", Input::task("a")),
+            ("k", Input::value(&100u64).unwrap()),
+        ],
+    )
+    .unwrap();
+    g.add(
+        "d",
+        "sum",
+        [("l", Input::task("b")), ("r", Input::task("c"))],
+    )
+    .unwrap();
+    // Died after the record, before the invocation: without the re-invocation the
+    // fan-in at d never completes (Stalled).
+    let (rt, calls) = runtime(
+        &pool,
+        RuntimeConfig {
+            crash_in: Some("a".into()),
+            crash_site: CrashSite::AfterInvokeRecord,
+            ..RuntimeConfig::default()
+        },
+    );
+    let out = rt.run(&g, Scheduler::Wukong).unwrap();
+    assert_eq!(out.get::<u64>("d").unwrap(), 112);
+    let st = out.stats();
+    assert_eq!(st.retries, 1);
+    assert_eq!(st.tasks_run, st.tasks + 1, "only a ran again");
+    assert_eq!(st.invocations, 3, "the leaf, its retry, c once");
+    assert_eq!(calls.lock().unwrap().get(&101), Some(&1), "c ran once");
+    assert_eq!(st.fan_in_count, 2);
+    // Died after the invocation was made (in b, on the same path): the retry
+    // re-sends c's invocation and the invoker drops it; c still runs once.
+    let (rt, calls) = runtime(
+        &pool,
+        RuntimeConfig {
+            crash_in: Some("b".into()),
+            ..RuntimeConfig::default()
+        },
+    );
+    let out = rt.run(&g, Scheduler::Wukong).unwrap();
+    assert_eq!(out.get::<u64>("d").unwrap(), 112);
+    let st = out.stats();
+    assert_eq!(st.retries, 1);
+    assert_eq!(st.tasks_run, st.tasks + 2, "a and b ran again");
+    assert_eq!(
+        st.invocations, 3,
+        "the duplicate invocation of c was dropped"
+    );
+    assert_eq!(calls.lock().unwrap().get(&101), Some(&1), "c ran once");
+    assert_eq!(st.fan_in_count, 2);
+}
+
+/// Retry case: a sink that ran before the crash, on the same path, is not run again
+/// (its done word is set after its output reached the submitter).
+#[test]
+fn sink_that_ran_before_a_crash_is_not_run_again() {
+    let pool = pool();
+    // a has a 64 KiB output: its executor runs both children itself, s first.
+    let mut g = Graph::new();
+    g.add("a", "pad", [("v", Input::value(&1u64).unwrap())])
+        .unwrap();
+    g.add("s", "sum", [("x", Input::task("a"))]).unwrap();
+    g.add(
+        "k",
+        "sum",
+        [
+            ("x", Input::task("a")),
+            ("c", Input::value(&1000u64).unwrap()),
+        ],
+    )
+    .unwrap();
+    g.add(
+        "k2",
+        "sum",
+        [("x", Input::task("k")), ("c", Input::value(&5u64).unwrap())],
+    )
+    .unwrap();
+    let (rt, calls) = runtime(
+        &pool,
+        RuntimeConfig {
+            crash_in: Some("k".into()),
+            ..RuntimeConfig::default()
+        },
+    );
+    assert_eq!(rt.plan(&g).unwrap().children(0), &[1, 2], "s runs before k");
+    let out = rt.run(&g, Scheduler::Wukong).unwrap();
+    assert_eq!(out.get::<u64>("s").unwrap(), 1);
+    assert_eq!(out.get::<u64>("k2").unwrap(), 1006);
+    let st = out.stats();
+    assert_eq!(st.retries, 1);
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.get(&1), Some(&1), "the sink s ran once");
+    assert_eq!(calls.get(&1001), Some(&2), "k (killed) ran again");
+    // a (a chain task: its output was only in the dead executor's memory) and k ran
+    // twice.
+    assert_eq!(st.tasks_run, st.tasks + 2);
+}
+
 #[test]
 fn workloads_are_correct_both_ways() {
     use farpool::dag::workloads::{gemm, tree_reduction, tsqr, GemmSpec, TreeSpec, TsqrSpec};
@@ -591,5 +720,7 @@ fn workers_config(pool: &EmbeddedPool) -> farpool::dag::process::WorkerConfig {
         inline_limit: 4096,
         cluster_large_outputs: true,
         crash_in: None,
+        crash_site: Default::default(),
+        remote: Vec::new(),
     }
 }

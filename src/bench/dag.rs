@@ -58,6 +58,12 @@ pub struct DagBenchArgs {
     #[arg(long)]
     pub processes: bool,
 
+    /// Run the executors on `farpool worker --listen ADDR` processes (other hosts)
+    /// at these addresses, over TCP: --workers connections spread over them
+    /// (implies --processes; needs --controller, the cluster those workers use).
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    pub worker_addrs: Vec<String>,
+
     /// Tree reduction leaves.
     #[arg(long, default_value_t = 1024)]
     pub leaves: u64,
@@ -280,7 +286,12 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
     };
     let client = crate::client::Client::connect(&addr)
         .map_err(|e| BenchError::client(format!("connecting to the controller at {addr}"), e))?;
-    let mut executors = if args.processes {
+    if !args.worker_addrs.is_empty() && args.controller.is_none() {
+        return Err(BenchError::Args(
+            "--worker-addrs needs --controller: the remote workers must use the same cluster as the bench".into(),
+        ));
+    }
+    let mut executors = if args.processes || !args.worker_addrs.is_empty() {
         let bin = match &args.farpool_bin {
             Some(b) => b.clone(),
             None => default_bin()?,
@@ -292,6 +303,8 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
             inline_limit,
             cluster_large_outputs: !args.no_clustering,
             crash_in: None,
+            crash_site: Default::default(),
+            remote: args.worker_addrs.clone(),
         })
         .map_err(|e| BenchError::Args(e.to_string()))?;
         Executors::Processes(Box::new(pool), client)

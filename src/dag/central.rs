@@ -68,7 +68,7 @@ fn dispatch(
             Ok(out) => out,
             Err(e) => return j.fail(e),
         };
-        if j.crash_now(task, 0) {
+        if j.crash_now(super::CrashSite::Task, task, 0) {
             // Injected crash: this executor died mid-task; the scheduler dispatches
             // the task again.
             j.counters.retries.fetch_add(1, Ordering::Relaxed);

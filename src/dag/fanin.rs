@@ -238,10 +238,34 @@ impl FanIn {
     }
 
     /// Records that `owner` invokes an executor for `task` (`CAS 0 -> owner` on the
-    /// task's invocation word). True if this is the first such record: the caller must
-    /// invoke. False if an earlier attempt of the same owner already did (a retried
-    /// executor must not invoke the child again) or another owner did.
-    pub fn begin_invoke(&self, task: TaskId, owner: u64) -> Result<bool, DagError> {
+    /// task's invocation word) and returns the word before: 0 if this is the first
+    /// record (the caller must invoke), `owner` if an earlier attempt of the same
+    /// executor recorded it (it may have died before invoking), another id if another
+    /// executor did.
+    pub fn begin_invoke(&self, task: TaskId, owner: u64) -> Result<u64, DagError> {
+        let (block, offset) = self.word(task, 0)?;
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        Ok(block.cas(offset, 0, owner)?)
+    }
+
+    /// Whether an earlier attempt ran sink `task` and sent its output
+    /// ([`FanIn::record_sink`]). One atomic read.
+    pub fn sink_done(&self, task: TaskId) -> Result<bool, DagError> {
+        let (block, offset) = self.word(task, 8)?;
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        Ok(block.cas(offset, 0, 0)? != 0)
+    }
+
+    /// Records that `owner` sent the output of sink `task` to the submitter.
+    pub fn record_sink(&self, task: TaskId, owner: u64) -> Result<(), DagError> {
+        let (block, offset) = self.word(task, 8)?;
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        block.cas(offset, 0, owner)?;
+        Ok(())
+    }
+
+    /// The block and offset of word `at` (0: invocation, 8: sink done) of `task`.
+    fn word(&self, task: TaskId, at: u64) -> Result<(&BlockHandle, u64), DagError> {
         let &(b, offset) = self.starts.get(task).ok_or_else(|| DagError::Corrupt {
             job: self.job.clone(),
             what: format!("task {task} has no invocation word"),
@@ -250,8 +274,7 @@ impl FanIn {
             job: self.job.clone(),
             what: format!("counter block {b} is missing"),
         })?;
-        self.ops.fetch_add(1, Ordering::Relaxed);
-        Ok(block.cas(offset, 0, owner)? == 0)
+        Ok((block, offset + at))
     }
 
     /// The sum of every fan-in counter: equals the number of fan-in edges after a job
@@ -331,13 +354,14 @@ fn layout(
         });
         offset += size;
     }
+    // Per task: its invocation word and its sink-done word.
     for _ in 0..plan.len() {
-        if offset + 8 > block_len {
+        if offset + 16 > block_len {
             block += 1;
             offset = 0;
         }
         starts.push((block, offset));
-        offset += 8;
+        offset += 16;
     }
     Ok((regions, starts, block + 1))
 }

@@ -90,7 +90,13 @@ impl OutputStore {
 
     /// Writes the output of `task`. Called once per task (the writer keeps track).
     pub(crate) fn put(&self, task: &str, bytes: &[u8]) -> Result<(), DagError> {
-        let file = File::create_at(&self.client, &self.path(task))?;
+        let path = self.path(task);
+        let mut file = File::create_at(&self.client, &path)?;
+        if !file.is_empty()? {
+            // A killed attempt of the same task left a partial output: start over.
+            file.destroy()?;
+            file = File::create_at(&self.client, &path)?;
+        }
         file.append(bytes)?;
         self.written
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);

@@ -21,7 +21,7 @@ use super::fanin::Arrival;
 use super::job::{Event, Job, Launcher, RemoteInvocation, WireHeld};
 use super::plan::TaskId;
 use super::store::InlineRef;
-use super::DagError;
+use super::{CrashSite, DagError};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -56,6 +56,11 @@ fn invoke(
     known: Vec<(TaskId, Held)>,
     attempt: u32,
 ) -> Result<(), DagError> {
+    if attempt == 0 && matches!(job.launcher, Launcher::Threads(_)) && !job.first_start(task) {
+        // A retried executor re-sent an invocation its dead attempt had made: the
+        // invoker drops it (worker processes: the invoker in `process` does the same).
+        return Ok(());
+    }
     if let Launcher::Remote(send) = &job.launcher {
         job.counters.invocations.fetch_add(1, Ordering::Relaxed);
         let known = known
@@ -210,6 +215,11 @@ fn run_path(
         if job.failed() {
             return Ok(());
         }
+        let is_sink = plan.children(t).is_empty();
+        if attempt > 0 && is_sink && job.fanin.sink_done(t)? {
+            // An earlier attempt ran this sink and its output reached the submitter.
+            continue;
+        }
         let recovered = if attempt > 0 {
             ex.stored_earlier(t)?
         } else {
@@ -224,7 +234,7 @@ fn run_path(
             None => {
                 ex.resolve_parents(t)?;
                 let out = job.execute(t, |p| ex.bytes(p))?;
-                if job.crash_now(t, attempt) {
+                if job.crash_now(CrashSite::Task, t, attempt) {
                     // Injected crash: the executor dies mid-task, before any effect
                     // of the task; everything it held is lost.
                     return Err(DagError::ExecutorKilled {
@@ -240,6 +250,10 @@ fn run_path(
         if children.is_empty() {
             if let Some(out) = out {
                 job.send(Event::Sink(t, out));
+                // Recorded after the output went out: a retry skips the sink only if
+                // the submitter has it (a crash in between re-sends the same value,
+                // which the submitter keeps once).
+                job.fanin.record_sink(t, owner)?;
             }
             continue;
         }
@@ -293,9 +307,18 @@ fn run_path(
             continue;
         }
         for &c in rest {
-            // A retry must not invoke a child its earlier attempt already invoked.
-            if !job.fanin.begin_invoke(c, owner)? {
+            // A retry must not invoke a child its earlier attempt already invoked. If
+            // the word holds this executor's own id, the dead attempt recorded the
+            // invocation but may have died before making it: invoke again; the invoker
+            // drops a second invocation of the same start task.
+            let previous = job.fanin.begin_invoke(c, owner)?;
+            if previous != 0 && (previous != owner || attempt == 0) {
                 continue;
+            }
+            if job.crash_now(CrashSite::AfterInvokeRecord, t, attempt) {
+                return Err(DagError::ExecutorKilled {
+                    task: plan.name(t).to_string(),
+                });
             }
             let mut known = Vec::new();
             for &p in plan.parents(c) {
