@@ -540,6 +540,77 @@ fn sink_that_ran_before_a_crash_is_not_run_again() {
     assert_eq!(st.tasks_run, st.tasks + 2);
 }
 
+/// Intermediate outputs in pool objects are freed when their last consumer is done:
+/// every GEMM block except the sinks' is freed before the job ends, under both
+/// schedulers and with a consumer (a `mul` task reading two objects) killed and
+/// retried, and the pool holds none of them afterwards.
+#[test]
+fn intermediate_objects_are_freed_by_their_last_consumer() {
+    use farpool::dag::workloads::{gemm, GemmSpec};
+    let pool = pool();
+    // 4x4 blocks of 16x16 doubles (2 KiB + header) with a 1 KiB inline limit: every
+    // output is a pool object. gen: 2 x 16 blocks, mul: 64, add: 16 (sinks).
+    let w = gemm(GemmSpec {
+        n: 64,
+        block: 16,
+        ..GemmSpec::default()
+    })
+    .unwrap();
+    let (gens, muls) = (32u64, 64u64);
+    for (crash, s) in [
+        (None, Scheduler::Wukong),
+        (None, Scheduler::Central),
+        (Some("mul-1-2-3"), Scheduler::Wukong),
+        (Some("c-1-2"), Scheduler::Wukong),
+    ] {
+        for free in [true, false] {
+            let rt = DagRuntime::new(
+                pool.client().unwrap(),
+                w.registry().clone(),
+                RuntimeConfig {
+                    inline_limit: 1024,
+                    crash_in: crash.map(str::to_string),
+                    free_intermediates: free,
+                    // Every consumer reads its inputs from the pool.
+                    cluster_large_outputs: false,
+                    ..RuntimeConfig::default()
+                },
+            )
+            .unwrap();
+            let out = rt.run(w.graph(), s).unwrap();
+            let check = w.check(&out).unwrap();
+            assert!(
+                check.correct,
+                "{crash:?} {s:?} free={free}: {}",
+                check.detail
+            );
+            let st = out.stats();
+            let expect = if free { gens + muls } else { 0 };
+            assert_eq!(
+                st.objects_freed, expect,
+                "{crash:?} {s:?} free={free}: every non-sink output freed once"
+            );
+            if s == Scheduler::Wukong {
+                assert_eq!(
+                    st.fan_in_count,
+                    rt.plan(w.graph()).unwrap().fan_in_edges() as u64
+                );
+            }
+        }
+    }
+    // Nothing of the jobs is left in the pool.
+    let client = pool.client().unwrap();
+    let status = client.status().unwrap();
+    assert!(
+        status
+            .paths
+            .iter()
+            .all(|p| !p.path.as_str().starts_with("/dag-")),
+        "{:?}",
+        status.paths
+    );
+}
+
 #[test]
 fn workloads_are_correct_both_ways() {
     use farpool::dag::workloads::{gemm, tree_reduction, tsqr, GemmSpec, TreeSpec, TsqrSpec};
@@ -721,6 +792,7 @@ fn workers_config(pool: &EmbeddedPool) -> farpool::dag::process::WorkerConfig {
         cluster_large_outputs: true,
         crash_in: None,
         crash_site: Default::default(),
+        free_intermediates: true,
         remote: Vec::new(),
     }
 }

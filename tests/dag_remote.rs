@@ -29,6 +29,7 @@ fn config(controller: &str, remote: Vec<String>) -> WorkerConfig {
         cluster_large_outputs: true,
         crash_in: None,
         crash_site: Default::default(),
+        free_intermediates: true,
         remote,
     }
 }

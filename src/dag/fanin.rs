@@ -43,6 +43,8 @@ struct Region {
 const COUNTER: u64 = 0;
 const CLAIM: u64 = 8;
 const FLAGS: u64 = 16;
+/// Bytes of per-task words: invocation, sink done, release bits.
+const TASK_WORDS: u64 = 24;
 
 /// The fan-in counters of one job, in blocks owned by the job's pool path.
 #[derive(Debug)]
@@ -264,7 +266,44 @@ impl FanIn {
         Ok(())
     }
 
-    /// The block and offset of word `at` (0: invocation, 8: sink done) of `task`.
+    /// Records that the consumer at `index` in `task`'s children no longer needs
+    /// `task`'s pool object, by setting bit `index` of `task`'s release word with
+    /// CAS (the edge CAS: a retried consumer sets the same bit again and counts
+    /// nothing twice; the population count is the number of consumers done). True if
+    /// the caller must free the object: it set the last bit, or it is a replay that
+    /// finds every bit set (the last releaser may have died before freeing).
+    /// `children` must be at most 64; wider outputs are freed with the job.
+    pub fn release(&self, task: TaskId, index: usize, children: usize) -> Result<bool, DagError> {
+        if index >= children || children > 64 {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("release of consumer {index} of a task with {children} children"),
+            });
+        }
+        let (block, offset) = self.word(task, 16)?;
+        let bit = 1u64 << index;
+        let full = if children == 64 {
+            u64::MAX
+        } else {
+            (1u64 << children) - 1
+        };
+        // Most releases find the word they guess (0 for the first consumer).
+        let mut guess = 0u64;
+        loop {
+            self.ops.fetch_add(1, Ordering::Relaxed);
+            let seen = block.cas(offset, guess, guess | bit)?;
+            if seen == guess {
+                return Ok(guess | bit == full);
+            }
+            if seen & bit != 0 {
+                return Ok(seen == full);
+            }
+            guess = seen;
+        }
+    }
+
+    /// The block and offset of word `at` (0: invocation, 8: sink done, 16: release
+    /// bits) of `task`.
     fn word(&self, task: TaskId, at: u64) -> Result<(&BlockHandle, u64), DagError> {
         let &(b, offset) = self.starts.get(task).ok_or_else(|| DagError::Corrupt {
             job: self.job.clone(),
@@ -354,14 +393,14 @@ fn layout(
         });
         offset += size;
     }
-    // Per task: its invocation word and its sink-done word.
+    // Per task: its invocation word, its sink-done word and its release bits.
     for _ in 0..plan.len() {
-        if offset + 16 > block_len {
+        if offset + TASK_WORDS > block_len {
             block += 1;
             offset = 0;
         }
         starts.push((block, offset));
-        offset += 16;
+        offset += TASK_WORDS;
     }
     Ok((regions, starts, block + 1))
 }

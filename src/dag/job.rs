@@ -89,6 +89,9 @@ pub(crate) struct Job {
     /// Worker processes: sends a sink's output to the invoker at once (before the
     /// executor goes on), instead of with the invocation's other events at its end.
     pub sink_hook: Option<SinkHook>,
+    /// Free a task's pool object once all its consumers are done with it (else with
+    /// the job).
+    pub free_early: bool,
     /// Start tasks of the invocations made so far (thread executors): the invoker
     /// drops a second invocation of the same start task (see [`Job::first_start`]).
     started: Vec<AtomicBool>,
@@ -126,6 +129,7 @@ impl Job {
             crash_site,
             crashed: AtomicBool::new(false),
             sink_hook: None,
+            free_early: true,
             started,
         }
     }

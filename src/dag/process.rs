@@ -23,10 +23,12 @@
 //! Messages ([`super::wire`]) are length-prefixed bincode frames, on the worker's
 //! standard input/output or its TCP connection.
 
+use super::central::Readers;
 use super::fanin::FanIn;
 use super::job::RemoteInvocation;
 use super::plan::{Plan, TaskId};
 use super::runtime::{JobOutput, JobStats, Scheduler};
+use super::store::OutputStore;
 use super::wire::{read_frame, write_frame, Delta, FromWorker, JobSpec, TaskMsg, ToWorker};
 use super::workloads::WorkloadSpec;
 use super::{wukong, CrashSite, DagError};
@@ -63,6 +65,9 @@ pub struct WorkerConfig {
     pub crash_in: Option<String>,
     /// Where in that task the worker aborts.
     pub crash_site: CrashSite,
+    /// Free pool objects when their last consumer is done
+    /// ([`RuntimeConfig::free_intermediates`](super::RuntimeConfig::free_intermediates)).
+    pub free_intermediates: bool,
     /// Addresses (`host:port`) of `farpool worker --listen` processes. When set, the
     /// invoker opens `workers` TCP connections spread over them instead of starting
     /// local processes (`bin` is unused).
@@ -411,6 +416,7 @@ impl WorkerPool {
             crash_in: self.config.crash_in.clone(),
             crash_site: self.config.crash_site,
             counters: fanin.is_some(),
+            free_early: self.config.free_intermediates,
         };
         self.fill()?;
         for w in &mut self.workers {
@@ -446,6 +452,8 @@ impl WorkerPool {
         // Centralized scheduler state: parents still running, small outputs held.
         let mut remaining: Vec<usize> = (0..plan.len()).map(|t| plan.parents(t).len()).collect();
         let mut inline: HashMap<TaskId, Vec<u8>> = HashMap::new();
+        let mut readers = Readers::new(plan);
+        let store = OutputStore::new(job_task.client().clone(), path.to_string());
         while outstanding > 0 {
             for w in &mut self.workers {
                 if w.busy.is_some() {
@@ -496,11 +504,18 @@ impl WorkerPool {
                     self.workers[slot].busy = None;
                     outstanding -= 1;
                     stats.add(&delta);
-                    if let Some(out) = out {
-                        if plan.children(task).is_empty() {
+                    match out {
+                        Some(out) if plan.children(task).is_empty() => {
                             sinks.insert(task, out);
-                        } else {
+                        }
+                        Some(out) => {
                             inline.insert(task, out);
+                        }
+                        None => readers.object(task),
+                    }
+                    if self.config.free_intermediates {
+                        for p in readers.finished(plan, task) {
+                            store.free(plan.name(p))?;
                         }
                     }
                     for &c in plan.children(task) {
@@ -587,6 +602,7 @@ impl WorkerPool {
                 ideal_bytes: stats.ideal_bytes,
                 retries,
                 fan_in_count,
+                objects_freed: stats.objects_freed + store.objects_freed(),
             },
         ))
     }

@@ -76,6 +76,11 @@ pub struct RuntimeConfig {
     pub crash_in: Option<String>,
     /// Where in that task the injected crash happens.
     pub crash_site: CrashSite,
+    /// Free every task's pool object as soon as all its consumers are done with it
+    /// (Wukong: consumer bits in the pool, the last consumer frees; centralized: the
+    /// scheduler frees it when the last consumer finished). Off: outputs are freed
+    /// with the job.
+    pub free_intermediates: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -88,6 +93,7 @@ impl Default for RuntimeConfig {
             replay_fan_in: false,
             crash_in: None,
             crash_site: CrashSite::Task,
+            free_intermediates: true,
         }
     }
 }
@@ -120,6 +126,9 @@ pub struct JobStats {
     /// Wukong: the sum of all fan-in counters at the end of the job. Equals the
     /// plan's fan-in edges when every parent counted itself exactly once.
     pub fan_in_count: u64,
+    /// Pool objects (large outputs) freed before the job's end, when their last
+    /// consumer was done.
+    pub objects_freed: u64,
 }
 
 impl JobStats {
@@ -262,6 +271,7 @@ impl DagRuntime {
             self.config.crash_site,
         );
         job.replay_fan_in = self.config.replay_fan_in;
+        job.free_early = self.config.free_intermediates;
         let counters = job.counters.clone();
         let job = Arc::new(job);
         let sinks = match scheduler {
@@ -297,6 +307,7 @@ impl DagRuntime {
                 ideal_bytes: counters.ideal_bytes.load(Ordering::Relaxed),
                 retries: counters.retries.load(Ordering::Relaxed),
                 fan_in_count,
+                objects_freed: store.objects_freed(),
             },
         })
     }

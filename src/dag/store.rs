@@ -65,6 +65,7 @@ pub(crate) struct OutputStore {
     arena: Mutex<(u64, u64)>,
     written: AtomicU64,
     read: AtomicU64,
+    freed: AtomicU64,
 }
 
 impl OutputStore {
@@ -76,6 +77,7 @@ impl OutputStore {
             arena: Mutex::new((0, 0)),
             written: AtomicU64::new(0),
             read: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
         }
     }
 
@@ -110,6 +112,25 @@ impl OutputStore {
         let bytes = file.read_all()?;
         self.read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(Arc::new(bytes))
+    }
+
+    /// Frees the pool object holding the output of `task` (its last reader is done).
+    /// Freeing one that is already gone (a retried last reader) is not an error.
+    pub(crate) fn free(&self, task: &str) -> Result<(), DagError> {
+        match File::open(&self.client, &self.path(task)) {
+            Ok(file) => {
+                file.destroy()?;
+                self.freed.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(crate::ds::DsError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Pool objects this process freed before the job's end.
+    pub(crate) fn objects_freed(&self) -> u64 {
+        self.freed.load(Ordering::Relaxed)
     }
 
     fn inline_log(&self) -> Result<&File, DagError> {

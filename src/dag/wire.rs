@@ -54,6 +54,8 @@ pub(crate) struct JobSpec {
     pub crash_site: super::CrashSite,
     /// Wukong jobs have fan-in counters in the pool; centralized ones do not.
     pub counters: bool,
+    /// Free pool objects when their last consumer is done.
+    pub free_early: bool,
 }
 
 /// One task dispatched by the centralized scheduler, with the small outputs of its
@@ -84,6 +86,7 @@ pub(crate) struct Delta {
     pub bytes_written: u64,
     pub bytes_read: u64,
     pub counter_ops: u64,
+    pub objects_freed: u64,
 }
 
 impl Delta {
@@ -96,6 +99,7 @@ impl Delta {
             bytes_written: self.bytes_written.saturating_sub(before.bytes_written),
             bytes_read: self.bytes_read.saturating_sub(before.bytes_read),
             counter_ops: self.counter_ops.saturating_sub(before.counter_ops),
+            objects_freed: self.objects_freed.saturating_sub(before.objects_freed),
         }
     }
 
@@ -107,6 +111,7 @@ impl Delta {
         self.bytes_written += d.bytes_written;
         self.bytes_read += d.bytes_read;
         self.counter_ops += d.counter_ops;
+        self.objects_freed += d.objects_freed;
     }
 }
 
@@ -283,6 +288,7 @@ mod tests {
                 crash_in: Some("sum-1-0".into()),
                 crash_site: crate::dag::CrashSite::Task,
                 counters: true,
+                free_early: true,
             }),
             ToWorker::Invoke {
                 job: 3,

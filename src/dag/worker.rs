@@ -82,6 +82,7 @@ impl WorkerJob {
             bytes_written: self.job.store.bytes_written(),
             bytes_read: self.job.store.bytes_read(),
             counter_ops: self.job.fanin.ops(),
+            objects_freed: self.job.store.objects_freed(),
         }
     }
 }
@@ -122,6 +123,7 @@ fn join_job(client: &Client, spec: &JobSpec, out: &Out) -> Result<WorkerJob, Dag
         crash_task,
         spec.crash_site,
     );
+    job.free_early = spec.free_early;
     job.sink_hook = Some(Box::new(move |task, bytes| {
         let msg = FromWorker::Sink {
             job: id,

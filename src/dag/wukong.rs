@@ -22,7 +22,7 @@ use super::job::{Event, Job, Launcher, RemoteInvocation, WireHeld};
 use super::plan::TaskId;
 use super::store::InlineRef;
 use super::{CrashSite, DagError};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -119,9 +119,73 @@ struct Executor<'a> {
     held: HashMap<TaskId, Held>,
     /// Marks of outputs this executor already wrote to the pool.
     stored: HashMap<TaskId, u64>,
+    /// Tasks whose output this executor knows is a pool object (it stored it, or it
+    /// got the object's mark): their consumers release them.
+    objects: HashSet<TaskId>,
+    /// Consumer edges `(parent, consumer)` to release when the invocation ends (the
+    /// consumer's output is not durable: a retry would run it again and read the
+    /// parent's object again).
+    deferred: Vec<(TaskId, TaskId)>,
 }
 
 impl Executor<'_> {
+    /// Holds `h` for `t` (unless something is held already) and notes pool objects.
+    fn hold(&mut self, t: TaskId, h: Held) {
+        if let Held::Mark(MARK_OBJECT) = h {
+            self.objects.insert(t);
+        }
+        self.held.entry(t).or_insert(h);
+    }
+
+    /// `t` has consumed its inputs: releases (now if `durable`, else when the
+    /// invocation ends) its edge from every parent whose output is a pool object.
+    /// `durable`: a retry will not run `t` again (its output is stored for a fan-in,
+    /// or it is a sink whose output was sent).
+    fn consumed(&mut self, t: TaskId, durable: bool) -> Result<(), DagError> {
+        if !self.job.free_early {
+            return Ok(());
+        }
+        let edges: Vec<TaskId> = self
+            .job
+            .plan
+            .parents(t)
+            .iter()
+            .copied()
+            .filter(|p| self.objects.contains(p))
+            .collect();
+        for p in edges {
+            if durable {
+                self.release(p, t)?;
+            } else {
+                self.deferred.push((p, t));
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases consumer `c`'s edge from `p`'s pool object; the last consumer frees it.
+    fn release(&self, p: TaskId, c: TaskId) -> Result<(), DagError> {
+        let children = self.job.plan.children(p);
+        if children.len() > 64 {
+            return Ok(()); // freed with the job
+        }
+        let Some(index) = children.iter().position(|&x| x == c) else {
+            return Ok(());
+        };
+        if self.job.fanin.release(p, index, children.len())? {
+            self.job.store.free(self.job.plan.name(p))?;
+        }
+        Ok(())
+    }
+
+    /// Releases the edges deferred to the end of the invocation.
+    fn release_deferred(&mut self) -> Result<(), DagError> {
+        for (p, c) in std::mem::take(&mut self.deferred) {
+            self.release(p, c)?;
+        }
+        Ok(())
+    }
+
     /// Writes the output of `t` to the pool once; returns its mark.
     fn store(&mut self, t: TaskId, out: &[u8]) -> Result<u64, DagError> {
         if let Some(&m) = self.stored.get(&t) {
@@ -139,6 +203,7 @@ impl Executor<'_> {
             MARK_INLINE_BASE + packed
         } else {
             self.job.store.put(self.job.plan.name(t), out)?;
+            self.objects.insert(t);
             MARK_OBJECT
         };
         self.stored.insert(t, mark);
@@ -188,6 +253,9 @@ impl Executor<'_> {
             let mark = self.job.fanin.mark(c, edge)?;
             if mark != 0 {
                 self.stored.insert(t, mark);
+                if mark == MARK_OBJECT {
+                    self.objects.insert(t);
+                }
                 return Ok(Some(mark));
             }
         }
@@ -207,9 +275,14 @@ fn run_path(
     let owner = start as u64 + 1;
     let mut ex = Executor {
         job,
-        held: known.into_iter().collect(),
+        held: HashMap::new(),
         stored: HashMap::new(),
+        objects: HashSet::new(),
+        deferred: Vec::new(),
     };
+    for (t, h) in known {
+        ex.hold(t, h);
+    }
     let mut stack = vec![start];
     while let Some(t) = stack.pop() {
         if job.failed() {
@@ -217,7 +290,9 @@ fn run_path(
         }
         let is_sink = plan.children(t).is_empty();
         if attempt > 0 && is_sink && job.fanin.sink_done(t)? {
-            // An earlier attempt ran this sink and its output reached the submitter.
+            // An earlier attempt ran this sink and its output reached the submitter
+            // (it may have died before releasing the sink's inputs).
+            ex.consumed(t, true)?;
             continue;
         }
         let recovered = if attempt > 0 {
@@ -255,6 +330,7 @@ fn run_path(
                 // which the submitter keeps once).
                 job.fanin.record_sink(t, owner)?;
             }
+            ex.consumed(t, true)?;
             continue;
         }
         let mut ready = Vec::with_capacity(children.len());
@@ -292,12 +368,16 @@ fn run_path(
             if let Arrival::Run(marks) = arrival {
                 for (&p, &m) in parents.iter().zip(&marks) {
                     if p != t {
-                        ex.held.entry(p).or_insert(Held::Mark(m));
+                        ex.hold(p, Held::Mark(m));
                     }
                 }
                 ready.push(c);
             }
         }
+        // With a fan-in flag set, a retry recovers t instead of running it again.
+        let durable =
+            ex.stored.contains_key(&t) && children.iter().any(|&c| plan.parents(c).len() > 1);
+        ex.consumed(t, durable)?;
         let Some((&first, rest)) = ready.split_first() else {
             continue;
         };
@@ -335,5 +415,6 @@ fn run_path(
         }
         stack.push(first);
     }
-    Ok(())
+    // Nothing of this invocation runs again: release what it deferred.
+    ex.release_deferred()
 }
