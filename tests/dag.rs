@@ -225,6 +225,38 @@ fn fan_in_arrival_is_replay_safe() {
     assert!(!fanin.sink_done(a).unwrap());
     fanin.record_sink(a, 7).unwrap();
     assert!(fanin.sink_done(a).unwrap());
+    // First arrivals (one batch each) mixed with replays of the same edges.
+    let job2 = client.task("/fanin-first").unwrap();
+    let fanin = FanIn::create(&job2, &plan).unwrap();
+    assert_eq!(fanin.arrive_first(d, 1, 20, 101).unwrap(), Arrival::Wait);
+    assert_eq!(
+        fanin.arrive(d, 1, 21, 101).unwrap(),
+        Arrival::Wait,
+        "replay"
+    );
+    assert!(
+        fanin.arrive_first(d, 1, 22, 101).is_err(),
+        "a 'first' arrival on a set edge is refused"
+    );
+    assert_eq!(fanin.count(d).unwrap(), 1, "and its count taken back");
+    assert_eq!(fanin.arrive_first(d, 0, 10, 100).unwrap(), Arrival::Wait);
+    assert_eq!(
+        fanin.arrive_first(d, 2, 30, 102).unwrap(),
+        Arrival::Run(vec![10, 20, 30])
+    );
+    assert_eq!(fanin.total_count().unwrap(), 3);
+    // Consumer release bits: the last of three consumers frees; replays count
+    // nothing twice, and a replay that finds every bit set frees again.
+    assert!(!fanin.release(a, 0, 3).unwrap());
+    assert!(!fanin.release(a, 0, 3).unwrap(), "replay");
+    assert!(!fanin.release(a, 2, 3).unwrap());
+    assert!(fanin.release(a, 1, 3).unwrap(), "the last consumer frees");
+    assert!(
+        fanin.release(a, 2, 3).unwrap(),
+        "a replay after the last frees again"
+    );
+    assert!(fanin.release(a, 3, 3).is_err());
+    job2.close().unwrap();
     job.close().unwrap();
 }
 

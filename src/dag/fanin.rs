@@ -43,6 +43,8 @@ struct Region {
 const COUNTER: u64 = 0;
 const CLAIM: u64 = 8;
 const FLAGS: u64 = 16;
+/// How long a claimer waits for a flag whose count already landed.
+const FLAG_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Bytes of per-task words: invocation, sink done, release bits.
 const TASK_WORDS: u64 = 24;
 
@@ -198,6 +200,69 @@ impl FanIn {
         self.claim(block, region, owner)
     }
 
+    /// [`FanIn::arrive`] for an arrival known to be the first on its edge (the first
+    /// attempt of the executor that ran the parent: no earlier attempt can have set
+    /// the flag). The flag CAS, the counter FAA and the flag READ go out in one batch,
+    /// one round trip instead of two. Only the FAA that completes the count (or a
+    /// READ that sees every flag) goes on to claim; the claim re-reads marks whose
+    /// CAS is still in flight. A flag found already set means the caller broke the
+    /// precondition: the extra count is taken back and the arrival is reported as
+    /// corrupt.
+    pub fn arrive_first(
+        &self,
+        child: TaskId,
+        edge: usize,
+        mark: u64,
+        owner: u64,
+    ) -> Result<Arrival, DagError> {
+        if mark == 0 || owner == 0 {
+            return Err(DagError::Config(
+                "fan-in marks and owners must be nonzero (0 means 'not arrived')".to_string(),
+            ));
+        }
+        let (region, block) = self.region(child)?;
+        if edge as u64 >= region.parents {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("edge {edge} of a task with {} parents", region.parents),
+            });
+        }
+        let flag = region.offset + FLAGS + 8 * edge as u64;
+        let mut flags = vec![0u8; 8 * region.parents as usize];
+        let (was, before) = {
+            let mut ops = [
+                block.cas_op(flag, 0, mark)?,
+                block.faa_op(region.offset + COUNTER, 1)?,
+                block.read_op(region.offset + FLAGS, &mut flags)?,
+            ];
+            block.execute(&mut ops)?;
+            (ops[0].result, ops[1].result)
+        };
+        self.ops.fetch_add(3, Ordering::Relaxed);
+        if was != 0 {
+            block.faa(region.offset + COUNTER, u64::MAX)?;
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("a first arrival at task {child} found edge {edge} already set"),
+            });
+        }
+        if before >= region.parents {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!(
+                    "counter of task {child} passed its {} parents",
+                    region.parents
+                ),
+            });
+        }
+        let complete = before + 1 == region.parents
+            || flags.chunks_exact(8).all(|w| w.iter().any(|&b| b != 0));
+        if !complete {
+            return Ok(Arrival::Wait);
+        }
+        self.claim(block, region, owner)
+    }
+
     /// Claims a complete fan-in with `CAS claim 0 -> owner` and, in the same batch,
     /// reads every edge's mark atomically (`CAS 0 -> 0` returns the word unchanged).
     /// Every flag CAS has landed before the batch is issued (the caller saw them all
@@ -214,12 +279,21 @@ impl FanIn {
         if ops[0].result != 0 && ops[0].result != owner {
             return Ok(Arrival::Wait);
         }
-        let marks: Vec<u64> = ops[1..].iter().map(|op| op.result).collect();
-        if marks.contains(&0) {
-            return Err(DagError::Corrupt {
-                job: self.job.clone(),
-                what: "a claimed fan-in has an edge that never arrived".to_string(),
-            });
+        let mut marks: Vec<u64> = ops[1..].iter().map(|op| op.result).collect();
+        drop(ops);
+        // A parent's flag CAS travels in one batch with its count (`arrive_first`):
+        // a count can land before the flag. The flag is on its way; re-read it.
+        let deadline = std::time::Instant::now() + FLAG_WAIT;
+        while let Some(e) = marks.iter().position(|&m| m == 0) {
+            if std::time::Instant::now() > deadline {
+                return Err(DagError::Corrupt {
+                    job: self.job.clone(),
+                    what: format!("a claimed fan-in's edge {e} never arrived within {FLAG_WAIT:?}"),
+                });
+            }
+            std::thread::yield_now();
+            self.ops.fetch_add(1, Ordering::Relaxed);
+            marks[e] = block.cas(region.offset + FLAGS + 8 * e as u64, 0, 0)?;
         }
         Ok(Arrival::Run(marks))
     }

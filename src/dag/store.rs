@@ -38,9 +38,11 @@ pub(crate) struct InlineRef {
 }
 
 impl InlineRef {
-    /// The record packed as `pos << LEN_BITS | len`; `None` if it does not fit.
+    /// The record packed as `pos << LEN_BITS | len` (below 2^62, so that the marks
+    /// built on it never set the top bit, which tags outputs held in the mark itself);
+    /// `None` if it does not fit.
     pub(crate) fn pack(self) -> Option<u64> {
-        if self.len > MAX_INLINE || self.pos >= 1 << (64 - LEN_BITS - 1) {
+        if self.len > MAX_INLINE || self.pos >= 1 << (64 - LEN_BITS - 2) {
             return None;
         }
         Some(self.pos << LEN_BITS | self.len as u64)

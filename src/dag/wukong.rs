@@ -31,6 +31,30 @@ use std::sync::Arc;
 /// inline arena.
 pub(crate) const MARK_OBJECT: u64 = 1;
 const MARK_INLINE_BASE: u64 = 2;
+/// Top bit of a mark that holds the output itself: an output of at most 8 bytes
+/// whose 8th byte (if any) is zero (a `u64` below 2^56, say) travels as
+/// `MARK_WORD | len << 56 | first 7 bytes`, so a fan-in arrival needs no WRITE and
+/// the claimer no READ for it.
+const MARK_WORD: u64 = 1 << 63;
+
+/// The mark holding `out` itself, if it fits one (see [`MARK_WORD`]).
+pub(crate) fn word_mark(out: &[u8]) -> Option<u64> {
+    if out.len() > 8 || out.get(7).is_some_and(|&b| b != 0) {
+        return None;
+    }
+    let mut data = [0u8; 8];
+    let n = out.len().min(7);
+    data[..n].copy_from_slice(&out[..n]);
+    Some(MARK_WORD | (out.len() as u64) << 56 | u64::from_le_bytes(data))
+}
+
+/// The output a [`word_mark`] holds.
+pub(crate) fn word_bytes(mark: u64) -> Vec<u8> {
+    let len = ((mark >> 56) & 0x7f).min(8) as usize;
+    let mut data = (mark & ((1 << 56) - 1)).to_le_bytes().to_vec();
+    data.truncate(len);
+    data
+}
 
 /// An output an executor holds, or where in the pool to find it.
 #[derive(Debug, Clone)]
@@ -191,7 +215,9 @@ impl Executor<'_> {
         if let Some(&m) = self.stored.get(&t) {
             return Ok(m);
         }
-        let mark = if out.len() <= self.job.inline_limit {
+        let mark = if let Some(m) = word_mark(out) {
+            m
+        } else if out.len() <= self.job.inline_limit {
             let at = self.job.store.put_inline(out)?;
             let packed = at.pack().ok_or_else(|| DagError::Corrupt {
                 job: self.job.store.job().to_string(),
@@ -223,6 +249,7 @@ impl Executor<'_> {
 
     fn fetch(&self, t: TaskId, mark: u64) -> Result<Arc<Vec<u8>>, DagError> {
         match mark {
+            m if m & MARK_WORD != 0 => Ok(Arc::new(word_bytes(m))),
             MARK_OBJECT => self.job.store.get(self.job.plan.name(t)),
             m => self
                 .job
@@ -359,7 +386,13 @@ fn run_path(
                     job: job.store.job().to_string(),
                     what: format!("task {t} is not a parent of its child {c}"),
                 })?;
-            let mut arrival = job.fanin.arrive(c, edge, mark, owner)?;
+            // A first attempt is certainly the edge's first arrival: flag CAS, count
+            // and flag read go in one batch. A retry replays with the edge CAS first.
+            let mut arrival = if attempt == 0 {
+                job.fanin.arrive_first(c, edge, mark, owner)?
+            } else {
+                job.fanin.arrive(c, edge, mark, owner)?
+            };
             if job.replay_fan_in {
                 if let replayed @ Arrival::Run(_) = job.fanin.arrive(c, edge, mark, owner)? {
                     arrival = replayed;
@@ -417,4 +450,41 @@ fn run_path(
     }
     // Nothing of this invocation runs again: release what it deferred.
     ex.release_deferred()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_outputs_round_trip_through_a_mark() {
+        for out in [
+            vec![],
+            vec![1],
+            vec![0, 0, 0],
+            1234u64.to_le_bytes().to_vec(),
+            ((1u64 << 56) - 1).to_le_bytes().to_vec(),
+            vec![255; 7],
+        ] {
+            let m = word_mark(&out).unwrap();
+            assert_ne!(m, 0);
+            assert!(m & MARK_WORD != 0);
+            assert_eq!(word_bytes(m), out);
+        }
+        // Too long, or an 8th byte that is not zero: not a word mark.
+        assert!(word_mark(&[0; 9]).is_none());
+        assert!(word_mark(&(1u64 << 56).to_le_bytes()).is_none());
+        // Arena marks never set the top bit.
+        let biggest = InlineRef {
+            pos: (1 << 42) - 1,
+            len: crate::dag::store::MAX_INLINE,
+        };
+        assert!(MARK_INLINE_BASE + biggest.pack().unwrap() < MARK_WORD);
+        assert!(InlineRef {
+            pos: 1 << 42,
+            len: 1
+        }
+        .pack()
+        .is_none());
+    }
 }
