@@ -643,6 +643,52 @@ fn intermediate_objects_are_freed_by_their_last_consumer() {
     );
 }
 
+/// A consumer whose own output lives only in memory releases its pool-object input
+/// when its invocation ends, not at once: a retry of the invocation runs it again and
+/// must still find the input.
+#[test]
+fn a_retried_consumer_still_finds_its_input_object() {
+    let pool = pool();
+    // a: 64 KiB (a pool object, clustering off); its executor keeps b (a sink) and
+    // invokes c with a's mark; c's executor runs c, then k2, and dies in k2.
+    let mut g = Graph::new();
+    g.add("a", "pad", [("v", Input::value(&1u64).unwrap())])
+        .unwrap();
+    g.add("b", "sum", [("x", Input::task("a"))]).unwrap();
+    g.add(
+        "c",
+        "sum",
+        [
+            ("x", Input::task("a")),
+            ("k", Input::value(&10u64).unwrap()),
+        ],
+    )
+    .unwrap();
+    g.add(
+        "k2",
+        "sum",
+        [("x", Input::task("c")), ("k", Input::value(&5u64).unwrap())],
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let (rt, calls) = runtime(
+            &pool,
+            RuntimeConfig {
+                crash_in: Some("k2".into()),
+                cluster_large_outputs: false,
+                ..RuntimeConfig::default()
+            },
+        );
+        let out = rt.run(&g, Scheduler::Wukong).unwrap();
+        assert_eq!(out.get::<u64>("b").unwrap(), 1);
+        assert_eq!(out.get::<u64>("k2").unwrap(), 16);
+        let st = out.stats();
+        assert_eq!(st.retries, 1);
+        assert_eq!(calls.lock().unwrap().get(&11), Some(&2), "c ran again");
+        assert_eq!(st.objects_freed, 1, "a's object freed once both were done");
+    }
+}
+
 #[test]
 fn workloads_are_correct_both_ways() {
     use farpool::dag::workloads::{gemm, tree_reduction, tsqr, GemmSpec, TreeSpec, TsqrSpec};
