@@ -16,11 +16,13 @@ export RUSTC_BOOTSTRAP=1
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 failed=0
+ran=0
 run() { # crate-dir target
   local dir="$1" target="$2"
   mkdir -p "$scratch/$target"
   cp -r "$dir/corpus/$target/." "$scratch/$target/" 2>/dev/null || true
   echo "== fuzz $target for ${secs}s"
+  ran=$((ran + 1))
   if ! (cd "$dir" && cargo fuzz run "$target" "$scratch/$target" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1); then
     echo "fuzz target $target FAILED (crash input under $dir/artifacts/$target)"
@@ -32,5 +34,6 @@ run fuzz metadata_log
 run rdma/fuzz soft_frame
 run fuzz snapshot
 run fuzz kv_intent
-echo "fuzzing: $((5 - failed)) passed, $failed failed"
+run fuzz dag_frame
+echo "fuzzing: $((ran - failed)) passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -51,6 +51,11 @@ pub struct WorkerArgs {
     /// Controller address.
     #[arg(long, env = "FARPOOL_CONTROLLER")]
     pub controller: String,
+    /// Serve invokers over TCP on this address (host:port; port 0 picks one, printed
+    /// as `listening <addr>`) instead of over standard input/output. Every connection
+    /// is one function instance. No authentication: use it on the cluster network.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
 }
 
 /// `farpool controller`.
@@ -248,7 +253,11 @@ pub fn main() -> ExitCode {
         }
         Command::Worker(a) => {
             init_logging("warn");
-            crate::dag::process::serve_stdio(&a.controller).map_err(|e| e.to_string())
+            match &a.listen {
+                Some(listen) => crate::dag::process::serve_tcp(&a.controller, listen),
+                None => crate::dag::process::serve_stdio(&a.controller),
+            }
+            .map_err(|e| e.to_string())
         }
         Command::Soak(a) => {
             init_logging("warn");

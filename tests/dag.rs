@@ -215,9 +215,48 @@ fn fan_in_arrival_is_replay_safe() {
     // Invocation words: the first record wins, a retry of the same owner does not
     // invoke again.
     let a = plan.id("a").unwrap();
-    assert!(fanin.begin_invoke(a, 7).unwrap());
-    assert!(!fanin.begin_invoke(a, 7).unwrap());
-    assert!(!fanin.begin_invoke(a, 8).unwrap());
+    assert_eq!(fanin.begin_invoke(a, 7).unwrap(), 0);
+    assert_eq!(
+        fanin.begin_invoke(a, 7).unwrap(),
+        7,
+        "the retry sees its own id"
+    );
+    assert_eq!(fanin.begin_invoke(a, 8).unwrap(), 7);
+    assert!(!fanin.sink_done(a).unwrap());
+    fanin.record_sink(a, 7).unwrap();
+    assert!(fanin.sink_done(a).unwrap());
+    // First arrivals (one batch each) mixed with replays of the same edges.
+    let job2 = client.task("/fanin-first").unwrap();
+    let fanin = FanIn::create(&job2, &plan).unwrap();
+    assert_eq!(fanin.arrive_first(d, 1, 20, 101).unwrap(), Arrival::Wait);
+    assert_eq!(
+        fanin.arrive(d, 1, 21, 101).unwrap(),
+        Arrival::Wait,
+        "replay"
+    );
+    assert!(
+        fanin.arrive_first(d, 1, 22, 101).is_err(),
+        "a 'first' arrival on a set edge is refused"
+    );
+    assert_eq!(fanin.count(d).unwrap(), 1, "and its count taken back");
+    assert_eq!(fanin.arrive_first(d, 0, 10, 100).unwrap(), Arrival::Wait);
+    assert_eq!(
+        fanin.arrive_first(d, 2, 30, 102).unwrap(),
+        Arrival::Run(vec![10, 20, 30])
+    );
+    assert_eq!(fanin.total_count().unwrap(), 3);
+    // Consumer release bits: the last of three consumers frees; replays count
+    // nothing twice, and a replay that finds every bit set frees again.
+    assert!(!fanin.release(a, 0, 3).unwrap());
+    assert!(!fanin.release(a, 0, 3).unwrap(), "replay");
+    assert!(!fanin.release(a, 2, 3).unwrap());
+    assert!(fanin.release(a, 1, 3).unwrap(), "the last consumer frees");
+    assert!(
+        fanin.release(a, 2, 3).unwrap(),
+        "a replay after the last frees again"
+    );
+    assert!(fanin.release(a, 3, 3).is_err());
+    job2.close().unwrap();
     job.close().unwrap();
 }
 
@@ -411,6 +450,245 @@ fn crashed_executor_is_retried_without_double_counting() {
     ));
 }
 
+/// Retry case: the executor recorded in the pool that it invokes a child (the
+/// invocation word) and died before invoking it. The retry finds its own id in the
+/// word and invokes the child again; a second invocation of the same start task (the
+/// dead attempt had made it) is dropped by the invoker.
+#[test]
+fn crash_between_invocation_record_and_invocation_loses_nothing() {
+    use farpool::dag::CrashSite;
+    let pool = pool();
+    // a -> {b, c} -> d with small outputs: a's executor keeps b and invokes c.
+    let mut g = Graph::new();
+    g.add("a", "sum", [("x", Input::value(&1u64).unwrap())])
+        .unwrap();
+    g.add(
+        "b",
+        "sum",
+        [
+            ("x", Input::task("a")),
+            ("k", Input::value(&10u64).unwrap()),
+        ],
+    )
+    .unwrap();
+    g.add(
+        "c",
+        "sum",
+        [
+            ("x", Input::task("a")),
+            ("k", Input::value(&100u64).unwrap()),
+        ],
+    )
+    .unwrap();
+    g.add(
+        "d",
+        "sum",
+        [("l", Input::task("b")), ("r", Input::task("c"))],
+    )
+    .unwrap();
+    // Died after the record, before the invocation: without the re-invocation the
+    // fan-in at d never completes (Stalled).
+    let (rt, calls) = runtime(
+        &pool,
+        RuntimeConfig {
+            crash_in: Some("a".into()),
+            crash_site: CrashSite::AfterInvokeRecord,
+            ..RuntimeConfig::default()
+        },
+    );
+    let out = rt.run(&g, Scheduler::Wukong).unwrap();
+    assert_eq!(out.get::<u64>("d").unwrap(), 112);
+    let st = out.stats();
+    assert_eq!(st.retries, 1);
+    assert_eq!(st.tasks_run, st.tasks + 1, "only a ran again");
+    assert_eq!(st.invocations, 3, "the leaf, its retry, c once");
+    assert_eq!(calls.lock().unwrap().get(&101), Some(&1), "c ran once");
+    assert_eq!(st.fan_in_count, 2);
+    // Died after the invocation was made (in b, on the same path): the retry
+    // re-sends c's invocation and the invoker drops it; c still runs once.
+    let (rt, calls) = runtime(
+        &pool,
+        RuntimeConfig {
+            crash_in: Some("b".into()),
+            ..RuntimeConfig::default()
+        },
+    );
+    let out = rt.run(&g, Scheduler::Wukong).unwrap();
+    assert_eq!(out.get::<u64>("d").unwrap(), 112);
+    let st = out.stats();
+    assert_eq!(st.retries, 1);
+    assert_eq!(st.tasks_run, st.tasks + 2, "a and b ran again");
+    assert_eq!(
+        st.invocations, 3,
+        "the duplicate invocation of c was dropped"
+    );
+    assert_eq!(calls.lock().unwrap().get(&101), Some(&1), "c ran once");
+    assert_eq!(st.fan_in_count, 2);
+}
+
+/// Retry case: a sink that ran before the crash, on the same path, is not run again
+/// (its done word is set after its output reached the submitter).
+#[test]
+fn sink_that_ran_before_a_crash_is_not_run_again() {
+    let pool = pool();
+    // a has a 64 KiB output: its executor runs both children itself, s first.
+    let mut g = Graph::new();
+    g.add("a", "pad", [("v", Input::value(&1u64).unwrap())])
+        .unwrap();
+    g.add("s", "sum", [("x", Input::task("a"))]).unwrap();
+    g.add(
+        "k",
+        "sum",
+        [
+            ("x", Input::task("a")),
+            ("c", Input::value(&1000u64).unwrap()),
+        ],
+    )
+    .unwrap();
+    g.add(
+        "k2",
+        "sum",
+        [("x", Input::task("k")), ("c", Input::value(&5u64).unwrap())],
+    )
+    .unwrap();
+    let (rt, calls) = runtime(
+        &pool,
+        RuntimeConfig {
+            crash_in: Some("k".into()),
+            ..RuntimeConfig::default()
+        },
+    );
+    assert_eq!(rt.plan(&g).unwrap().children(0), &[1, 2], "s runs before k");
+    let out = rt.run(&g, Scheduler::Wukong).unwrap();
+    assert_eq!(out.get::<u64>("s").unwrap(), 1);
+    assert_eq!(out.get::<u64>("k2").unwrap(), 1006);
+    let st = out.stats();
+    assert_eq!(st.retries, 1);
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.get(&1), Some(&1), "the sink s ran once");
+    assert_eq!(calls.get(&1001), Some(&2), "k (killed) ran again");
+    // a (a chain task: its output was only in the dead executor's memory) and k ran
+    // twice.
+    assert_eq!(st.tasks_run, st.tasks + 2);
+}
+
+/// Intermediate outputs in pool objects are freed when their last consumer is done:
+/// every GEMM block except the sinks' is freed before the job ends, under both
+/// schedulers and with a consumer (a `mul` task reading two objects) killed and
+/// retried, and the pool holds none of them afterwards.
+#[test]
+fn intermediate_objects_are_freed_by_their_last_consumer() {
+    use farpool::dag::workloads::{gemm, GemmSpec};
+    let pool = pool();
+    // 4x4 blocks of 16x16 doubles (2 KiB + header) with a 1 KiB inline limit: every
+    // output is a pool object. gen: 2 x 16 blocks, mul: 64, add: 16 (sinks).
+    let w = gemm(GemmSpec {
+        n: 64,
+        block: 16,
+        ..GemmSpec::default()
+    })
+    .unwrap();
+    let (gens, muls) = (32u64, 64u64);
+    for (crash, s) in [
+        (None, Scheduler::Wukong),
+        (None, Scheduler::Central),
+        (Some("mul-1-2-3"), Scheduler::Wukong),
+        (Some("c-1-2"), Scheduler::Wukong),
+    ] {
+        for free in [true, false] {
+            let rt = DagRuntime::new(
+                pool.client().unwrap(),
+                w.registry().clone(),
+                RuntimeConfig {
+                    inline_limit: 1024,
+                    crash_in: crash.map(str::to_string),
+                    free_intermediates: free,
+                    // Every consumer reads its inputs from the pool.
+                    cluster_large_outputs: false,
+                    ..RuntimeConfig::default()
+                },
+            )
+            .unwrap();
+            let out = rt.run(w.graph(), s).unwrap();
+            let check = w.check(&out).unwrap();
+            assert!(
+                check.correct,
+                "{crash:?} {s:?} free={free}: {}",
+                check.detail
+            );
+            let st = out.stats();
+            let expect = if free { gens + muls } else { 0 };
+            assert_eq!(
+                st.objects_freed, expect,
+                "{crash:?} {s:?} free={free}: every non-sink output freed once"
+            );
+            if s == Scheduler::Wukong {
+                assert_eq!(
+                    st.fan_in_count,
+                    rt.plan(w.graph()).unwrap().fan_in_edges() as u64
+                );
+            }
+        }
+    }
+    // Nothing of the jobs is left in the pool.
+    let client = pool.client().unwrap();
+    let status = client.status().unwrap();
+    assert!(
+        status
+            .paths
+            .iter()
+            .all(|p| !p.path.as_str().starts_with("/dag-")),
+        "{:?}",
+        status.paths
+    );
+}
+
+/// A consumer whose own output lives only in memory releases its pool-object input
+/// when its invocation ends, not at once: a retry of the invocation runs it again and
+/// must still find the input.
+#[test]
+fn a_retried_consumer_still_finds_its_input_object() {
+    let pool = pool();
+    // a: 64 KiB (a pool object, clustering off); its executor keeps b (a sink) and
+    // invokes c with a's mark; c's executor runs c, then k2, and dies in k2.
+    let mut g = Graph::new();
+    g.add("a", "pad", [("v", Input::value(&1u64).unwrap())])
+        .unwrap();
+    g.add("b", "sum", [("x", Input::task("a"))]).unwrap();
+    g.add(
+        "c",
+        "sum",
+        [
+            ("x", Input::task("a")),
+            ("k", Input::value(&10u64).unwrap()),
+        ],
+    )
+    .unwrap();
+    g.add(
+        "k2",
+        "sum",
+        [("x", Input::task("c")), ("k", Input::value(&5u64).unwrap())],
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let (rt, calls) = runtime(
+            &pool,
+            RuntimeConfig {
+                crash_in: Some("k2".into()),
+                cluster_large_outputs: false,
+                ..RuntimeConfig::default()
+            },
+        );
+        let out = rt.run(&g, Scheduler::Wukong).unwrap();
+        assert_eq!(out.get::<u64>("b").unwrap(), 1);
+        assert_eq!(out.get::<u64>("k2").unwrap(), 16);
+        let st = out.stats();
+        assert_eq!(st.retries, 1);
+        assert_eq!(calls.lock().unwrap().get(&11), Some(&2), "c ran again");
+        assert_eq!(st.objects_freed, 1, "a's object freed once both were done");
+    }
+}
+
 #[test]
 fn workloads_are_correct_both_ways() {
     use farpool::dag::workloads::{gemm, tree_reduction, tsqr, GemmSpec, TreeSpec, TsqrSpec};
@@ -591,5 +869,8 @@ fn workers_config(pool: &EmbeddedPool) -> farpool::dag::process::WorkerConfig {
         inline_limit: 4096,
         cluster_large_outputs: true,
         crash_in: None,
+        crash_site: Default::default(),
+        free_intermediates: true,
+        remote: Vec::new(),
     }
 }

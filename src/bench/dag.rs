@@ -58,6 +58,12 @@ pub struct DagBenchArgs {
     #[arg(long)]
     pub processes: bool,
 
+    /// Run the executors on `farpool worker --listen ADDR` processes (other hosts)
+    /// at these addresses, over TCP: --workers connections spread over them
+    /// (implies --processes; needs --controller, the cluster those workers use).
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    pub worker_addrs: Vec<String>,
+
     /// Tree reduction leaves.
     #[arg(long, default_value_t = 1024)]
     pub leaves: u64,
@@ -84,6 +90,11 @@ pub struct DagBenchArgs {
     /// it (task clustering, the default).
     #[arg(long)]
     pub no_clustering: bool,
+
+    /// Keep every task's pool object until the job ends instead of freeing it when
+    /// its last consumer is done (to measure `peak_pool_bytes` both ways).
+    #[arg(long)]
+    pub keep_intermediates: bool,
 
     /// Repeat each measurement N times and report every run.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -192,6 +203,14 @@ pub struct DagRecord {
     pub moved_vs_ideal: f64,
     /// Pool operations on fan-in counters.
     pub counter_ops: u64,
+    /// Highest pool usage during the run above the usage before it, in bytes:
+    /// the controller's allocated bytes sampled every 5 ms (a shorter peak can be
+    /// missed).
+    pub peak_pool_bytes: u64,
+    /// Pool objects freed before the job's end (their last consumer was done).
+    pub objects_freed: u64,
+    /// Whether intermediate outputs were freed early (not `--keep-intermediates`).
+    pub free_intermediates: bool,
     /// Whether the sink outputs match the direct computation.
     pub correct: bool,
     /// What the check compared.
@@ -280,7 +299,14 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
     };
     let client = crate::client::Client::connect(&addr)
         .map_err(|e| BenchError::client(format!("connecting to the controller at {addr}"), e))?;
-    let mut executors = if args.processes {
+    let sampler = crate::client::Client::connect(&addr)
+        .map_err(|e| BenchError::client(format!("connecting to the controller at {addr}"), e))?;
+    if !args.worker_addrs.is_empty() && args.controller.is_none() {
+        return Err(BenchError::Args(
+            "--worker-addrs needs --controller: the remote workers must use the same cluster as the bench".into(),
+        ));
+    }
+    let mut executors = if args.processes || !args.worker_addrs.is_empty() {
         let bin = match &args.farpool_bin {
             Some(b) => b.clone(),
             None => default_bin()?,
@@ -291,7 +317,10 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
             workers: args.workers,
             inline_limit,
             cluster_large_outputs: !args.no_clustering,
+            free_intermediates: !args.keep_intermediates,
             crash_in: None,
+            crash_site: Default::default(),
+            remote: args.worker_addrs.clone(),
         })
         .map_err(|e| BenchError::Args(e.to_string()))?;
         Executors::Processes(Box::new(pool), client)
@@ -305,6 +334,7 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
                     inline_limit,
                     job_prefix: "bench-dag".to_string(),
                     cluster_large_outputs: !args.no_clustering,
+                    free_intermediates: !args.keep_intermediates,
                     ..RuntimeConfig::default()
                 },
             )
@@ -320,6 +350,7 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
             }
             let rec = run_once(
                 &mut executors,
+                &sampler,
                 &work,
                 workload_spec,
                 scheduler,
@@ -352,6 +383,7 @@ pub fn run(args: &DagBenchArgs) -> Result<(), BenchError> {
 #[allow(clippy::too_many_arguments)]
 fn run_once(
     executors: &mut Executors,
+    sampler: &crate::client::Client,
     work: &Workload,
     workload_spec: WorkloadSpec,
     scheduler: Scheduler,
@@ -364,12 +396,12 @@ fn run_once(
         scheduler: scheduler_name(scheduler),
         source: e,
     };
-    let (out, kind) = match executors {
+    let ((out, kind), peak) = while_sampling(sampler, || match executors {
         Executors::Threads(runtime) => (runtime.run(work.graph(), scheduler), "threads"),
         Executors::Processes(pool, client) => {
             (pool.run(client, workload_spec, scheduler), "processes")
         }
-    };
+    })?;
     let out = out.map_err(dag_err)?;
     let check = work.check(&out).map_err(dag_err)?;
     let s = out.stats();
@@ -402,8 +434,41 @@ fn run_once(
             moved as f64 / s.ideal_bytes as f64
         },
         counter_ops: s.counter_ops,
+        peak_pool_bytes: peak,
+        objects_freed: s.objects_freed,
+        free_intermediates: !args.keep_intermediates,
         correct: check.correct,
         check: check.detail,
+    })
+}
+
+/// Runs `f` while a thread samples the pool's allocated bytes every 5 ms; returns
+/// what `f` returned and the highest sample above the one taken before `f` started.
+fn while_sampling<T>(
+    client: &crate::client::Client,
+    f: impl FnOnce() -> T,
+) -> Result<(T, u64), BenchError> {
+    let used = || {
+        client
+            .status()
+            .map(|s| s.used_bytes)
+            .map_err(|e| BenchError::client("sampling the pool's usage".to_string(), e))
+    };
+    let base = used()?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut peak = base;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(used()?);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok::<u64, BenchError>(peak)
+        });
+        let out = f();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = sampler.join().map_err(|_| BenchError::WorkerPanicked)??;
+        Ok((out, peak.saturating_sub(base)))
     })
 }
 
@@ -551,6 +616,9 @@ mod tests {
             ideal_bytes: 20,
             moved_vs_ideal: 0.5,
             counter_ops: 4,
+            peak_pool_bytes: 4096,
+            objects_freed: 1,
+            free_intermediates: true,
             correct: true,
             check: "sum 6".into(),
         };
@@ -569,6 +637,7 @@ mod tests {
             "bytes_moved",
             "ideal_bytes",
             "counter_ops",
+            "peak_pool_bytes",
             "executors",
             "correct",
         ] {

@@ -20,6 +20,7 @@ pub(crate) fn run(
     let mut remaining: Vec<usize> = (0..plan.len()).map(|t| plan.parents(t).len()).collect();
     let mut inline: HashMap<TaskId, Arc<Vec<u8>>> = HashMap::new();
     let mut sinks = HashMap::new();
+    let mut readers = Readers::new(plan);
     for &leaf in plan.leaves() {
         dispatch(job, leaf, Vec::new())?;
     }
@@ -32,11 +33,18 @@ pub(crate) fn run(
             Event::Sink(t, out) => (t, Some(out)),
         };
         done += 1;
-        if let Some(out) = out {
-            if plan.children(t).is_empty() {
+        match out {
+            Some(out) if plan.children(t).is_empty() => {
                 sinks.insert(t, out);
-            } else {
+            }
+            Some(out) => {
                 inline.insert(t, out);
+            }
+            None => readers.object(t),
+        }
+        if job.free_early {
+            for p in readers.finished(plan, t) {
+                job.store.free(plan.name(p))?;
             }
         }
         for &c in plan.children(t) {
@@ -54,6 +62,42 @@ pub(crate) fn run(
     Ok(sinks)
 }
 
+/// The centralized scheduler's count of consumers still to finish per pool object:
+/// a task's object is freed when its last consumer finished (a crashed dispatch is
+/// retried before it counts as finished, so nothing frees an input still needed).
+pub(crate) struct Readers {
+    left: Vec<usize>,
+    objects: Vec<bool>,
+}
+
+impl Readers {
+    pub(crate) fn new(plan: &super::plan::Plan) -> Readers {
+        Readers {
+            left: (0..plan.len()).map(|t| plan.children(t).len()).collect(),
+            objects: vec![false; plan.len()],
+        }
+    }
+
+    /// `t`'s output is a pool object.
+    pub(crate) fn object(&mut self, t: TaskId) {
+        if let Some(o) = self.objects.get_mut(t) {
+            *o = true;
+        }
+    }
+
+    /// `t` finished: the objects of its parents it was the last consumer of.
+    pub(crate) fn finished(&mut self, plan: &super::plan::Plan, t: TaskId) -> Vec<TaskId> {
+        let mut free = Vec::new();
+        for &p in plan.parents(t) {
+            self.left[p] -= 1;
+            if self.left[p] == 0 && self.objects[p] {
+                free.push(p);
+            }
+        }
+        free
+    }
+}
+
 fn dispatch(
     job: &Arc<Job>,
     task: TaskId,
@@ -68,7 +112,7 @@ fn dispatch(
             Ok(out) => out,
             Err(e) => return j.fail(e),
         };
-        if j.crash_now(task, 0) {
+        if j.crash_now(super::CrashSite::Task, task, 0) {
             // Injected crash: this executor died mid-task; the scheduler dispatches
             // the task again.
             j.counters.retries.fetch_add(1, Ordering::Relaxed);

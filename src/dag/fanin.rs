@@ -43,6 +43,10 @@ struct Region {
 const COUNTER: u64 = 0;
 const CLAIM: u64 = 8;
 const FLAGS: u64 = 16;
+/// How long a claimer waits for a flag whose count already landed.
+const FLAG_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Bytes of per-task words: invocation, sink done, release bits.
+const TASK_WORDS: u64 = 24;
 
 /// The fan-in counters of one job, in blocks owned by the job's pool path.
 #[derive(Debug)]
@@ -196,6 +200,69 @@ impl FanIn {
         self.claim(block, region, owner)
     }
 
+    /// [`FanIn::arrive`] for an arrival known to be the first on its edge (the first
+    /// attempt of the executor that ran the parent: no earlier attempt can have set
+    /// the flag). The flag CAS, the counter FAA and the flag READ go out in one batch,
+    /// one round trip instead of two. Only the FAA that completes the count (or a
+    /// READ that sees every flag) goes on to claim; the claim re-reads marks whose
+    /// CAS is still in flight. A flag found already set means the caller broke the
+    /// precondition: the extra count is taken back and the arrival is reported as
+    /// corrupt.
+    pub fn arrive_first(
+        &self,
+        child: TaskId,
+        edge: usize,
+        mark: u64,
+        owner: u64,
+    ) -> Result<Arrival, DagError> {
+        if mark == 0 || owner == 0 {
+            return Err(DagError::Config(
+                "fan-in marks and owners must be nonzero (0 means 'not arrived')".to_string(),
+            ));
+        }
+        let (region, block) = self.region(child)?;
+        if edge as u64 >= region.parents {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("edge {edge} of a task with {} parents", region.parents),
+            });
+        }
+        let flag = region.offset + FLAGS + 8 * edge as u64;
+        let mut flags = vec![0u8; 8 * region.parents as usize];
+        let (was, before) = {
+            let mut ops = [
+                block.cas_op(flag, 0, mark)?,
+                block.faa_op(region.offset + COUNTER, 1)?,
+                block.read_op(region.offset + FLAGS, &mut flags)?,
+            ];
+            block.execute(&mut ops)?;
+            (ops[0].result, ops[1].result)
+        };
+        self.ops.fetch_add(3, Ordering::Relaxed);
+        if was != 0 {
+            block.faa(region.offset + COUNTER, u64::MAX)?;
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("a first arrival at task {child} found edge {edge} already set"),
+            });
+        }
+        if before >= region.parents {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!(
+                    "counter of task {child} passed its {} parents",
+                    region.parents
+                ),
+            });
+        }
+        let complete = before + 1 == region.parents
+            || flags.chunks_exact(8).all(|w| w.iter().any(|&b| b != 0));
+        if !complete {
+            return Ok(Arrival::Wait);
+        }
+        self.claim(block, region, owner)
+    }
+
     /// Claims a complete fan-in with `CAS claim 0 -> owner` and, in the same batch,
     /// reads every edge's mark atomically (`CAS 0 -> 0` returns the word unchanged).
     /// Every flag CAS has landed before the batch is issued (the caller saw them all
@@ -212,12 +279,21 @@ impl FanIn {
         if ops[0].result != 0 && ops[0].result != owner {
             return Ok(Arrival::Wait);
         }
-        let marks: Vec<u64> = ops[1..].iter().map(|op| op.result).collect();
-        if marks.contains(&0) {
-            return Err(DagError::Corrupt {
-                job: self.job.clone(),
-                what: "a claimed fan-in has an edge that never arrived".to_string(),
-            });
+        let mut marks: Vec<u64> = ops[1..].iter().map(|op| op.result).collect();
+        drop(ops);
+        // A parent's flag CAS travels in one batch with its count (`arrive_first`):
+        // a count can land before the flag. The flag is on its way; re-read it.
+        let deadline = std::time::Instant::now() + FLAG_WAIT;
+        while let Some(e) = marks.iter().position(|&m| m == 0) {
+            if std::time::Instant::now() > deadline {
+                return Err(DagError::Corrupt {
+                    job: self.job.clone(),
+                    what: format!("a claimed fan-in's edge {e} never arrived within {FLAG_WAIT:?}"),
+                });
+            }
+            std::thread::yield_now();
+            self.ops.fetch_add(1, Ordering::Relaxed);
+            marks[e] = block.cas(region.offset + FLAGS + 8 * e as u64, 0, 0)?;
         }
         Ok(Arrival::Run(marks))
     }
@@ -238,10 +314,71 @@ impl FanIn {
     }
 
     /// Records that `owner` invokes an executor for `task` (`CAS 0 -> owner` on the
-    /// task's invocation word). True if this is the first such record: the caller must
-    /// invoke. False if an earlier attempt of the same owner already did (a retried
-    /// executor must not invoke the child again) or another owner did.
-    pub fn begin_invoke(&self, task: TaskId, owner: u64) -> Result<bool, DagError> {
+    /// task's invocation word) and returns the word before: 0 if this is the first
+    /// record (the caller must invoke), `owner` if an earlier attempt of the same
+    /// executor recorded it (it may have died before invoking), another id if another
+    /// executor did.
+    pub fn begin_invoke(&self, task: TaskId, owner: u64) -> Result<u64, DagError> {
+        let (block, offset) = self.word(task, 0)?;
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        Ok(block.cas(offset, 0, owner)?)
+    }
+
+    /// Whether an earlier attempt ran sink `task` and sent its output
+    /// ([`FanIn::record_sink`]). One atomic read.
+    pub fn sink_done(&self, task: TaskId) -> Result<bool, DagError> {
+        let (block, offset) = self.word(task, 8)?;
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        Ok(block.cas(offset, 0, 0)? != 0)
+    }
+
+    /// Records that `owner` sent the output of sink `task` to the submitter.
+    pub fn record_sink(&self, task: TaskId, owner: u64) -> Result<(), DagError> {
+        let (block, offset) = self.word(task, 8)?;
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        block.cas(offset, 0, owner)?;
+        Ok(())
+    }
+
+    /// Records that the consumer at `index` in `task`'s children no longer needs
+    /// `task`'s pool object, by setting bit `index` of `task`'s release word with
+    /// CAS (the edge CAS: a retried consumer sets the same bit again and counts
+    /// nothing twice; the population count is the number of consumers done). True if
+    /// the caller must free the object: it set the last bit, or it is a replay that
+    /// finds every bit set (the last releaser may have died before freeing).
+    /// `children` must be at most 64; wider outputs are freed with the job.
+    pub fn release(&self, task: TaskId, index: usize, children: usize) -> Result<bool, DagError> {
+        if index >= children || children > 64 {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("release of consumer {index} of a task with {children} children"),
+            });
+        }
+        let (block, offset) = self.word(task, 16)?;
+        let bit = 1u64 << index;
+        let full = if children == 64 {
+            u64::MAX
+        } else {
+            (1u64 << children) - 1
+        };
+        // Most releases find the word they guess (0 for the first consumer).
+        let mut guess = 0u64;
+        loop {
+            self.ops.fetch_add(1, Ordering::Relaxed);
+            let seen = block.cas(offset, guess, guess | bit)?;
+            if seen == guess {
+                return Ok(guess | bit == full);
+            }
+            if seen & bit != 0 {
+                return Ok(seen == full);
+            }
+            guess = seen;
+        }
+    }
+
+    /// The block and offset of word `at` (0: invocation, 8: sink done, 16: release
+    /// bits) of `task`.
+    fn word(&self, task: TaskId, at: u64) -> Result<(&BlockHandle, u64), DagError> {
         let &(b, offset) = self.starts.get(task).ok_or_else(|| DagError::Corrupt {
             job: self.job.clone(),
             what: format!("task {task} has no invocation word"),
@@ -250,8 +387,7 @@ impl FanIn {
             job: self.job.clone(),
             what: format!("counter block {b} is missing"),
         })?;
-        self.ops.fetch_add(1, Ordering::Relaxed);
-        Ok(block.cas(offset, 0, owner)? == 0)
+        Ok((block, offset + at))
     }
 
     /// The sum of every fan-in counter: equals the number of fan-in edges after a job
@@ -331,13 +467,14 @@ fn layout(
         });
         offset += size;
     }
+    // Per task: its invocation word, its sink-done word and its release bits.
     for _ in 0..plan.len() {
-        if offset + 8 > block_len {
+        if offset + TASK_WORDS > block_len {
             block += 1;
             offset = 0;
         }
         starts.push((block, offset));
-        offset += 8;
+        offset += TASK_WORDS;
     }
     Ok((regions, starts, block + 1))
 }

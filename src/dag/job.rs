@@ -7,7 +7,7 @@ use super::graph::Registry;
 use super::plan::{Plan, Source, TaskId};
 use super::store::OutputStore;
 use super::typed::Inputs;
-use super::DagError;
+use super::{CrashSite, DagError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
@@ -26,7 +26,7 @@ pub(crate) enum Event {
 }
 
 /// An invocation that crosses a process boundary (see [`super::process`]).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RemoteInvocation {
     /// The task the new executor starts at.
     pub task: TaskId,
@@ -37,7 +37,7 @@ pub(crate) struct RemoteInvocation {
 }
 
 /// A parent output inside an invocation: the bytes, or where they are in the pool.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum WireHeld {
     Bytes(Vec<u8>),
     Mark(u64),
@@ -51,6 +51,9 @@ pub(crate) enum Launcher {
     /// it is gone.
     Remote(Box<dyn Fn(RemoteInvocation) -> bool + Send + Sync>),
 }
+
+/// Sends a sink output out of the process; false if the receiver is gone.
+pub(crate) type SinkHook = Box<dyn Fn(TaskId, &[u8]) -> bool + Send + Sync>;
 
 /// Per-job counts shared by the executors and the submitter.
 #[derive(Debug, Default)]
@@ -80,10 +83,69 @@ pub(crate) struct Job {
     pub failed: AtomicBool,
     /// Fault injection: the first executor to run this task dies in the middle of it.
     pub crash_task: Option<TaskId>,
+    /// Where in that task the injected crash happens.
+    pub crash_site: CrashSite,
     pub crashed: AtomicBool,
+    /// Worker processes: sends a sink's output to the invoker at once (before the
+    /// executor goes on), instead of with the invocation's other events at its end.
+    pub sink_hook: Option<SinkHook>,
+    /// Free a task's pool object once all its consumers are done with it (else with
+    /// the job).
+    pub free_early: bool,
+    /// Start tasks of the invocations made so far (thread executors): the invoker
+    /// drops a second invocation of the same start task (see [`Job::first_start`]).
+    started: Vec<AtomicBool>,
 }
 
 impl Job {
+    /// A job with fresh counters.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        plan: Arc<Plan>,
+        registry: Arc<Registry>,
+        store: Arc<OutputStore>,
+        fanin: Arc<FanIn>,
+        launcher: Launcher,
+        inline_limit: usize,
+        cluster: bool,
+        events: Sender<Event>,
+        crash_task: Option<TaskId>,
+        crash_site: CrashSite,
+    ) -> Job {
+        let started = (0..plan.len()).map(|_| AtomicBool::new(false)).collect();
+        Job {
+            plan,
+            registry,
+            store,
+            fanin,
+            counters: Arc::new(Counters::default()),
+            launcher,
+            inline_limit,
+            cluster,
+            replay_fan_in: false,
+            events,
+            failed: AtomicBool::new(false),
+            crash_task,
+            crash_site,
+            crashed: AtomicBool::new(false),
+            sink_hook: None,
+            free_early: true,
+            started,
+        }
+    }
+
+    /// Whether no invocation starting at `t` was made yet in this job (and records
+    /// one). Every task starts at most one invocation in a job (a leaf, or the child a
+    /// single executor hands off), so a second one is a retried executor re-sending an
+    /// invocation its dead attempt may already have made: the invoker drops it (an
+    /// idempotency key of (job, start task)).
+    pub(crate) fn first_start(&self, t: TaskId) -> bool {
+        self.started
+            .get(t)
+            .map(|s| !s.swap(true, Ordering::Relaxed))
+            .unwrap_or(false)
+    }
+
     /// Whether the job already failed (executors stop at their next task).
     pub(crate) fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
@@ -91,8 +153,11 @@ impl Job {
 
     /// Whether the executor that just ran `t` must die now (injected crash; once per
     /// job).
-    pub(crate) fn crash_now(&self, t: TaskId, attempt: u32) -> bool {
-        attempt == 0 && self.crash_task == Some(t) && !self.crashed.swap(true, Ordering::Relaxed)
+    pub(crate) fn crash_now(&self, site: CrashSite, t: TaskId, attempt: u32) -> bool {
+        attempt == 0
+            && self.crash_site == site
+            && self.crash_task == Some(t)
+            && !self.crashed.swap(true, Ordering::Relaxed)
     }
 
     /// Reports the first failure; later ones are dropped.
@@ -104,6 +169,11 @@ impl Job {
     }
 
     pub(crate) fn send(&self, event: Event) {
+        if let (Event::Sink(t, out), Some(hook)) = (&event, &self.sink_hook) {
+            if hook(*t, out) {
+                return;
+            }
+        }
         // A closed channel means the submitter gave up (the job failed).
         let _ = self.events.send(event);
     }

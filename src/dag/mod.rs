@@ -41,6 +41,8 @@ mod runtime;
 mod schedule;
 mod store;
 mod typed;
+pub mod wire;
+mod worker;
 pub mod workloads;
 mod wukong;
 
@@ -49,6 +51,6 @@ pub use executor::ExecutorPool;
 pub use fanin::{Arrival, FanIn};
 pub use graph::{Graph, Input, Registry, TaskFn};
 pub use plan::{Plan, TaskId};
-pub use runtime::{DagRuntime, JobOutput, JobStats, RuntimeConfig, Scheduler};
+pub use runtime::{CrashSite, DagRuntime, JobOutput, JobStats, RuntimeConfig, Scheduler};
 pub use schedule::Schedule;
 pub use typed::{decode, encode, Inputs};

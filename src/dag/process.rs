@@ -13,349 +13,39 @@
 //! the centralized scheduler in the invoker (small outputs come back to it and go out
 //! with the next dispatch, large ones go through pool objects).
 //!
-//! Messages are bincode frames with a 4-byte little-endian length, on the worker's
-//! standard input (invoker to worker) and standard output (worker to invoker).
+//! Workers on other hosts: with [`WorkerConfig::remote`] the invoker connects to
+//! `farpool worker --listen ADDR` processes over TCP instead of starting local ones;
+//! every connection is one function instance. A connection that breaks (the worker
+//! died) has its invocation retried on another connection, and the invoker reconnects,
+//! trying every address in turn; it goes on with fewer connections while some
+//! addresses are unreachable.
+//!
+//! Messages ([`super::wire`]) are length-prefixed bincode frames, on the worker's
+//! standard input/output or its TCP connection.
 
+use super::central::Readers;
 use super::fanin::FanIn;
-use super::job::{Counters, Event, Job, Launcher, RemoteInvocation};
+use super::job::RemoteInvocation;
 use super::plan::{Plan, TaskId};
 use super::runtime::{JobOutput, JobStats, Scheduler};
 use super::store::OutputStore;
+use super::wire::{read_frame, write_frame, Delta, FromWorker, JobSpec, TaskMsg, ToWorker};
 use super::workloads::WorkloadSpec;
-use super::{wukong, DagError};
+use super::{wukong, CrashSite, DagError};
 use crate::client::Client;
-use parking_lot::Mutex;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
-use std::io::{BufReader, Read, Write};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Largest frame accepted (a 2 MiB matrix block travels inside an invocation at most).
-const MAX_FRAME: usize = 256 << 20;
+pub use super::worker::{serve_stdio, serve_tcp};
 
-/// What a worker needs to join a job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct JobSpec {
-    id: u64,
-    path: String,
-    workload: WorkloadSpec,
-    inline_limit: usize,
-    cluster: bool,
-    crash_in: Option<String>,
-    /// Wukong jobs have fan-in counters in the pool; centralized ones do not.
-    counters: bool,
-}
-
-/// One task dispatched by the centralized scheduler, with the small outputs of its
-/// parents (large ones are pool objects).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TaskMsg {
-    task: TaskId,
-    inputs: Vec<(TaskId, Vec<u8>)>,
-    attempt: u32,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-enum ToWorker {
-    Job(JobSpec),
-    Invoke { job: u64, inv: RemoteInvocation },
-    Run { job: u64, task: TaskMsg },
-    EndJob(u64),
-}
-
-/// What one invocation did, as counted by the worker.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-struct Delta {
-    tasks_run: u64,
-    invocations: u64,
-    compute_ns: u64,
-    ideal_bytes: u64,
-    bytes_written: u64,
-    bytes_read: u64,
-    counter_ops: u64,
-}
-
-impl Delta {
-    fn since(&self, before: &Delta) -> Delta {
-        Delta {
-            tasks_run: self.tasks_run - before.tasks_run,
-            invocations: self.invocations - before.invocations,
-            compute_ns: self.compute_ns - before.compute_ns,
-            ideal_bytes: self.ideal_bytes - before.ideal_bytes,
-            bytes_written: self.bytes_written - before.bytes_written,
-            bytes_read: self.bytes_read - before.bytes_read,
-            counter_ops: self.counter_ops - before.counter_ops,
-        }
-    }
-
-    fn add(&mut self, d: &Delta) {
-        self.tasks_run += d.tasks_run;
-        self.invocations += d.invocations;
-        self.compute_ns += d.compute_ns;
-        self.ideal_bytes += d.ideal_bytes;
-        self.bytes_written += d.bytes_written;
-        self.bytes_read += d.bytes_read;
-        self.counter_ops += d.counter_ops;
-    }
-}
-
-/// Runs one centrally dispatched task: parents' small outputs come with it, large ones
-/// are read from the pool; a large output is written to the pool unless it is a sink.
-fn run_task(job: &Arc<Job>, msg: &TaskMsg) -> Result<Option<Vec<u8>>, DagError> {
-    let inputs: HashMap<TaskId, Arc<Vec<u8>>> = msg
-        .inputs
-        .iter()
-        .map(|(t, b)| (*t, Arc::new(b.clone())))
-        .collect();
-    let out = job.execute(msg.task, |p| inputs.get(&p).cloned())?;
-    if job.crash_now(msg.task, msg.attempt) {
-        std::process::abort();
-    }
-    let is_sink = job.plan.children(msg.task).is_empty();
-    if is_sink || out.len() <= job.inline_limit {
-        Ok(Some(out.as_ref().clone()))
-    } else {
-        job.store.put(job.plan.name(msg.task), &out)?;
-        Ok(None)
-    }
-}
-
-/// Every request that runs something (`Invoke`, `Run`) ends with exactly one `Done` or
-/// `TaskDone`; `Failed` comes before it when something went wrong.
-#[derive(Debug, Serialize, Deserialize)]
-enum FromWorker {
-    Invoke {
-        job: u64,
-        inv: RemoteInvocation,
-    },
-    Sink {
-        job: u64,
-        task: TaskId,
-        out: Vec<u8>,
-    },
-    Failed {
-        job: u64,
-        message: String,
-    },
-    Done {
-        job: u64,
-        delta: Delta,
-    },
-    /// A centrally dispatched task finished: small (or sink) outputs come along,
-    /// large ones are pool objects.
-    TaskDone {
-        job: u64,
-        task: TaskId,
-        out: Option<Vec<u8>>,
-        delta: Delta,
-    },
-}
-
-fn write_frame<T: Serialize>(out: &mut impl Write, msg: &T) -> std::io::Result<()> {
-    let bytes = bincode::serialize(msg).map_err(std::io::Error::other)?;
-    let len =
-        u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("frame larger than 4 GiB"))?;
-    out.write_all(&len.to_le_bytes())?;
-    out.write_all(&bytes)?;
-    out.flush()
-}
-
-/// The next frame, or `None` at end of stream.
-fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> std::io::Result<Option<T>> {
-    let mut len = [0u8; 4];
-    match input.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(std::io::Error::other(format!(
-            "frame of {len} bytes is larger than {MAX_FRAME}"
-        )));
-    }
-    let mut buf = vec![0u8; len];
-    input.read_exact(&mut buf)?;
-    bincode::deserialize(&buf)
-        .map(Some)
-        .map_err(std::io::Error::other)
-}
-
-type Out = Arc<Mutex<std::io::Stdout>>;
-
-fn send(out: &Out, msg: &FromWorker) -> Result<(), DagError> {
-    write_frame(&mut *out.lock(), msg)
-        .map_err(|e| DagError::Worker(format!("cannot write to the invoker: {e}")))
-}
-
-/// Reports that a request for `job` failed with `message`.
-fn send_failed(out: &Out, job: u64, message: String) -> Result<(), DagError> {
-    send(out, &FromWorker::Failed { job, message })
-}
-
-/// Reports that a request for `job` failed, then ends it (every run request ends with
-/// one `Done` or `TaskDone`).
-fn send_failed_done(out: &Out, job: u64, message: String, delta: Delta) -> Result<(), DagError> {
-    send_failed(out, job, message)?;
-    send(out, &FromWorker::Done { job, delta })
-}
-
-struct WorkerJob {
-    job: Arc<Job>,
-    events: Receiver<Event>,
-}
-
-impl WorkerJob {
-    fn snapshot(&self) -> Delta {
-        let c = &self.job.counters;
-        Delta {
-            tasks_run: c.tasks_run.load(Ordering::Relaxed),
-            invocations: c.invocations.load(Ordering::Relaxed),
-            compute_ns: c.compute_ns.load(Ordering::Relaxed),
-            ideal_bytes: c.ideal_bytes.load(Ordering::Relaxed),
-            bytes_written: self.job.store.bytes_written(),
-            bytes_read: self.job.store.bytes_read(),
-            counter_ops: self.job.fanin.ops(),
-        }
-    }
-}
-
-fn join_job(client: &Client, spec: &JobSpec, out: &Out) -> Result<WorkerJob, DagError> {
-    let workload = spec.workload.build()?;
-    let registry = Arc::new(workload.registry().clone());
-    let plan = Arc::new(Plan::new(workload.graph(), &registry)?);
-    let fanin = Arc::new(if spec.counters {
-        FanIn::open(client, &spec.path, &plan)?
-    } else {
-        FanIn::empty(spec.path.clone())
-    });
-    let store = Arc::new(OutputStore::new(client.clone(), spec.path.clone()));
-    let crash_task = match &spec.crash_in {
-        None => None,
-        Some(name) => Some(plan.id(name).ok_or_else(|| {
-            DagError::Config(format!(
-                "crash_in names task '{name}', which is not in the graph"
-            ))
-        })?),
-    };
-    let (tx, rx) = channel();
-    let id = spec.id;
-    let invoke_out = out.clone();
-    let job = Arc::new(Job {
-        plan,
-        registry,
-        store,
-        fanin,
-        counters: Arc::new(Counters::default()),
-        launcher: Launcher::Remote(Box::new(move |inv| {
-            send(&invoke_out, &FromWorker::Invoke { job: id, inv }).is_ok()
-        })),
-        inline_limit: spec.inline_limit,
-        cluster: spec.cluster,
-        replay_fan_in: false,
-        events: tx,
-        failed: Default::default(),
-        crash_task,
-        crashed: Default::default(),
-    });
-    Ok(WorkerJob { job, events: rx })
-}
-
-/// `farpool worker`: serves invocations read from standard input until it closes.
-/// One invocation at a time, like a function instance. A crash injected with
-/// `crash_in` kills the process (abort) in the middle of the task.
-pub fn serve_stdio(controller: &str) -> Result<(), DagError> {
-    let client = Client::connect(controller)?;
-    let out: Out = Arc::new(Mutex::new(std::io::stdout()));
-    let mut input = BufReader::new(std::io::stdin().lock());
-    let mut jobs: HashMap<u64, WorkerJob> = HashMap::new();
-    loop {
-        let msg: ToWorker = match read_frame(&mut input) {
-            Ok(Some(m)) => m,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                return Err(DagError::Worker(format!(
-                    "bad message from the invoker: {e}"
-                )))
-            }
-        };
-        match msg {
-            ToWorker::Job(spec) => match join_job(&client, &spec, &out) {
-                Ok(j) => {
-                    jobs.insert(spec.id, j);
-                }
-                Err(e) => send_failed(&out, spec.id, e.to_string())?,
-            },
-            ToWorker::EndJob(id) => {
-                jobs.remove(&id);
-            }
-            ToWorker::Run { job, task } => {
-                let Some(wj) = jobs.get(&job) else {
-                    let message = "task for a job this worker has not joined".into();
-                    send_failed_done(&out, job, message, Delta::default())?;
-                    continue;
-                };
-                let before = wj.snapshot();
-                match run_task(&wj.job, &task) {
-                    Ok(result) => send(
-                        &out,
-                        &FromWorker::TaskDone {
-                            job,
-                            task: task.task,
-                            out: result,
-                            delta: wj.snapshot().since(&before),
-                        },
-                    )?,
-                    Err(e) => {
-                        let delta = wj.snapshot().since(&before);
-                        send_failed_done(&out, job, e.to_string(), delta)?;
-                    }
-                }
-            }
-            ToWorker::Invoke { job, inv } => {
-                let Some(wj) = jobs.get(&job) else {
-                    let message = "invocation for a job this worker has not joined".into();
-                    send_failed_done(&out, job, message, Delta::default())?;
-                    continue;
-                };
-                let before = wj.snapshot();
-                let result = wukong::run_remote(&wj.job, inv);
-                if let Err(DagError::ExecutorKilled { .. }) = result {
-                    // Injected crash: die like a killed function instance.
-                    std::process::abort();
-                }
-                while let Ok(event) = wj.events.try_recv() {
-                    let msg = match event {
-                        Event::Sink(task, bytes) | Event::Done(task, Some(bytes)) => {
-                            FromWorker::Sink {
-                                job,
-                                task,
-                                out: bytes.as_ref().clone(),
-                            }
-                        }
-                        Event::Done(_, None) => continue,
-                        Event::Failed(e) => FromWorker::Failed {
-                            job,
-                            message: e.to_string(),
-                        },
-                    };
-                    send(&out, &msg)?;
-                }
-                let delta = wj.snapshot().since(&before);
-                match result {
-                    Err(e) => send_failed_done(&out, job, e.to_string(), delta)?,
-                    Ok(_) => send(&out, &FromWorker::Done { job, delta })?,
-                }
-            }
-        }
-    }
-}
+/// How long the invoker waits for a TCP connection to a remote worker.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Settings of a [`WorkerPool`].
 #[derive(Debug, Clone)]
@@ -373,15 +63,47 @@ pub struct WorkerConfig {
     /// Fault injection: the worker that first runs this task aborts in the middle of
     /// it; the invoker restarts a worker and retries the invocation.
     pub crash_in: Option<String>,
+    /// Where in that task the worker aborts.
+    pub crash_site: CrashSite,
+    /// Free pool objects when their last consumer is done
+    /// ([`RuntimeConfig::free_intermediates`](super::RuntimeConfig::free_intermediates)).
+    pub free_intermediates: bool,
+    /// Addresses (`host:port`) of `farpool worker --listen` processes. When set, the
+    /// invoker opens `workers` TCP connections spread over them instead of starting
+    /// local processes (`bin` is unused).
+    pub remote: Vec<String>,
+}
+
+/// How the invoker reaches a worker.
+enum Link {
+    /// A child process over pipes.
+    Local(Child),
+    /// A TCP connection to a remote worker.
+    Remote { addr: String, stream: TcpStream },
 }
 
 struct Worker {
     /// Unique over the pool's life (a restarted worker gets a new one).
     id: u64,
-    child: Child,
-    stdin: ChildStdin,
+    link: Link,
+    input: Box<dyn Write + Send>,
     /// What it runs.
     busy: Option<Work>,
+}
+
+impl Worker {
+    /// Stops the worker: kills a local process, closes a connection.
+    fn stop(mut self) {
+        match &mut self.link {
+            Link::Local(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Link::Remote { stream, .. } => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
 }
 
 type Message = (u64, Option<FromWorker>);
@@ -436,6 +158,8 @@ pub struct WorkerPool {
     tx: Sender<Message>,
     rx: Receiver<Message>,
     next_job: AtomicU64,
+    /// The remote address the next connection tries first.
+    next_addr: usize,
 }
 
 impl WorkerPool {
@@ -452,10 +176,62 @@ impl WorkerPool {
             tx,
             rx,
             next_job: AtomicU64::new(0),
+            next_addr: 0,
         })
     }
 
+    /// Starts a worker: a local process, or a connection to the first remote address
+    /// (round robin) that answers.
     fn spawn(&mut self) -> Result<Worker, DagError> {
+        if self.config.remote.is_empty() {
+            return self.spawn_local();
+        }
+        let mut failures = Vec::new();
+        for _ in 0..self.config.remote.len() {
+            let addr = self.config.remote[self.next_addr % self.config.remote.len()].clone();
+            self.next_addr = self.next_addr.wrapping_add(1);
+            match connect(&addr) {
+                Ok(stream) => {
+                    let reader = stream.try_clone().map_err(|e| {
+                        DagError::Worker(format!("cannot clone the connection to {addr}: {e}"))
+                    })?;
+                    let writer = stream.try_clone().map_err(|e| {
+                        DagError::Worker(format!("cannot clone the connection to {addr}: {e}"))
+                    })?;
+                    return self.attach(
+                        Link::Remote { addr, stream },
+                        Box::new(BufWriter::new(writer)),
+                        Box::new(reader),
+                    );
+                }
+                Err(e) => failures.push(format!("{addr}: {e}")),
+            }
+        }
+        Err(DagError::Worker(format!(
+            "no remote worker reachable ({}); start `farpool worker --listen ADDR` there or fix --worker-addrs",
+            failures.join("; ")
+        )))
+    }
+
+    /// Starts workers until there are `workers` of them; with remote workers, goes on
+    /// with fewer while at least one is reachable.
+    fn fill(&mut self) -> Result<(), DagError> {
+        while self.workers.len() < self.config.workers {
+            match self.spawn() {
+                Ok(w) => self.workers.push(w),
+                Err(e) if self.workers.is_empty() || self.config.remote.is_empty() => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "going on with fewer worker connections");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_local(&mut self) -> Result<Worker, DagError> {
         let mut child = Command::new(&self.config.bin)
             .args(["worker", "--controller", &self.config.controller])
             .stdin(Stdio::piped())
@@ -473,13 +249,23 @@ impl WorkerPool {
             let _ = child.wait();
             return Err(DagError::Worker("worker started without pipes".into()));
         };
+        self.attach(Link::Local(child), Box::new(stdin), Box::new(stdout))
+    }
+
+    /// A worker over `link` with a thread that forwards what it sends.
+    fn attach(
+        &mut self,
+        link: Link,
+        input: Box<dyn Write + Send>,
+        output: Box<dyn Read + Send>,
+    ) -> Result<Worker, DagError> {
         let id = self.next_worker;
         self.next_worker += 1;
         let tx = self.tx.clone();
         std::thread::Builder::new()
             .name(format!("dag-worker-{id}"))
             .spawn(move || {
-                let mut input = BufReader::new(stdout);
+                let mut input = BufReader::new(output);
                 loop {
                     match read_frame::<FromWorker>(&mut input) {
                         Ok(Some(msg)) => {
@@ -497,8 +283,8 @@ impl WorkerPool {
             .map_err(|e| DagError::Worker(format!("cannot start a reader thread: {e}")))?;
         Ok(Worker {
             id,
-            child,
-            stdin,
+            link,
+            input,
             busy: None,
         })
     }
@@ -522,11 +308,7 @@ impl WorkerPool {
                     self.workers[slot].busy = None;
                 }
                 Some(_) => {}
-                None => {
-                    let mut dead = self.workers.remove(slot);
-                    let _ = dead.child.kill();
-                    let _ = dead.child.wait();
-                }
+                None => self.workers.remove(slot).stop(),
             }
         }
         // Workers still busy after the deadline are stuck: stop them (the next job
@@ -534,9 +316,7 @@ impl WorkerPool {
         let mut i = 0;
         while i < self.workers.len() {
             if self.workers[i].busy.is_some() {
-                let mut w = self.workers.remove(i);
-                let _ = w.child.kill();
-                let _ = w.child.wait();
+                self.workers.remove(i).stop();
             } else {
                 i += 1;
             }
@@ -548,7 +328,12 @@ impl WorkerPool {
         self.config.crash_in = task;
     }
 
-    /// Worker processes alive now.
+    /// Changes where later jobs' injected crash happens ([`WorkerConfig::crash_site`]).
+    pub fn set_crash_site(&mut self, site: CrashSite) {
+        self.config.crash_site = site;
+    }
+
+    /// Workers (processes or connections) alive now.
     pub fn len(&self) -> usize {
         self.workers.len()
     }
@@ -558,9 +343,26 @@ impl WorkerPool {
         self.workers.is_empty()
     }
 
-    /// Process ids of the workers (to kill one from outside, for example).
+    /// Process ids of the local workers (to kill one from outside, for example).
     pub fn pids(&self) -> Vec<u32> {
-        self.workers.iter().map(|w| w.child.id()).collect()
+        self.workers
+            .iter()
+            .filter_map(|w| match &w.link {
+                Link::Local(c) => Some(c.id()),
+                Link::Remote { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Addresses of the remote workers connected now, one per connection.
+    pub fn remote_addrs(&self) -> Vec<String> {
+        self.workers
+            .iter()
+            .filter_map(|w| match &w.link {
+                Link::Local(_) => None,
+                Link::Remote { addr, .. } => Some(addr.clone()),
+            })
+            .collect()
     }
 
     /// Runs `spec` as one job with `scheduler` on the worker processes and returns its
@@ -582,7 +384,7 @@ impl WorkerPool {
             self.drain();
         }
         for w in &mut self.workers {
-            let _ = write_frame(&mut w.stdin, &ToWorker::EndJob(n));
+            let _ = write_frame(&mut w.input, &ToWorker::EndJob(n));
         }
         if let Err(e) = job_task.close() {
             tracing::warn!(job = %path, error = %e, "could not free the job's pool objects; its lease will reclaim them");
@@ -612,15 +414,14 @@ impl WorkerPool {
             inline_limit: self.config.inline_limit,
             cluster: self.config.cluster_large_outputs,
             crash_in: self.config.crash_in.clone(),
+            crash_site: self.config.crash_site,
             counters: fanin.is_some(),
+            free_early: self.config.free_intermediates,
         };
-        while self.workers.len() < self.config.workers {
-            let w = self.spawn()?;
-            self.workers.push(w);
-        }
+        self.fill()?;
         for w in &mut self.workers {
-            write_frame(&mut w.stdin, &ToWorker::Job(spec.clone()))
-                .map_err(|e| DagError::Worker(format!("cannot reach worker {}: {e}", w.id)))?;
+            // A worker that cannot be written to has died: its reader reports it.
+            let _ = write_frame(&mut w.input, &ToWorker::Job(spec.clone()));
         }
         let mut pending: VecDeque<Work> = plan
             .leaves()
@@ -644,10 +445,15 @@ impl WorkerPool {
         };
         let mut retries = 0u64;
         let mut outstanding = pending.len();
+        // Start tasks of the invocations accepted: a retried executor may re-send an
+        // invocation its dead attempt had made (see `Job::first_start`); drop it.
+        let mut invoked: HashSet<TaskId> = plan.leaves().iter().copied().collect();
         let mut sinks: HashMap<TaskId, Vec<u8>> = HashMap::new();
         // Centralized scheduler state: parents still running, small outputs held.
         let mut remaining: Vec<usize> = (0..plan.len()).map(|t| plan.parents(t).len()).collect();
         let mut inline: HashMap<TaskId, Vec<u8>> = HashMap::new();
+        let mut readers = Readers::new(plan);
+        let store = OutputStore::new(job_task.client().clone(), path.to_string());
         while outstanding > 0 {
             for w in &mut self.workers {
                 if w.busy.is_some() {
@@ -659,7 +465,7 @@ impl WorkerPool {
                 let msg = work.message(id);
                 w.busy = Some(work);
                 // A worker that cannot be written to has died: its reader reports it.
-                let _ = write_frame(&mut w.stdin, &msg);
+                let _ = write_frame(&mut w.input, &msg);
             }
             let (wid, msg) = self
                 .rx
@@ -670,8 +476,13 @@ impl WorkerPool {
             };
             match msg {
                 Some(FromWorker::Invoke { job, inv }) if job == id => {
-                    pending.push_back(Work::Invoke(inv));
-                    outstanding += 1;
+                    if invoked.insert(inv.task) {
+                        pending.push_back(Work::Invoke(inv));
+                        outstanding += 1;
+                    } else {
+                        // Counted by the worker; this one is dropped.
+                        stats.invocations = stats.invocations.saturating_sub(1);
+                    }
                 }
                 Some(FromWorker::Sink { job, task, out }) if job == id => {
                     sinks.insert(task, out);
@@ -693,11 +504,18 @@ impl WorkerPool {
                     self.workers[slot].busy = None;
                     outstanding -= 1;
                     stats.add(&delta);
-                    if let Some(out) = out {
-                        if plan.children(task).is_empty() {
+                    match out {
+                        Some(out) if plan.children(task).is_empty() => {
                             sinks.insert(task, out);
-                        } else {
+                        }
+                        Some(out) => {
                             inline.insert(task, out);
+                        }
+                        None => readers.object(task),
+                    }
+                    if self.config.free_intermediates {
+                        for p in readers.finished(plan, task) {
+                            store.free(plan.name(p))?;
                         }
                     }
                     for &c in plan.children(task) {
@@ -724,11 +542,16 @@ impl WorkerPool {
                 }
                 Some(_) => {} // a message of an earlier job
                 None => {
-                    // The worker died: restart one and retry what it was running.
-                    let mut dead = self.workers.remove(slot);
-                    let _ = dead.child.kill();
-                    let _ = dead.child.wait();
-                    if let Some(work) = dead.busy.take() {
+                    // The worker died: retry what it was running, then restart one
+                    // (or reconnect).
+                    let dead = self.workers.remove(slot);
+                    let work = {
+                        let mut dead = dead;
+                        let work = dead.busy.take();
+                        dead.stop();
+                        work
+                    };
+                    if let Some(work) = work {
                         let task = work.task();
                         let (work, attempt) = work.retried();
                         if attempt >= wukong::MAX_ATTEMPTS {
@@ -740,11 +563,16 @@ impl WorkerPool {
                         stats.invocations += 1;
                         pending.push_front(work);
                     }
-                    let mut w = self.spawn()?;
-                    write_frame(&mut w.stdin, &ToWorker::Job(spec.clone())).map_err(|e| {
-                        DagError::Worker(format!("cannot reach worker {}: {e}", w.id))
-                    })?;
-                    self.workers.push(w);
+                    match self.spawn() {
+                        Ok(mut w) => {
+                            let _ = write_frame(&mut w.input, &ToWorker::Job(spec.clone()));
+                            self.workers.push(w);
+                        }
+                        Err(e) if self.workers.is_empty() => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a worker died; going on with fewer");
+                        }
+                    }
                 }
             }
         }
@@ -774,6 +602,7 @@ impl WorkerPool {
                 ideal_bytes: stats.ideal_bytes,
                 retries,
                 fan_in_count,
+                objects_freed: stats.objects_freed + store.objects_freed(),
             },
         ))
     }
@@ -782,10 +611,18 @@ impl WorkerPool {
 impl Drop for WorkerPool {
     /// Closes every worker's input (it exits) and reaps it.
     fn drop(&mut self) {
-        for mut w in self.workers.drain(..) {
-            drop(w.stdin);
-            if w.child.wait().is_err() {
-                let _ = w.child.kill();
+        for w in self.workers.drain(..) {
+            let Worker { link, input, .. } = w;
+            drop(input);
+            match link {
+                Link::Local(mut child) => {
+                    if child.wait().is_err() {
+                        let _ = child.kill();
+                    }
+                }
+                Link::Remote { stream, .. } => {
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                }
             }
         }
     }
@@ -798,4 +635,19 @@ impl std::fmt::Debug for WorkerPool {
             .field("workers", &self.workers.len())
             .finish()
     }
+}
+
+/// A TCP connection to a remote worker at `addr`.
+fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the address resolved to nothing")))
 }

@@ -3,7 +3,7 @@
 use super::executor::ExecutorPool;
 use super::fanin::FanIn;
 use super::graph::{Graph, Registry};
-use super::job::{Counters, Event, Job, Launcher};
+use super::job::{Event, Job, Launcher};
 use super::plan::{Plan, TaskId};
 use super::store::OutputStore;
 use super::typed::decode;
@@ -41,6 +41,20 @@ impl std::str::FromStr for Scheduler {
     }
 }
 
+/// Where an injected crash (`RuntimeConfig::crash_in`) kills the executor.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub enum CrashSite {
+    /// After the task's function ran, before any of its effects.
+    #[default]
+    Task,
+    /// Wukong: after the task's effects, right after its executor recorded in the
+    /// pool that it invokes a child (the invocation word's CAS) and before it invoked
+    /// it.
+    AfterInvokeRecord,
+}
+
 /// Runtime settings.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -60,6 +74,13 @@ pub struct RuntimeConfig {
     /// in the middle of it (after its function ran, before any of its effects) and is
     /// retried by the invoker. Results must not change; no counter may count twice.
     pub crash_in: Option<String>,
+    /// Where in that task the injected crash happens.
+    pub crash_site: CrashSite,
+    /// Free every task's pool object as soon as all its consumers are done with it
+    /// (Wukong: consumer bits in the pool, the last consumer frees; centralized: the
+    /// scheduler frees it when the last consumer finished). Off: outputs are freed
+    /// with the job.
+    pub free_intermediates: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -71,6 +92,8 @@ impl Default for RuntimeConfig {
             job_prefix: "dag".to_string(),
             replay_fan_in: false,
             crash_in: None,
+            crash_site: CrashSite::Task,
+            free_intermediates: true,
         }
     }
 }
@@ -103,6 +126,9 @@ pub struct JobStats {
     /// Wukong: the sum of all fan-in counters at the end of the job. Equals the
     /// plan's fan-in edges when every parent counted itself exactly once.
     pub fan_in_count: u64,
+    /// Pool objects (large outputs) freed before the job's end, when their last
+    /// consumer was done.
+    pub objects_freed: u64,
 }
 
 impl JobStats {
@@ -222,31 +248,32 @@ impl DagRuntime {
             self.client.clone(),
             job_task.path().to_string(),
         ));
-        let counters = Arc::new(Counters::default());
         let invoker = self.executors.invoker().ok_or(DagError::ExecutorsGone)?;
         let (tx, rx) = channel();
-        let job = Arc::new(Job {
-            plan: plan.clone(),
-            registry: self.registry.clone(),
-            store: store.clone(),
-            fanin: fanin.clone(),
-            counters: counters.clone(),
-            launcher: Launcher::Threads(invoker),
-            inline_limit: self.config.inline_limit,
-            cluster: self.config.cluster_large_outputs,
-            replay_fan_in: self.config.replay_fan_in,
-            events: tx,
-            failed: Default::default(),
-            crash_task: match &self.config.crash_in {
-                None => None,
-                Some(name) => Some(plan.id(name).ok_or_else(|| {
-                    DagError::Config(format!(
-                        "crash_in names task '{name}', which is not in the graph"
-                    ))
-                })?),
-            },
-            crashed: Default::default(),
-        });
+        let crash_task = match &self.config.crash_in {
+            None => None,
+            Some(name) => Some(plan.id(name).ok_or_else(|| {
+                DagError::Config(format!(
+                    "crash_in names task '{name}', which is not in the graph"
+                ))
+            })?),
+        };
+        let mut job = Job::new(
+            plan.clone(),
+            self.registry.clone(),
+            store.clone(),
+            fanin.clone(),
+            Launcher::Threads(invoker),
+            self.config.inline_limit,
+            self.config.cluster_large_outputs,
+            tx,
+            crash_task,
+            self.config.crash_site,
+        );
+        job.replay_fan_in = self.config.replay_fan_in;
+        job.free_early = self.config.free_intermediates;
+        let counters = job.counters.clone();
+        let job = Arc::new(job);
         let sinks = match scheduler {
             Scheduler::Central => central::run(&job, &rx)?,
             Scheduler::Wukong => {
@@ -280,6 +307,7 @@ impl DagRuntime {
                 ideal_bytes: counters.ideal_bytes.load(Ordering::Relaxed),
                 retries: counters.retries.load(Ordering::Relaxed),
                 fan_in_count,
+                objects_freed: store.objects_freed(),
             },
         })
     }

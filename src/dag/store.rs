@@ -38,9 +38,11 @@ pub(crate) struct InlineRef {
 }
 
 impl InlineRef {
-    /// The record packed as `pos << LEN_BITS | len`; `None` if it does not fit.
+    /// The record packed as `pos << LEN_BITS | len` (below 2^62, so that the marks
+    /// built on it never set the top bit, which tags outputs held in the mark itself);
+    /// `None` if it does not fit.
     pub(crate) fn pack(self) -> Option<u64> {
-        if self.len > MAX_INLINE || self.pos >= 1 << (64 - LEN_BITS - 1) {
+        if self.len > MAX_INLINE || self.pos >= 1 << (64 - LEN_BITS - 2) {
             return None;
         }
         Some(self.pos << LEN_BITS | self.len as u64)
@@ -65,6 +67,7 @@ pub(crate) struct OutputStore {
     arena: Mutex<(u64, u64)>,
     written: AtomicU64,
     read: AtomicU64,
+    freed: AtomicU64,
 }
 
 impl OutputStore {
@@ -76,6 +79,7 @@ impl OutputStore {
             arena: Mutex::new((0, 0)),
             written: AtomicU64::new(0),
             read: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
         }
     }
 
@@ -90,7 +94,13 @@ impl OutputStore {
 
     /// Writes the output of `task`. Called once per task (the writer keeps track).
     pub(crate) fn put(&self, task: &str, bytes: &[u8]) -> Result<(), DagError> {
-        let file = File::create_at(&self.client, &self.path(task))?;
+        let path = self.path(task);
+        let mut file = File::create_at(&self.client, &path)?;
+        if !file.is_empty()? {
+            // A killed attempt of the same task left a partial output: start over.
+            file.destroy()?;
+            file = File::create_at(&self.client, &path)?;
+        }
         file.append(bytes)?;
         self.written
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -104,6 +114,25 @@ impl OutputStore {
         let bytes = file.read_all()?;
         self.read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(Arc::new(bytes))
+    }
+
+    /// Frees the pool object holding the output of `task` (its last reader is done).
+    /// Freeing one that is already gone (a retried last reader) is not an error.
+    pub(crate) fn free(&self, task: &str) -> Result<(), DagError> {
+        match File::open(&self.client, &self.path(task)) {
+            Ok(file) => {
+                file.destroy()?;
+                self.freed.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(crate::ds::DsError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Pool objects this process freed before the job's end.
+    pub(crate) fn objects_freed(&self) -> u64 {
+        self.freed.load(Ordering::Relaxed)
     }
 
     fn inline_log(&self) -> Result<&File, DagError> {
