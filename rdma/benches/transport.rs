@@ -15,6 +15,7 @@ const REGION: u64 = 16 * BLOCK;
 const KEY: RKey = RKey {
     key: 0xBE7C,
     epoch: 0,
+    expiry: 0,
 };
 
 fn grant_all(access: &AccessTable) {

@@ -17,6 +17,7 @@ const REGION: u64 = 16 * BLOCK;
 const KEY: RKey = RKey {
     key: 0x1A7E,
     epoch: 0,
+    expiry: 0,
 };
 
 fn percentiles(mut v: Vec<Duration>) -> String {

@@ -50,6 +50,9 @@ pub struct ClientConfig {
     /// control connection broke, for example while the controller restarts; zero
     /// tries once, at once. Best-effort calls (freeing a dropped task) try once.
     pub reconnect_for: Duration,
+    /// Client token from `farpool token` (required when the controller has a cluster
+    /// key). Defaults to the `FARPOOL_TOKEN` environment variable.
+    pub token: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -59,6 +62,9 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             reconnect_for: Duration::from_secs(30),
+            token: std::env::var(crate::proto::token::TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.trim().is_empty()),
         }
     }
 }
@@ -119,8 +125,11 @@ impl Client {
     /// `writable` the grants allow writes and atomics; otherwise they are read-only.
     pub fn open_blocks(&self, path: &str, writable: bool) -> Result<Vec<BlockHandle>, ClientError> {
         let path = PoolPath::parse(path)?;
-        match self.request(Request::Lookup { path, writable })? {
-            Response::Blocks(grants) => self.handles(grants),
+        match self.request(Request::Lookup {
+            path: path.clone(),
+            writable,
+        })? {
+            Response::Blocks(grants) => self.handles(&path, grants),
             other => Err(ClientError::unexpected(&other)),
         }
     }
@@ -189,12 +198,22 @@ impl Client {
         }
     }
 
-    pub(crate) fn handles(&self, grants: Vec<BlockGrant>) -> Result<Vec<BlockHandle>, ClientError> {
+    /// Handles for `grants` of blocks owned by `path` (looked up again when a grant
+    /// expires).
+    pub(crate) fn handles(
+        &self,
+        path: &PoolPath,
+        grants: Vec<BlockGrant>,
+    ) -> Result<Vec<BlockHandle>, ClientError> {
         grants
             .into_iter()
             .map(|g| {
                 let t = self.inner.data.transport(&g.endpoint)?;
-                Ok(BlockHandle::new(g, t))
+                let source = block::GrantSource {
+                    client: Arc::downgrade(&self.inner),
+                    path: path.clone(),
+                };
+                Ok(BlockHandle::new(g, t, Some(source)))
             })
             .collect()
     }

@@ -64,11 +64,11 @@ impl Task {
         placement: Placement,
     ) -> Result<Vec<BlockHandle>, ClientError> {
         match self.client.request(Request::Alloc {
-            path,
+            path: path.clone(),
             bytes,
             placement,
         })? {
-            Response::Blocks(grants) => self.client.handles(grants),
+            Response::Blocks(grants) => self.client.handles(&path, grants),
             other => Err(ClientError::unexpected(&other)),
         }
     }

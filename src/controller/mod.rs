@@ -42,6 +42,7 @@
 //! re-register with the same incarnation, which resumes them with their blocks (see
 //! [`ControllerState::join_node`]); clients reconnect by themselves.
 
+mod auth;
 pub mod journal;
 mod metrics;
 mod namespace;
@@ -60,7 +61,7 @@ pub use registry::{INITIAL_EPOCH, MIN_BLOCK_SIZE};
 pub use state::{ControllerState, Effect, Joined, Removal, StateConfig, MAX_BLOCKS_PER_ALLOC};
 pub use store::StoreError;
 
-use crate::proto::{ClusterStatus, Secret};
+use crate::proto::{ClusterKey, ClusterStatus, Secret};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,6 +97,13 @@ pub struct ControllerConfig {
     /// confirm the revocations it caused. On timeout the response is sent anyway (with
     /// a warning in the log); zero answers at once without waiting.
     pub revoke_wait: Duration,
+    /// The cluster key ([`crate::proto::key`]). With one, block keys derive from it,
+    /// memory nodes must prove they hold it, and clients need a token. `None` is the
+    /// development mode: a generated secret (in `data_dir/secret`, or per run), sent to
+    /// memory nodes at registration, and clients act anywhere unauthenticated.
+    pub cluster_key: Option<ClusterKey>,
+    /// Lifetime of soft-transport grants; `None`: the lease period.
+    pub grant_ttl: Option<Duration>,
 }
 
 impl Default for ControllerConfig {
@@ -110,6 +118,8 @@ impl Default for ControllerConfig {
             heartbeat: Duration::from_millis(500),
             dead_after: Duration::from_millis(1500),
             revoke_wait: Duration::from_secs(5),
+            cluster_key: None,
+            grant_ttl: None,
         }
     }
 }
@@ -132,6 +142,9 @@ impl ControllerConfig {
         check("dead_after", self.dead_after, self.heartbeat)?;
         check("revoke_wait", self.revoke_wait, Duration::ZERO)?;
         check("fsync_interval", self.fsync_interval, Duration::ZERO)?;
+        if let Some(ttl) = self.grant_ttl {
+            check("grant_ttl", ttl, Duration::from_secs(1))?;
+        }
         if self.snapshot_every == 0 {
             return Err(ControllerError::Config(
                 "snapshot_every must be at least 1 record".into(),
@@ -146,6 +159,7 @@ impl ControllerConfig {
             lease: self.lease,
             grace: self.grace,
             dead_after: self.dead_after,
+            grant_ttl: self.grant_ttl.unwrap_or(self.lease),
         }
     }
 }
@@ -213,10 +227,22 @@ impl Controller {
     /// valid at once. May be called from inside another tokio runtime.
     pub fn start(config: ControllerConfig) -> Result<Controller, ControllerError> {
         config.validate()?;
-        let secret = match &config.data_dir {
-            Some(dir) => secret::load_or_create(dir)?,
-            None => Secret::random(),
+        let secret = match (&config.cluster_key, &config.data_dir) {
+            (Some(key), dir) => {
+                if let Some(dir) = dir {
+                    std::fs::create_dir_all(dir).map_err(|source| ControllerError::DataDir {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                }
+                key.block_secret()
+            }
+            (None, Some(dir)) => secret::load_or_create(dir)?,
+            (None, None) => Secret::random(),
         };
+        if config.cluster_key.is_none() {
+            tracing::warn!("no cluster key configured: development mode (memory nodes get the block secret over the wire, clients are not authenticated); use --cluster-key-file in production");
+        }
         let std_listener = std::net::TcpListener::bind(&config.listen).map_err(|source| {
             ControllerError::Bind {
                 addr: config.listen.clone(),
@@ -251,7 +277,8 @@ impl Controller {
                 None,
             ),
         };
-        let mut shared = server::Shared::new(state, config.heartbeat, config.revoke_wait);
+        let mut shared = server::Shared::new(state, config.heartbeat, config.revoke_wait)
+            .with_cluster_key(config.cluster_key.clone());
         if let Some(store) = store {
             shared = shared.with_store(store, config.snapshot_every);
         }

@@ -135,6 +135,7 @@ fn run(nodes: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
         lease: Duration::from_secs(10),
         grace: Duration::from_secs(2),
         dead_after: Duration::from_secs(3600),
+        grant_ttl: Duration::from_secs(10),
     };
     let mut st = ControllerState::new(cfg, SECRET, t0);
     st.enable_journal();

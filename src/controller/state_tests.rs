@@ -38,6 +38,7 @@ fn setup(nodes: &[u64]) -> (ControllerState, Instant, Vec<u32>) {
             lease: Duration::from_secs(10),
             grace: Duration::from_secs(2),
             dead_after: ms(1500),
+            grant_ttl: Duration::from_secs(10),
         },
         SECRET,
         t0,
@@ -659,6 +660,7 @@ fn recovery_resumes_nodes_by_incarnation() {
         lease: Duration::from_secs(10),
         grace: Duration::from_secs(2),
         dead_after: ms(1500),
+        grant_ttl: Duration::from_secs(10),
     };
     let mut st = ControllerState::new(cfg, SECRET, t0);
     st.enable_journal();

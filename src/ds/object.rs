@@ -338,7 +338,7 @@ fn alloc_one(client: &Client, path: &PoolPath, bytes: u64) -> Result<BlockHandle
     let Response::Blocks(grants) = resp else {
         return Err(ClientError::unexpected(&resp).into());
     };
-    let mut blocks = client.handles(grants)?;
+    let mut blocks = client.handles(path, grants)?;
     if blocks.len() == 1 {
         if let Some(b) = blocks.pop() {
             return Ok(b);
@@ -362,7 +362,7 @@ fn lookup(client: &Client, path: &PoolPath) -> Result<Vec<BlockHandle>, ClientEr
         path: path.clone(),
         writable: true,
     })? {
-        Response::Blocks(grants) => client.handles(grants),
+        Response::Blocks(grants) => client.handles(path, grants),
         other => Err(ClientError::unexpected(&other)),
     }
 }

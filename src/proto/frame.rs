@@ -164,7 +164,10 @@ mod tests {
                 "hello-client",
                 encode(&Hello {
                     version: 1,
-                    role: Role::Client { name: "t".into() },
+                    role: Role::Client {
+                        name: "t".into(),
+                        token: None,
+                    },
                 })
                 .unwrap(),
             ),

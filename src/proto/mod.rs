@@ -11,15 +11,19 @@
 
 pub mod frame;
 pub mod grant;
+pub mod key;
 pub mod msg;
 pub mod path;
+pub mod token;
 
 pub use grant::{derive_key, BlockGrant, BlockId, Endpoint, Secret, WireTransport};
+pub use key::{ClusterKey, KeyError};
 pub use msg::*;
 pub use path::{PathError, PoolPath};
+pub use token::{Scope, Token, TokenError};
 
 /// Version of the control protocol spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest control frame accepted (bytes).
 pub const MAX_FRAME: usize = 16 << 20;
