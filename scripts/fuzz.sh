@@ -31,5 +31,6 @@ run fuzz control_frame
 run fuzz metadata_log
 run rdma/fuzz soft_frame
 run fuzz snapshot
-echo "fuzzing: $((4 - failed)) passed, $failed failed"
+run fuzz token
+echo "fuzzing: $((5 - failed)) passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -170,6 +170,95 @@ mod tests {
         PoolPath::parse(s).unwrap()
     }
 
+    /// A node answering the challenge with a wrong proof is refused by the controller;
+    /// with the right proof it registers, and the secret is not sent.
+    #[test]
+    fn controller_checks_node_proofs_and_never_sends_the_secret() {
+        use crate::controller::{Controller, ControllerConfig};
+        use crate::proto::frame::{read_msg, write_msg};
+        use crate::proto::{node_identity, Hello, Register, Role, WireTransport, PROTOCOL_VERSION};
+        use std::net::TcpStream;
+        let ctl = Controller::start(ControllerConfig {
+            listen: "127.0.0.1:0".into(),
+            cluster_key: Some(key()),
+            ..ControllerConfig::default()
+        })
+        .unwrap();
+        let register = Register {
+            data_addr: "127.0.0.1:1".into(),
+            transport: WireTransport::Soft,
+            capacity: 4 << 16,
+            block_size: 1 << 16,
+            hugepages: false,
+            locked: false,
+        };
+        let hello = |s: &mut TcpStream, nonce: [u8; 16]| {
+            write_msg(
+                s,
+                &Hello {
+                    version: PROTOCOL_VERSION,
+                    role: Role::MemNodeResumable {
+                        register: register.clone(),
+                        incarnation: 7,
+                        nonce,
+                    },
+                },
+            )
+            .unwrap();
+            match read_msg::<ControllerMsg>(s).unwrap() {
+                ControllerMsg::Challenge { nonce, proof } => (nonce, proof),
+                other => panic!("expected a challenge, got {other:?}"),
+            }
+        };
+        let identity = node_identity(&register, 7);
+        let open = || {
+            let s = TcpStream::connect(ctl.local_addr()).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            s
+        };
+        // Wrong proof (made with another key): refused, naming the fix.
+        let mut s = open();
+        let (cn, proof) = hello(&mut s, [1; 16]);
+        let challenge = Challenge {
+            node_nonce: [1; 16],
+            controller_nonce: cn,
+        };
+        assert_eq!(proof, key().controller_proof(&challenge, &identity));
+        let wrong = ClusterKey::from_bytes([6; 16]).node_proof(&challenge, &identity);
+        write_msg(&mut s, &NodeMsg::Proof(wrong)).unwrap();
+        match read_msg::<ControllerMsg>(&mut s).unwrap() {
+            ControllerMsg::Error(ControlError::Unauthenticated(m)) => {
+                assert!(m.contains("--cluster-key-file"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // A proof replayed on a new connection fails too (fresh controller nonce).
+        let good = key().node_proof(&challenge, &identity);
+        let mut s = open();
+        let (cn2, _) = hello(&mut s, [1; 16]);
+        assert_ne!(cn2, cn);
+        write_msg(&mut s, &NodeMsg::Proof(good)).unwrap();
+        assert!(matches!(
+            read_msg::<ControllerMsg>(&mut s).unwrap(),
+            ControllerMsg::Error(ControlError::Unauthenticated(_))
+        ));
+        assert!(ctl.status().nodes.is_empty());
+        // The right proof registers; no secret crosses the wire.
+        let mut s = open();
+        let (cn3, _) = hello(&mut s, [2; 16]);
+        let c3 = Challenge {
+            node_nonce: [2; 16],
+            controller_nonce: cn3,
+        };
+        write_msg(&mut s, &NodeMsg::Proof(key().node_proof(&c3, &identity))).unwrap();
+        match read_msg::<ControllerMsg>(&mut s).unwrap() {
+            ControllerMsg::Registered { secret, .. } => assert_eq!(secret, None),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ctl.status().nodes.len(), 1);
+    }
+
     #[test]
     fn development_mode_allows_everything() {
         let a = client_access(None, None, 10).unwrap();
@@ -213,6 +302,15 @@ mod tests {
         assert!(a.check(&Request::Status, 10).is_ok());
         for req in [
             Request::Open { path: path("/b/x") },
+            Request::Alloc {
+                path: path("/b/x"),
+                bytes: 1,
+                placement: Default::default(),
+            },
+            Request::Free {
+                path: path("/b/x"),
+                blocks: Vec::new(),
+            },
             Request::Lookup {
                 path: path("/ab"),
                 writable: false,

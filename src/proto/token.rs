@@ -253,6 +253,30 @@ mod tests {
         }
     }
 
+    /// The committed fuzz seeds (fuzz/corpus/token) are tokens this build issues.
+    /// `FARPOOL_WRITE_CORPUS=1 cargo test -p farpool token::` regenerates them.
+    #[test]
+    fn seed_corpus_is_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/token");
+        let key = ClusterKey::from_bytes([0x5a; 16]);
+        let seeds = [
+            (
+                "job",
+                Token::issue(&key, &Scope::Job("wordcount".into()), 4_000_000_000),
+            ),
+            ("admin", Token::issue(&key, &Scope::Admin, 4_000_000_000)),
+        ];
+        for (name, text) in seeds {
+            let text = text.unwrap();
+            if std::env::var_os("FARPOOL_WRITE_CORPUS").is_some() {
+                std::fs::write(dir.join(name), &text).unwrap();
+            }
+            let on_disk = std::fs::read_to_string(dir.join(name)).unwrap();
+            assert_eq!(on_disk, text, "seed {name} is stale; regenerate the corpus");
+            assert!(Token::decode(&on_disk).unwrap().verify(&key, 0).is_ok());
+        }
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics_and_round_trips(

@@ -550,8 +550,8 @@ mod tests {
             Ok(1 << 20)
         );
         let mut c = encode_client_hello();
-        c[8] = 2;
-        assert_eq!(decode_client_hello(&c), Err(FrameError::Version(2)));
+        c[8] = 9;
+        assert_eq!(decode_client_hello(&c), Err(FrameError::Version(9)));
         let mut s = encode_server_hello(5);
         s[0] = b'X';
         assert!(matches!(
