@@ -114,6 +114,25 @@ impl BlockHandle {
         Ok(())
     }
 
+    /// After a batch of operations built with `handles[i]`'s `*_op` methods and run on
+    /// their transports directly: re-runs, each under a fresh grant from its own handle,
+    /// the operations refused with [`OpError::GrantExpired`] (which the memory node did
+    /// not apply), leaving the others as they are; then summarises the batch like
+    /// [`farpool_rdma::finish_batch`].
+    pub fn retry_expired_many(
+        handles: &[&BlockHandle],
+        ops: &mut [Op<'_>],
+    ) -> Result<(), ClientError> {
+        for (h, op) in handles.iter().zip(ops.iter_mut()) {
+            if expired(op) {
+                // The outcome is in the op's status, summarised below.
+                let _ = h.retry_expired(std::slice::from_mut(op));
+            }
+        }
+        farpool_rdma::finish_batch(ops)?;
+        Ok(())
+    }
+
     /// Runs `ops` on this handle's transport, retrying those refused as expired.
     fn run(&self, ops: &mut [Op<'_>]) -> Result<(), ClientError> {
         match self.transport.execute(ops) {
@@ -267,13 +286,7 @@ impl BlockHandle {
                 .unwrap_or(ops.len());
             let mut outcome = t.execute(&mut ops[start..end]).map_err(ClientError::from);
             if outcome.is_err() && ops[start..end].iter().any(expired) {
-                // Each expired operation is retried by its own handle under a fresh grant.
-                for i in start..end {
-                    if expired(&ops[i]) {
-                        let _ = handles[i].retry_expired(std::slice::from_mut(&mut ops[i]));
-                    }
-                }
-                outcome = farpool_rdma::finish_batch(&mut ops[start..end]).map_err(Into::into);
+                outcome = Self::retry_expired_many(&handles[start..end], &mut ops[start..end]);
             }
             runs.push((start, end, outcome));
             start = end;
