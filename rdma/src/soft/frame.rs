@@ -9,7 +9,7 @@ use crate::op::{OpCode, RKey};
 /// Magic bytes opening both sides' preamble.
 pub const MAGIC: [u8; 8] = *b"FARPSOFT";
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 1;
 /// Length of the client's preamble: magic, version.
 pub const CLIENT_HELLO_LEN: usize = 12;
 /// Length of the server's preamble: magic, version, max_op_bytes, reserved.
