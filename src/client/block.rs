@@ -27,6 +27,9 @@ pub struct BlockHandle {
 
 /// The current grant of a handle and where to get a fresh one.
 struct GrantSlot {
+    /// The first grant: its block, epoch, offset, length and rights never change (a
+    /// refresh only replaces key and expiry), so reading them takes no lock.
+    fixed: BlockGrant,
     current: RwLock<Arc<BlockGrant>>,
     source: Option<GrantSource>,
 }
@@ -52,6 +55,7 @@ impl BlockHandle {
     ) -> Self {
         Self {
             grant: Arc::new(GrantSlot {
+                fixed: grant.clone(),
                 current: RwLock::new(Arc::new(grant)),
                 source,
             }),
@@ -168,7 +172,7 @@ impl BlockHandle {
 
     /// Whether `op` lies inside this block and names its epoch.
     fn owns(&self, op: &Op<'_>) -> bool {
-        let g = self.grant.current.read();
+        let g = &self.grant.fixed;
         op.remote.addr >= g.offset
             && op.remote.addr.saturating_add(op.remote_len()) <= g.offset + g.len
             && op.remote.rkey.epoch == g.epoch
@@ -176,7 +180,7 @@ impl BlockHandle {
 
     /// Block length in bytes.
     pub fn len(&self) -> u64 {
-        self.grant.current.read().len
+        self.grant.fixed.len
     }
 
     /// Whether the block has zero length (never, for granted blocks).
@@ -186,7 +190,7 @@ impl BlockHandle {
 
     /// The block's identity.
     pub fn id(&self) -> BlockId {
-        self.grant.current.read().block
+        self.grant.fixed.block
     }
 
     /// The grant behind this handle now (replaced when it expires and is refreshed).
@@ -196,7 +200,7 @@ impl BlockHandle {
 
     /// Whether writes and atomics are allowed.
     pub fn writable(&self) -> bool {
-        self.grant.current.read().writable
+        self.grant.fixed.writable
     }
 
     /// The transport to the block's memory node.
@@ -347,7 +351,7 @@ impl BlockHandle {
 
 impl std::fmt::Debug for BlockHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let g = self.grant.current.read();
+        let g = &self.grant.fixed;
         f.debug_struct("BlockHandle")
             .field("block", &g.block)
             .field("epoch", &g.epoch)
