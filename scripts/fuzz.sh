@@ -35,5 +35,6 @@ run rdma/fuzz soft_frame
 run fuzz snapshot
 run fuzz kv_intent
 run fuzz dag_frame
+run fuzz token
 echo "fuzzing: $((ran - failed)) passed, $failed failed"
 [ "$failed" -eq 0 ]

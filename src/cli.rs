@@ -43,6 +43,11 @@ pub enum Command {
     /// and print `ops=N errors=N lost=N rss_start_kib=N rss_end_kib=N` (see
     /// scripts/soak.sh).
     Soak(crate::soak::SoakArgs),
+    /// Write a fresh random cluster key (32 hex digits) to a new file or stdout.
+    Keygen(crate::keys::KeygenArgs),
+    /// Print a client token for a job (or an admin token), signed with the cluster key;
+    /// clients pass it in FARPOOL_TOKEN.
+    Token(crate::keys::TokenArgs),
 }
 
 /// `farpool worker`.
@@ -100,6 +105,15 @@ pub struct ControllerArgs {
     /// log records.
     #[arg(long, default_value_t = 100_000, env = "FARPOOL_SNAPSHOT_EVERY")]
     pub snapshot_every: u64,
+    /// Cluster key file (32 hex digits, from `farpool keygen`); else the
+    /// FARPOOL_CLUSTER_KEY variable. With a key, memory nodes must prove they hold it
+    /// and clients need a token; without one the controller runs in development mode.
+    #[arg(long, value_name = "PATH", env = "FARPOOL_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Lifetime of a soft-transport grant in seconds (default: the lease period);
+    /// clients fetch fresh grants transparently when theirs expire.
+    #[arg(long, env = "FARPOOL_GRANT_TTL_SECS")]
+    pub grant_ttl_secs: Option<f64>,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the
     /// bound address is printed as `metrics <addr>` after the `listening` line).
     #[arg(long, value_name = "ADDR", env = "FARPOOL_METRICS")]
@@ -143,6 +157,9 @@ pub struct MemNodeArgs {
     /// where the device has memory windows (by default each grant is a window).
     #[arg(long, env = "FARPOOL_NO_MEMORY_WINDOWS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_memory_windows: bool,
+    /// Cluster key file, the same as the controller's (else FARPOOL_CLUSTER_KEY).
+    #[arg(long, value_name = "PATH", env = "FARPOOL_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
     /// Directory for the shm region file.
     #[arg(long, default_value = "/dev/shm", env = "FARPOOL_SHM_DIR")]
     pub shm_dir: PathBuf,
@@ -179,6 +196,9 @@ pub struct StatusArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Client token (`farpool token`), needed when the controller has a cluster key.
+    #[arg(long, env = "FARPOOL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 fn init_logging(default: &str) {
@@ -263,6 +283,10 @@ pub fn main() -> ExitCode {
             init_logging("warn");
             run_soak(&a)
         }
+        Command::Keygen(a) => crate::keys::keygen(&a).map_err(|e| e.to_string()),
+        Command::Token(a) => crate::keys::issue(&a)
+            .map(|t| println!("{t}"))
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -286,6 +310,12 @@ fn run_controller(a: ControllerArgs) -> Result<(), String> {
         flush_retry: Duration::from_millis(a.flush_retry_ms),
         fsync_interval: Duration::from_millis(a.log_fsync_ms),
         snapshot_every: a.snapshot_every,
+        cluster_key: crate::proto::ClusterKey::configured(a.cluster_key_file.as_deref())
+            .map_err(|e| e.to_string())?,
+        grant_ttl: a
+            .grant_ttl_secs
+            .map(|s| secs(s, "--grant-ttl-secs"))
+            .transpose()?,
     };
     let c = Controller::start(config).map_err(|e| e.to_string())?;
     let metrics = match &a.metrics {
@@ -318,6 +348,8 @@ fn run_memnode(a: MemNodeArgs) -> Result<(), String> {
         rdma_device: a.rdma_device,
         gid_index: a.gid_index,
         memory_windows: !a.no_memory_windows,
+        cluster_key: crate::proto::ClusterKey::configured(a.cluster_key_file.as_deref())
+            .map_err(|e| e.to_string())?,
         ..MemNodeConfig::default()
     })
     .map_err(|e| e.to_string())?;
@@ -352,7 +384,11 @@ fn run_soak(a: &crate::soak::SoakArgs) -> Result<(), String> {
 }
 
 fn run_status(a: StatusArgs) -> Result<(), String> {
-    let client = crate::Client::connect(&a.controller).map_err(|e| e.to_string())?;
+    let mut config = crate::ClientConfig::default();
+    if a.token.is_some() {
+        config.token = a.token.clone();
+    }
+    let client = crate::Client::connect_with(&a.controller, config).map_err(|e| e.to_string())?;
     let st = client.status().map_err(|e| e.to_string())?;
     if a.json {
         let s = serde_json::to_string_pretty(&st).map_err(|e| e.to_string())?;

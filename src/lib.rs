@@ -21,6 +21,7 @@ pub mod demo;
 pub mod ds;
 pub mod embedded;
 pub mod experiment;
+pub mod keys;
 pub mod memnode;
 pub mod metrics;
 pub mod proto;

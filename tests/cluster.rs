@@ -136,6 +136,7 @@ fn forged_keys_and_out_of_range_addresses_are_refused() {
     let own = RKey {
         key: ab.grant().key,
         epoch: ab.grant().epoch,
+        expiry: ab.grant().expiry,
     };
     let mut buf = [0u8; 11];
     let e = raw
@@ -154,6 +155,7 @@ fn forged_keys_and_out_of_range_addresses_are_refused() {
         let k = RKey {
             key: guess,
             epoch: vb.grant().epoch,
+            expiry: vb.grant().expiry,
         };
         let e = raw
             .write(RemoteAddr::new(vb.grant().offset, k), b"pwned")

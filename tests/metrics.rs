@@ -67,6 +67,7 @@ fn controller_and_memnode_metrics_move_with_operations() {
     let forged = RKey {
         key: b.grant().key ^ 1,
         epoch: b.grant().epoch,
+        expiry: b.grant().expiry,
     };
     assert!(raw
         .write(RemoteAddr::new(b.grant().offset, forged), b"x")
@@ -113,6 +114,7 @@ fn controller_and_memnode_metrics_move_with_operations() {
     let own = RKey {
         key: b.grant().key,
         epoch: b.grant().epoch,
+        expiry: b.grant().expiry,
     };
     let mut one = [0u8; 1];
     assert!(raw.read(RemoteAddr::new(1 << 40, own), &mut one).is_err());

@@ -88,7 +88,8 @@ fn kill9_memory_node_replicated_survive_unreplicated_lost_others_unaffected() {
     for (i, h) in rep.iter().enumerate() {
         assert!(h.replicated());
         assert_eq!(h.id().node, ids[0]);
-        let others = &h.grant().replication.as_ref().unwrap().others;
+        let grant = h.grant();
+        let others = &grant.replication.as_ref().unwrap().others;
         assert_eq!(others.len(), 1);
         assert_ne!(others[0].0.block.node, ids[0], "copies on distinct nodes");
         let mut d = pattern(i as u8, h.len() as usize);

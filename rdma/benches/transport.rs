@@ -1,5 +1,6 @@
 //! Latency of single operations and of a batch, on the soft (TCP loopback) and shm
-//! backends: 4 KiB READ and WRITE, 8-byte fetch-and-add, a batch of 16 x 4 KiB READs.
+//! backends: 4 KiB READ and WRITE, 8-byte fetch-and-add, a batch of 16 x 4 KiB READs;
+//! and the access check alone, with a plain key and with a capability (MAC + expiry).
 //!
 //! Run with `cargo bench -p farpool-rdma --bench transport`.
 
@@ -15,6 +16,7 @@ const REGION: u64 = 16 * BLOCK;
 const KEY: RKey = RKey {
     key: 0xBE7C,
     epoch: 0,
+    expiry: 0,
 };
 
 fn grant_all(access: &AccessTable) {
@@ -77,5 +79,26 @@ fn shm(c: &mut Criterion) {
     bench_transport(c, "shm", &t);
 }
 
-criterion_group!(benches, soft, shm);
+/// The per-operation access check: key comparison vs capability MAC verification.
+fn access_check(c: &mut Criterion) {
+    use farpool_rdma::access::{grant_mac, unix_now_secs};
+    let access = AccessTable::new(REGION, BLOCK).unwrap();
+    grant_all(&access);
+    let now = unix_now_secs();
+    let cap = RKey {
+        key: grant_mac(KEY.key, now + 3600),
+        expiry: now + 3600,
+        ..KEY
+    };
+    let mut g = c.benchmark_group("access_check");
+    g.bench_function("key", |b| {
+        b.iter(|| access.check(std::hint::black_box(4096), 4096, KEY, false))
+    });
+    g.bench_function("capability", |b| {
+        b.iter(|| access.check_grant(std::hint::black_box(4096), 4096, cap, false, now))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, soft, shm, access_check);
 criterion_main!(benches);

@@ -5,11 +5,19 @@
 //! Starts a [`SoftServer`] in-process, measures depth-1 4 KiB READ/WRITE latency
 //! percentiles from one client, then aggregate 4 KiB READ throughput from `clients`
 //! threads each keeping `depth` operations in flight (one batch of `depth` at a time).
+//!
+//! It does so twice per round, for two rounds: with plain block keys
+//! ([`GrantCheck::Keys`]) and with capabilities ([`GrantCheck::Capabilities`], a MAC
+//! over an expiry checked on every operation, what farpool memory nodes run), so the
+//! cost of verifying capabilities shows in one run on one machine.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use farpool_rdma::soft::{SoftClientConfig, SoftServer, SoftServerConfig, SoftTransport};
+use farpool_rdma::access::{grant_mac, unix_now_secs};
+use farpool_rdma::soft::{
+    GrantCheck, SoftClientConfig, SoftServer, SoftServerConfig, SoftTransport,
+};
 use farpool_rdma::{AccessTable, Op, RKey, Region, RegionOptions, RemoteAddr, Transport};
 
 const BLOCK: u64 = 1 << 20;
@@ -17,6 +25,7 @@ const REGION: u64 = 16 * BLOCK;
 const KEY: RKey = RKey {
     key: 0x1A7E,
     epoch: 0,
+    expiry: 0,
 };
 
 fn percentiles(mut v: Vec<Duration>) -> String {
@@ -49,7 +58,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         access.set(b, KEY.epoch, KEY.key, 0);
     }
     region.write(0, &vec![1u8; REGION as usize])?;
-    let server = SoftServer::bind("127.0.0.1:0", region, access, SoftServerConfig::default())?;
+    for round in 1..=2 {
+        for grants in [GrantCheck::Keys, GrantCheck::Capabilities] {
+            println!("round {round}, {grants:?}:");
+            let key = match grants {
+                GrantCheck::Keys => KEY,
+                GrantCheck::Capabilities => {
+                    let expiry = unix_now_secs().saturating_add(3600);
+                    RKey {
+                        key: grant_mac(KEY.key, expiry),
+                        epoch: KEY.epoch,
+                        expiry,
+                    }
+                }
+            };
+            let config = SoftServerConfig {
+                grants,
+                ..SoftServerConfig::default()
+            };
+            run(&region, &access, config, key, clients, depth, secs)?;
+        }
+    }
+    Ok(())
+}
+
+fn run(
+    region: &Arc<Region>,
+    access: &Arc<AccessTable>,
+    config: SoftServerConfig,
+    key: RKey,
+    clients: usize,
+    depth: usize,
+    secs: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let server = SoftServer::bind("127.0.0.1:0", region.clone(), access.clone(), config)?;
     let addr = server.local_addr().to_string();
     let cfg = SoftClientConfig {
         max_connections: clients.max(1),
@@ -62,7 +104,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, is_read) in [("read 4 KiB", true), ("write 4 KiB", false)] {
         let mut lat = Vec::with_capacity(20_000);
         for i in 0..20_000u64 {
-            let at = RemoteAddr::new((i % 4000) * 4096, KEY);
+            let at = RemoteAddr::new((i % 4000) * 4096, key);
             let start = Instant::now();
             if is_read {
                 t.read(at, &mut buf)?;
@@ -88,7 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             .enumerate()
                             .map(|(i, b)| {
                                 let slot = (c * depth + i) as u64 % 4000;
-                                Op::read(RemoteAddr::new(slot * 4096, KEY), b)
+                                Op::read(RemoteAddr::new(slot * 4096, key), b)
                             })
                             .collect();
                         if t.execute(&mut ops).is_err() {

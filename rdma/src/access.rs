@@ -21,6 +21,8 @@
 //! that frees a block should therefore not rely on the bump being instantaneous for
 //! operations already in flight.
 
+use siphasher::sip::SipHasher24;
+use std::hash::Hasher;
 use std::hint;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -336,6 +338,94 @@ impl AccessTable {
         }
         Err(OpError::AccessDenied)
     }
+
+    /// Like [`AccessTable::check`], but `rkey.key` must be a capability MAC
+    /// ([`grant_mac`]) of one of the block's keys over `rkey.expiry`, and the grant must
+    /// not have expired at `now` (seconds since the Unix epoch; `expiry` 0 never expires).
+    ///
+    /// Order of the checks: bounds, epoch ([`OpError::StaleEpoch`]), MAC
+    /// ([`OpError::AccessDenied`], or [`OpError::ReadOnly`] for a write under the
+    /// read-only MAC), then expiry ([`OpError::GrantExpired`]), so a forged grant
+    /// never learns whether it would have been expired. Costs one SipHash per
+    /// operation under the read-write key, two under the read-only key.
+    #[inline]
+    pub fn check_grant(
+        &self,
+        addr: u64,
+        len: u64,
+        rkey: RKey,
+        write: bool,
+        now: u32,
+    ) -> Result<(), OpError> {
+        let (block, start) = block_bounds(addr, len, self.region_len, self.block_size)?;
+        let entry = &self.entries()[block as usize];
+        let Some((epoch, key_rw, key_ro)) = entry.snapshot() else {
+            return Err(OpError::AccessDenied);
+        };
+        if rkey.epoch != epoch {
+            return Err(OpError::StaleEpoch {
+                granted: rkey.epoch,
+                current: epoch,
+            });
+        }
+        let expired = || rkey.expiry != 0 && now >= rkey.expiry;
+        if key_rw != 0 && rkey.key == grant_mac(key_rw, rkey.expiry) {
+            if expired() {
+                return Err(OpError::GrantExpired {
+                    expiry: rkey.expiry,
+                    now,
+                });
+            }
+            if write {
+                entry.note_written(addr - start + len);
+            }
+            return Ok(());
+        }
+        if key_ro != 0 && rkey.key == grant_mac(key_ro, rkey.expiry) {
+            if write {
+                return Err(OpError::ReadOnly);
+            }
+            if expired() {
+                return Err(OpError::GrantExpired {
+                    expiry: rkey.expiry,
+                    now,
+                });
+            }
+            return Ok(());
+        }
+        Err(OpError::AccessDenied)
+    }
+}
+
+/// The capability MAC of a grant: a keyed SipHash-2-4 under the block key (one of the
+/// two keys [`AccessTable::set`] stores, which already binds node, block, epoch and
+/// rights) over the grant's `expiry`. Never 0.
+///
+/// The controller hands clients this MAC, never the block key, so a client can neither
+/// extend a grant's lifetime, nor upgrade its rights, nor move it to another block or
+/// epoch: each changes the key the memory node recomputes.
+#[inline]
+pub fn grant_mac(block_key: u64, expiry: u32) -> u64 {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&block_key.to_le_bytes());
+    k[8..].copy_from_slice(&(block_key ^ GRANT_MAC_TWEAK).to_le_bytes());
+    let mut h = SipHasher24::new_with_key(&k);
+    h.write_u32(expiry);
+    match h.finish() {
+        0 => 1,
+        m => m,
+    }
+}
+
+/// Fills the second half of the MAC key, so the two halves differ.
+const GRANT_MAC_TWEAK: u64 = 0x6661_7270_6f6f_6c21;
+
+/// Seconds since the Unix epoch, as grants carry them (saturating; 0 if the clock is
+/// before 1970).
+pub fn unix_now_secs() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
 /// Checks that `addr..addr+len` lies inside one block of a region of `region_len` bytes
@@ -395,7 +485,87 @@ mod tests {
     const BS: u64 = 4096;
 
     fn key(key: u64, epoch: u32) -> RKey {
-        RKey { key, epoch }
+        RKey {
+            key,
+            epoch,
+            expiry: 0,
+        }
+    }
+
+    fn cap(block_key: u64, epoch: u32, expiry: u32) -> RKey {
+        RKey {
+            key: grant_mac(block_key, expiry),
+            epoch,
+            expiry,
+        }
+    }
+
+    #[test]
+    fn capabilities_bind_key_epoch_rights_and_expiry() {
+        let t = AccessTable::new(4 * BS, BS).unwrap();
+        t.set(1, 3, 0xAA, 0xBB);
+        t.set(2, 3, 0xCC, 0xDD);
+        let a = BS + 64;
+        let now = 1_000;
+        assert_eq!(t.check_grant(a, 8, cap(0xAA, 3, 2_000), true, now), Ok(()));
+        assert_eq!(t.check_grant(a, 8, cap(0xBB, 3, 2_000), false, now), Ok(()));
+        assert_eq!(t.check_grant(a, 8, cap(0xAA, 3, 0), true, now), Ok(()));
+        // Rights: the read-only MAC does not write.
+        assert_eq!(
+            t.check_grant(a, 8, cap(0xBB, 3, 2_000), true, now),
+            Err(OpError::ReadOnly)
+        );
+        // The raw block key is not a capability.
+        assert_eq!(
+            t.check_grant(a, 8, key(0xAA, 3), false, now),
+            Err(OpError::AccessDenied)
+        );
+        // Extending the expiry breaks the MAC.
+        let mut longer = cap(0xAA, 3, 2_000);
+        longer.expiry = 3_000;
+        assert_eq!(
+            t.check_grant(a, 8, longer, false, now),
+            Err(OpError::AccessDenied)
+        );
+        // Another block's capability does not open this one (range widened).
+        assert_eq!(
+            t.check_grant(a, 8, cap(0xCC, 3, 2_000), false, now),
+            Err(OpError::AccessDenied)
+        );
+        // Expired: typed, for both rights.
+        for k in [0xAA, 0xBB] {
+            assert_eq!(
+                t.check_grant(a, 8, cap(k, 3, 2_000), false, 2_000),
+                Err(OpError::GrantExpired {
+                    expiry: 2_000,
+                    now: 2_000
+                })
+            );
+        }
+        // Other epoch after a bump.
+        t.set(1, 4, 0xEE, 0xFF);
+        assert_eq!(
+            t.check_grant(a, 8, cap(0xAA, 3, 2_000), false, now),
+            Err(OpError::StaleEpoch {
+                granted: 3,
+                current: 4
+            })
+        );
+        // A revoked block (keys 0) accepts no MAC, even of key 0.
+        t.set(1, 5, 0, 0);
+        assert_eq!(
+            t.check_grant(a, 8, cap(0, 5, 0), false, now),
+            Err(OpError::AccessDenied)
+        );
+    }
+
+    #[test]
+    fn grant_macs_differ_by_key_and_expiry() {
+        let m = grant_mac(7, 100);
+        assert_ne!(m, grant_mac(8, 100));
+        assert_ne!(m, grant_mac(7, 101));
+        assert_eq!(m, grant_mac(7, 100));
+        assert_ne!(m, 0);
     }
 
     #[test]

@@ -40,6 +40,15 @@ pub enum OpError {
         /// Epoch the memory node holds now.
         current: u32,
     },
+    /// The grant's lifetime ended (soft transport with capabilities): the MAC may be
+    /// valid, but the memory node no longer honours it.
+    #[error("grant expired at {expiry} (memory node clock {now}, seconds since the Unix epoch); fetch a fresh grant from the controller (lookup) and retry")]
+    GrantExpired {
+        /// Expiry the grant carried.
+        expiry: u32,
+        /// The memory node's clock when it refused the operation.
+        now: u32,
+    },
     /// A write or atomic under a read-only grant.
     #[error("write under a read-only grant; open the block with write access")]
     ReadOnly,

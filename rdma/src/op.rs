@@ -12,6 +12,10 @@ pub struct RKey {
     pub key: u64,
     /// The block epoch the grant was issued for.
     pub epoch: u32,
+    /// When the grant expires, in seconds since the Unix epoch (0: never). A soft-transport
+    /// memory node that verifies capabilities checks `key` as a MAC over this value too,
+    /// so it cannot be extended by the holder. Other transports ignore it.
+    pub expiry: u32,
 }
 
 /// Address of a one-sided operation on a memory node's region.

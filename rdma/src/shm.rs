@@ -498,7 +498,14 @@ mod tests {
         assert_eq!(client.kind(), TransportKind::Shm);
         assert_eq!(client.max_op_bytes(), 4096);
         node.access().set(2, 1, 42, 43);
-        let at = RemoteAddr::new(2 * 4096 + 8, RKey { key: 42, epoch: 1 });
+        let at = RemoteAddr::new(
+            2 * 4096 + 8,
+            RKey {
+                key: 42,
+                epoch: 1,
+                expiry: 0,
+            },
+        );
         client.write(at, b"shared!!").unwrap();
         let mut b = [0u8; 8];
         node.region().read(2 * 4096 + 8, &mut b).unwrap();

@@ -58,8 +58,16 @@ impl Fixture {
         self.access.set(block, epoch, rw, ro);
         Grant {
             base: u64::from(block) * BLOCK,
-            rw: RKey { key: rw, epoch },
-            ro: RKey { key: ro, epoch },
+            rw: RKey {
+                key: rw,
+                epoch,
+                expiry: 0,
+            },
+            ro: RKey {
+                key: ro,
+                epoch,
+                expiry: 0,
+            },
         }
     }
 
@@ -678,10 +686,12 @@ fn wrong_key(t: &dyn Transport, fx: &Fixture) {
         RKey {
             key: g.rw.key ^ 1,
             epoch: g.rw.epoch,
+            expiry: 0,
         },
         RKey {
             key: 0,
             epoch: g.rw.epoch,
+            expiry: 0,
         },
         other.rw, // a valid key of another block
     ];
@@ -840,6 +850,7 @@ fn partial_batch(t: &dyn Transport, fx: &Fixture) {
         RKey {
             key: g.rw.key,
             epoch: g.rw.epoch + 1,
+            expiry: 0,
         },
     );
     let mut rbuf = [0u8; 4];

@@ -24,25 +24,30 @@ const MAX_OP: u32 = 128 * 1024;
 const GOOD: RKey = RKey {
     key: 0x600D_600D,
     epoch: 3,
+    expiry: 0,
 };
 const OTHER: RKey = RKey {
     key: 0xBAD_BAD,
     epoch: 1,
+    expiry: 0,
 };
 /// Block 1's key presented with block 0's epoch, so that the key check (not the epoch
 /// check) refuses it.
 const OTHER_AT_GOOD_EPOCH: RKey = RKey {
     key: OTHER.key,
     epoch: GOOD.epoch,
+    expiry: 0,
 };
 const NO_KEY: RKey = RKey {
     key: 0,
     epoch: GOOD.epoch,
+    expiry: 0,
 };
 /// Block 2, a scratch block a misbehaving client may legitimately write.
 const SCRATCH: RKey = RKey {
     key: 0x05C2_A7C4,
     epoch: 0,
+    expiry: 0,
 };
 
 struct Node {
@@ -58,6 +63,7 @@ impl Node {
         Self::start_with(SoftServerConfig {
             max_op_bytes: MAX_OP,
             max_connections: 64,
+            ..SoftServerConfig::default()
         })
     }
 
@@ -189,6 +195,7 @@ fn op_errors_keep_the_connection() {
         RKey {
             key: GOOD.key,
             epoch: 2,
+            expiry: 0,
         },
     )); // stale CAS
     batch.extend(0u64.to_le_bytes());
@@ -251,7 +258,17 @@ fn refused_writes_skip_their_payload() {
     batch.extend([0xAA; 16]);
     batch.extend(req(2, MAX_OP, 2, 0, OTHER_AT_GOOD_EPOCH));
     batch.extend(&big);
-    batch.extend(req(2, MAX_OP, 3, 2 * BLOCK, RKey { key: 0, epoch: 0 }));
+    batch.extend(req(
+        2,
+        MAX_OP,
+        3,
+        2 * BLOCK,
+        RKey {
+            key: 0,
+            epoch: 0,
+            expiry: 0,
+        },
+    ));
     batch.extend(&big);
     batch.extend(req(1, 8, 4, 0, GOOD));
     s.write_all(&batch).unwrap();
@@ -279,7 +296,7 @@ fn malformed_header_closes_only_that_connection() {
         }),
         ("reserved", {
             let mut f = req(1, 8, 1, 0, GOOD);
-            f[37] = 1;
+            f[2] = 1;
             f
         }),
         ("atomic length", req(4, 16, 1, 0, GOOD)),
@@ -439,6 +456,7 @@ fn connection_limit() {
     let node = Node::start_with(SoftServerConfig {
         max_op_bytes: MAX_OP,
         max_connections: 1,
+        ..SoftServerConfig::default()
     });
     // The good client holds the only connection.
     let e = SoftTransport::connect(&node.server.local_addr().to_string()).unwrap_err();

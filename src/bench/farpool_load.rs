@@ -4,7 +4,7 @@
 use super::args::{BenchOp, Plan};
 use super::error::BenchError;
 use super::load::{BatchOutcome, Connection};
-use crate::client::{BlockHandle, Client, Task};
+use crate::client::{BlockHandle, Client, ClientError, Task};
 use crate::proto::Placement;
 use farpool_rdma::Op;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -199,7 +199,24 @@ impl Connection for DataConn {
                 )))
             }
         }
-        let result = exec.transport().execute(&mut ops);
+        let mut result = exec
+            .transport()
+            .execute(&mut ops)
+            .map_err(ClientError::from);
+        let expired = |o: &Op<'_>| {
+            matches!(
+                o.status,
+                farpool_rdma::OpStatus::Failed(farpool_rdma::OpError::GrantExpired { .. })
+            )
+        };
+        if result.is_err() && ops.iter().any(expired) {
+            // Soft grants live --grant-ttl-secs: refresh them through their handles.
+            let hs = slots
+                .iter()
+                .map(|&s| locate(s).map(|(h, _)| h))
+                .collect::<Result<Vec<_>, _>>()?;
+            result = BlockHandle::retry_expired_many(&hs, &mut ops);
+        }
         let mut outcome = BatchOutcome::default();
         for (o, &s) in ops.iter().zip(slots) {
             match o.outcome() {

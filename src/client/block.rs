@@ -1,10 +1,11 @@
 //! Block handles: one-sided operations on one granted block.
 
 use super::replica::HandleCtx;
-use super::ClientError;
-use crate::proto::{BlockGrant, BlockId};
-use farpool_rdma::{Op, Transport};
-use std::sync::Arc;
+use super::{Client, ClientError, ClientInner};
+use crate::proto::{BlockGrant, BlockId, PoolPath, Request, Response};
+use farpool_rdma::{Op, OpError, OpStatus, Transport};
+use parking_lot::RwLock;
+use std::sync::{Arc, Weak};
 
 /// One connection's share of [`BlockHandle::execute_many`]: operations
 /// `start..end` and how their batch went.
@@ -20,17 +21,53 @@ pub type BatchRun = (usize, usize, Result<(), ClientError>);
 /// the handle was made with; the handle maps them onto the copies. An operation on an
 /// unreplicated block whose memory node died fails with
 /// [`crate::proto::ControlError::DataLost`].
+///
+/// Grants on the soft transport expire ([`BlockGrant::expiry`]). When the memory node
+/// answers [`OpError::GrantExpired`], the handle looks its owner path up again, takes
+/// the fresh grant for the same block and epoch, and retries the refused operations
+/// (which the node did not apply); clones share the refreshed grant. A block freed in
+/// the meantime keeps failing with its original error.
 #[derive(Clone)]
 pub struct BlockHandle {
-    grant: Arc<BlockGrant>,
+    grant: Arc<GrantSlot>,
     transport: Arc<dyn Transport>,
     ctx: Option<Arc<HandleCtx>>,
 }
 
+/// The current grant of a handle and where to get a fresh one.
+struct GrantSlot {
+    /// The first grant: its block, epoch, offset, length and rights never change (a
+    /// refresh only replaces key and expiry), so reading them takes no lock.
+    fixed: BlockGrant,
+    current: RwLock<Arc<BlockGrant>>,
+    source: Option<GrantSource>,
+}
+
+/// Where a handle's grant came from: the owner path, looked up again on expiry.
+pub(crate) struct GrantSource {
+    /// The client that asked (weak: handles do not keep a client alive).
+    pub(crate) client: Weak<ClientInner>,
+    /// The block's owner path.
+    pub(crate) path: PoolPath,
+}
+
+/// Whether `op` was refused because its grant expired.
+fn expired(op: &Op<'_>) -> bool {
+    matches!(op.status, OpStatus::Failed(OpError::GrantExpired { .. }))
+}
+
 impl BlockHandle {
-    pub(crate) fn new(grant: BlockGrant, transport: Arc<dyn Transport>) -> Self {
+    pub(crate) fn new(
+        grant: BlockGrant,
+        transport: Arc<dyn Transport>,
+        source: Option<GrantSource>,
+    ) -> Self {
         Self {
-            grant: Arc::new(grant),
+            grant: Arc::new(GrantSlot {
+                fixed: grant.clone(),
+                current: RwLock::new(Arc::new(grant)),
+                source,
+            }),
             transport,
             ctx: None,
         }
@@ -40,12 +77,11 @@ impl BlockHandle {
         grant: BlockGrant,
         transport: Arc<dyn Transport>,
         ctx: HandleCtx,
+        source: Option<GrantSource>,
     ) -> Self {
-        Self {
-            grant: Arc::new(grant),
-            transport,
-            ctx: Some(Arc::new(ctx)),
-        }
+        let mut h = Self::new(grant, transport, source);
+        h.ctx = Some(Arc::new(ctx));
+        h
     }
 
     /// Whether the block has several copies.
@@ -67,14 +103,120 @@ impl BlockHandle {
         }
     }
 
+    /// A fresh grant to replace the one whose key was `failed_key`: the current one if
+    /// another thread already refreshed it, else one looked up from the owner path.
+    /// `None` when there is no fresher grant (the block was freed, the client is gone,
+    /// or the handle has no owner path).
+    fn fresh_grant(&self, failed_key: u64) -> Result<Option<Arc<BlockGrant>>, ClientError> {
+        let cur = self.grant.current.read().clone();
+        if cur.key != failed_key {
+            return Ok(Some(cur));
+        }
+        let Some(src) = &self.grant.source else {
+            return Ok(None);
+        };
+        let Some(inner) = src.client.upgrade() else {
+            return Ok(None);
+        };
+        let client = Client { inner, copies: 1 };
+        let grants = match client.request(Request::Lookup {
+            path: src.path.clone(),
+            writable: cur.writable,
+        })? {
+            Response::Blocks(g) => g,
+            other => return Err(ClientError::unexpected(&other)),
+        };
+        let Some(g) = grants
+            .into_iter()
+            .find(|g| g.block == cur.block && g.epoch == cur.epoch)
+        else {
+            return Ok(None);
+        };
+        let g = Arc::new(g);
+        *self.grant.current.write() = g.clone();
+        Ok(Some(g))
+    }
+
+    /// After a batch on this handle's transport: re-runs, one by one under a fresh
+    /// grant, the operations refused as expired, then summarises the batch.
+    fn retry_expired(&self, ops: &mut [Op<'_>]) -> Result<(), ClientError> {
+        let mut fresh: Option<Arc<BlockGrant>> = None;
+        for op in ops.iter_mut().filter(|op| expired(op)) {
+            let g = match &fresh {
+                Some(g) => g.clone(),
+                None => match self.fresh_grant(op.remote.rkey.key)? {
+                    Some(g) => fresh.insert(g).clone(),
+                    None => break,
+                },
+            };
+            op.remote.rkey = g.remote(0).rkey;
+            op.status = OpStatus::Pending;
+            // The batch result is in the op's status, summarised below.
+            let _ = self.transport.execute(std::slice::from_mut(op));
+        }
+        farpool_rdma::finish_batch(ops)?;
+        Ok(())
+    }
+
+    /// After a batch of operations built with `handles[i]`'s `*_op` methods and run on
+    /// their transports directly: re-runs, each under a fresh grant from its own handle,
+    /// the operations refused with [`OpError::GrantExpired`] (which the memory node did
+    /// not apply), leaving the others as they are; then summarises the batch like
+    /// [`farpool_rdma::finish_batch`].
+    pub fn retry_expired_many(
+        handles: &[&BlockHandle],
+        ops: &mut [Op<'_>],
+    ) -> Result<(), ClientError> {
+        for (h, op) in handles.iter().zip(ops.iter_mut()) {
+            if expired(op) {
+                // The outcome is in the op's status, summarised below.
+                let _ = h.retry_expired(std::slice::from_mut(op));
+            }
+        }
+        farpool_rdma::finish_batch(ops)?;
+        Ok(())
+    }
+
+    /// Runs one single-operation call, retrying it once under a fresh grant if it was
+    /// refused as expired (the memory node did not apply it).
+    fn once<T>(
+        &self,
+        mut f: impl FnMut(farpool_rdma::RemoteAddr) -> Result<T, farpool_rdma::Error>,
+        offset: u64,
+    ) -> Result<T, ClientError> {
+        let remote = self.grant.current.read().remote(offset);
+        match f(remote) {
+            Err(farpool_rdma::Error::Op(OpError::GrantExpired { .. })) => {
+                match self.fresh_grant(remote.rkey.key)? {
+                    Some(g) => Ok(f(g.remote(offset))?),
+                    None => Ok(f(remote)?),
+                }
+            }
+            r => Ok(r?),
+        }
+    }
+
+    /// The current grant's remote address of block byte `offset`.
+    fn remote(&self, offset: u64) -> farpool_rdma::RemoteAddr {
+        self.grant.current.read().remote(offset)
+    }
+
+    /// Whether `op` lies inside this block and names its epoch.
+    fn owns(&self, op: &Op<'_>) -> bool {
+        let g = &self.grant.fixed;
+        op.remote.addr >= g.offset
+            && op.remote.addr.saturating_add(op.remote_len()) <= g.offset + g.len
+            && op.remote.rkey.epoch == g.epoch
+    }
+
     /// Block length in bytes.
     pub fn len(&self) -> u64 {
-        self.grant.len
+        self.grant.fixed.len
     }
 
     /// Whether the block has zero length (never, for granted blocks).
     pub fn is_empty(&self) -> bool {
-        self.grant.len == 0
+        self.len() == 0
     }
 
     /// The block's identity. For a replicated block this is its first copy at
@@ -82,20 +224,20 @@ impl BlockHandle {
     /// that copy was lost and replaced; [`BlockHandle::grant`] names the copy the
     /// grant was issued for.
     pub fn id(&self) -> BlockId {
-        match &self.grant.replication {
+        match &self.grant.fixed.replication {
             Some(r) => r.origin,
-            None => self.grant.block,
+            None => self.grant.fixed.block,
         }
     }
 
-    /// The grant behind this handle.
-    pub fn grant(&self) -> &BlockGrant {
-        &self.grant
+    /// The grant behind this handle now (replaced when it expires and is refreshed).
+    pub fn grant(&self) -> Arc<BlockGrant> {
+        self.grant.current.read().clone()
     }
 
     /// Whether writes and atomics are allowed.
     pub fn writable(&self) -> bool {
-        self.grant.writable
+        self.grant.fixed.writable
     }
 
     /// The transport to the block's memory node.
@@ -104,12 +246,13 @@ impl BlockHandle {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        let block_len = self.len();
         match offset.checked_add(len) {
-            Some(end) if end <= self.grant.len => Ok(()),
+            Some(end) if end <= block_len => Ok(()),
             _ => Err(ClientError::OutOfBounds {
                 offset,
                 len,
-                block_len: self.grant.len,
+                block_len,
             }),
         }
     }
@@ -125,40 +268,33 @@ impl BlockHandle {
     /// A READ of `buf.len()` bytes at `offset`, for [`BlockHandle::execute`].
     pub fn read_op<'a>(&self, offset: u64, buf: &'a mut [u8]) -> Result<Op<'a>, ClientError> {
         self.check(offset, buf.len() as u64)?;
-        Ok(Op::read(self.grant.remote(offset), buf))
+        Ok(Op::read(self.remote(offset), buf))
     }
 
     /// A WRITE of `data` at `offset`, for [`BlockHandle::execute`].
     pub fn write_op<'a>(&self, offset: u64, data: &'a [u8]) -> Result<Op<'a>, ClientError> {
         self.check(offset, data.len() as u64)?;
-        Ok(Op::write(self.grant.remote(offset), data))
+        Ok(Op::write(self.remote(offset), data))
     }
 
     /// A compare-and-swap of the u64 at `offset`, for [`BlockHandle::execute`].
     pub fn cas_op(&self, offset: u64, expected: u64, new: u64) -> Result<Op<'static>, ClientError> {
         self.check_atomic(offset)?;
-        Ok(Op::compare_swap(self.grant.remote(offset), expected, new))
+        Ok(Op::compare_swap(self.remote(offset), expected, new))
     }
 
     /// A fetch-and-add on the u64 at `offset`, for [`BlockHandle::execute`].
     pub fn faa_op(&self, offset: u64, add: u64) -> Result<Op<'static>, ClientError> {
         self.check_atomic(offset)?;
-        Ok(Op::fetch_add(self.grant.remote(offset), add))
+        Ok(Op::fetch_add(self.remote(offset), add))
     }
 
     /// Runs a batch of operations built with this handle's `*_op` methods with one
     /// round trip (all outstanding together). On failure each operation's status says
     /// whether it completed.
     pub fn execute(&self, ops: &mut [Op<'_>]) -> Result<(), ClientError> {
-        let lo = self.grant.offset;
-        let hi = lo + self.grant.len;
-        for (index, op) in ops.iter().enumerate() {
-            let in_block = op.remote.addr >= lo
-                && op.remote.addr.saturating_add(op.remote_len()) <= hi
-                && op.remote.rkey.key == self.grant.key;
-            if !in_block {
-                return Err(ClientError::ForeignOp { index });
-            }
+        if let Some(index) = ops.iter().position(|op| !self.owns(op)) {
+            return Err(ClientError::ForeignOp { index });
         }
         self.run(ops)
     }
@@ -166,8 +302,12 @@ impl BlockHandle {
     /// Runs validated operations: on every copy for a replicated block.
     fn run(&self, ops: &mut [Op<'_>]) -> Result<(), ClientError> {
         match self.repl() {
-            Some(r) => r.execute(&self.grant, ops),
-            None => self.transport.execute(ops).map_err(|e| self.fail(e)),
+            Some(r) => r.execute(&self.grant.fixed, ops),
+            None => match self.transport.execute(ops) {
+                Ok(()) => Ok(()),
+                Err(_) if ops.iter().any(expired) => self.retry_expired(ops),
+                Err(e) => Err(self.fail(e)),
+            },
         }
     }
 
@@ -186,11 +326,7 @@ impl BlockHandle {
             });
         }
         for (index, (h, op)) in handles.iter().zip(ops.iter()).enumerate() {
-            let lo = h.grant.offset;
-            let in_block = op.remote.addr >= lo
-                && op.remote.addr.saturating_add(op.remote_len()) <= lo + h.grant.len
-                && op.remote.rkey.key == h.grant.key;
-            if !in_block {
+            if !h.owns(op) {
                 return Err(ClientError::ForeignOp { index });
             }
         }
@@ -203,7 +339,7 @@ impl BlockHandle {
             let end = (start..ops.len())
                 .find(|&i| {
                     if h.replicated() || handles[i].replicated() {
-                        handles[i].grant.block != h.grant.block
+                        handles[i].grant.fixed.block != h.grant.fixed.block
                     } else {
                         !Arc::ptr_eq(&handles[i].transport, t)
                     }
@@ -212,7 +348,13 @@ impl BlockHandle {
             let outcome = if h.replicated() {
                 h.run(&mut ops[start..end])
             } else {
-                t.execute(&mut ops[start..end]).map_err(|e| h.fail(e))
+                match t.execute(&mut ops[start..end]) {
+                    Ok(()) => Ok(()),
+                    Err(_) if ops[start..end].iter().any(expired) => {
+                        Self::retry_expired_many(&handles[start..end], &mut ops[start..end])
+                    }
+                    Err(e) => Err(h.fail(e)),
+                }
             };
             runs.push((start, end, outcome));
             start = end;
@@ -233,14 +375,13 @@ impl BlockHandle {
         let max = self.transport.max_op_bytes().max(1);
         if buf.len() <= max && self.repl().is_none() {
             return self
-                .transport
-                .read(self.grant.remote(offset), buf)
+                .once(|r| self.transport.read(r, buf), offset)
                 .map_err(|e| self.fail(e));
         }
         let mut ops: Vec<Op<'_>> = buf
             .chunks_mut(max)
             .enumerate()
-            .map(|(i, c)| Op::read(self.grant.remote(offset + (i * max) as u64), c))
+            .map(|(i, c)| Op::read(self.remote(offset + (i * max) as u64), c))
             .collect();
         self.run(&mut ops)
     }
@@ -252,14 +393,13 @@ impl BlockHandle {
         let max = self.transport.max_op_bytes().max(1);
         if data.len() <= max && self.repl().is_none() {
             return self
-                .transport
-                .write(self.grant.remote(offset), data)
+                .once(|r| self.transport.write(r, data), offset)
                 .map_err(|e| self.fail(e));
         }
         let mut ops: Vec<Op<'_>> = data
             .chunks(max)
             .enumerate()
-            .map(|(i, c)| Op::write(self.grant.remote(offset + (i * max) as u64), c))
+            .map(|(i, c)| Op::write(self.remote(offset + (i * max) as u64), c))
             .collect();
         self.run(&mut ops)
     }
@@ -268,12 +408,15 @@ impl BlockHandle {
     pub fn cas(&self, offset: u64, expected: u64, new: u64) -> Result<u64, ClientError> {
         self.check_atomic(offset)?;
         if self.repl().is_some() {
-            let mut ops = [Op::compare_swap(self.grant.remote(offset), expected, new)];
+            let mut ops = [Op::compare_swap(
+                self.grant.fixed.remote(offset),
+                expected,
+                new,
+            )];
             self.run(&mut ops)?;
             return Ok(ops[0].result);
         }
-        self.transport
-            .compare_swap(self.grant.remote(offset), expected, new)
+        self.once(|r| self.transport.compare_swap(r, expected, new), offset)
             .map_err(|e| self.fail(e))
     }
 
@@ -281,23 +424,23 @@ impl BlockHandle {
     pub fn faa(&self, offset: u64, add: u64) -> Result<u64, ClientError> {
         self.check_atomic(offset)?;
         if self.repl().is_some() {
-            let mut ops = [Op::fetch_add(self.grant.remote(offset), add)];
+            let mut ops = [Op::fetch_add(self.grant.fixed.remote(offset), add)];
             self.run(&mut ops)?;
             return Ok(ops[0].result);
         }
-        self.transport
-            .fetch_add(self.grant.remote(offset), add)
+        self.once(|r| self.transport.fetch_add(r, add), offset)
             .map_err(|e| self.fail(e))
     }
 }
 
 impl std::fmt::Debug for BlockHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = &self.grant.fixed;
         f.debug_struct("BlockHandle")
-            .field("block", &self.grant.block)
-            .field("epoch", &self.grant.epoch)
-            .field("len", &self.grant.len)
-            .field("writable", &self.grant.writable)
+            .field("block", &g.block)
+            .field("epoch", &g.epoch)
+            .field("len", &g.len)
+            .field("writable", &g.writable)
             .finish()
     }
 }

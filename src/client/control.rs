@@ -1,7 +1,7 @@
 //! The blocking control connection to the controller.
 
 use super::{ClientConfig, ClientError};
-use crate::proto::frame::{read_msg, write_msg, FrameError};
+use crate::proto::frame::{decode, read_msg, write_msg, FrameError};
 use crate::proto::{
     ControlError, Envelope, Hello, Request, Response, Role, Welcome, PROTOCOL_VERSION,
 };
@@ -37,6 +37,23 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Whether `e` means the connection is gone (rather than a refused request).
+/// Reads one frame's body (blocking).
+fn read_frame(r: &mut impl std::io::Read) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > crate::proto::MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(body)
+}
+
 fn connection_lost(e: &ClientError) -> bool {
     matches!(
         e,
@@ -74,20 +91,26 @@ impl Conn {
                 version: PROTOCOL_VERSION,
                 role: Role::Client {
                     name: config.name.clone(),
+                    token: config.token.clone(),
                 },
             },
         )?;
         // The controller answers a client hello with a Welcome, or with an error
         // envelope (id 0) before closing.
-        let welcome: Result<Welcome, _> = read_msg(&mut reader);
-        let welcome = match welcome {
+        let frame = read_frame(&mut reader)?;
+        let welcome = match decode::<Welcome>(&frame) {
             Ok(w) => w,
-            Err(FrameError::Decode(_)) => {
-                return Err(ClientError::Protocol(
-                    "the controller refused the connection (protocol version mismatch?)".into(),
-                ))
+            Err(_) => {
+                return Err(match decode::<Envelope<Response>>(&frame) {
+                    Ok(Envelope {
+                        body: Response::Error(e),
+                        ..
+                    }) => ClientError::Control(e),
+                    _ => ClientError::Protocol(
+                        "the controller refused the connection (protocol version mismatch?)".into(),
+                    ),
+                })
             }
-            Err(e) => return Err(e.into()),
         };
         if welcome.version != PROTOCOL_VERSION {
             return Err(crate::proto::ControlError::VersionMismatch {

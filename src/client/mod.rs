@@ -51,6 +51,9 @@ pub struct ClientConfig {
     /// control connection broke, for example while the controller restarts; zero
     /// tries once, at once. Best-effort calls (freeing a dropped task) try once.
     pub reconnect_for: Duration,
+    /// Client token from `farpool token` (required when the controller has a cluster
+    /// key). Defaults to the `FARPOOL_TOKEN` environment variable.
+    pub token: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -60,6 +63,9 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             reconnect_for: Duration::from_secs(30),
+            token: std::env::var(crate::proto::token::TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.trim().is_empty()),
         }
     }
 }
@@ -239,7 +245,8 @@ impl Client {
         }
     }
 
-    /// Handles for `grants` of blocks owned by `path`.
+    /// Handles for `grants` of blocks owned by `path` (looked up again when a grant
+    /// expires).
     pub(crate) fn handles(
         &self,
         path: &PoolPath,
@@ -250,7 +257,11 @@ impl Client {
             .map(|g| {
                 let t = self.inner.data.transport(&g.endpoint)?;
                 let ctx = replica::HandleCtx::new(self, path, &g, &t)?;
-                Ok(BlockHandle::with_ctx(g, t, ctx))
+                let source = block::GrantSource {
+                    client: Arc::downgrade(&self.inner),
+                    path: path.clone(),
+                };
+                Ok(BlockHandle::with_ctx(g, t, ctx, Some(source)))
             })
             .collect()
     }

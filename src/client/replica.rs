@@ -13,7 +13,7 @@
 
 use super::{Client, ClientError, ClientInner};
 use crate::proto::{BlockGrant, BlockId, PoolPath, Request, Response};
-use farpool_rdma::{Op, OpKind, OpStatus, Transport};
+use farpool_rdma::{Op, OpError, OpKind, OpStatus, Transport};
 use parking_lot::RwLock;
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
@@ -50,6 +50,23 @@ impl View {
     fn degraded(&self) -> bool {
         self.copies.len() < usize::from(self.wanted)
     }
+
+    /// Whether a copy's grant (soft capabilities expire) runs out within a second:
+    /// such a view is refreshed before use, so mirroring never meets an expired grant.
+    fn expiring(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.copies
+            .iter()
+            .any(|c| c.grant.expiry != 0 && u64::from(c.grant.expiry) <= now + 1)
+    }
+}
+
+/// Whether `op` was refused because its grant expired (the node did not apply it).
+fn expired(op: &Op<'_>) -> bool {
+    matches!(op.status, OpStatus::Failed(OpError::GrantExpired { .. }))
 }
 
 /// What a handle needs to ask the controller about its block.
@@ -156,7 +173,7 @@ impl HandleCtx {
         let rel: Vec<u64> = ops.iter().map(|o| o.remote.addr - orig.offset).collect();
         let mutates = ops.iter().any(|o| !matches!(o.kind, OpKind::Read(_)));
         let mut view = match self.view() {
-            Some(v) if !(mutates && v.degraded()) => v,
+            Some(v) if !(v.expiring() || mutates && v.degraded()) => v,
             _ => self.refresh()?,
         };
         let mut failovers = 0;
@@ -171,6 +188,21 @@ impl HandleCtx {
                     failovers += 1;
                     let failed = p.grant.block;
                     view = self.refresh_without(failed, e.into())?;
+                }
+                Err(_) if ops.iter().any(expired) => {
+                    // Clocks disagreed with the early refresh: re-run only the refused
+                    // operations (not applied) under a fresh grant.
+                    view = self.refresh()?;
+                    let p = view.primary();
+                    for (o, &r) in ops.iter_mut().zip(&rel) {
+                        if expired(o) {
+                            o.remote = p.grant.remote(r);
+                            o.status = OpStatus::Pending;
+                            // The outcome is in the op's status, summarised below.
+                            let _ = p.transport.execute(std::slice::from_mut(o));
+                        }
+                    }
+                    break farpool_rdma::finish_batch(ops);
                 }
                 r => break r,
             }

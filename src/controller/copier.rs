@@ -95,8 +95,8 @@ pub(crate) fn copy_block(
     source: &BlockGrant,
     target: &BlockGrant,
 ) -> Result<usize, ClientError> {
-    let src = BlockHandle::new(source.clone(), data.transport(&source.endpoint)?);
-    let dst = BlockHandle::new(target.clone(), data.transport(&target.endpoint)?);
+    let src = BlockHandle::new(source.clone(), data.transport(&source.endpoint)?, None);
+    let dst = BlockHandle::new(target.clone(), data.transport(&target.endpoint)?, None);
     let len = usize::try_from(src.len().min(dst.len())).unwrap_or(usize::MAX);
     let mut a = vec![0u8; len];
     let mut b = vec![0u8; len];

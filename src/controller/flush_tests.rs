@@ -32,6 +32,7 @@ fn setup() -> (ControllerState, Instant) {
         grace: Duration::from_secs(2),
         dead_after: Duration::from_secs(3600),
         flush_retry: Duration::from_secs(1),
+        ..StateConfig::default()
     };
     let mut st = ControllerState::new(cfg, SECRET, t0);
     st.enable_journal();

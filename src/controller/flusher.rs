@@ -11,7 +11,7 @@
 
 use super::server::Shared;
 use crate::client::{Client, ClientConfig};
-use crate::proto::{Backing, PoolPath};
+use crate::proto::{Backing, PoolPath, Scope, Token};
 use crate::tier::Tier;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 
 /// Flushes running at once.
 const THREADS: usize = 2;
+/// How long the flush client keeps one self-minted admin token (valid twice as long)
+/// before it reconnects with a fresh one (with a cluster key only).
+const TOKEN_REFRESH: Duration = Duration::from_secs(3600);
 
 /// One flush attempt.
 #[derive(Debug)]
@@ -40,7 +43,8 @@ pub(crate) struct FlushJob {
 struct Worker {
     addr: SocketAddr,
     shared: Weak<Shared>,
-    client: Mutex<Option<Client>>,
+    /// The connected client and when its token (if any) stops being used.
+    client: Mutex<Option<(Client, Instant)>>,
     tiers: Mutex<HashMap<String, Arc<Tier>>>,
     jobs: Mutex<mpsc::Receiver<FlushJob>>,
 }
@@ -126,16 +130,33 @@ impl Worker {
 
     fn client(&self) -> Result<Client, FlushError> {
         let mut c = self.client.lock();
-        if let Some(c) = c.as_ref() {
-            return Ok(c.clone());
+        if let Some((client, renew_at)) = c.as_ref() {
+            if Instant::now() < *renew_at {
+                return Ok(client.clone());
+            }
         }
+        // With a cluster key the controller wants a token from its own clients too: an
+        // admin token minted here, replaced well before it expires.
+        let token = match self.shared.upgrade().and_then(|s| s.cluster_key.clone()) {
+            Some(key) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                let token = Token::issue(&key, &Scope::Admin, now + 2 * TOKEN_REFRESH.as_secs())
+                    .map_err(|e| FlushError::Token(e.to_string()))?;
+                Some(token)
+            }
+            None => None,
+        };
         let config = ClientConfig {
             name: "controller-flusher".into(),
             reconnect_for: Duration::from_secs(5),
+            token,
             ..ClientConfig::default()
         };
         let client = Client::connect_with(&self.addr.to_string(), config)?;
-        *c = Some(client.clone());
+        *c = Some((client.clone(), Instant::now() + TOKEN_REFRESH));
         Ok(client)
     }
 
@@ -162,4 +183,7 @@ enum FlushError {
     /// Reading the object or writing it failed.
     #[error(transparent)]
     Object(#[from] crate::ds::DsError),
+    /// No admin token could be minted with the cluster key.
+    #[error("cannot mint the flusher's admin token: {0}")]
+    Token(String),
 }

@@ -54,6 +54,8 @@ pub(crate) struct ServerMetrics {
     pub log_records: AtomicU64,
     /// Snapshots (log generations) written since start.
     pub log_snapshots: AtomicU64,
+    /// Clients, requests and memory nodes refused by authentication or scope.
+    pub auth_refused: AtomicU64,
 }
 
 impl Default for ServerMetrics {
@@ -64,6 +66,7 @@ impl Default for ServerMetrics {
             latency: std::array::from_fn(|_| Histogram::new(LATENCY_BUCKETS)),
             log_records: AtomicU64::new(0),
             log_snapshots: AtomicU64::new(0),
+            auth_refused: AtomicU64::new(0),
         }
     }
 }
@@ -290,6 +293,12 @@ impl ServerMetrics {
             Counter,
             "Metadata snapshots (new log generations) written since start, including the one at start.",
             self.log_snapshots.load(Ordering::Relaxed) as f64,
+        );
+        e.single(
+            "farpool_controller_auth_refused_total",
+            Counter,
+            "Client connections, client requests and memory-node registrations refused by authentication (token, cluster key) or job scope.",
+            self.auth_refused.load(Ordering::Relaxed) as f64,
         );
         e.finish()
     }

@@ -47,6 +47,7 @@
 //! re-register with the same incarnation, which resumes them with their blocks (see
 //! [`ControllerState::join_node`]); clients reconnect by themselves.
 
+mod auth;
 mod copier;
 mod fence;
 mod flusher;
@@ -75,7 +76,7 @@ pub use state::{
 };
 pub use store::StoreError;
 
-use crate::proto::{ClusterStatus, Secret};
+use crate::proto::{ClusterKey, ClusterStatus, Secret};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -114,6 +115,13 @@ pub struct ControllerConfig {
     /// Wait before retrying a failed flush of a mapped path (doubles with each further
     /// failure, up to [`MAX_FLUSH_BACKOFF`]).
     pub flush_retry: Duration,
+    /// The cluster key ([`crate::proto::key`]). With one, block keys derive from it,
+    /// memory nodes must prove they hold it, and clients need a token. `None` is the
+    /// development mode: a generated secret (in `data_dir/secret`, or per run), sent to
+    /// memory nodes at registration, and clients act anywhere unauthenticated.
+    pub cluster_key: Option<ClusterKey>,
+    /// Lifetime of soft-transport grants; `None`: the lease period.
+    pub grant_ttl: Option<Duration>,
 }
 
 impl Default for ControllerConfig {
@@ -129,6 +137,8 @@ impl Default for ControllerConfig {
             dead_after: Duration::from_millis(1500),
             revoke_wait: Duration::from_secs(5),
             flush_retry: Duration::from_secs(1),
+            cluster_key: None,
+            grant_ttl: None,
         }
     }
 }
@@ -157,6 +167,9 @@ impl ControllerConfig {
                 self.flush_retry
             )));
         }
+        if let Some(ttl) = self.grant_ttl {
+            check("grant_ttl", ttl, Duration::from_secs(1))?;
+        }
         if self.snapshot_every == 0 {
             return Err(ControllerError::Config(
                 "snapshot_every must be at least 1 record".into(),
@@ -172,6 +185,7 @@ impl ControllerConfig {
             grace: self.grace,
             dead_after: self.dead_after,
             flush_retry: self.flush_retry,
+            grant_ttl: self.grant_ttl.unwrap_or(self.lease),
         }
     }
 }
@@ -239,10 +253,22 @@ impl Controller {
     /// valid at once. May be called from inside another tokio runtime.
     pub fn start(config: ControllerConfig) -> Result<Controller, ControllerError> {
         config.validate()?;
-        let secret = match &config.data_dir {
-            Some(dir) => secret::load_or_create(dir)?,
-            None => Secret::random(),
+        let secret = match (&config.cluster_key, &config.data_dir) {
+            (Some(key), dir) => {
+                if let Some(dir) = dir {
+                    std::fs::create_dir_all(dir).map_err(|source| ControllerError::DataDir {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                }
+                key.block_secret()
+            }
+            (None, Some(dir)) => secret::load_or_create(dir)?,
+            (None, None) => Secret::random(),
         };
+        if config.cluster_key.is_none() {
+            tracing::warn!("no cluster key configured: development mode (memory nodes get the block secret over the wire, clients are not authenticated); use --cluster-key-file in production");
+        }
         let std_listener = std::net::TcpListener::bind(&config.listen).map_err(|source| {
             ControllerError::Bind {
                 addr: config.listen.clone(),
@@ -277,7 +303,8 @@ impl Controller {
                 None,
             ),
         };
-        let mut shared = server::Shared::new(state, config.heartbeat, config.revoke_wait);
+        let mut shared = server::Shared::new(state, config.heartbeat, config.revoke_wait)
+            .with_cluster_key(config.cluster_key.clone());
         if let Some(store) = store {
             shared = shared.with_store(store, config.snapshot_every);
         }

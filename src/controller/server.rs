@@ -17,13 +17,14 @@
 //! session's own responses stay in request order. Lease-expiry revocations from the
 //! ticker have no waiters.
 
+use super::auth::{self, Access};
 use super::registry::INITIAL_EPOCH;
 use super::state::{ControllerState, Effect, Joined};
 use super::store::Store;
 use crate::proto::frame::{encode, read_msg_async, write_msg_async, FrameError};
 use crate::proto::{
-    ControlError, ControllerMsg, Envelope, Hello, NodeMsg, PoolPath, Register, Request, Response,
-    Role, Welcome, PROTOCOL_VERSION,
+    node_identity, ClusterKey, ControlError, ControllerMsg, Envelope, Hello, NodeMsg, PoolPath,
+    Register, Request, Response, Role, Welcome, PROTOCOL_VERSION,
 };
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
@@ -89,6 +90,8 @@ pub(crate) struct Shared {
     copy_rx: Mutex<Option<mpsc::UnboundedReceiver<super::copier::CopyJob>>>,
     /// Runs flushes of mapped paths; set once the controller's address is known.
     pub flusher: std::sync::OnceLock<super::flusher::Flusher>,
+    /// The cluster key; `None` in development mode.
+    pub(crate) cluster_key: Option<ClusterKey>,
 }
 
 impl Shared {
@@ -109,7 +112,14 @@ impl Shared {
             sessions: AtomicU64::new(1),
             metrics: Default::default(),
             flusher: std::sync::OnceLock::new(),
+            cluster_key: None,
         }
+    }
+
+    /// Authenticates memory nodes and clients with `key` (`None`: development mode).
+    pub fn with_cluster_key(mut self, key: Option<ClusterKey>) -> Self {
+        self.cluster_key = key;
+        self
     }
 
     /// Logs every metadata change to `store`, starting a new generation every
@@ -422,13 +432,52 @@ async fn connection(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         close(wr, sent).await;
         return;
     }
+    let key = shared.cluster_key.as_ref();
     match hello.role {
-        Role::Client { name } => client_session(rd, wr, peer, name, &shared).await,
-        Role::MemNode(reg) => node_session(rd, wr, peer, reg, 0, &shared).await,
+        Role::Client { name, token } => {
+            let now = crate::proto::token::unix_now();
+            match auth::client_access(key, token.as_deref(), now) {
+                Ok(access) => client_session(rd, wr, peer, name, access, &shared).await,
+                Err(e) => {
+                    tracing::warn!(%peer, client = %name, "client refused: {e}");
+                    shared.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+                    let msg = Envelope {
+                        id: 0,
+                        body: Response::Error(e),
+                    };
+                    let sent = write_msg_async(&mut wr, &msg).await;
+                    close(wr, sent).await;
+                }
+            }
+        }
+        Role::MemNode(reg) => {
+            if key.is_some() {
+                let e = ControlError::Unauthenticated(
+                    "this controller has a cluster key: register with a resumable hello carrying a nonce (run the same farpool version as the controller)".into(),
+                );
+                let sent = write_msg_async(&mut wr, &ControllerMsg::Error(e)).await;
+                close(wr, sent).await;
+                return;
+            }
+            node_session(rd, wr, peer, reg, 0, &shared).await
+        }
         Role::MemNodeResumable {
             register,
             incarnation,
-        } => node_session(rd, wr, peer, register, incarnation, &shared).await,
+            nonce,
+        } => {
+            if let Some(key) = key {
+                let identity = node_identity(&register, incarnation);
+                if let Err(e) = auth::challenge_node(&mut rd, &mut wr, key, nonce, &identity).await
+                {
+                    tracing::warn!(%peer, data_addr = %register.data_addr, "memory node refused: {e}");
+                    shared.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+                    close(wr, Ok(())).await;
+                    return;
+                }
+            }
+            node_session(rd, wr, peer, register, incarnation, &shared).await
+        }
     }
 }
 
@@ -471,6 +520,7 @@ async fn client_session(
     mut wr: Writer,
     peer: SocketAddr,
     name: String,
+    access: Access,
     shared: &Shared,
 ) {
     let lease_ms = shared.state.lock().lease_ms();
@@ -492,9 +542,17 @@ async fn client_session(
         };
         let started = Instant::now();
         let kind = super::metrics::kind_of(&req.body);
-        let (response, effects) = {
+        let allowed = access.check(&req.body, crate::proto::token::unix_now());
+        let (response, effects) = if let Err(e) = allowed {
+            tracing::debug!(%peer, client = %name, "request refused: {e}");
+            shared.metrics.auth_refused.fetch_add(1, Ordering::Relaxed);
+            (Response::Error(e), Vec::new())
+        } else {
             let mut state = shared.state.lock();
-            let (response, effects) = state.handle(req.body, started);
+            let (mut response, effects) = state.handle(req.body, started);
+            if let Response::Status(s) = &mut response {
+                access.filter_status(s);
+            }
             if shared.persist(&mut state) {
                 (response, effects)
             } else {
@@ -606,6 +664,8 @@ async fn node_session(
         "memory node registered"
     );
     let heartbeat_ms = u64::try_from(shared.heartbeat.as_millis()).unwrap_or(u64::MAX);
+    // With a cluster key the node derives the secret itself: it never crosses the wire.
+    let secret = shared.cluster_key.is_none().then_some(secret);
     let welcome = if resumed {
         ControllerMsg::Resumed {
             node_id: node,
@@ -651,6 +711,9 @@ async fn node_session(
                         tracing::info!(node, "heartbeat from a node declared dead; closing");
                         break;
                     }
+                }
+                NodeMsg::Proof(_) => {
+                    tracing::debug!(node, "stray registration proof after registration; ignored");
                 }
                 NodeMsg::Leaving => {
                     tracing::info!(node, "memory node is shutting down; deregistered");
@@ -782,6 +845,7 @@ mod tests {
             addr,
             Role::Client {
                 name: "test".into(),
+                token: None,
             },
         );
         let welcome: Welcome = read_msg(&mut s).unwrap();
@@ -1068,7 +1132,10 @@ mod tests {
             &mut s,
             &Hello {
                 version: PROTOCOL_VERSION + 1,
-                role: Role::Client { name: "old".into() },
+                role: Role::Client {
+                    name: "old".into(),
+                    token: None,
+                },
             },
         )
         .unwrap();

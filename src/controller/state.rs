@@ -22,8 +22,9 @@ use super::registry::{Registry, Released};
 use super::replicas::ReplicaTable;
 use crate::proto::{
     derive_key, Backing, BlockGrant, BlockId, ClusterStatus, ControlError, NodeStats, NodeStatus,
-    PathError, Placement, PoolPath, Register, Request, Response, Secret,
+    PathError, Placement, PoolPath, Register, Request, Response, Secret, WireTransport,
 };
+use farpool_rdma::access::grant_mac;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -45,6 +46,19 @@ pub struct StateConfig {
     /// Wait before retrying a failed flush of a mapped path; doubles with every
     /// further failure, up to [`MAX_FLUSH_BACKOFF`].
     pub flush_retry: Duration,
+    /// Lifetime of a soft-transport grant (rounded up to whole seconds).
+    pub grant_ttl: Duration,
+}
+
+/// The expiry of a grant issued now with lifetime `ttl`: seconds since the Unix epoch,
+/// rounded up, at least one second ahead.
+pub(crate) fn grant_expiry(ttl: Duration) -> u32 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let at = now.saturating_add(ttl);
+    let secs = at.as_secs() + u64::from(at.subsec_nanos() > 0);
+    u32::try_from(secs.max(now.as_secs() + 1)).unwrap_or(u32::MAX)
 }
 
 impl Default for StateConfig {
@@ -54,6 +68,7 @@ impl Default for StateConfig {
             grace: Duration::from_secs(2),
             dead_after: Duration::from_millis(1500),
             flush_retry: Duration::from_secs(1),
+            grant_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -720,15 +735,26 @@ impl ControllerState {
 
     fn grant(&self, block: BlockId, epoch: u32, writable: bool) -> Option<BlockGrant> {
         let node = self.registry.get(block.node)?;
+        let block_key = derive_key(&self.secret, block.node, block.index, epoch, writable);
+        // Soft grants are capabilities (MAC over the expiry); shm is a trusted mode and
+        // verbs use memory windows, so they get the block key and no expiry.
+        let (key, expiry) = match node.endpoint.transport {
+            WireTransport::Soft => {
+                let expiry = grant_expiry(self.cfg.grant_ttl);
+                (grant_mac(block_key, expiry), expiry)
+            }
+            WireTransport::Shm | WireTransport::Verbs => (block_key, 0),
+        };
         Some(BlockGrant {
             block,
             endpoint: node.endpoint.clone(),
             offset: u64::from(block.index) * node.block_size,
             len: node.block_size,
             epoch,
-            key: derive_key(&self.secret, block.node, block.index, epoch, writable),
+            key,
             writable,
             replication: None,
+            expiry,
         })
     }
 

@@ -6,6 +6,7 @@ use crate::proto::{
     derive_key, BlockGrant, BlockId, ControlError, PathError, Placement, PoolPath, Register,
     Request, Response, Secret,
 };
+use farpool_rdma::access::grant_mac;
 use std::time::{Duration, Instant};
 
 const BS: u64 = 4096;
@@ -24,6 +25,27 @@ fn reg(blocks: u64) -> Register {
         hugepages: false,
         locked: true,
     }
+}
+
+/// Grants for the same blocks, epochs, places and rights, each a valid capability (keys
+/// differ when the grants were issued in different seconds: later expiry, later MAC).
+fn assert_same_grants(a: &[BlockGrant], b: &[BlockGrant]) {
+    let strip = |g: &BlockGrant| {
+        let block_key = derive_key(&SECRET, g.block.node, g.block.index, g.epoch, g.writable);
+        assert_eq!(g.key, grant_mac(block_key, g.expiry), "{g:?}");
+        (
+            g.block,
+            g.endpoint.clone(),
+            g.offset,
+            g.len,
+            g.epoch,
+            g.writable,
+        )
+    };
+    assert_eq!(
+        a.iter().map(strip).collect::<Vec<_>>(),
+        b.iter().map(strip).collect::<Vec<_>>()
+    );
 }
 
 fn ms(n: u64) -> Duration {
@@ -233,7 +255,10 @@ fn grants_carry_endpoint_offset_and_key() {
         assert_eq!(g.epoch, super::INITIAL_EPOCH);
         assert_eq!(g.endpoint.addr, "10.0.0.1:9000");
         assert_eq!(g.endpoint.node, ids[0]);
-        assert_eq!(g.key, derive_key(&SECRET, ids[0], g.block.index, 1, true));
+        // Soft grants are capabilities: a MAC of the block key over an expiry.
+        assert!(g.expiry > 0);
+        let block_key = derive_key(&SECRET, ids[0], g.block.index, 1, true);
+        assert_eq!(g.key, grant_mac(block_key, g.expiry));
     }
 }
 
@@ -324,7 +349,10 @@ fn freed_blocks_are_reused_only_after_revocation_is_confirmed() {
     assert_ne!(new[0].key, old.key);
     assert_eq!(
         new[0].key,
-        derive_key(&SECRET, n, old.block.index, old.epoch + 1, true)
+        grant_mac(
+            derive_key(&SECRET, n, old.block.index, old.epoch + 1, true),
+            new[0].expiry
+        )
     );
     // A duplicate confirmation after reuse does nothing.
     assert_eq!(st.revoked(n, &[(old.block.index, old.epoch + 1)]), 0);
@@ -376,7 +404,10 @@ fn lookup_returns_rw_or_ro_grants_in_allocation_order() {
     let (mut st, t0, ids) = setup(&[4, 4]);
     let mut all = st.alloc(&p("/t"), 2 * BS, Placement::Spread, t0).unwrap();
     all.extend(st.alloc(&p("/t"), BS, Placement::Node(ids[0]), t0).unwrap());
-    assert_eq!(st.lookup(&p("/t"), true).unwrap(), all);
+    // Same blocks and epochs (keys may differ: a later expiry is a later MAC).
+    let again = st.lookup(&p("/t"), true).unwrap();
+    assert_eq!(block_ids(&again), block_ids(&all));
+    assert!(again.iter().zip(&all).all(|(a, b)| a.epoch == b.epoch));
     let ro = st.lookup(&p("/t"), false).unwrap();
     assert_eq!(block_ids(&ro), block_ids(&all));
     for (r, w) in ro.iter().zip(&all) {
@@ -384,7 +415,10 @@ fn lookup_returns_rw_or_ro_grants_in_allocation_order() {
         assert_ne!(r.key, w.key);
         assert_eq!(
             r.key,
-            derive_key(&SECRET, r.block.node, r.block.index, r.epoch, false)
+            grant_mac(
+                derive_key(&SECRET, r.block.node, r.block.index, r.epoch, false),
+                r.expiry
+            )
         );
     }
     st.free(&p("/t"), &[all[0].block]).unwrap();
@@ -645,7 +679,7 @@ fn paths_from_the_wire_are_validated_and_normalised() {
     let g = st
         .alloc(&raw("/a/b/").unwrap(), 1, Placement::default(), t0)
         .unwrap();
-    assert_eq!(st.lookup(&p("/a/b"), true).unwrap(), g);
+    assert_same_grants(&st.lookup(&p("/a/b"), true).unwrap(), &g);
     st.free(&raw("/a/b/").unwrap(), &block_ids(&g)).unwrap();
     assert!(st.renew(&raw("/a/").unwrap(), t0).is_ok());
     assert!(st.remove(&raw("/a/").unwrap()).is_ok());
@@ -688,7 +722,7 @@ fn recovery_resumes_nodes_by_incarnation() {
     rec.check_invariants().unwrap();
     // Same grants (epochs and keys) for the surviving data; quotas kept.
     let grants = rec.lookup(&p("/j/keep"), true).unwrap();
-    assert_eq!(grants, kept);
+    assert_same_grants(&grants, &kept);
     assert!(matches!(
         rec.alloc(&p("/other"), BS, Placement::default(), t1),
         Err(ControlError::NoCapacity { .. })

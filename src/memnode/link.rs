@@ -2,7 +2,11 @@
 
 use super::DataPlane;
 use crate::proto::frame::{read_msg, write_msg, FrameError};
-use crate::proto::{ControllerMsg, Hello, NodeMsg, Register, Role, Secret, PROTOCOL_VERSION};
+use crate::proto::key::{macs_equal, Challenge};
+use crate::proto::{
+    node_identity, ClusterKey, ControllerMsg, Hello, NodeMsg, Register, Role, Secret,
+    PROTOCOL_VERSION,
+};
 use parking_lot::Mutex;
 use std::io::{BufRead, BufReader, ErrorKind};
 use std::net::TcpStream;
@@ -43,6 +47,7 @@ pub(crate) struct Link {
     heartbeat: Duration,
     register: Register,
     incarnation: u64,
+    key: Option<ClusterKey>,
     data: Arc<DataPlane>,
 }
 
@@ -55,10 +60,15 @@ impl Link {
     /// it registers the node afresh, every block is scrubbed when `scrub` is set (a
     /// re-registration: the region may hold an earlier life's data) and gets the keys
     /// of the initial epoch under the new id.
+    ///
+    /// With a cluster `key`, the node expects the controller to prove it holds the same
+    /// key (a challenge over both connections' nonces), answers with its own proof, and
+    /// derives the block secret itself; it refuses a controller in development mode.
     pub(crate) fn connect(
         addr: &str,
         register: Register,
         incarnation: u64,
+        key: Option<ClusterKey>,
         data: Arc<DataPlane>,
         scrub: bool,
     ) -> Result<Link, LinkError> {
@@ -70,6 +80,7 @@ impl Link {
         stream.set_read_timeout(Some(FRAME_TIMEOUT))?;
         let mut writer = stream.try_clone()?;
         let mut reader = BufReader::new(stream);
+        let nonce: [u8; 16] = rand::random();
         write_msg(
             &mut writer,
             &Hello {
@@ -77,10 +88,38 @@ impl Link {
                 role: Role::MemNodeResumable {
                     register: register.clone(),
                     incarnation,
+                    nonce,
                 },
             },
         )?;
-        let (node_id, secret, heartbeat_ms, epoch) = match read_msg::<ControllerMsg>(&mut reader)? {
+        let mut first = read_msg::<ControllerMsg>(&mut reader)?;
+        if let ControllerMsg::Challenge {
+            nonce: controller_nonce,
+            proof,
+        } = first
+        {
+            let Some(key) = &key else {
+                return Err(LinkError::Refused(
+                    "the controller requires the cluster key; start the memory node with --cluster-key-file PATH or FARPOOL_CLUSTER_KEY (the controller's key)".into(),
+                ));
+            };
+            let challenge = Challenge {
+                node_nonce: nonce,
+                controller_nonce,
+            };
+            let identity = node_identity(&register, incarnation);
+            if !macs_equal(&proof, &key.controller_proof(&challenge, &identity)) {
+                return Err(LinkError::Refused(
+                    "the controller's proof does not match this node's cluster key; give the node the same key (--cluster-key-file or FARPOOL_CLUSTER_KEY) as the controller".into(),
+                ));
+            }
+            write_msg(
+                &mut writer,
+                &NodeMsg::Proof(key.node_proof(&challenge, &identity)),
+            )?;
+            first = read_msg::<ControllerMsg>(&mut reader)?;
+        }
+        let (node_id, sent_secret, heartbeat_ms, epoch) = match first {
             ControllerMsg::Registered {
                 node_id,
                 secret,
@@ -97,6 +136,20 @@ impl Link {
                 return Err(LinkError::Refused(format!(
                     "unexpected first message {other:?}"
                 )))
+            }
+        };
+        let secret = match (&key, sent_secret) {
+            (Some(key), None) => key.block_secret(),
+            (None, Some(secret)) => secret,
+            (Some(_), Some(_)) => {
+                return Err(LinkError::Refused(
+                    "this node has a cluster key but the controller runs in development mode (it sent the block secret over the wire); give the controller the same --cluster-key-file, or start the node without one".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(LinkError::Refused(
+                    "the controller sent no block secret and no challenge; run the same farpool version as the controller".into(),
+                ))
             }
         };
         match epoch {
@@ -121,6 +174,7 @@ impl Link {
             heartbeat: Duration::from_millis(heartbeat_ms.max(10)),
             register,
             incarnation,
+            key,
             data,
         })
     }
@@ -242,13 +296,21 @@ pub(crate) fn spawn(
                 let data = l.data.clone();
                 let register = l.register.clone();
                 let incarnation = l.incarnation;
+                let key = l.key.clone();
                 match l.serve(&stop) {
                     Ok(()) => return,
                     Err(e) => tracing::error!(error = %e, "lost the controller; re-registering"),
                 }
                 backoff = Duration::from_millis(50);
                 while !stop.load(Ordering::Relaxed) {
-                    match Link::connect(&addr, register.clone(), incarnation, data.clone(), true) {
+                    match Link::connect(
+                        &addr,
+                        register.clone(),
+                        incarnation,
+                        key.clone(),
+                        data.clone(),
+                        true,
+                    ) {
                         Ok(l) => {
                             tracing::info!(node = l.node_id(), "re-registered with the controller");
                             node_id.store(l.node_id(), Ordering::Relaxed);

@@ -3,8 +3,10 @@
 //!
 //! The node never interprets data. It checks every operation against the region's
 //! bounds and the block's current grant ([`farpool_rdma::AccessTable`]); keys are
-//! derived from the secret the controller hands over at registration, so the controller
-//! never ships per-block keys. When the controller revokes a block (free, removal,
+//! derived from a secret shared with the controller (from the cluster key, or in
+//! development mode handed over at registration), so the controller never ships
+//! per-block keys. On the soft transport every operation must carry a capability (a MAC
+//! of the block key over the grant's expiry) that has not expired. When the controller revokes a block (free, removal,
 //! lease expiry) the node zeroes it, moves it to the new epoch, and confirms; only then
 //! does the controller hand the block to another task, so a stale handle can neither
 //! read nor overwrite the next owner's data.
@@ -16,7 +18,7 @@ pub use stats::{process_rss_kib, region_rss_kib};
 
 use crate::proto::{derive_key, Register, Secret, WireTransport};
 use farpool_rdma::shm::ShmRegion;
-use farpool_rdma::soft::{SoftServer, SoftServerConfig};
+use farpool_rdma::soft::{GrantCheck, SoftServer, SoftServerConfig};
 use farpool_rdma::{AccessTable, Region, RegionOptions, TransportKind};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +56,9 @@ pub struct MemNodeConfig {
     /// Verbs: enforce grants with memory windows where the device has them (else, or
     /// when false, the region rkey: trusted mode).
     pub memory_windows: bool,
+    /// The cluster key shared with the controller ([`crate::proto::key`]); `None`:
+    /// development mode, the controller sends the block secret at registration.
+    pub cluster_key: Option<crate::proto::ClusterKey>,
 }
 
 impl Default for MemNodeConfig {
@@ -72,6 +77,7 @@ impl Default for MemNodeConfig {
             rdma_device: None,
             gid_index: None,
             memory_windows: true,
+            cluster_key: None,
         }
     }
 }
@@ -257,6 +263,7 @@ impl MemNode {
             &config.controller,
             register,
             incarnation,
+            config.cluster_key.clone(),
             data.clone(),
             false,
         )
@@ -305,6 +312,8 @@ impl MemNode {
                     access.clone(),
                     SoftServerConfig {
                         max_op_bytes: config.max_op_bytes,
+                        // The controller hands out capabilities for soft endpoints.
+                        grants: GrantCheck::Capabilities,
                         ..SoftServerConfig::default()
                     },
                 )?;

@@ -164,7 +164,10 @@ mod tests {
                 "hello-client",
                 encode(&Hello {
                     version: 1,
-                    role: Role::Client { name: "t".into() },
+                    role: Role::Client {
+                        name: "t".into(),
+                        token: None,
+                    },
                 })
                 .unwrap(),
             ),
@@ -242,6 +245,26 @@ mod tests {
             (
                 "revoked",
                 encode(&NodeMsg::Revoked(vec![(1, 2), (3, 4)])).unwrap(),
+            ),
+            (
+                "hello-client-token",
+                encode(&Hello {
+                    version: 2,
+                    role: Role::Client {
+                        name: "t".into(),
+                        token: Some("fpt1.01000000000000000000016a.00".into()),
+                    },
+                })
+                .unwrap(),
+            ),
+            ("proof", encode(&NodeMsg::Proof([7; 16])).unwrap()),
+            (
+                "challenge",
+                encode(&crate::proto::ControllerMsg::Challenge {
+                    nonce: [1; 16],
+                    proof: [2; 16],
+                })
+                .unwrap(),
             ),
         ];
         if std::env::var_os("FARPOOL_WRITE_CORPUS").is_some() {

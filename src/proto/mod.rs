@@ -11,12 +11,16 @@
 
 pub mod frame;
 pub mod grant;
+pub mod key;
 pub mod msg;
 pub mod path;
+pub mod token;
 
 pub use grant::{derive_key, BlockGrant, BlockId, Endpoint, Replication, Secret, WireTransport};
+pub use key::{ClusterKey, KeyError};
 pub use msg::*;
 pub use path::{PathError, PoolPath};
+pub use token::{Scope, Token, TokenError};
 
 /// Version of the control protocol spoken by this build.
 pub const PROTOCOL_VERSION: u32 = 2;

@@ -23,6 +23,9 @@ pub enum Role {
     Client {
         /// Free-form name for logs and status (host, process).
         name: String,
+        /// A token from `farpool token` ([`super::token`]); required when the controller
+        /// has a cluster key, ignored otherwise.
+        token: Option<String>,
     },
     /// A memory node registering its region.
     MemNode(Register),
@@ -33,6 +36,9 @@ pub enum Role {
         register: Register,
         /// Random, non-zero, fixed for the life of the memory node process.
         incarnation: u64,
+        /// Random per connection: the controller's proof of the cluster key covers it
+        /// ([`ControllerMsg::Challenge`]).
+        nonce: [u8; 16],
     },
 }
 
@@ -274,6 +280,9 @@ pub enum NodeMsg {
     Revoked(Vec<(u32, u32)>),
     /// The node is shutting down cleanly (its data plane is drained): deregister it.
     Leaving,
+    /// The answer to [`ControllerMsg::Challenge`]:
+    /// [`super::ClusterKey::node_proof`] over both nonces and the node's identity.
+    Proof([u8; 16]),
 }
 
 /// Messages from the controller to a memory node.
@@ -283,8 +292,9 @@ pub enum ControllerMsg {
     Registered {
         /// Id assigned to the node.
         node_id: u32,
-        /// Key-derivation secret shared with the controller.
-        secret: Secret,
+        /// Key-derivation secret, sent only in development mode (no cluster key); with a
+        /// cluster key both sides derive it and this is `None`.
+        secret: Option<Secret>,
         /// Heartbeat interval in milliseconds.
         heartbeat_ms: u64,
         /// Epoch every block starts at.
@@ -296,10 +306,19 @@ pub enum ControllerMsg {
     Resumed {
         /// The node's id (unchanged).
         node_id: u32,
-        /// Key-derivation secret shared with the controller.
-        secret: Secret,
+        /// As in [`ControllerMsg::Registered`].
+        secret: Option<Secret>,
         /// Heartbeat interval in milliseconds.
         heartbeat_ms: u64,
+    },
+    /// The controller has a cluster key: it proves it holds the key
+    /// ([`super::ClusterKey::controller_proof`] over both nonces and the node's
+    /// identity) and asks the node to do the same with [`NodeMsg::Proof`].
+    Challenge {
+        /// The controller's nonce for this connection.
+        nonce: [u8; 16],
+        /// The controller's proof.
+        proof: [u8; 16],
     },
     /// Move these blocks to the given epochs (killing old grants) and confirm with
     /// [`NodeMsg::Revoked`].
@@ -506,4 +525,32 @@ pub enum ControlError {
         /// The token that lost it.
         token: u64,
     },
+    /// The peer did not authenticate (missing, malformed, forged or expired token;
+    /// a memory node without the cluster key). The message says what to do.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+    /// The client's token is for another job than the path names.
+    #[error("forbidden: '{path}' is outside job '{job}'; a token for job '{job}' may act only under '/{job}' (use that job's token, or an admin token from `farpool token --admin`)")]
+    Forbidden {
+        /// The path named.
+        path: PoolPath,
+        /// The token's job.
+        job: String,
+    },
+    /// The operation needs an admin token (setting quotas, renewing the root).
+    #[error("forbidden: {0} needs an admin token (`farpool token --admin`)")]
+    AdminOnly(String),
+}
+
+/// The identity a memory node proves at registration: its registration and process
+/// incarnation, encoded, so a proof for one node cannot register another.
+pub fn node_identity(register: &Register, incarnation: u64) -> Vec<u8> {
+    let mut id = Vec::with_capacity(64 + register.data_addr.len());
+    id.extend_from_slice(register.data_addr.as_bytes());
+    id.push(0);
+    id.extend_from_slice(&register.capacity.to_le_bytes());
+    id.extend_from_slice(&register.block_size.to_le_bytes());
+    id.extend_from_slice(&incarnation.to_le_bytes());
+    id.push(register.transport as u8);
+    id
 }

@@ -88,6 +88,13 @@ pub fn spawn(args: &[&str]) -> Proc {
     Proc { child, addr }
 }
 
+/// [`spawn`] with extra environment variables.
+pub fn spawn_env(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+    let (child, lines) = spawn_announcing(args, envs, 1);
+    let addr = announced(&lines[0], "listening ", args);
+    Proc { child, addr }
+}
+
 /// A controller with short leases and heartbeats, for tests.
 pub fn controller() -> Proc {
     spawn(&[

@@ -40,6 +40,9 @@ pub const STATUS_UNKNOWN_OP: u8 = 7;
 /// Response status: the operation was not carried out (server-internal failure); maps to
 /// [`OpError::Aborted`]. Never sent by a v1 server; reserved. No payload.
 pub const STATUS_ABORTED: u8 = 8;
+/// Response status: [`OpError::GrantExpired`]; payload expiry, now (2 x u32, seconds
+/// since the Unix epoch).
+pub const STATUS_GRANT_EXPIRED: u8 = 9;
 
 /// A frame that violates the protocol. The connection it arrived on cannot be trusted to
 /// stay in sync and is closed.
@@ -160,6 +163,7 @@ impl RequestHeader {
         b[16..24].copy_from_slice(&self.addr.to_le_bytes());
         b[24..32].copy_from_slice(&self.rkey.key.to_le_bytes());
         b[32..36].copy_from_slice(&self.rkey.epoch.to_le_bytes());
+        b[36..40].copy_from_slice(&self.rkey.expiry.to_le_bytes());
         b
     }
 
@@ -202,13 +206,6 @@ pub fn decode_request_header(buf: &[u8]) -> Result<Option<RequestHeader>, FrameE
             value: u64::from(r16),
         });
     }
-    let r32 = u32_at(b, 36);
-    if r32 != 0 {
-        return Err(FrameError::Reserved {
-            field: "reserved32",
-            value: u64::from(r32),
-        });
-    }
     let h = RequestHeader {
         op: b[0],
         len: u32_at(b, 4),
@@ -217,6 +214,7 @@ pub fn decode_request_header(buf: &[u8]) -> Result<Option<RequestHeader>, FrameE
         rkey: RKey {
             key: u64_at(b, 24),
             epoch: u32_at(b, 32),
+            expiry: u32_at(b, 36),
         },
     };
     if matches!(h.code(), Some(OpCode::CompareSwap | OpCode::FetchAdd)) && h.len != 8 {
@@ -314,7 +312,7 @@ pub fn decode_response(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>, Fr
 pub fn error_payload_len(status: u8) -> Result<u32, FrameError> {
     Ok(match status {
         STATUS_OUT_OF_BOUNDS => 32,
-        STATUS_MISALIGNED | STATUS_STALE_EPOCH | STATUS_UNKNOWN_OP => 8,
+        STATUS_MISALIGNED | STATUS_STALE_EPOCH | STATUS_UNKNOWN_OP | STATUS_GRANT_EXPIRED => 8,
         STATUS_TOO_LARGE => 16,
         STATUS_ACCESS_DENIED | STATUS_READ_ONLY | STATUS_ABORTED => 0,
         other => return Err(FrameError::UnknownStatus(other)),
@@ -349,6 +347,11 @@ pub fn encode_error(err: &OpError, out: &mut [u8; MAX_ERROR_PAYLOAD]) -> (u8, us
             (STATUS_STALE_EPOCH, 8)
         }
         OpError::ReadOnly => (STATUS_READ_ONLY, 0),
+        OpError::GrantExpired { expiry, now } => {
+            out[0..4].copy_from_slice(&expiry.to_le_bytes());
+            out[4..8].copy_from_slice(&now.to_le_bytes());
+            (STATUS_GRANT_EXPIRED, 8)
+        }
         OpError::TooLarge { len, max } => {
             out[0..8].copy_from_slice(&len.to_le_bytes());
             out[8..16].copy_from_slice(&max.to_le_bytes());
@@ -389,6 +392,10 @@ pub fn decode_error(status: u8, payload: &[u8]) -> Result<OpError, FrameError> {
             current: u32_at(p, 4),
         },
         STATUS_READ_ONLY => OpError::ReadOnly,
+        STATUS_GRANT_EXPIRED => OpError::GrantExpired {
+            expiry: u32_at(p, 0),
+            now: u32_at(p, 4),
+        },
         STATUS_TOO_LARGE => OpError::TooLarge {
             len: u64_at(p, 0),
             max: u64_at(p, 8),
@@ -413,6 +420,7 @@ mod tests {
             rkey: RKey {
                 key: 0xdead_beef_cafe_f00d,
                 epoch: 77,
+                expiry: 0x6000_0000,
             },
         }
     }
@@ -424,7 +432,7 @@ mod tests {
         assert_eq!(&b[4..8], &4096u32.to_le_bytes());
         assert_eq!(&b[8..16], &0x0102_0304_0506_0708u64.to_le_bytes());
         assert_eq!(&b[32..36], &77u32.to_le_bytes());
-        assert_eq!(&b[36..40], &[0; 4]);
+        assert_eq!(&b[36..40], &0x6000_0000u32.to_le_bytes());
     }
 
     #[test]
@@ -449,9 +457,6 @@ mod tests {
             decode_request_header(&b),
             Err(FrameError::Reserved { field: "flags", .. })
         ));
-        let mut b = req(1, 8).encode();
-        b[38] = 1;
-        assert!(decode_request_header(&b).is_err());
         let mut b = req(1, 8).encode();
         b[3] = 1;
         assert!(decode_request_header(&b).is_err());
@@ -515,6 +520,7 @@ mod tests {
                 current: 6,
             },
             OpError::ReadOnly,
+            OpError::GrantExpired { expiry: 9, now: 10 },
             OpError::TooLarge { len: 7, max: 8 },
             OpError::UnknownOp(42),
             OpError::Aborted,
@@ -544,8 +550,8 @@ mod tests {
             Ok(1 << 20)
         );
         let mut c = encode_client_hello();
-        c[8] = 2;
-        assert_eq!(decode_client_hello(&c), Err(FrameError::Version(2)));
+        c[8] = 9;
+        assert_eq!(decode_client_hello(&c), Err(FrameError::Version(9)));
         let mut s = encode_server_hello(5);
         s[0] = b'X';
         assert!(matches!(
@@ -572,9 +578,10 @@ mod tests {
 
         #[test]
         fn request_round_trips(op in 1u8..=4, len in any::<u32>(), id in any::<u64>(),
-                               addr in any::<u64>(), key in any::<u64>(), epoch in any::<u32>()) {
+                               addr in any::<u64>(), key in any::<u64>(), epoch in any::<u32>(),
+                               expiry in any::<u32>()) {
             let len = if op >= 3 { 8 } else { len };
-            let h = RequestHeader { op, len, id, addr, rkey: RKey { key, epoch } };
+            let h = RequestHeader { op, len, id, addr, rkey: RKey { key, epoch, expiry } };
             prop_assert_eq!(decode_request_header(&h.encode()), Ok(Some(h)));
         }
 

@@ -35,4 +35,4 @@ mod server;
 
 pub use client::{SoftClientConfig, SoftTransport};
 pub use frame::FrameError;
-pub use server::{SoftServer, SoftServerConfig, SoftServerStats};
+pub use server::{GrantCheck, SoftServer, SoftServerConfig, SoftServerStats};

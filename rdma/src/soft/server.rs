@@ -17,7 +17,7 @@ use super::frame::{
 };
 use crate::access::AccessTable;
 use crate::error::{OpError, TransportError};
-use crate::op::OpCode;
+use crate::op::{OpCode, RKey};
 use crate::region::Region;
 
 /// Size of each connection's input buffer.
@@ -42,6 +42,21 @@ pub struct SoftServerConfig {
     /// Default 1024. Each connection costs 192 KiB of buffers plus a thread (256 KiB
     /// stack, mostly untouched): 64 connections stay around 12 MiB.
     pub max_connections: usize,
+    /// How operations' keys are checked. Default [`GrantCheck::Keys`].
+    pub grants: GrantCheck,
+}
+
+/// How a [`SoftServer`] checks the key an operation presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GrantCheck {
+    /// The key must equal one of the block's keys ([`AccessTable::check`]): whoever
+    /// holds a key holds it until the block's epoch changes.
+    #[default]
+    Keys,
+    /// The key must be a capability MAC ([`crate::access::grant_mac`]) of one of the
+    /// block's keys over the grant's expiry, and the grant must not have expired
+    /// ([`AccessTable::check_grant`]). What farpool memory nodes use.
+    Capabilities,
 }
 
 impl Default for SoftServerConfig {
@@ -49,6 +64,7 @@ impl Default for SoftServerConfig {
         Self {
             max_op_bytes: 1 << 20,
             max_connections: 1024,
+            grants: GrantCheck::Keys,
         }
     }
 }
@@ -447,6 +463,7 @@ fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         out: vec![0u8; OUT_BUF].into_boxed_slice(),
         out_len: 0,
         stats: LocalStats::default(),
+        now: 0,
     };
     let end = conn.run();
     shared.counters.fold(&mut conn.stats);
@@ -472,6 +489,8 @@ struct Conn<'a> {
     out: Box<[u8]>,
     out_len: usize,
     stats: LocalStats,
+    /// The clock grants are checked against, read once per batch of requests.
+    now: u32,
 }
 
 impl Conn<'_> {
@@ -580,9 +599,24 @@ impl Conn<'_> {
         }
     }
 
+    /// Checks one operation's range and key the way the server is configured to.
+    #[inline]
+    fn check(&self, addr: u64, len: u64, rkey: RKey, write: bool) -> Result<(), OpError> {
+        match self.shared.config.grants {
+            GrantCheck::Keys => self.shared.access.check(addr, len, rkey, write),
+            GrantCheck::Capabilities => self
+                .shared
+                .access
+                .check_grant(addr, len, rkey, write, self.now),
+        }
+    }
+
     /// Applies every complete request in the input buffer (streaming large WRITEs).
     fn process_buffered(&mut self) -> Result<(), End> {
         let max = self.shared.config.max_op_bytes;
+        if self.shared.config.grants == GrantCheck::Capabilities {
+            self.now = crate::access::unix_now_secs();
+        }
         loop {
             let avail = self.end - self.start;
             let h = match decode_request_header(&self.inb[self.start..self.end]) {
@@ -604,9 +638,7 @@ impl Conn<'_> {
                     let res = if h.len > max {
                         Err(too_large(h.len, max))
                     } else {
-                        self.shared
-                            .access
-                            .check(h.addr, u64::from(h.len), h.rkey, false)
+                        self.check(h.addr, u64::from(h.len), h.rkey, false)
                     };
                     match res {
                         Ok(()) => self.reply_read(&h)?,
@@ -631,15 +663,13 @@ impl Conn<'_> {
                     let len = h.len as usize;
                     if avail >= REQUEST_HEADER_LEN + len {
                         let body = self.start + REQUEST_HEADER_LEN;
-                        let res = self
-                            .shared
-                            .access
-                            .check(h.addr, u64::from(h.len), h.rkey, true)
-                            .and_then(|()| {
-                                self.shared
-                                    .region
-                                    .write(h.addr, &self.inb[body..body + len])
-                            });
+                        let res =
+                            self.check(h.addr, u64::from(h.len), h.rkey, true)
+                                .and_then(|()| {
+                                    self.shared
+                                        .region
+                                        .write(h.addr, &self.inb[body..body + len])
+                                });
                         self.start = body + len;
                         self.finish_write(h.id, len, res)?;
                     } else if REQUEST_HEADER_LEN + len <= self.inb.len() {
@@ -658,7 +688,7 @@ impl Conn<'_> {
                     let p = self.start + REQUEST_HEADER_LEN;
                     let w0 = le_u64(&self.inb[p..p + 8]);
                     let region = &self.shared.region;
-                    let checked = self.shared.access.check(h.addr, 8, h.rkey, true);
+                    let checked = self.check(h.addr, 8, h.rkey, true);
                     let res = if code == OpCode::CompareSwap {
                         self.stats.ops_cas += 1;
                         let w1 = le_u64(&self.inb[p + 8..p + 16]);
@@ -697,7 +727,7 @@ impl Conn<'_> {
     /// A refused WRITE's payload is read and discarded.
     fn stream_write(&mut self, h: &RequestHeader) -> Result<(), End> {
         let len = u64::from(h.len);
-        let mut res = self.shared.access.check(h.addr, len, h.rkey, true);
+        let mut res = self.check(h.addr, len, h.rkey, true);
         let mut done: u64 = 0;
         loop {
             let take = ((self.end - self.start) as u64).min(len - done) as usize;

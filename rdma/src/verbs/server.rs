@@ -117,6 +117,7 @@ impl ConnState {
             let rkey = RKey {
                 key: b.key,
                 epoch: b.epoch,
+                expiry: 0,
             };
             access.check(start, 0, rkey, b.writable).is_ok()
         });
@@ -177,6 +178,7 @@ impl Shared {
         let rkey = RKey {
             key: req.key,
             epoch: req.epoch,
+            expiry: 0,
         };
         // Hold the connection's lock from the check until the window is recorded, so a
         // revocation that lands in between finds the window and invalidates it.
