@@ -338,6 +338,35 @@ mod tests {
                 path: path("/b"),
                 pinned: true,
             },
+            Request::AllocReplicated {
+                path: path("/b/x"),
+                bytes: 1,
+                placement: Default::default(),
+                copies: 2,
+            },
+            Request::Refresh {
+                path: path("/b/x"),
+                group: 1,
+                block: crate::proto::BlockId { node: 1, index: 0 },
+                writable: false,
+            },
+            Request::Map {
+                path: path("/b/x"),
+                backing: None,
+            },
+            Request::FenceAcquire {
+                path: path("/b/kv"),
+                ttl_ms: 100,
+            },
+            Request::FenceRenew {
+                path: path("/b/kv"),
+                token: 1,
+                ttl_ms: 100,
+            },
+            Request::FenceRelease {
+                path: path("/b/kv"),
+                token: 1,
+            },
         ] {
             assert!(
                 matches!(a.check(&req, 10), Err(ControlError::Forbidden { ref job, .. }) if job == "a"),
@@ -354,6 +383,41 @@ mod tests {
             ),
             Err(ControlError::AdminOnly(_))
         ));
+        // Naming a backing URL is an admin's decision; unmapping its own path is not.
+        let backing = crate::proto::Backing {
+            url: "/tmp/tier".into(),
+            key: "k".into(),
+        };
+        assert!(matches!(
+            a.check(
+                &Request::Map {
+                    path: path("/a/kv"),
+                    backing: Some(backing.clone()),
+                },
+                10
+            ),
+            Err(ControlError::AdminOnly(_))
+        ));
+        assert!(a
+            .check(
+                &Request::Map {
+                    path: path("/a/kv"),
+                    backing: None,
+                },
+                10
+            )
+            .is_ok());
+        let admin = Token::issue(&k, &Scope::Admin, 100).unwrap();
+        let admin = client_access(Some(&k), Some(&admin), 10).unwrap();
+        assert!(admin
+            .check(
+                &Request::Map {
+                    path: path("/b/kv"),
+                    backing: Some(backing),
+                },
+                10
+            )
+            .is_ok());
         // The token's expiry is checked on every request of a live connection.
         assert!(matches!(
             a.check(&Request::Status, 100),
