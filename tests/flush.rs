@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{eventually, memnode, spawn, Proc};
+use common::{eventually, memnode, Proc};
 use farpool::ds::{File, Kv, KvConfig, Log, ObjectFlags, Queue, QueueConfig};
 use farpool::proto::ClusterStatus;
 use farpool::tier::Tier;
@@ -38,25 +38,11 @@ fn item(i: usize) -> Vec<u8> {
 
 /// A controller with a 1 s lease, 0.5 s grace and 200 ms first flush retry.
 fn controller(data_dir: Option<&str>, listen: &str) -> Proc {
-    let mut args = vec![
-        "controller",
-        "--listen",
-        listen,
-        "--lease-secs",
-        "1",
-        "--grace-secs",
-        "0.5",
-        "--heartbeat-ms",
-        "100",
-        "--missed-heartbeats",
-        "3",
-        "--flush-retry-ms",
-        "200",
-    ];
+    let mut extra = vec!["--flush-retry-ms", "200"];
     if let Some(d) = data_dir {
-        args.extend(["--data-dir", d]);
+        extra.extend(["--data-dir", d]);
     }
-    spawn(&args)
+    common::controller_with(listen, &extra)
 }
 
 /// Starts this binary as a child client in `mode`; returns once it printed READY.

@@ -40,10 +40,13 @@ fn is_lost(r: Result<impl std::fmt::Debug, ClientError>, path: &str) {
     }
 }
 
-#[test]
-fn kill9_memory_node_replicated_survive_unreplicated_lost_others_unaffected() {
+/// A controller, three soft memory nodes of `capacity` and a client that saw them
+/// all alive.
+fn three_nodes(capacity: &str) -> (Proc, Vec<Proc>, Client) {
     let ctl = controller();
-    let mut nodes: Vec<Proc> = (0..3).map(|_| memnode(&ctl.addr, "4MiB", "soft")).collect();
+    let nodes: Vec<Proc> = (0..3)
+        .map(|_| memnode(&ctl.addr, capacity, "soft"))
+        .collect();
     let c = Client::connect(&ctl.addr).unwrap();
     assert!(eventually(WAIT, || c.status().is_ok_and(|s| s
         .nodes
@@ -51,6 +54,12 @@ fn kill9_memory_node_replicated_survive_unreplicated_lost_others_unaffected() {
         .filter(|n| n.alive)
         .count()
         == 3)));
+    (ctl, nodes, c)
+}
+
+#[test]
+fn kill9_memory_node_replicated_survive_unreplicated_lost_others_unaffected() {
+    let (_ctl, mut nodes, c) = three_nodes("4MiB");
     let st = status(&c);
     let ids: Vec<u32> = nodes
         .iter()
@@ -198,15 +207,7 @@ fn kill9_memory_node_replicated_survive_unreplicated_lost_others_unaffected() {
 #[test]
 fn replicated_data_structures_survive_a_memory_node_kill9() {
     use farpool::ds::{File, Kv, KvConfig};
-    let ctl = controller();
-    let mut nodes: Vec<Proc> = (0..3).map(|_| memnode(&ctl.addr, "8MiB", "soft")).collect();
-    let c = Client::connect(&ctl.addr).unwrap();
-    assert!(eventually(WAIT, || c.status().is_ok_and(|s| s
-        .nodes
-        .iter()
-        .filter(|n| n.alive)
-        .count()
-        == 3)));
+    let (_ctl, mut nodes, c) = three_nodes("8MiB");
     let _lease = c.lease("/ds").unwrap();
     let rc = c.with_copies(2);
     let file = File::create_at(&rc, "/ds/file").unwrap();

@@ -118,6 +118,30 @@ impl FanIn {
         }
     }
 
+    /// Checks an arrival's arguments and finds its child's region, block and the
+    /// offset of the flag word of parent `edge`.
+    fn edge(
+        &self,
+        child: TaskId,
+        edge: usize,
+        mark: u64,
+        owner: u64,
+    ) -> Result<(Region, &BlockHandle, u64), DagError> {
+        if mark == 0 || owner == 0 {
+            return Err(DagError::Config(
+                "fan-in marks and owners must be nonzero (0 means 'not arrived')".to_string(),
+            ));
+        }
+        let (region, block) = self.region(child)?;
+        if edge as u64 >= region.parents {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("edge {edge} of a task with {} parents", region.parents),
+            });
+        }
+        Ok((region, block, region.offset + FLAGS + 8 * edge as u64))
+    }
+
     fn region(&self, child: TaskId) -> Result<(Region, &BlockHandle), DagError> {
         let region =
             self.regions
@@ -151,19 +175,7 @@ impl FanIn {
         mark: u64,
         owner: u64,
     ) -> Result<Arrival, DagError> {
-        if mark == 0 || owner == 0 {
-            return Err(DagError::Config(
-                "fan-in marks and owners must be nonzero (0 means 'not arrived')".to_string(),
-            ));
-        }
-        let (region, block) = self.region(child)?;
-        if edge as u64 >= region.parents {
-            return Err(DagError::Corrupt {
-                job: self.job.clone(),
-                what: format!("edge {edge} of a task with {} parents", region.parents),
-            });
-        }
-        let flag = region.offset + FLAGS + 8 * edge as u64;
+        let (region, block, flag) = self.edge(child, edge, mark, owner)?;
         let mut flags = vec![0u8; 8 * region.parents as usize];
         let first = block.cas(flag, 0, mark)? == 0;
         let mut complete = false;
@@ -215,19 +227,7 @@ impl FanIn {
         mark: u64,
         owner: u64,
     ) -> Result<Arrival, DagError> {
-        if mark == 0 || owner == 0 {
-            return Err(DagError::Config(
-                "fan-in marks and owners must be nonzero (0 means 'not arrived')".to_string(),
-            ));
-        }
-        let (region, block) = self.region(child)?;
-        if edge as u64 >= region.parents {
-            return Err(DagError::Corrupt {
-                job: self.job.clone(),
-                what: format!("edge {edge} of a task with {} parents", region.parents),
-            });
-        }
-        let flag = region.offset + FLAGS + 8 * edge as u64;
+        let (region, block, flag) = self.edge(child, edge, mark, owner)?;
         let mut flags = vec![0u8; 8 * region.parents as usize];
         let (was, before) = {
             let mut ops = [

@@ -97,10 +97,15 @@ pub fn spawn_env(args: &[&str], envs: &[(&str, &str)]) -> Proc {
 
 /// A controller with short leases and heartbeats, for tests.
 pub fn controller() -> Proc {
-    spawn(&[
+    controller_with("127.0.0.1:0", &[])
+}
+
+/// [`controller`] listening on `listen`, with `extra` arguments after the defaults.
+pub fn controller_with(listen: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
         "controller",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--lease-secs",
         "1",
         "--grace-secs",
@@ -109,7 +114,9 @@ pub fn controller() -> Proc {
         "100",
         "--missed-heartbeats",
         "3",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args)
 }
 
 /// A memory node of `capacity` with 64 KiB blocks.
