@@ -11,12 +11,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BS: u64 = 4096;
-const POINTS: [FaultPoint; 4] = [
+const POINTS: [FaultPoint; 6] = [
+    FaultPoint::BeforeRoot,
     FaultPoint::AfterLock,
     FaultPoint::AfterFreeze,
     FaultPoint::AfterCopy,
     FaultPoint::BeforePublish,
+    FaultPoint::AfterPublish,
 ];
+
+/// Crash points that leave blocks no map names (until `Kv::scavenge`): a directory
+/// block never named by the root, or replaced partitions not yet retired.
+fn leaves_garbage(point: FaultPoint) -> bool {
+    matches!(point, FaultPoint::BeforeRoot | FaultPoint::AfterPublish)
+}
 
 fn pool(torn: bool) -> EmbeddedPool {
     EmbeddedPool::start(EmbeddedConfig {
@@ -55,10 +63,22 @@ fn subtree_blocks(c: &Client, path: &str) -> u64 {
 }
 
 /// The table holds exactly `want` (each key once, with its value), and no block is
-/// left over from the dead holder (meta, map, directory and one per partition).
-fn check(kv: &Kv, client: &Client, path: &str, want: &HashMap<Vec<u8>, Vec<u8>>) {
+/// left over from the dead holder (meta, map, directory and one per partition) once
+/// `Kv::scavenge` ran; before it, blocks are left over exactly when `garbage`.
+fn check(kv: &Kv, client: &Client, path: &str, want: &HashMap<Vec<u8>, Vec<u8>>, garbage: bool) {
     // A run the dead client left that no operation needed yet is finished here.
     kv.settle().expect("settle");
+    let parts = kv.partitions().unwrap() as u64;
+    let before = subtree_blocks(client, path);
+    if garbage {
+        assert!(before > 3 + parts, "the crash left no unreachable block");
+    } else {
+        assert_eq!(before, 3 + parts, "blocks leaked");
+    }
+    let done = kv.scavenge().expect("scavenge");
+    assert_eq!(done.freed, before - (3 + parts), "{done:?}");
+    assert_eq!(kv.partitions().unwrap() as u64, parts);
+    assert_eq!(subtree_blocks(client, path), 3 + parts, "blocks leaked");
     let entries = kv.entries().expect("entries");
     let keys: HashSet<&Vec<u8>> = entries.iter().map(|(k, _)| k).collect();
     assert_eq!(keys.len(), entries.len(), "a key is listed twice");
@@ -68,8 +88,13 @@ fn check(kv: &Kv, client: &Client, path: &str, want: &HashMap<Vec<u8>, Vec<u8>>)
         assert_eq!(got.get(k), Some(v), "key {}", String::from_utf8_lossy(k));
         assert_eq!(kv.get(k).unwrap().as_ref(), Some(v));
     }
-    let parts = kv.partitions().unwrap() as u64;
-    assert_eq!(subtree_blocks(client, path), 3 + parts, "blocks leaked");
+    // Still a working table: a write after the scavenge lands and reads back.
+    kv.upsert(b"after-scavenge", b"v").unwrap();
+    assert_eq!(
+        kv.get(b"after-scavenge").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    assert!(kv.remove(b"after-scavenge").unwrap());
 }
 
 /// A client dies at `point` of a split; another client's operations on the moving
@@ -112,7 +137,7 @@ fn crash_mid_split(point: FaultPoint, torn: bool) {
     }
     let r = b.repartitions();
     assert!(r.splits + r.compactions >= 1, "{r:?}");
-    check(&b, &cb, "/j/crash/t", &want);
+    check(&b, &cb, "/j/crash/t", &want, leaves_garbage(point));
 }
 
 /// A client dies at `point` of a merge; another client completes it.
@@ -158,7 +183,7 @@ fn crash_mid_merge(point: FaultPoint, torn: bool) {
         assert!(b.remove(&key(i)).unwrap(), "key {i}");
         want.remove(&key(i));
     }
-    check(&b, &cb, "/j/crashm/t", &want);
+    check(&b, &cb, "/j/crashm/t", &want, leaves_garbage(point));
 }
 
 #[test]
@@ -233,8 +258,101 @@ fn a_superseded_holder_cannot_publish() {
     let r = a.repartitions();
     assert_eq!((r.superseded, r.splits), (1, 0), "{r:?}");
     let want: HashMap<Vec<u8>, Vec<u8>> = (0..written).map(|i| (key(i), val(i, 0))).collect();
-    check(&b, &cb, "/j/stale/t", &want);
-    check(&a, &ca, "/j/stale/t", &want);
+    check(&b, &cb, "/j/stale/t", &want, false);
+    check(&a, &ca, "/j/stale/t", &want, false);
+}
+
+/// A holder paused after taking fresh blocks but before naming them in the root,
+/// past its fence's expiry, while another client scavenges: the scavenge frees the
+/// unnamed directory block and bumps the root, so the holder's root CAS fails when it
+/// wakes (it does not run on freed blocks), its writes all land, and nothing leaks.
+#[test]
+fn a_holder_paused_before_taking_the_root_loses_to_a_scavenge() {
+    let pool = pool(true);
+    let (ca, cb) = (pool.client().unwrap(), pool.client().unwrap());
+    let task = ca.task("/j/scav").unwrap();
+    let _keep = cb.task("/j/scav").unwrap();
+    let a = Arc::new(Kv::create(&task, "t", config()).unwrap());
+    a.set_fence_ttl(Duration::from_millis(200));
+    a.upsert(&key(0), &val(0, 0)).unwrap(); // the first partition exists
+    let b = Kv::open(&cb, "/j/scav/t").unwrap();
+    let base = 3 + b.partitions().unwrap() as u64;
+    a.inject_fault(
+        FaultPoint::BeforeRoot,
+        FaultAction::Pause(Duration::from_secs(2)),
+    );
+    let writer = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            for i in 0..400 {
+                a.upsert(&key(i), &val(i, 0)).unwrap();
+            }
+        })
+    };
+    // The paused holder's directory block is allocated (nothing names it yet).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while subtree_blocks(&cb, "/j/scav/t") <= base {
+        assert!(Instant::now() < deadline, "the split never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(400)); // past the holder's fence TTL
+    let done = b.scavenge().unwrap();
+    assert!(done.freed >= 1, "{done:?}");
+    writer.join().unwrap();
+    let want: HashMap<Vec<u8>, Vec<u8>> = (0..400).map(|i| (key(i), val(i, 0))).collect();
+    check(&a, &ca, "/j/scav/t", &want, false);
+    check(&b, &cb, "/j/scav/t", &want, false);
+}
+
+/// Garbage a dead client left (it died after publishing a split, before retiring the
+/// replaced partition) is collected by the other clients' own repartitionings, every
+/// 32 of them, without anyone calling `Kv::scavenge`.
+#[test]
+fn repartitionings_collect_what_a_dead_client_left() {
+    let pool = pool(false);
+    let (ca, cb) = (pool.client().unwrap(), pool.client().unwrap());
+    let task = ca.task("/j/auto").unwrap();
+    let _keep = cb.task("/j/auto").unwrap();
+    let a = Kv::create(&task, "t", config()).unwrap();
+    a.inject_fault(FaultPoint::AfterPublish, FaultAction::Crash);
+    let mut crashed = false;
+    for i in 0..400 {
+        match a.upsert(&key(i), &val(i, 0)) {
+            Ok(()) => {}
+            Err(DsError::FaultInjected(_)) => {
+                crashed = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(crashed, "no split happened");
+    std::mem::forget(a);
+    let b = Kv::open(&cb, "/j/auto/t").unwrap();
+    b.settle().unwrap();
+    let leaked = |b: &Kv| subtree_blocks(&cb, "/j/auto/t") - (3 + b.partitions().unwrap() as u64);
+    assert!(leaked(&b) > 0, "the crash left nothing to collect");
+    let runs = |b: &Kv| {
+        let r = b.repartitions();
+        r.splits + r.merges + r.compactions
+    };
+    for round in 0..40 {
+        if runs(&b) >= 32 {
+            break;
+        }
+        for i in 0..600 {
+            b.upsert(&key(i), &val(i, round)).unwrap();
+        }
+        for i in 20..600 {
+            b.remove(&key(i)).unwrap();
+        }
+    }
+    assert!(runs(&b) >= 32, "{:?}", b.repartitions());
+    b.settle().unwrap();
+    assert_eq!(leaked(&b), 0, "{:?}", b.repartitions());
+    for i in 0..20 {
+        assert!(b.get(&key(i)).unwrap().is_some(), "key {i}");
+    }
 }
 
 /// Pipelined `upsert_many` from concurrent clients in torn mode, with repeated keys in
@@ -283,5 +401,5 @@ fn upsert_many_matches_in_order_upserts_under_splits_in_torn_mode() {
         want.extend(t.join().unwrap());
     }
     assert!(kv.partitions().unwrap() > 1, "no split happened");
-    check(&kv, &c0, "/j/many/t", &want);
+    check(&kv, &c0, "/j/many/t", &want, false);
 }

@@ -35,6 +35,7 @@ mod snapshot;
 pub use file::File;
 pub use kv::{
     fuzz_intent as fuzz_kv_intent, FaultAction, FaultPoint, Kv, KvConfig, KvRepartitions,
+    KvScavenged,
 };
 pub use log::{Log, LogEntry, Scan, MAX_STREAMS};
 pub use mapped::{kind_at, sync_any, ObjectFlags, ObjectKind};

@@ -273,6 +273,22 @@ impl Object {
         Ok(self.meta.cas(self.dir_off(k)?, 0, FREED)? == 0)
     }
 
+    /// Marks never-linked child `k` freed and removes whatever was allocated at its
+    /// path (a client that died between allocating and linking it): the blocks
+    /// freed, or `None` when the child was linked meanwhile.
+    pub(crate) fn forget_empty(&self, k: u64) -> Result<Option<u64>, DsError> {
+        if !self.kill_empty(k)? {
+            return Ok(None);
+        }
+        match self.client.request(Request::Remove {
+            path: self.child_path(k)?,
+        }) {
+            Ok(Response::Removed { blocks, .. }) => Ok(Some(blocks)),
+            Ok(_) | Err(ClientError::Control(ControlError::NotFound(_))) => Ok(Some(0)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The handle of linked child `k` (block `id`); `None` when it was freed since.
     pub(crate) fn child_handle(&self, k: u64, id: BlockId) -> Result<Option<BlockHandle>, DsError> {
         match lookup(&self.client, &self.child_path(k)?) {

@@ -6,9 +6,11 @@ mod record;
 mod repart;
 mod root;
 mod scan;
+mod scavenge;
 
 pub use repart::{FaultAction, FaultPoint};
 pub use root::fuzz_intent;
+pub use scavenge::KvScavenged;
 
 use super::notify::{EventKind, Publisher};
 use super::object::{Entry, Object};

@@ -28,6 +28,9 @@ use crate::proto::{ControlError, Request, Response};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// Every this many repartitionings published by a handle, it also frees the table's
+/// blocks no map names (see [`Kv::scavenge`]) while it still holds the fence.
+const SCAVENGE_EVERY: u64 = 32;
 /// Word 0 of the map block: the root.
 pub(super) const ROOT: u64 = 0;
 /// Offset of the entries in a directory block (after the intent).
@@ -43,6 +46,9 @@ const RECOVER_EVERY: Duration = Duration::from_millis(100);
 /// A place in a repartitioning where a fault-injection test stops it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
+    /// The intent is written into a fresh directory block; the root does not name it
+    /// yet (a crash here leaves that block unreachable until [`Kv::scavenge`]).
+    BeforeRoot,
     /// The root names the run (busy), nothing is frozen yet.
     AfterLock,
     /// The old partitions are frozen.
@@ -51,6 +57,9 @@ pub enum FaultPoint {
     AfterCopy,
     /// Everything is written, the fence renewed; only the publishing CAS is left.
     BeforePublish,
+    /// Published; the old partitions and directory are not retired yet (a crash here
+    /// leaves them unreachable until [`Kv::scavenge`]).
+    AfterPublish,
 }
 
 /// What a fault-injection test does at a [`FaultPoint`].
@@ -107,7 +116,7 @@ impl Kv {
     }
 
     /// The fence token, or `None` while another client holds the fence.
-    fn fence_acquire(&self) -> Result<Option<u64>, DsError> {
+    pub(super) fn fence_acquire(&self) -> Result<Option<u64>, DsError> {
         let req = Request::FenceAcquire {
             path: self.obj.path().clone(),
             ttl_ms: self.fence_ttl_ms(),
@@ -120,7 +129,7 @@ impl Kv {
         }
     }
 
-    fn fence_renew(&self, token: u64) -> Result<(), DsError> {
+    pub(super) fn fence_renew(&self, token: u64) -> Result<(), DsError> {
         let req = Request::FenceRenew {
             path: self.obj.path().clone(),
             token,
@@ -130,7 +139,7 @@ impl Kv {
         Ok(())
     }
 
-    fn fence_release(&self, token: u64) -> Result<(), DsError> {
+    pub(super) fn fence_release(&self, token: u64) -> Result<(), DsError> {
         let req = Request::FenceRelease {
             path: self.obj.path().clone(),
             token,
@@ -174,7 +183,7 @@ impl Kv {
     }
 
     /// The entries of directory block `dir`; `None` when it is gone.
-    fn read_dir(&self, dir: u64) -> Result<Option<Vec<u64>>, DsError> {
+    pub(super) fn read_dir(&self, dir: u64) -> Result<Option<Vec<u64>>, DsError> {
         let Some(block) = self.partition(dir)? else {
             return Ok(None);
         };
@@ -415,12 +424,13 @@ impl Kv {
         let dblock = self.link_new(dir)?;
         dblock.write(0, &intent.encode(dir))?;
         let busy = self.root_word(dir, token, true)?;
+        self.fault(FaultPoint::BeforeRoot)?;
         if self.map_block.cas(ROOT, raw, busy)? != raw {
             self.discard(dir)?;
             return Ok(Ran::Busy);
         }
         let idle = self.root_word(dir, token, false)?;
-        match self.own(&intent, &dblock, discard, token, (busy, idle), started) {
+        let out = match self.own(&intent, &dblock, discard, token, (busy, idle), started) {
             // A failure after another client took the run over (it freed our blocks):
             // that client publishes; ours is discarded.
             Err(e)
@@ -430,7 +440,20 @@ impl Kv {
                 Ok(Ran::Superseded)
             }
             r => r,
+        };
+        if out.as_ref().is_ok_and(|r| *r == Ran::Published) {
+            let runs = self.splits.load(Ordering::Relaxed)
+                + self.merges.load(Ordering::Relaxed)
+                + self.compactions.load(Ordering::Relaxed);
+            if runs % SCAVENGE_EVERY == 0 {
+                // Still holding the fence, and our token is in the root (stale holders
+                // cannot take it): collect what dead clients left. Best effort.
+                if let Err(e) = self.collect_unreachable(dir, token) {
+                    tracing::debug!(table = %self.obj.path(), error = %e, "scavenging after a repartitioning failed");
+                }
+            }
         }
+        out
     }
 
     /// The rest of a run once the root names it (`busy`): free what a dead holder
@@ -491,6 +514,7 @@ impl Kv {
             Outcome::Merged => self.merges.fetch_add(1, Ordering::Relaxed),
             Outcome::Init => 0,
         };
+        self.fault(FaultPoint::AfterPublish)?;
         // Nothing names the old partitions and directory any more.
         for (child, part) in olds {
             self.parts.lock().remove(&child);
@@ -505,14 +529,14 @@ impl Kv {
         }
     }
 
-    fn root_word(&self, dir: u64, token: u64, busy: bool) -> Result<u64, DsError> {
+    pub(super) fn root_word(&self, dir: u64, token: u64, busy: bool) -> Result<u64, DsError> {
         Root { dir, token, busy }
             .encode()
             .ok_or_else(|| self.corrupt(format!("root word for directory {dir}, token {token}")))
     }
 
     /// Frees child `k` if linked, and marks it so it is never linked again.
-    fn discard(&self, k: u64) -> Result<(), DsError> {
+    pub(super) fn discard(&self, k: u64) -> Result<(), DsError> {
         self.parts.lock().remove(&k);
         match self.obj.entry(k)? {
             Entry::Linked(id) => self.obj.retire(k, id),
