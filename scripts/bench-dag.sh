@@ -23,6 +23,10 @@ run --workload gemm
 run --workload gemm --keep-intermediates
 run --workload tsqr
 run --workload tsqr --keep-intermediates
+# Scaling the executors with sleeping 1 ms tasks (they need no core while they sleep):
+# whether the central scheduler, one thread, becomes the bottleneck.
+for w in 32 128; do run --workload tr --task-ms 1 --workers "$w"; done
+run --workload tr --task-ms 1 --workers 16 --processes
 # Remote workers: a controller, a memory node and two `farpool worker --listen`
 # processes on 127.0.0.2 and 127.0.0.3 (other hosts on the loopback network).
 announce() { # file -> address from its "listening <addr>" line
