@@ -51,6 +51,9 @@ pub enum FaultPoint {
     AfterCopy,
     /// Everything is written, the fence renewed; only the publishing CAS is left.
     BeforePublish,
+    /// Published (the root is idle and names the new directory); the old partitions,
+    /// still FROZEN, are not retired yet.
+    AfterPublish,
 }
 
 /// What a fault-injection test does at a [`FaultPoint`].
@@ -491,6 +494,7 @@ impl Kv {
             Outcome::Merged => self.merges.fetch_add(1, Ordering::Relaxed),
             Outcome::Init => 0,
         };
+        self.fault(FaultPoint::AfterPublish)?;
         // Nothing names the old partitions and directory any more.
         for (child, part) in olds {
             self.parts.lock().remove(&child);
