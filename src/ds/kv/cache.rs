@@ -412,6 +412,52 @@ impl Kv {
     }
 }
 
+/// Bytes of a fuzz input's head: child, bucket offset and slot word (8 bytes each),
+/// then one byte of key length.
+const FUZZ_HEAD: usize = 25;
+
+/// A fuzz input taken apart: a location, a key, a bucket image and record bytes.
+type FuzzParts<'a> = (Location, &'a [u8], [u8; BUCKET_BYTES as usize], &'a [u8]);
+
+/// Splits a fuzz input into a location, a key, a bucket image and record bytes.
+fn fuzz_parts(data: &[u8]) -> Option<FuzzParts<'_>> {
+    let head = data.get(..FUZZ_HEAD)?;
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&head[8 * i..8 * i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let loc = Location {
+        child: word(0),
+        bucket: word(1),
+        word: word(2),
+    };
+    let rest = &data[FUZZ_HEAD..];
+    let klen = usize::from(head[24]).min(rest.len());
+    let (key, rest) = rest.split_at(klen);
+    let raw: [u8; BUCKET_BYTES as usize] = rest.get(..BUCKET_BYTES as usize)?.try_into().ok()?;
+    Some((loc, key, raw, &rest[BUCKET_BYTES as usize..]))
+}
+
+/// Fuzzing entry point: a cached location, a key, a bucket image and record bytes
+/// (see `fuzz_parts`) through [`validate`]. Any bytes must be accepted or rejected
+/// without a panic, and an accepted record must be one the bucket really points at:
+/// the bucket decodes, is not frozen, holds the word, and the record holds the key.
+/// Panics only on a validation bug.
+pub fn fuzz_validate(data: &[u8]) {
+    let Some((loc, key, raw, rec)) = fuzz_parts(data) else {
+        return;
+    };
+    if let Ok(value) = validate(loc, &raw, rec, key) {
+        let b = bucket::decode(loc.bucket, &raw).expect("accepted bucket decodes");
+        assert!(b.lock != FROZEN && b.slots.contains(&loc.word));
+        match decode(rec) {
+            Decoded::Record(r) => assert!(r.key == key && r.value == value),
+            Decoded::Bad => panic!("accepted a record that does not decode"),
+        }
+    }
+}
+
 /// Hash of `key` as the cache and the table use it (for tests).
 #[cfg(test)]
 fn key_hash(key: &[u8]) -> u64 {
@@ -520,6 +566,47 @@ mod tests {
         b[..8].copy_from_slice(&lock.to_le_bytes());
         b[8..].copy_from_slice(&encode_body(at, slots));
         b
+    }
+
+    #[test]
+    fn validate_seed_corpus_is_accepted_and_rejected_as_expected() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/kv_cached");
+        let at = 64 + 128;
+        let l = Location {
+            child: 3,
+            bucket: at,
+            word: 0x1234_0008_0000_0100,
+        };
+        let mut slots = [0u64; SLOTS];
+        slots[2] = l.word;
+        let rec = encode(b"key", &Value::Inline(b"value".to_vec())).unwrap();
+        // Valid; frozen; slot moved.
+        let mut moved = slots;
+        moved[2] += 1;
+        let seeds = [
+            (bucket_bytes(at, UNLOCKED, &slots), true),
+            (bucket_bytes(at, FROZEN, &slots), false),
+            (bucket_bytes(at, UNLOCKED, &moved), false),
+        ];
+        for (n, (raw, ok)) in seeds.iter().enumerate() {
+            let mut bytes = Vec::new();
+            for w in [l.child, l.bucket, l.word] {
+                bytes.extend(w.to_le_bytes());
+            }
+            bytes.push(3);
+            bytes.extend(b"key");
+            bytes.extend(raw);
+            bytes.extend(&rec);
+            let path = dir.join(format!("seed{n}"));
+            if std::env::var_os("FARPOOL_WRITE_CORPUS").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &bytes).unwrap();
+            }
+            let on_disk = std::fs::read(&path).unwrap();
+            let (loc, key, raw, rec) = fuzz_parts(&on_disk).unwrap();
+            assert_eq!(validate(loc, &raw, rec, key).is_ok(), *ok, "seed{n}");
+            fuzz_validate(&on_disk);
+        }
     }
 
     #[test]

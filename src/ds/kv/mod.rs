@@ -8,7 +8,7 @@ mod repart;
 mod root;
 mod scan;
 
-pub use cache::{KvCacheStats, DEFAULT_CACHE_CAPACITY};
+pub use cache::{fuzz_validate as fuzz_cached_validate, KvCacheStats, DEFAULT_CACHE_CAPACITY};
 pub use repart::{FaultAction, FaultPoint};
 pub use root::fuzz_intent;
 
