@@ -1,22 +1,25 @@
 //! One-round-trip `Kv` gets through the handle's location cache: readers with a warm
 //! cache race writers that rewrite values in place, replace them with values of other
 //! sizes, remove and re-insert keys, and split and merge partitions. Embedded pool
-//! (controller and memory nodes on 127.0.0.1, soft transport), plain and torn mode.
+//! (controller and memory nodes on 127.0.0.1, soft transport), plain and torn mode, and
+//! once against controller and memory-node processes.
 //!
 //! Every get must return `None` (only for keys that are removed at times) or a whole
 //! value written for that key, never older than a write the reader already saw
 //! acknowledged (writers publish each key's last acknowledged round in an atomic the
 //! reader loads before its get) or a value it already read.
 
+mod common;
+
 use farpool::ds::{DsError, FaultAction, FaultPoint, Kv, KvConfig};
-use farpool::{EmbeddedConfig, EmbeddedPool};
+use farpool::{Client, EmbeddedConfig, EmbeddedPool};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Barrier};
 
 const BS: u64 = 4096;
 const WRITERS: usize = 3;
 const KEYS: usize = 48;
-const ROUNDS: u32 = 12;
+const ROUNDS: u32 = 16;
 const READERS: usize = 2;
 
 fn pool(torn: bool) -> EmbeddedPool {
@@ -95,16 +98,17 @@ fn check(i: usize, got: Option<&[u8]>, acked: u32, last: &mut [u32]) {
     }
 }
 
-fn race(torn: bool) {
-    let pool = pool(torn);
-    let owner = pool.client().unwrap();
+/// The race, with clients from `connect`; `expected_record` sizes the partitions so
+/// that the keys split and merge them whatever the block size.
+fn race(connect: impl Fn() -> Client, expected_record: u64, label: &str) {
+    let owner = connect();
     let task = owner.task("/j/kvcache").unwrap();
     // Low thresholds: the table splits while the keys go in and merges when most are
     // removed again, every round.
     let config = KvConfig {
         split_load: 0.5,
-        merge_load: 0.2,
-        ..KvConfig::default()
+        merge_load: 0.24,
+        expected_record,
     };
     let _kv = Kv::create(&task, "t", config).unwrap();
     let n = WRITERS * KEYS;
@@ -113,7 +117,7 @@ fn race(torn: bool) {
     let start = Arc::new(Barrier::new(WRITERS + READERS));
     let readers: Vec<_> = (0..READERS)
         .map(|r| {
-            let c = pool.client().unwrap();
+            let c = connect();
             let (acked, stop, start) = (acked.clone(), stop.clone(), start.clone());
             std::thread::spawn(move || {
                 let kv = Kv::open(&c, "/j/kvcache/t").unwrap();
@@ -147,7 +151,7 @@ fn race(torn: bool) {
         .collect();
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
-            let c = pool.client().unwrap();
+            let c = connect();
             let (acked, start) = (acked.clone(), start.clone());
             std::thread::spawn(move || {
                 let kv = Kv::open(&c, "/j/kvcache/t").unwrap();
@@ -198,9 +202,7 @@ fn race(torn: bool) {
         hits += stats.hits;
         fallbacks += stats.fallbacks;
     }
-    eprintln!(
-        "torn={torn}: splits={splits} merges={merges} reader hits={hits} fallbacks={fallbacks}"
-    );
+    eprintln!("{label}: splits={splits} merges={merges} reader hits={hits} fallbacks={fallbacks}");
     assert!(splits > 0 && merges > 0, "splits {splits}, merges {merges}");
     assert!(hits > 0, "no get took the cached path");
     let kv = Kv::open(&owner, "/j/kvcache/t").unwrap();
@@ -212,12 +214,27 @@ fn race(torn: bool) {
 
 #[test]
 fn cached_gets_race_in_place_and_resized_updates_removes_and_repartitioning() {
-    race(false);
+    let pool = pool(false);
+    race(|| pool.client().unwrap(), 64, "embedded");
 }
 
 #[test]
 fn cached_gets_race_writers_and_repartitioning_in_torn_mode() {
-    race(true);
+    let pool = pool(true);
+    race(|| pool.client().unwrap(), 64, "embedded, torn");
+}
+
+#[test]
+fn cached_gets_race_writers_and_repartitioning_on_separate_processes() {
+    let ctl = common::controller();
+    let _node = common::memnode(&ctl.addr, "16MiB", "soft");
+    let client = Client::connect(&ctl.addr).unwrap();
+    assert!(common::eventually(
+        std::time::Duration::from_secs(5),
+        || client.status().is_ok_and(|s| s.nodes.len() == 1)
+    ));
+    // 64 KiB blocks: large expected records make partitions of 4 buckets.
+    race(|| Client::connect(&ctl.addr).unwrap(), 1024, "processes");
 }
 
 #[test]
