@@ -813,6 +813,8 @@ fn kv_matches_a_hashmap_model() {
     let client = pool.client().unwrap();
     let _lease = client.lease("/pk").unwrap();
     let case = AtomicUsize::new(0);
+    // Gets answered from the handles' location caches, over every case.
+    let cached_hits = std::sync::atomic::AtomicU64::new(0);
     let mut runner = TestRunner::new(PropConfig {
         cases: 12,
         ..PropConfig::default()
@@ -844,7 +846,23 @@ fn kv_matches_a_hashmap_model() {
                         model.insert(k, value);
                     }
                     KvOp::Get(h, k) => {
-                        prop_assert_eq!(handles[h].get(&key(k)).unwrap(), model.get(&k).cloned());
+                        // Repeated, so the second get takes the cached path when the
+                        // first one found the key; exists and get_many likewise.
+                        for _ in 0..2 {
+                            prop_assert_eq!(
+                                handles[h].get(&key(k)).unwrap(),
+                                model.get(&k).cloned()
+                            );
+                        }
+                        prop_assert_eq!(
+                            handles[h].exists(&key(k)).unwrap(),
+                            model.contains_key(&k)
+                        );
+                        let near = [key(k), key(k + 1)];
+                        prop_assert_eq!(
+                            handles[h].get_many(&near).unwrap(),
+                            vec![model.get(&k).cloned(), model.get(&(k + 1)).cloned()]
+                        );
                     }
                     KvOp::Delete(h, k) => {
                         prop_assert_eq!(
@@ -852,8 +870,14 @@ fn kv_matches_a_hashmap_model() {
                             model.remove(&k).is_some()
                         );
                     }
-                    KvOp::Reopen(h) => handles[h] = Kv::open(&client, &path).unwrap(),
+                    KvOp::Reopen(h) => {
+                        cached_hits.fetch_add(handles[h].cache_stats().hits, Ordering::Relaxed);
+                        handles[h] = Kv::open(&client, &path).unwrap()
+                    }
                 }
+            }
+            for h in &handles {
+                cached_hits.fetch_add(h.cache_stats().hits, Ordering::Relaxed);
             }
             for (k, v) in &model {
                 prop_assert_eq!(handles[0].get(&key(*k)).unwrap(), Some(v.clone()));
@@ -861,6 +885,10 @@ fn kv_matches_a_hashmap_model() {
             Ok(())
         })
         .unwrap();
+    assert!(
+        cached_hits.load(Ordering::Relaxed) > 0,
+        "no get took the cached path"
+    );
 }
 
 #[test]

@@ -16,6 +16,8 @@ use super::error::BenchError;
 use super::load::{BatchOutcome, Connection};
 use crate::client::Client;
 use crate::ds::{DsError, File, Kv, KvConfig, Log, Queue, QueueConfig};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Bytes of a queue slot's header (items up to `slot_size - 24` bytes fit).
@@ -54,6 +56,8 @@ pub(crate) struct DsConn {
     appended: u64,
     value: Vec<u8>,
     buf: Vec<u8>,
+    /// Where the Kv handle's cache counts are summed when the connection finishes.
+    cache_counts: Arc<Mutex<super::report::KvCacheCounts>>,
 }
 
 fn ds(during: impl Into<String>) -> impl FnOnce(DsError) -> BenchError {
@@ -69,6 +73,7 @@ impl DsConn {
         base: &str,
         client_index: usize,
         plan: &Plan,
+        cache_counts: Arc<Mutex<super::report::KvCacheCounts>>,
     ) -> Result<Self, BenchError> {
         let client = Client::connect(addr).map_err(|e| {
             BenchError::client(format!("connecting to the controller at {addr}"), e)
@@ -97,6 +102,7 @@ impl DsConn {
             appended: 0,
             value,
             buf: vec![0; size_usize],
+            cache_counts,
         };
         let handle = match plan.workload {
             Workload::Kv => {
@@ -344,6 +350,13 @@ impl Connection for DsConn {
         let Some(handle) = self.handle.take() else {
             return Ok(());
         };
+        if let Handle::Kv(kv) = &handle {
+            let s = kv.cache_stats();
+            let mut c = self.cache_counts.lock();
+            c.hits += s.hits;
+            c.fallbacks += s.fallbacks;
+            c.misses += s.misses;
+        }
         if !self.owner {
             return Ok(());
         }

@@ -264,11 +264,13 @@ fn run_farpool(
     };
     let path = |i: usize| format!("/bench/{}/c{i}", target.run_id);
     let block_len = AtomicU64::new(0);
+    let cache_counts =
+        std::sync::Arc::new(parking_lot::Mutex::new(report::KvCacheCounts::default()));
     let (tally, mem) = if plan.workload.is_structure() {
         let base = format!("/bench/{}", target.run_id);
         run_load(
             &spec,
-            |i| DsConn::connect(target.addr, &base, i, plan),
+            |i| DsConn::connect(target.addr, &base, i, plan, cache_counts.clone()),
             sample,
         )?
     } else if plan.op == BenchOp::Alloc {
@@ -302,6 +304,9 @@ fn run_farpool(
     rec.node_rss_beyond_region_kib = mem.beyond_region_kib;
     rec.node_rss_kib = mem.total_kib;
     rec.first_error = tally.first_error;
+    if plan.workload == Workload::Kv && plan.op == BenchOp::Get {
+        rec.kv_cache = Some(*cache_counts.lock());
+    }
     Ok(rec)
 }
 

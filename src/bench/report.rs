@@ -58,6 +58,21 @@ pub struct BenchRecord {
     /// The first error message, when operations failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// Kv gets answered through the clients' location caches (`kv --op get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache: Option<KvCacheCounts>,
+}
+
+/// What the Kv handles' location caches did over a run (warm-up included), summed over
+/// the clients (see `Kv::cache_stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KvCacheCounts {
+    /// Gets answered in one round trip.
+    pub hits: u64,
+    /// Gets whose cached location failed validation (then two round trips).
+    pub fallbacks: u64,
+    /// Gets of keys not cached (two round trips).
+    pub misses: u64,
 }
 
 impl BenchRecord {
@@ -97,6 +112,7 @@ impl BenchRecord {
             node_rss_beyond_region_kib: None,
             node_rss_kib: None,
             first_error: None,
+            kv_cache: None,
         }
     }
 
@@ -162,6 +178,13 @@ pub fn human_row(r: &BenchRecord) -> String {
             s,
             "\n    memory node: {} resident in total (region included)",
             kib_label(kib)
+        );
+    }
+    if let Some(c) = &r.kv_cache {
+        let _ = write!(
+            s,
+            "\n    kv location cache: {} hits, {} fallbacks, {} misses",
+            c.hits, c.fallbacks, c.misses
         );
     }
     if let Some(e) = &r.first_error {

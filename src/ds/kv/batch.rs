@@ -2,7 +2,7 @@
 
 use super::bucket::{self, BUCKET_BYTES, FROZEN, LOCKED, SLOTS, SLOTS_AT, UNLOCKED};
 use super::record::{decode, encode, Decoded, Value, REC_HEADER};
-use super::{hash, slot_place, slot_word, Kv, COUNT, HEAP};
+use super::{hash, slot_place, slot_word, Kv, Location, COUNT, HEAP};
 use crate::client::BlockHandle;
 use crate::ds::notify::EventKind;
 use crate::ds::DsError;
@@ -13,26 +13,43 @@ struct Probe {
     /// Index of the key in the caller's slice.
     at: usize,
     h: u64,
+    /// The partition (child index) the key was routed to.
+    child: u64,
     part: BlockHandle,
     /// Bucket offset.
     b: u64,
 }
 
 impl Kv {
-    /// The values of `keys`, in order. Two round trips per memory node for the whole
-    /// batch (every key's bucket, then every matching record) instead of two per key;
-    /// keys whose partition is moving, whose record is being rewritten, or whose value
-    /// lives in a block of its own are then looked up one by one with [`Kv::get`].
+    /// The values of `keys`, in order. Keys whose location this handle caches are read
+    /// first, bucket and record together, in one round trip per memory node; the rest
+    /// (and cached ones that did not validate) take two round trips per memory node for
+    /// the whole batch (every key's bucket, then every matching record) instead of two
+    /// per key; keys whose partition is moving, whose record is being rewritten, or
+    /// whose value lives in a block of its own are then looked up one by one with
+    /// [`Kv::get`].
     /// Each value is linearizable on its own, as with `get`; the batch is not atomic.
     pub fn get_many<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<Vec<Option<Vec<u8>>>, DsError> {
         let mut out: Vec<Option<Option<Vec<u8>>>> = vec![None; keys.len()];
+        let hashes: Vec<u64> = keys.iter().map(|k| hash(k.as_ref())).collect();
+        // Round trip 0: bucket and record of every key whose location is cached.
+        self.cached_many(keys, &hashes, &mut out)?;
         let mut probes = Vec::with_capacity(keys.len());
-        for (at, key) in keys.iter().enumerate() {
-            let h = hash(key.as_ref());
+        for (at, &h) in hashes.iter().enumerate() {
+            if out[at].is_some() {
+                continue;
+            }
             let route = self.route(h)?;
             if let Some(part) = self.partition(route.child)? {
                 let b = self.bucket_off(h);
-                probes.push(Probe { at, h, part, b });
+                let child = route.child;
+                probes.push(Probe {
+                    at,
+                    h,
+                    child,
+                    part,
+                    b,
+                });
             }
         }
         probes.sort_by_key(|p| p.part.transport_key());
@@ -52,7 +69,7 @@ impl Kv {
             }
         }
         // Round trip 2: the records whose fingerprint matches.
-        let mut reads: Vec<(usize, u64, Vec<u8>)> = Vec::new(); // (probe, offset, buf)
+        let mut reads: Vec<(usize, u64, Vec<u8>)> = Vec::new(); // (probe, slot word, buf)
         for (j, p) in probes.iter().enumerate() {
             if !ok[j] {
                 continue;
@@ -65,15 +82,15 @@ impl Kv {
             if cands.is_empty() {
                 out[p.at] = Some(None);
             }
-            for (_, off, len) in cands {
-                reads.push((j, off, vec![0u8; len as usize]));
+            for (slot, _, len) in cands {
+                reads.push((j, bk.slots[slot], vec![0u8; len as usize]));
             }
         }
         if !reads.is_empty() {
             let handles: Vec<&BlockHandle> = reads.iter().map(|r| &probes[r.0].part).collect();
             let mut ops = Vec::with_capacity(reads.len());
             for (r, h) in reads.iter_mut().zip(&handles) {
-                ops.push(h.read_op(r.1, &mut r.2)?);
+                ops.push(h.read_op(slot_place(r.1).0, &mut r.2)?);
             }
             let mut done = vec![false; ops.len()];
             for (start, end, result) in BlockHandle::execute_many(&handles, &mut ops)? {
@@ -84,7 +101,7 @@ impl Kv {
             drop(ops);
             // Per probe: the key's record, a torn candidate (retry alone), or absent.
             let mut verdict: Vec<Option<Verdict>> = (0..probes.len()).map(|_| None).collect();
-            for ((j, _, buf), fine) in reads.into_iter().zip(done) {
+            for ((j, word, buf), fine) in reads.into_iter().zip(done) {
                 let key = keys[probes[j].at].as_ref();
                 let v = verdict[j].get_or_insert(Verdict::Absent);
                 if matches!(v, Verdict::Found(_)) {
@@ -95,7 +112,17 @@ impl Kv {
                     continue;
                 }
                 match decode(&buf) {
-                    Decoded::Record(r) if r.key == key => *v = Verdict::Found(r.value),
+                    Decoded::Record(r) if r.key == key => {
+                        let p = &probes[j];
+                        let (child, bucket) = (p.child, p.b);
+                        let loc = Location {
+                            child,
+                            bucket,
+                            word,
+                        };
+                        self.cache.insert(p.h, loc);
+                        *v = Verdict::Found(r.value)
+                    }
                     Decoded::Record(_) => {}
                     Decoded::Bad => *v = Verdict::Alone,
                 }
@@ -302,8 +329,22 @@ impl Kv {
                 )));
             }
             match p.spot {
-                Some((_, _, inserted)) => {
+                Some((off, in_place, inserted)) => {
                     done.push(p.at);
+                    if !in_place {
+                        // The slot word this round published.
+                        let need = (p.rec.len() as u64).next_multiple_of(8);
+                        let word = slot_word(off, need, p.h);
+                        let (child, bucket) = (p.child, p.b);
+                        self.cache.insert(
+                            p.h,
+                            Location {
+                                child,
+                                bucket,
+                                word,
+                            },
+                        );
+                    }
                     self.notify
                         .publish(EventKind::Put, pairs[p.at].0.as_ref())?;
                     if inserted && pair[1].is_some_and(|c| c + 1 >= self.split_at) {

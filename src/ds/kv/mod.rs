@@ -2,12 +2,14 @@
 
 mod batch;
 mod bucket;
+mod cache;
 mod record;
 mod repart;
 mod root;
 mod scan;
 mod scavenge;
 
+pub use cache::{fuzz_validate as fuzz_cached_validate, KvCacheStats, DEFAULT_CACHE_CAPACITY};
 pub use repart::{FaultAction, FaultPoint};
 pub use root::fuzz_intent;
 pub use scavenge::KvScavenged;
@@ -18,6 +20,7 @@ use super::{decode_id, encode_id, is_stale, DsError};
 use crate::client::{BlockHandle, Client, ClientError, Task};
 use crate::proto::PoolPath;
 use bucket::{Bucket, BUCKET_BYTES, FROZEN, LOCKED, SLOTS, SLOTS_AT, UNLOCKED};
+use cache::{Cached, Location, LocationCache};
 use parking_lot::{Mutex, RwLock};
 use record::{
     decode, encode, value_name, value_sum, Decoded, Record, Value, REC_HEADER, REMOTE_REF,
@@ -138,8 +141,10 @@ enum Wrote {
 /// Keys hash to partitions (one block each) through a directory of up to 1024
 /// entries; a partition splits in two when its load passes [`KvConfig::split_load`]
 /// (or a bucket or its record space is full), and merges with its buddy when both
-/// together are below [`KvConfig::merge_load`]. Reads take two round trips and no lock;
-/// writers lock one bucket (a CAS) and update records out of place.
+/// together are below [`KvConfig::merge_load`]. Reads take no lock and two round trips,
+/// or one when the handle's location cache knows where the key's record is (the bucket
+/// and the record are then READ together and the record is accepted only if the bucket
+/// still points at it); writers lock one bucket (a CAS) and update records out of place.
 ///
 /// Linearizable: every `get` returns the value of the latest `put`/`delete` of that
 /// key that completed before it started, or of one concurrent with it.
@@ -163,6 +168,8 @@ pub struct Kv {
     fault: Mutex<Option<(FaultPoint, FaultAction)>>,
     /// Publishes puts and removes to listeners.
     notify: Publisher,
+    /// Where keys' records were last seen, for one-round-trip gets.
+    cache: LocationCache,
 }
 
 /// A partition this handle has used: its block, and record space this handle
@@ -316,6 +323,7 @@ impl Kv {
             superseded: AtomicU64::new(0),
             fence_ttl_ms: AtomicU64::new(repart::FENCE_TTL.as_millis() as u64),
             fault: Mutex::new(None),
+            cache: LocationCache::new(DEFAULT_CACHE_CAPACITY),
         };
         kv.reload()?;
         Ok(kv)
@@ -369,15 +377,45 @@ impl Kv {
         Ok(self.route(hash(key))?.child)
     }
 
-    /// The value stored under `key`.
+    /// The value stored under `key`. One round trip when this handle's location cache
+    /// knows where the key's record is and the record is still there (see
+    /// [`Kv::cache_stats`]), two otherwise.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DsError> {
         let h = hash(key);
-        self.retry(h, |part, _| self.try_get(part, h, key))
+        if let Cached::Hit(value) = self.cached_lookup(h, key) {
+            if let Attempt::Done(v) = self.resolve(value)? {
+                return Ok(v);
+            }
+        }
+        self.get_uncached(h, key)
     }
 
-    /// Whether `key` is present.
+    /// `get` through the bucket (two round trips), refreshing the location cache.
+    fn get_uncached(&self, h: u64, key: &[u8]) -> Result<Option<Vec<u8>>, DsError> {
+        self.retry(h, |part, child| self.try_get(part, child, h, key))
+    }
+
+    /// Whether `key` is present (one round trip when the location cache knows the
+    /// key's record; a value in a block of its own is not fetched then).
     pub fn exists(&self, key: &[u8]) -> Result<bool, DsError> {
-        Ok(self.get(key)?.is_some())
+        let h = hash(key);
+        if let Cached::Hit(_) = self.cached_lookup(h, key) {
+            return Ok(true);
+        }
+        Ok(self.get_uncached(h, key)?.is_some())
+    }
+
+    /// How many gets of this handle were answered in one round trip from its location
+    /// cache, fell back to two after a failed validation, or missed the cache.
+    pub fn cache_stats(&self) -> KvCacheStats {
+        self.cache.stats()
+    }
+
+    /// Sets how many key locations this handle caches (default
+    /// [`DEFAULT_CACHE_CAPACITY`], rounded up to a multiple of 64; 0 turns the cache
+    /// off). Drops the cached entries.
+    pub fn set_cache_capacity(&self, entries: usize) {
+        self.cache.set_capacity(entries);
     }
 
     /// Inserts `key` with `value` if it is absent; returns whether it did (an
@@ -479,7 +517,9 @@ impl Kv {
     /// Removes `key`; returns whether it was present.
     pub fn remove(&self, key: &[u8]) -> Result<bool, DsError> {
         let h = hash(key);
-        let removed = self.retry(h, |part, _| self.try_delete(part, h, key))?;
+        let removed = self.retry(h, |part, _| self.try_delete(part, h, key));
+        self.cache.remove(h);
+        let removed = removed?;
         match removed {
             Some(Removed { count, old }) => {
                 // Removed; the clean-up and merge after it do not change that, so the
@@ -541,6 +581,7 @@ impl Kv {
     fn try_get(
         &self,
         part: &BlockHandle,
+        child: u64,
         h: u64,
         key: &[u8],
     ) -> Result<Attempt<Option<Vec<u8>>>, DsError> {
@@ -551,7 +592,18 @@ impl Kv {
         }
         match self.find(part, h, key, &bucket.slots)? {
             Found::Absent => Ok(Attempt::Done(None)),
-            Found::Key(_, rec) => self.resolve(rec.value),
+            Found::Key(i, rec) => {
+                let word = bucket.slots[i];
+                self.cache.insert(
+                    h,
+                    Location {
+                        child,
+                        bucket: b,
+                        word,
+                    },
+                );
+                self.resolve(rec.value)
+            }
             Found::Torn => Ok(Attempt::Retry),
         }
     }
@@ -697,6 +749,18 @@ impl Kv {
         }
         let inserted = matches!(result, Ok(Locked::Inserted));
         let count = self.unlock(part, b, inserted.then_some(1))?;
+        if let (Some(off), Ok(Locked::Inserted | Locked::Replaced(_))) = (spot, &result) {
+            // The slot word this write published (an in-place rewrite keeps the word).
+            let word = slot_word(off, need, h);
+            self.cache.insert(
+                h,
+                Location {
+                    child,
+                    bucket: b,
+                    word,
+                },
+            );
+        }
         match result? {
             Locked::Inserted => Ok(Attempt::Done(Wrote::Inserted(count + 1))),
             Locked::Replaced(old) => Ok(Attempt::Done(Wrote::Replaced(old))),

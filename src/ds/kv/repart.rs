@@ -57,8 +57,9 @@ pub enum FaultPoint {
     AfterCopy,
     /// Everything is written, the fence renewed; only the publishing CAS is left.
     BeforePublish,
-    /// Published; the old partitions and directory are not retired yet (a crash here
-    /// leaves them unreachable until [`Kv::scavenge`]).
+    /// Published (the root is idle and names the new directory); the old partitions,
+    /// still FROZEN, are not retired yet (a crash here leaves them unreachable until
+    /// [`Kv::scavenge`]).
     AfterPublish,
 }
 
