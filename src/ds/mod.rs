@@ -34,7 +34,8 @@ mod snapshot;
 
 pub use file::File;
 pub use kv::{
-    fuzz_intent as fuzz_kv_intent, FaultAction, FaultPoint, Kv, KvConfig, KvRepartitions,
+    fuzz_intent as fuzz_kv_intent, fuzz_repair as fuzz_kv_repair, FaultAction, FaultPoint, Kv,
+    KvConfig, KvLockStats, KvRepartitions,
 };
 pub use log::{Log, LogEntry, Scan, MAX_STREAMS};
 pub use mapped::{kind_at, sync_any, ObjectFlags, ObjectKind};
