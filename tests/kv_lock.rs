@@ -307,10 +307,10 @@ fn stalled_holder(torn: bool, many: bool) {
     });
     want.insert(key(ka), val(ka, 1));
     want.insert(key(kb), val(kb, 2));
+    check(&b, &want);
     let (sa, sb) = (a.lock_stats(), b.lock_stats());
     assert!(sb.takeovers >= 1, "{sb:?}");
     assert!(sa.expired >= 1, "the stalled holder went on writing: {sa:?}");
-    check(&b, &want);
 }
 
 #[test]
