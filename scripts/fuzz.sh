@@ -34,6 +34,7 @@ run fuzz metadata_log
 run rdma/fuzz soft_frame
 run fuzz snapshot
 run fuzz kv_intent
+run fuzz kv_repair
 run fuzz dag_frame
 run fuzz token
 echo "fuzzing: $((ran - failed)) passed, $failed failed"

@@ -341,7 +341,8 @@ fn word(bytes: &[u8], i: usize) -> u64 {
 /// an expired lock word, a torn slot body (a garbage slot word, a bad checksum) and a
 /// record torn by an in-place rewrite. The next writer takes the lock over, keeps the
 /// intact keys, drops the garbage slot and the torn record's key (see "Bucket locks"
-/// in docs/DATA_STRUCTURES.md), and the bucket validates again.
+/// in docs/DATA_STRUCTURES.md), and the bucket validates again. Torn again, a reader
+/// repairs it.
 #[test]
 fn a_torn_bucket_is_repaired_after_a_takeover() {
     let pool = pool(false);
@@ -397,6 +398,19 @@ fn a_torn_bucket_is_repaired_after_a_takeover() {
     want.insert(key(fresh), val(fresh, 1));
     let st = other.lock_stats();
     assert_eq!((st.takeovers, st.repairs, st.dropped), (1, 1, 2), "{st:?}");
+    check(&other, &want);
+    // Torn again (a garbage slot word, an expired lock): this time a reader finds the
+    // bucket failing its checksum, takes the lock over and repairs it.
+    let mut raw = [0u8; 128];
+    part.read(b, &mut raw).unwrap();
+    let free = (1..15).find(|&i| word(&raw, i) == 0).unwrap();
+    part.write(b + 8 * free as u64, &le(&[0x0042_0003_0000_0abc]))
+        .unwrap();
+    part.write(b, &le(&[stale])).unwrap();
+    let reader = Kv::open(&client, "/j/torn/t").unwrap();
+    assert_eq!(reader.get(&key(ks[0])).unwrap(), Some(val(ks[0], 0)));
+    let st = reader.lock_stats();
+    assert_eq!((st.takeovers, st.repairs, st.dropped), (1, 1, 1), "{st:?}");
     check(&other, &want);
     // The legacy stampless LOCKED word (1) is taken over at once.
     part.write(b, &le(&[1])).unwrap();

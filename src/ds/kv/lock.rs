@@ -198,9 +198,13 @@ pub(super) fn plan_repair(
 /// once, and planning the repaired body again changes nothing.
 #[doc(hidden)]
 pub fn fuzz_repair(data: &[u8]) {
-    let Some((raw, _)) = data.split_first_chunk::<{ BUCKET_BYTES as usize }>() else {
-        return;
-    };
+    fuzz_plan(data);
+}
+
+/// [`fuzz_repair`]'s work: the slots as read and the checked plan, if `data` holds a
+/// bucket.
+fn fuzz_plan(data: &[u8]) -> Option<([u64; SLOTS], Repair)> {
+    let (raw, _) = data.split_first_chunk::<{ BUCKET_BYTES as usize }>()?;
     let at = 64u64;
     let heap_start = at + BUCKET_BYTES;
     let slots = bucket::raw_slots(raw);
@@ -226,6 +230,7 @@ pub fn fuzz_repair(data: &[u8]) {
     let again = plan_repair(true, &plan.slots, &read(&plan.slots), |_| true);
     assert_eq!(again.slots, plan.slots);
     assert!(!again.write);
+    Some((slots, plan))
 }
 
 impl Kv {
@@ -353,9 +358,35 @@ impl Kv {
         self.unlock(part, b, held, None).map(|_| ())
     }
 
+    /// For a reader whose READ of bucket `b` (`raw`) failed its checksum: when the
+    /// bucket's lock has expired (its holder died mid-WRITE), take it over, repair the
+    /// bucket and release it.
+    pub(super) fn repair_abandoned(
+        &self,
+        part: &BlockHandle,
+        b: u64,
+        raw: &[u8; BUCKET_BYTES as usize],
+    ) -> Result<(), DsError> {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&raw[..8]);
+        let seen = u64::from_le_bytes(w);
+        if !expired(seen, now_ms(), self.lock_timeout_ms) {
+            return Ok(());
+        }
+        // A torn READ of the lock word fails the CAS: nothing happens.
+        if let Some(held) = self.take_over(part, b, seen)? {
+            if self.repair(part, b, &held)? {
+                self.abandon(part, b, &held)?;
+            }
+        }
+        Ok(())
+    }
+
     /// After a takeover of bucket `b`: makes its slots and checksum consistent again
-    /// (see [`plan_repair`]). `false` when our lock got too old to WRITE (nothing
-    /// written; the caller abandons).
+    /// (see [`plan_repair`]). `false` when the bucket needs a repair but our lock got
+    /// too old to WRITE: nothing is written and the lock is handed on (set to the
+    /// stampless LOCKED word, which the next client takes over at once and repairs), so
+    /// it is no longer ours and the caller must not unlock it.
     pub(super) fn repair(&self, part: &BlockHandle, b: u64, held: &Held) -> Result<bool, DsError> {
         let mut raw = [0u8; BUCKET_BYTES as usize];
         let heap_end = {
@@ -397,6 +428,9 @@ impl Kv {
         }
         if !held.fresh(self.lock_timeout_ms) {
             self.expired_hold();
+            // Never unlock a torn bucket: a writer taking it from UNLOCKED would find it
+            // failing its checksum under its lock.
+            part.cas(b, held.word, LOCKED)?;
             return Ok(false);
         }
         let body: [u8; BODY_BYTES] = bucket::encode_body(b, &plan.slots);
@@ -526,6 +560,53 @@ mod tests {
         assert_eq!(plan.dropped, vec![2, 3, 4, 6]);
         assert_eq!(plan.slots[0], a);
         assert!(plan.write);
+    }
+
+    /// Fuzz seeds: a bucket at offset 64 with three records, whole and torn.
+    fn seeds() -> Vec<Vec<u8>> {
+        let heap_start = 64 + BUCKET_BYTES;
+        let mut heap = Vec::new();
+        let mut slots = [0u64; SLOTS];
+        for (i, k) in [&b"one"[..], b"two", b"three"].iter().enumerate() {
+            let rec = encode(k, &Value::Inline(vec![i as u8; 9])).unwrap();
+            let need = (rec.len() as u64).next_multiple_of(8);
+            slots[2 * i] = slot_word(heap_start + heap.len() as u64, need, hash(k));
+            heap.extend_from_slice(&rec);
+            heap.resize(heap.len() + (need as usize - rec.len()), 0);
+        }
+        let whole = {
+            let mut d = vec![0u8; 8];
+            d.extend_from_slice(&bucket::encode_body(64, &slots));
+            d.extend_from_slice(&heap);
+            d
+        };
+        let mut torn = whole.clone();
+        torn[8 + 8 * 2 + 3] ^= 0x5A; // a slot word cut by a torn body WRITE
+        torn[BUCKET_BYTES as usize + 20] ^= 0x01; // a record cut by an in-place rewrite
+        vec![whole, torn]
+    }
+
+    /// The committed fuzz seed corpus for the repair planner is current.
+    /// `FARPOOL_WRITE_CORPUS=1 cargo test -p farpool kv::lock` regenerates it.
+    #[test]
+    fn repair_seed_corpus_is_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/kv_repair");
+        for (n, seed) in seeds().iter().enumerate() {
+            fuzz_repair(seed);
+            let path = dir.join(format!("seed{n}"));
+            if std::env::var_os("FARPOOL_WRITE_CORPUS").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, seed).unwrap();
+            }
+            assert_eq!(&std::fs::read(&path).unwrap(), seed, "{}", path.display());
+        }
+        // The whole seed needs no repair; the torn one drops the cut slot and the
+        // slot of the cut record.
+        let (_, whole) = fuzz_plan(&seeds()[0]).unwrap();
+        assert!(!whole.write && whole.dropped.is_empty());
+        let (_, torn) = fuzz_plan(&seeds()[1]).unwrap();
+        assert!(torn.write);
+        assert_eq!(torn.dropped, vec![0, 2]);
     }
 
     #[test]

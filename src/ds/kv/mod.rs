@@ -634,13 +634,15 @@ impl Kv {
     /// (its checksum does not match). Bounded: a bucket that never validates is
     /// reported as damaged.
     fn read_bucket(&self, part: &BlockHandle, b: u64) -> Result<Bucket, DsError> {
-        let deadline = Instant::now() + REPARTITION_WAIT;
+        let deadline = Instant::now() + REPARTITION_WAIT + self.lock_timeout();
         loop {
             let mut buf = [0u8; BUCKET_BYTES as usize];
             part.read(b, &mut buf)?;
             if let Some(bucket) = bucket::decode(b, &buf) {
                 return Ok(bucket);
             }
+            // Torn for good by a writer that died on shm or verbs: repair it.
+            self.repair_abandoned(part, b, &buf)?;
             if Instant::now() > deadline {
                 return Err(self.corrupt(format!(
                     "bucket at offset {b} has failed its checksum for over 10 s"
@@ -744,8 +746,11 @@ impl Kv {
             return Ok(Attempt::Moved);
         };
         let held = grab.held;
-        // The bucket is ours: every path below unlocks it (but an injected crash).
-        let result = match (spot, self.enter(part, b, &grab)) {
+        // The bucket is ours: every path below unlocks it (but an injected crash, and a
+        // repair handed on).
+        let entered = self.enter(part, b, &grab);
+        let ours = !matches!(entered, Ok(false));
+        let result = match (spot, entered) {
             (_, Err(e)) => Err(e),
             (_, Ok(false)) => Ok(Locked::Expired),
             (None, Ok(true)) => Ok(Locked::Full),
@@ -768,7 +773,10 @@ impl Kv {
             self.give_back(child, off, need);
         }
         let inserted = matches!(result, Ok(Locked::Inserted));
-        let count = self.unlock(part, b, &held, inserted.then_some(1))?;
+        let count = match ours {
+            true => self.unlock(part, b, &held, inserted.then_some(1))?,
+            false => 0,
+        };
         match result? {
             Locked::Inserted => Ok(Attempt::Done(Wrote::Inserted(count + 1))),
             Locked::Replaced(old) => Ok(Attempt::Done(Wrote::Replaced(old))),
@@ -780,8 +788,9 @@ impl Kv {
     }
 
     /// Entering bucket `b`'s critical section with `grab`: the injection point right
-    /// after the lock, and the repair after a takeover. `false`: our lock got too old
-    /// to WRITE under (abandon).
+    /// after the lock, and the repair after a takeover. `false`: the bucket needed a
+    /// repair but our lock got too old to WRITE under; the lock was handed on (not ours
+    /// to release), retry.
     fn enter(&self, part: &BlockHandle, b: u64, grab: &lock::Grab) -> Result<bool, DsError> {
         self.fault(FaultPoint::LockHeld)?;
         if grab.took_over {
@@ -995,7 +1004,9 @@ impl Kv {
             return Ok(Attempt::Moved);
         };
         let held = grab.held;
-        let result = match self.enter(part, b, &grab) {
+        let entered = self.enter(part, b, &grab);
+        let ours = !matches!(entered, Ok(false));
+        let result = match entered {
             Err(e) => Err(e),
             Ok(false) => Ok(Deleted::Expired),
             Ok(true) => {
@@ -1009,7 +1020,10 @@ impl Kv {
             return result.map(|_| Attempt::Retry);
         }
         let removed = matches!(result, Ok(Deleted::Gone(_)));
-        let count = self.unlock(part, b, &held, removed.then_some(u64::MAX))?;
+        let count = match ours {
+            true => self.unlock(part, b, &held, removed.then_some(u64::MAX))?,
+            false => 0,
+        };
         match result? {
             Deleted::Gone(old) => Ok(Attempt::Done(Some(Removed {
                 count: count.wrapping_sub(1),

@@ -716,8 +716,7 @@ impl Kv {
             return Ok(false);
         };
         if !self.repair(part, at, &held)? {
-            self.abandon(part, at, &held)?;
-            return Ok(false);
+            return Ok(false); // handed on unrepaired (we stalled): someone else repairs
         }
         Ok(part.cas(at, held.word, FROZEN)? == held.word)
     }
