@@ -1,9 +1,7 @@
 //! Data structures (`farpool::ds`) on an embedded pool: semantics, concurrency with the
 //! memory nodes in torn mode, and proptest state machines against in-memory models.
 
-use farpool::ds::{
-    DsError, FaultAction, FaultPoint, File, Kv, KvConfig, Log, Queue, QueueConfig,
-};
+use farpool::ds::{DsError, FaultAction, FaultPoint, File, Kv, KvConfig, Log, Queue, QueueConfig};
 use farpool::{Client, EmbeddedConfig, EmbeddedPool};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, TestRunner};

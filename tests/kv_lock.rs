@@ -203,7 +203,10 @@ fn every_crash(torn: bool) {
                 FaultPoint::SlotsWritten,
             ],
         ),
-        (Op::Remove, &[FaultPoint::LockHeld, FaultPoint::SlotsWritten]),
+        (
+            Op::Remove,
+            &[FaultPoint::LockHeld, FaultPoint::SlotsWritten],
+        ),
         (
             Op::UpsertMany,
             &[
@@ -310,7 +313,10 @@ fn stalled_holder(torn: bool, many: bool) {
     check(&b, &want);
     let (sa, sb) = (a.lock_stats(), b.lock_stats());
     assert!(sb.takeovers >= 1, "{sb:?}");
-    assert!(sa.expired >= 1, "the stalled holder went on writing: {sa:?}");
+    assert!(
+        sa.expired >= 1,
+        "the stalled holder went on writing: {sa:?}"
+    );
 }
 
 #[test]
@@ -428,7 +434,10 @@ fn the_lock_timeout_is_a_table_parameter() {
     let client = pool.client().unwrap();
     let _keep = client.task("/j/cfg").unwrap();
     let kv = Kv::create_at(&client, "/j/cfg/t", config()).unwrap();
-    assert_eq!(Kv::open(&client, "/j/cfg/t").unwrap().lock_timeout(), TIMEOUT);
+    assert_eq!(
+        Kv::open(&client, "/j/cfg/t").unwrap().lock_timeout(),
+        TIMEOUT
+    );
     let dflt = Kv::create_at(&client, "/j/cfg/d", KvConfig::default()).unwrap();
     assert_eq!(dflt.lock_timeout(), Duration::from_secs(2));
     let bad = Kv::create_at(

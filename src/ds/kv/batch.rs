@@ -2,8 +2,8 @@
 
 use super::bucket::{self, BUCKET_BYTES, FROZEN, LOCKED, SLOTS, SLOTS_AT, UNLOCKED};
 use super::lock::{self, Held};
-use super::repart::FaultPoint;
 use super::record::{decode, encode, Decoded, Value, REC_HEADER};
+use super::repart::FaultPoint;
 use super::{hash, slot_place, slot_word, Kv, COUNT, HEAP};
 use crate::client::BlockHandle;
 use crate::ds::notify::EventKind;

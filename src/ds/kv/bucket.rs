@@ -116,7 +116,11 @@ mod tests {
             })
         );
         assert_eq!(decode(128, &b).map(|b| b.slots), Some(new));
-        assert_eq!(decode(128, &b).map(|b| b.lock), Some(LOCKED), "the stamp is left out");
+        assert_eq!(
+            decode(128, &b).map(|b| b.lock),
+            Some(LOCKED),
+            "the stamp is left out"
+        );
         // Every mix of the two at 1-byte granularity that is neither of them fails.
         for cut in 9..BUCKET_BYTES as usize {
             let mut torn = a;

@@ -411,10 +411,8 @@ impl Kv {
         }
         {
             let mut ops = Vec::with_capacity(places.len());
-            let mut bufs: Vec<(&(usize, u64), &mut Vec<u8>)> = places
-                .iter()
-                .zip(records.iter_mut().flatten())
-                .collect();
+            let mut bufs: Vec<(&(usize, u64), &mut Vec<u8>)> =
+                places.iter().zip(records.iter_mut().flatten()).collect();
             for (p, buf) in bufs.iter_mut() {
                 ops.push(part.read_op(p.1, buf)?);
             }
