@@ -35,6 +35,7 @@ run rdma/fuzz soft_frame
 run fuzz snapshot
 run fuzz kv_intent
 run fuzz kv_cached
+run fuzz kv_repair
 run fuzz dag_frame
 run fuzz token
 echo "fuzzing: $((ran - failed)) passed, $failed failed"

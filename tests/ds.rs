@@ -1,7 +1,7 @@
 //! Data structures (`farpool::ds`) on an embedded pool: semantics, concurrency with the
 //! memory nodes in torn mode, and proptest state machines against in-memory models.
 
-use farpool::ds::{DsError, File, Kv, KvConfig, Log, Queue, QueueConfig};
+use farpool::ds::{DsError, FaultAction, FaultPoint, File, Kv, KvConfig, Log, Queue, QueueConfig};
 use farpool::{Client, EmbeddedConfig, EmbeddedPool};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
@@ -796,7 +796,20 @@ enum KvOp {
     Get(usize, usize),
     Delete(usize, usize),
     Reopen(usize),
+    /// The handle dies inside the bucket's critical section of an upsert (at the
+    /// point with this index); the other handle takes its lock over later.
+    CrashPut(usize, usize, u8, usize),
+    /// The same for a remove.
+    CrashDelete(usize, usize, usize),
 }
+
+/// Where `KvOp::CrashPut` / `CrashDelete` stop (every upsert reaches all three, a
+/// remove of a present key the first and the last).
+const CRASH_POINTS: [FaultPoint; 3] = [
+    FaultPoint::LockHeld,
+    FaultPoint::RecordWritten,
+    FaultPoint::SlotsWritten,
+];
 
 fn kv_op() -> impl Strategy<Value = KvOp> {
     prop_oneof![
@@ -804,6 +817,9 @@ fn kv_op() -> impl Strategy<Value = KvOp> {
         3 => (0usize..2, 0usize..150).prop_map(|(h, k)| KvOp::Get(h, k)),
         3 => (0usize..2, 0usize..150).prop_map(|(h, k)| KvOp::Delete(h, k)),
         1 => (0usize..2).prop_map(KvOp::Reopen),
+        1 => (0usize..2, 0usize..150, any::<u8>(), 0usize..3)
+            .prop_map(|(h, k, v, p)| KvOp::CrashPut(h, k, v, p)),
+        1 => (0usize..2, 0usize..150, 0usize..2).prop_map(|(h, k, p)| KvOp::CrashDelete(h, k, p)),
     ]
 }
 
@@ -830,6 +846,8 @@ fn kv_matches_a_hashmap_model() {
                     KvConfig {
                         split_load: 0.6,
                         merge_load: 0.25,
+                        // Crashed handles' locks are taken over after this.
+                        lock_timeout: Duration::from_millis(200),
                         ..KvConfig::default()
                     },
                 )
@@ -873,6 +891,35 @@ fn kv_matches_a_hashmap_model() {
                     KvOp::Reopen(h) => {
                         cached_hits.fetch_add(handles[h].cache_stats().hits, Ordering::Relaxed);
                         handles[h] = Kv::open(&client, &path).unwrap()
+                    }
+                    KvOp::CrashPut(h, k, v, p) => {
+                        let value = vec![v; k % 50];
+                        handles[h].inject_fault(CRASH_POINTS[p], FaultAction::Crash);
+                        match handles[h].upsert(&key(k), &value) {
+                            Err(DsError::FaultInjected(_)) => {}
+                            other => prop_assert!(false, "expected the crash, got {:?}", other),
+                        }
+                        // The dead write is whole or absent.
+                        let got = handles[1 - h].get(&key(k)).unwrap();
+                        prop_assert!(got == model.get(&k).cloned() || got == Some(value));
+                        match got {
+                            Some(v) => model.insert(k, v),
+                            None => model.remove(&k),
+                        };
+                    }
+                    KvOp::CrashDelete(h, k, p) => {
+                        // Only a present key reaches the slot write.
+                        let at = if model.contains_key(&k) { 2 * p } else { 0 };
+                        handles[h].inject_fault(CRASH_POINTS[at], FaultAction::Crash);
+                        match handles[h].remove(&key(k)) {
+                            Err(DsError::FaultInjected(_)) => {}
+                            other => prop_assert!(false, "expected the crash, got {:?}", other),
+                        }
+                        let got = handles[1 - h].get(&key(k)).unwrap();
+                        prop_assert!(got.is_none() || got == model.get(&k).cloned());
+                        if got.is_none() {
+                            model.remove(&k);
+                        }
                     }
                 }
             }

@@ -109,6 +109,7 @@ fn race(connect: impl Fn() -> Client, expected_record: u64, label: &str) {
         split_load: 0.5,
         merge_load: 0.24,
         expected_record,
+        ..KvConfig::default()
     };
     let _kv = Kv::create(&task, "t", config).unwrap();
     let n = WRITERS * KEYS;

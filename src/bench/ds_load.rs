@@ -29,7 +29,7 @@ const LOG_ENTRY_OVERHEAD: u64 = 64;
 
 /// The structure a client works on.
 enum Handle {
-    Kv(Kv),
+    Kv(Box<Kv>),
     Queue(Queue),
     File(File),
     Log(Log),
@@ -119,7 +119,7 @@ impl DsConn {
                     kv.upsert(k, &conn.value)
                         .map_err(ds("pre-populating the table"))?;
                 }
-                Handle::Kv(kv)
+                Handle::Kv(Box::new(kv))
             }
             Workload::Queue => {
                 let slot_size = (size + QUEUE_SLOT_HEADER).next_multiple_of(8);
@@ -361,7 +361,7 @@ impl Connection for DsConn {
             return Ok(());
         }
         let removed = match handle {
-            Handle::Kv(h) => h.destroy(),
+            Handle::Kv(h) => (*h).destroy(),
             Handle::Queue(h) => h.destroy(),
             Handle::File(h) => h.destroy(),
             Handle::Log(h) => h.destroy(),

@@ -34,9 +34,9 @@ mod snapshot;
 
 pub use file::File;
 pub use kv::{
-    fuzz_cached_validate as fuzz_kv_cached, fuzz_intent as fuzz_kv_intent, FaultAction, FaultPoint,
-    Kv, KvCacheStats, KvConfig, KvRepartitions, KvScavenged,
-    DEFAULT_CACHE_CAPACITY as DEFAULT_KV_CACHE_CAPACITY,
+    fuzz_cached_validate as fuzz_kv_cached, fuzz_intent as fuzz_kv_intent,
+    fuzz_repair as fuzz_kv_repair, FaultAction, FaultPoint, Kv, KvCacheStats, KvConfig,
+    KvLockStats, KvRepartitions, KvScavenged, DEFAULT_CACHE_CAPACITY as DEFAULT_KV_CACHE_CAPACITY,
 };
 pub use log::{Log, LogEntry, Scan, MAX_STREAMS};
 pub use mapped::{kind_at, sync_any, ObjectFlags, ObjectKind};

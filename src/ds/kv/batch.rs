@@ -1,7 +1,9 @@
 //! Batched operations of [`Kv`]: many keys per round trip.
 
 use super::bucket::{self, BUCKET_BYTES, FROZEN, LOCKED, SLOTS, SLOTS_AT, UNLOCKED};
+use super::lock::{self, Held};
 use super::record::{decode, encode, Decoded, Value, REC_HEADER};
+use super::repart::FaultPoint;
 use super::{hash, slot_place, slot_word, Kv, Location, COUNT, HEAP};
 use crate::client::BlockHandle;
 use crate::ds::notify::EventKind;
@@ -215,11 +217,15 @@ impl Kv {
         // so the last pair of a key still wins.
         let mut alone_keys: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
         let mut splits = Vec::new();
-        let mut rounds = 0u32;
+        // Bounded in time, not rounds: a bucket held by a writer that died stays
+        // locked until its stamp expires (then it is taken over one by one).
+        let patience = super::REPARTITION_WAIT + self.lock_timeout();
+        let mut progress = std::time::Instant::now();
         while !queue.is_empty() {
-            rounds += 1;
-            if rounds > super::MAX_RETRIES {
-                return Err(self.corrupt("a pipelined upsert made no progress".into()));
+            if progress.elapsed() > patience {
+                return Err(self.corrupt(format!(
+                    "a pipelined upsert made no progress for {patience:?}: its buckets stayed locked without their stamps expiring; check that the clients' clocks are in sync (NTP)"
+                )));
             }
             // One key per bucket this round; the rest wait, in order.
             let mut taken = std::collections::HashSet::new();
@@ -258,6 +264,8 @@ impl Kv {
             let (done, retry, moved) = self.upsert_round(pairs, &mut round, &mut splits)?;
             if done.is_empty() && moved.is_empty() {
                 std::thread::yield_now(); // every bucket was held by other writers
+            } else {
+                progress = std::time::Instant::now();
             }
             // Keys that lost their bucket to another writer go first next round.
             let mut next: std::collections::VecDeque<usize> = retry.into();
@@ -288,45 +296,70 @@ impl Kv {
         splits: &mut Vec<super::Route>,
     ) -> Result<(Vec<usize>, Vec<usize>, Vec<usize>), DsError> {
         let (mut retry, mut moved) = (Vec::new(), Vec::new());
-        // 1. Lock every bucket.
+        // 1. Lock every bucket (one stamped word for the round: each bucket's lock
+        // word is still unique to this acquisition).
+        let mine = Held::new();
         let locked = {
             let handles: Vec<&BlockHandle> = round.iter().map(|p| &p.part).collect();
             let mut ops = round
                 .iter()
-                .map(|p| p.part.cas_op(p.b, UNLOCKED, LOCKED))
+                .map(|p| p.part.cas_op(p.b, UNLOCKED, mine.word))
                 .collect::<Result<Vec<_>, _>>()?;
             run(&handles, &mut ops)?
         };
+        let now = lock::now_ms();
         let mut held = Vec::with_capacity(round.len());
         for (p, got) in round.drain(..).zip(locked) {
             match got {
                 Some(UNLOCKED) => held.push(p),
+                // Held by a writer that died or stalled: one by one, which takes the
+                // lock over and repairs the bucket.
+                Some(w) if lock::expired(w, now, self.lock_timeout_ms) => moved.push(p.at),
                 // Held by another writer: next round.
-                Some(LOCKED) => retry.push(p.at),
+                Some(w) if bucket::state(w) == LOCKED => retry.push(p.at),
                 // Moving, or gone (a stale map): one by one, which reloads the map.
                 _ => moved.push(p.at),
             }
         }
-        let result = self.upsert_locked(pairs, &mut held);
+        let result = self.upsert_locked(pairs, &mut held, &mine);
+        if let Err(DsError::FaultInjected(at)) = result {
+            return Err(DsError::FaultInjected(at)); // as a crashed client: no unlock
+        }
+        let completed = matches!(result, Ok(true));
         // 6. Unlock every bucket held, adding inserted keys to the partition counts.
         let unlocked = {
             let handles: Vec<&BlockHandle> = held.iter().flat_map(|p| [&p.part, &p.part]).collect();
             let mut ops = Vec::with_capacity(2 * held.len());
             for p in &held {
-                let inserted = matches!(p.spot, Some((_, _, true))) && result.is_ok();
-                ops.push(p.part.cas_op(p.b, LOCKED, UNLOCKED)?);
+                let inserted = matches!(p.spot, Some((_, _, true))) && completed;
+                ops.push(p.part.cas_op(p.b, mine.word, UNLOCKED)?);
                 ops.push(p.part.faa_op(COUNT, u64::from(inserted))?);
             }
             run(&handles, &mut ops)?
         };
         result?;
+        if !completed {
+            // We stalled holding the locks: nothing visible was written; all again.
+            retry.extend(held.iter().map(|p| p.at));
+            for (p, pair) in held.iter().zip(unlocked.chunks(2)) {
+                if let Some(w) = pair[0].filter(|&w| w != mine.word) {
+                    self.overtaken(p.b, w);
+                }
+            }
+            return Ok((Vec::new(), retry, moved));
+        }
         let mut done = Vec::new();
         for (p, pair) in held.iter().zip(unlocked.chunks(2)) {
-            if pair[0] != Some(LOCKED) {
-                return Err(self.corrupt(format!(
-                    "bucket at offset {} was not locked when a pipelined upsert released it",
-                    p.b
-                )));
+            match pair[0] {
+                Some(w) if w == mine.word => {}
+                // Taken over after our WRITEs completed (under half the timeout).
+                Some(w) => self.overtaken(p.b, w),
+                None => {
+                    return Err(self.corrupt(format!(
+                        "the unlock of bucket at offset {} in a pipelined upsert failed",
+                        p.b
+                    )))
+                }
             }
             match p.spot {
                 Some((off, in_place, inserted)) => {
@@ -361,14 +394,21 @@ impl Kv {
         Ok((done, retry, moved))
     }
 
-    /// Steps 2-5 of a pipelined round, every bucket in `held` locked by us: read the
-    /// buckets, read the candidate records, write the records, write the slots. A key
-    /// left without a spot (full bucket or record space) is written one by one later.
+    /// Steps 2-5 of a pipelined round, every bucket in `held` locked by us with `mine`:
+    /// read the buckets, read the candidate records, write the records, write the
+    /// slots. A key left without a spot (full bucket or record space) is written one by
+    /// one later. `false`: our locks got too old to WRITE under before a WRITE others
+    /// can see (the round is abandoned and retried).
     fn upsert_locked<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &self,
         pairs: &[(K, V)],
         held: &mut [Pending],
-    ) -> Result<(), DsError> {
+        mine: &Held,
+    ) -> Result<bool, DsError> {
+        if held.is_empty() {
+            return Ok(true);
+        }
+        self.fault(FaultPoint::LockHeld)?;
         // 2. Read every bucket (stable: we hold its lock).
         let mut raws = vec![[0u8; BUCKET_BYTES as usize]; held.len()];
         {
@@ -466,7 +506,11 @@ impl Kv {
                 }
             }
         }
-        // Write the records (before any slot names them).
+        // Write the records (before any slot names them). In-place rewrites are
+        // visible to others: only while our locks are fresh.
+        if !self.may_write(mine) {
+            return Ok(false);
+        }
         {
             let writing: Vec<&Pending> = held.iter().filter(|p| p.spot.is_some()).collect();
             let handles: Vec<&BlockHandle> = writing.iter().map(|p| &p.part).collect();
@@ -480,6 +524,7 @@ impl Kv {
                 return Err(self.corrupt("a record write of a batch failed".into()));
             }
         }
+        self.fault(FaultPoint::RecordWritten)?;
         // 5. Point the slots at the new records (in-place rewrites need nothing more).
         let bodies: Vec<(usize, [u8; bucket::BODY_BYTES])> = held
             .iter()
@@ -488,6 +533,9 @@ impl Kv {
             .map(|(j, p)| (j, bucket::encode_body(p.b, &p.slots)))
             .collect();
         if !bodies.is_empty() {
+            if !self.may_write(mine) {
+                return Ok(false);
+            }
             let handles: Vec<&BlockHandle> = bodies.iter().map(|(j, _)| &held[*j].part).collect();
             let mut ops = Vec::with_capacity(bodies.len());
             for ((j, body), h) in bodies.iter().zip(&handles) {
@@ -497,6 +545,7 @@ impl Kv {
                 return Err(self.corrupt("a slot write of a batch failed".into()));
             }
         }
-        Ok(())
+        self.fault(FaultPoint::SlotsWritten)?;
+        Ok(true)
     }
 }

@@ -5,7 +5,8 @@
 //! operation and accept them only when the checksum matches the slots, so a READ that
 //! raced a writer (and saw a mix of old and new bytes at any granularity, as RDMA
 //! allows) is detected and repeated. The lock word's states differ in their lowest byte
-//! only, so even a torn read of it yields one of the states.
+//! only, so even a torn read of it yields one of the states; a LOCKED word carries its
+//! holder's stamp in the other bytes (see `lock.rs`).
 
 use siphasher::sip::SipHasher13;
 use std::hash::Hasher;
@@ -20,15 +21,23 @@ pub(super) const SLOTS_AT: u64 = 8;
 pub(super) const BODY_BYTES: usize = SLOTS * 8 + 8;
 /// Lock word: free.
 pub(super) const UNLOCKED: u64 = 0;
-/// Lock word: a writer holds the bucket.
+/// Lock word state (lowest byte): a writer holds the bucket; the other bytes are the
+/// holder's stamp (`lock.rs`).
 pub(super) const LOCKED: u64 = 1;
 /// Lock word: the partition is being repartitioned; writers must reload the map.
 pub(super) const FROZEN: u64 = 2;
 
-/// A bucket as read: its lock word and slots.
+/// The state of lock word `word` ([`UNLOCKED`], [`LOCKED`] or [`FROZEN`]): its lowest
+/// byte, which a torn READ of the word still shows whole.
+pub(super) fn state(word: u64) -> u64 {
+    word & 0xFF
+}
+
+/// A bucket as read: its lock state and slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Bucket {
-    /// The lock word ([`UNLOCKED`], [`LOCKED`] or [`FROZEN`]).
+    /// The lock word's state ([`UNLOCKED`], [`LOCKED`] or [`FROZEN`]; the holder's
+    /// stamp is left out).
     pub lock: u64,
     /// The slot words (0: empty).
     pub slots: [u64; SLOTS],
@@ -50,15 +59,21 @@ fn word(bytes: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// Decodes the 64 bytes of the bucket at offset `at`; `None` when the checksum does not
-/// match (the READ raced a writer, or the bucket is damaged).
-pub(super) fn decode(at: u64, bytes: &[u8; BUCKET_BYTES as usize]) -> Option<Bucket> {
+/// The slot words of a bucket's bytes as they are (not validated).
+pub(super) fn raw_slots(bytes: &[u8; BUCKET_BYTES as usize]) -> [u64; SLOTS] {
     let mut slots = [0u64; SLOTS];
     for (i, s) in slots.iter_mut().enumerate() {
         *s = word(bytes, 1 + i);
     }
+    slots
+}
+
+/// Decodes the 128 bytes of the bucket at offset `at`; `None` when the checksum does not
+/// match (the READ raced a writer, or the bucket is damaged).
+pub(super) fn decode(at: u64, bytes: &[u8; BUCKET_BYTES as usize]) -> Option<Bucket> {
+    let slots = raw_slots(bytes);
     (word(bytes, 1 + SLOTS) == checksum(at, &slots)).then_some(Bucket {
-        lock: word(bytes, 0),
+        lock: state(word(bytes, 0)),
         slots,
     })
 }
@@ -92,7 +107,7 @@ mod tests {
         let mut new = old;
         new[4] = 0x0123_4567_89ab_cdef;
         let a = full(128, UNLOCKED, &old);
-        let b = full(128, LOCKED, &new);
+        let b = full(128, 0x1234_5678_9a01, &new);
         assert_eq!(
             decode(128, &a),
             Some(Bucket {
@@ -101,6 +116,11 @@ mod tests {
             })
         );
         assert_eq!(decode(128, &b).map(|b| b.slots), Some(new));
+        assert_eq!(
+            decode(128, &b).map(|b| b.lock),
+            Some(LOCKED),
+            "the stamp is left out"
+        );
         // Every mix of the two at 1-byte granularity that is neither of them fails.
         for cut in 9..BUCKET_BYTES as usize {
             let mut torn = a;

@@ -3,6 +3,7 @@
 mod batch;
 mod bucket;
 mod cache;
+mod lock;
 mod record;
 mod repart;
 mod root;
@@ -10,6 +11,7 @@ mod scan;
 mod scavenge;
 
 pub use cache::{fuzz_validate as fuzz_cached_validate, KvCacheStats, DEFAULT_CACHE_CAPACITY};
+pub use lock::{fuzz_repair, KvLockStats};
 pub use repart::{FaultAction, FaultPoint};
 pub use root::fuzz_intent;
 pub use scavenge::KvScavenged;
@@ -19,8 +21,9 @@ use super::object::{Entry, Object};
 use super::{decode_id, encode_id, is_stale, DsError};
 use crate::client::{BlockHandle, Client, ClientError, Task};
 use crate::proto::PoolPath;
-use bucket::{Bucket, BUCKET_BYTES, FROZEN, LOCKED, SLOTS, SLOTS_AT, UNLOCKED};
+use bucket::{Bucket, BUCKET_BYTES, FROZEN, SLOTS, SLOTS_AT, UNLOCKED};
 use cache::{Cached, Location, LocationCache};
+use lock::Held;
 use parking_lot::{Mutex, RwLock};
 use record::{
     decode, encode, value_name, value_sum, Decoded, Record, Value, REC_HEADER, REMOTE_REF,
@@ -28,7 +31,7 @@ use record::{
 use siphasher::sip::SipHasher13;
 use std::collections::HashMap;
 use std::hash::Hasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"FPKVTAB3");
@@ -41,6 +44,8 @@ const NEXT: u64 = 24;
 const SPLIT_PERMILLE: u64 = 32;
 /// Merge threshold, in thousandths of a partition's slots.
 const MERGE_PERMILLE: u64 = 40;
+/// Bucket lock timeout in ms (0 in tables created before it: the default).
+const LOCK_TIMEOUT_MS: u64 = 48;
 /// Largest directory: 2^10 partitions.
 const MAX_G: u32 = 10;
 // Map block (child 0): the root word (see `root.rs`); directory blocks: an intent,
@@ -64,6 +69,11 @@ pub struct KvConfig {
     /// A partition merges with its buddy when both together use at most this fraction
     /// of one partition's slots. In `[0, split_load / 2)`; default 0.05.
     pub merge_load: f64,
+    /// How long a bucket lock may be held before other writers take it over (its
+    /// holder is presumed dead) and repair the bucket; a holder stops writing after
+    /// half of it. Fixed at creation so every client applies the same one; clients'
+    /// clocks must differ by less than half of it (NTP). 2 ms to 1 h; default 2 s.
+    pub lock_timeout: Duration,
 }
 
 impl Default for KvConfig {
@@ -72,6 +82,7 @@ impl Default for KvConfig {
             expected_record: 64,
             split_load: 0.95,
             merge_load: 0.05,
+            lock_timeout: lock::DEFAULT_LOCK_TIMEOUT,
         }
     }
 }
@@ -110,6 +121,15 @@ struct Removed {
     old: Option<u64>,
 }
 
+/// What a delete did under the bucket lock.
+enum Deleted {
+    /// The key was there and is gone (its value was remote under this nonce).
+    Gone(Option<u64>),
+    Absent,
+    /// Our lock got too old to WRITE under (we stalled); nothing was written.
+    Expired,
+}
+
 /// What a write did under the bucket lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Locked {
@@ -123,6 +143,8 @@ enum Locked {
     Unchanged,
     /// The bucket has no free slot.
     Full,
+    /// Our lock got too old to WRITE under (we stalled); nothing was written.
+    Expired,
 }
 
 /// What a write did.
@@ -162,10 +184,16 @@ pub struct Kv {
     merges: AtomicU64,
     compactions: AtomicU64,
     superseded: AtomicU64,
+    /// The table's bucket lock timeout, in ms.
+    lock_timeout_ms: u64,
+    /// Takeovers, repairs and other bucket lock events of this handle.
+    locks: lock::LockCounters,
     /// Time to live of the repartitioning fence this handle asks for, in ms.
     fence_ttl_ms: AtomicU64,
     /// Fault-injection point armed by a test.
     fault: Mutex<Option<(FaultPoint, FaultAction)>>,
+    /// Whether a fault was ever armed (spares the fast path the mutex).
+    fault_armed: AtomicBool,
     /// Publishes puts and removes to listeners.
     notify: Publisher,
     /// Where keys' records were last seen, for one-round-trip gets.
@@ -251,6 +279,13 @@ impl Kv {
         }
         let split = (split * 1000.0).round() as u64;
         let merge = (merge * 1000.0).round() as u64;
+        let timeout = u64::try_from(config.lock_timeout.as_millis()).unwrap_or(u64::MAX);
+        if !lock::LOCK_TIMEOUT_RANGE.contains(&timeout) {
+            return Err(DsError::Config(format!(
+                "lock_timeout {:?} must be between 2 ms and 1 h",
+                config.lock_timeout
+            )));
+        }
         let obj = Object::create(client, path, "kv table", MAGIC, "p", |len| {
             let buckets = len.saturating_sub(PART_HEADER) / (BUCKET_BYTES + SLOTS as u64 * rec);
             if buckets < 1 {
@@ -264,6 +299,7 @@ impl Kv {
                 (GMAX, u64::from(g)),
                 (SPLIT_PERMILLE, split),
                 (MERGE_PERMILLE, merge),
+                (LOCK_TIMEOUT_MS, timeout),
             ])
         })?;
         Self::from_object(obj)
@@ -280,6 +316,16 @@ impl Kv {
         let buckets = obj.word(BUCKETS)?;
         let g = obj.word(GMAX)?;
         let (split, merge) = (obj.word(SPLIT_PERMILLE)?, obj.word(MERGE_PERMILLE)?);
+        let lock_timeout_ms = match obj.word(LOCK_TIMEOUT_MS)? {
+            0 => lock::DEFAULT_LOCK_TIMEOUT.as_millis() as u64,
+            t if lock::LOCK_TIMEOUT_RANGE.contains(&t) => t,
+            t => {
+                return Err(DsError::Corrupt {
+                    path: obj.path().clone(),
+                    what: format!("lock timeout {t} ms"),
+                })
+            }
+        };
         let len = obj.block_len();
         if split == 0 || split > 1000 || merge * 2 >= split {
             return Err(DsError::Corrupt {
@@ -321,9 +367,12 @@ impl Kv {
             merges: AtomicU64::new(0),
             compactions: AtomicU64::new(0),
             superseded: AtomicU64::new(0),
+            lock_timeout_ms,
+            locks: lock::LockCounters::default(),
             fence_ttl_ms: AtomicU64::new(repart::FENCE_TTL.as_millis() as u64),
             fault: Mutex::new(None),
             cache: LocationCache::new(DEFAULT_CACHE_CAPACITY),
+            fault_armed: AtomicBool::new(false),
         };
         kv.reload()?;
         Ok(kv)
@@ -354,10 +403,12 @@ impl Kv {
         self.fence_ttl_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Arms a fault for this handle's next repartitioning that reaches `at`: stop
-    /// there as a crashed client would, or pause. For crash-safety tests.
+    /// Arms a fault for this handle's next repartitioning or bucket critical section
+    /// that reaches `at`: stop there as a crashed client would (no unlock, no fence
+    /// release), or pause. For crash-safety tests.
     pub fn inject_fault(&self, at: FaultPoint, action: FaultAction) {
         *self.fault.lock() = Some((at, action));
+        self.fault_armed.store(true, Ordering::Relaxed);
     }
 
     /// Number of partitions in the current map.
@@ -375,6 +426,14 @@ impl Kv {
     /// diagnostics and benchmarks that must aim at one partition.
     pub fn partition_of(&self, key: &[u8]) -> Result<u64, DsError> {
         Ok(self.route(hash(key))?.child)
+    }
+
+    /// Which partition (as [`Kv::partition_of`]) and which bucket (its byte offset in
+    /// the partition block) hold `key`, as this handle's map says. For diagnostics and
+    /// tests that must aim at one bucket.
+    pub fn bucket_of(&self, key: &[u8]) -> Result<(u64, u64), DsError> {
+        let h = hash(key);
+        Ok((self.route(h)?.child, self.bucket_off(h)))
     }
 
     /// The value stored under `key`. One round trip when this handle's location cache
@@ -629,13 +688,15 @@ impl Kv {
     /// (its checksum does not match). Bounded: a bucket that never validates is
     /// reported as damaged.
     fn read_bucket(&self, part: &BlockHandle, b: u64) -> Result<Bucket, DsError> {
-        let deadline = Instant::now() + REPARTITION_WAIT;
+        let deadline = Instant::now() + REPARTITION_WAIT + self.lock_timeout();
         loop {
             let mut buf = [0u8; BUCKET_BYTES as usize];
             part.read(b, &mut buf)?;
             if let Some(bucket) = bucket::decode(b, &buf) {
                 return Ok(bucket);
             }
+            // Torn for good by a writer that died on shm or verbs: repair it.
+            self.repair_abandoned(part, b, &buf)?;
             if Instant::now() > deadline {
                 return Err(self.corrupt(format!(
                     "bucket at offset {b} has failed its checksum for over 10 s"
@@ -697,9 +758,10 @@ impl Kv {
         let mut spot = self.take_space(child, need);
         let chunk = self.chunk_len(need);
         let mut peek = [0u8; BUCKET_BYTES as usize];
+        let mine = Held::new();
         let (lock, reserved) = {
             let mut ops = vec![
-                part.cas_op(b, UNLOCKED, LOCKED)?,
+                part.cas_op(b, UNLOCKED, mine.word)?,
                 part.read_op(b, &mut peek)?,
             ];
             if spot.is_none() {
@@ -710,7 +772,7 @@ impl Kv {
             let reserved = ops.get(2).map(|o| o.outcome());
             if let Err(e) = done {
                 if lock == Ok(UNLOCKED) {
-                    part.cas(b, LOCKED, UNLOCKED)?;
+                    self.abandon(part, b, &mine)?;
                 }
                 return Err(e.into());
             }
@@ -723,32 +785,52 @@ impl Kv {
                 spot = Some(start);
             }
         }
-        let locked = match lock {
-            Ok(UNLOCKED) => true,
-            Ok(FROZEN) => false,
+        let grab = match lock {
+            Ok(UNLOCKED) => Some(lock::Grab {
+                held: mine,
+                took_over: false,
+            }),
+            Ok(FROZEN) => None,
             _ => self.lock(part, b)?,
         };
-        if !locked {
+        let Some(grab) = grab else {
             if let Some(off) = spot {
                 self.give_back(child, off, need);
             }
             return Ok(Attempt::Moved);
-        }
-        // The bucket is ours: every path below unlocks it.
-        let result = match spot {
-            None => Ok(Locked::Full),
-            Some(off) => {
-                let peek = bucket::decode(b, &peek).map(|p| p.slots);
-                self.write_locked(part, b, h, key, (off, rec), mode, peek)
+        };
+        let held = grab.held;
+        // The bucket is ours: every path below unlocks it (but an injected crash, and a
+        // repair handed on).
+        let entered = self.enter(part, b, &grab);
+        let ours = !matches!(entered, Ok(false));
+        let result = match (spot, entered) {
+            (_, Err(e)) => Err(e),
+            (_, Ok(false)) => Ok(Locked::Expired),
+            (None, Ok(true)) => Ok(Locked::Full),
+            (Some(off), Ok(true)) => {
+                // A peek taken before a takeover may show what the repair dropped.
+                let peek = bucket::decode(b, &peek)
+                    .filter(|_| !grab.took_over)
+                    .map(|p| p.slots);
+                self.write_locked(part, b, h, key, (off, rec), mode, peek, &held)
             }
         };
-        if let (Some(off), Ok(Locked::Unchanged | Locked::Full | Locked::InPlace(_))) =
-            (spot, &result)
+        if matches!(result, Err(DsError::FaultInjected(_))) {
+            return result.map(|_| Attempt::Retry);
+        }
+        if let (
+            Some(off),
+            Ok(Locked::Unchanged | Locked::Full | Locked::InPlace(_) | Locked::Expired),
+        ) = (spot, &result)
         {
             self.give_back(child, off, need);
         }
         let inserted = matches!(result, Ok(Locked::Inserted));
-        let count = self.unlock(part, b, inserted.then_some(1))?;
+        let count = match ours {
+            true => self.unlock(part, b, &held, inserted.then_some(1))?,
+            false => 0,
+        };
         if let (Some(off), Ok(Locked::Inserted | Locked::Replaced(_))) = (spot, &result) {
             // The slot word this write published (an in-place rewrite keeps the word).
             let word = slot_word(off, need, h);
@@ -767,7 +849,20 @@ impl Kv {
             Locked::InPlace(old) => Ok(Attempt::Done(Wrote::Replaced(old))),
             Locked::Unchanged => Ok(Attempt::Done(Wrote::Unchanged)),
             Locked::Full => Ok(Attempt::Full),
+            Locked::Expired => Ok(Attempt::Retry),
         }
+    }
+
+    /// Entering bucket `b`'s critical section with `grab`: the injection point right
+    /// after the lock, and the repair after a takeover. `false`: the bucket needed a
+    /// repair but our lock got too old to WRITE under; the lock was handed on (not ours
+    /// to release), retry.
+    fn enter(&self, part: &BlockHandle, b: u64, grab: &lock::Grab) -> Result<bool, DsError> {
+        self.fault(FaultPoint::LockHeld)?;
+        if grab.took_over {
+            return self.repair(part, b, &grab.held);
+        }
+        Ok(true)
     }
 
     /// Bytes of record space a handle reserves at a time for records of `need` bytes.
@@ -805,23 +900,6 @@ impl Kv {
         }
     }
 
-    /// Releases bucket `b`'s lock and, in the same round trip, adds `delta` to the
-    /// partition's key count (both after the slot update completed). Returns the count
-    /// before the addition (0 without a delta).
-    fn unlock(&self, part: &BlockHandle, b: u64, delta: Option<u64>) -> Result<u64, DsError> {
-        match delta {
-            None => {
-                part.cas(b, LOCKED, UNLOCKED)?;
-                Ok(0)
-            }
-            Some(d) => {
-                let mut ops = [part.cas_op(b, LOCKED, UNLOCKED)?, part.faa_op(COUNT, d)?];
-                part.execute(&mut ops)?;
-                Ok(ops[1].result)
-            }
-        }
-    }
-
     /// Under bucket `b`'s lock: store the record `rec = (spot, bytes)` for `key`, in
     /// place of the key's record when that has the same size, at `spot` otherwise.
     /// `peek` is the bucket as read before the lock was known to be held.
@@ -835,6 +913,7 @@ impl Kv {
         rec: (u64, &[u8]),
         mode: Mode,
         peek: Option<[u64; SLOTS]>,
+        held: &Held,
     ) -> Result<Locked, DsError> {
         let (spot, bytes) = rec;
         let need = (bytes.len() as u64).next_multiple_of(8);
@@ -851,7 +930,12 @@ impl Kv {
                 }
                 let (off, len) = slot_place(slots[i]);
                 if len == need {
+                    if !self.may_write(held) {
+                        return Ok(Locked::Expired);
+                    }
                     part.write(off, bytes)?;
+                    self.fault(FaultPoint::RecordWritten)?;
+                    self.fault(FaultPoint::SlotsWritten)?;
                     return Ok(Locked::InPlace(old.value.remote()));
                 }
                 slots[i] = word;
@@ -869,9 +953,14 @@ impl Kv {
             }
         };
         if early.is_none() {
-            part.write(spot, bytes)?;
+            part.write(spot, bytes)?; // into this handle's own record space
+        }
+        self.fault(FaultPoint::RecordWritten)?;
+        if !self.may_write(held) {
+            return Ok(Locked::Expired);
         }
         part.write(b + SLOTS_AT, &bucket::encode_body(b, &slots))?;
+        self.fault(FaultPoint::SlotsWritten)?;
         Ok(match old {
             Some(remote) => Locked::Replaced(remote),
             None => Locked::Inserted,
@@ -953,44 +1042,75 @@ impl Kv {
     ) -> Result<Attempt<Option<Removed>>, DsError> {
         let b = self.bucket_off(h);
         let mut peek = [0u8; BUCKET_BYTES as usize];
+        let mine = Held::new();
         let lock = {
             let mut ops = [
-                part.cas_op(b, UNLOCKED, LOCKED)?,
+                part.cas_op(b, UNLOCKED, mine.word)?,
                 part.read_op(b, &mut peek)?,
             ];
             let done = part.execute(&mut ops);
             let lock = ops[0].outcome();
             if let Err(e) = done {
                 if lock == Ok(UNLOCKED) {
-                    part.cas(b, LOCKED, UNLOCKED)?;
+                    self.abandon(part, b, &mine)?;
                 }
                 return Err(e.into());
             }
             lock
         };
-        let locked = match lock {
-            Ok(UNLOCKED) => true,
-            Ok(FROZEN) => false,
+        let grab = match lock {
+            Ok(UNLOCKED) => Some(lock::Grab {
+                held: mine,
+                took_over: false,
+            }),
+            Ok(FROZEN) => None,
             _ => self.lock(part, b)?,
         };
-        if !locked {
+        let Some(grab) = grab else {
             return Ok(Attempt::Moved);
+        };
+        let held = grab.held;
+        let entered = self.enter(part, b, &grab);
+        let ours = !matches!(entered, Ok(false));
+        let result = match entered {
+            Err(e) => Err(e),
+            Ok(false) => Ok(Deleted::Expired),
+            Ok(true) => {
+                let peek = bucket::decode(b, &peek)
+                    .filter(|_| !grab.took_over)
+                    .map(|p| p.slots);
+                self.delete_locked(part, b, h, key, peek, &held)
+            }
+        };
+        if matches!(result, Err(DsError::FaultInjected(_))) {
+            return result.map(|_| Attempt::Retry);
         }
-        let peek = bucket::decode(b, &peek).map(|p| p.slots);
-        let result = self.delete_locked(part, b, h, key, peek);
-        let removed = matches!(result, Ok(Some(_)));
-        let count = self.unlock(part, b, removed.then_some(u64::MAX))?;
+        let removed = matches!(result, Ok(Deleted::Gone(_)));
+        let count = match ours {
+            true => self.unlock(part, b, &held, removed.then_some(u64::MAX))?,
+            false => 0,
+        };
         match result? {
-            Some(old) => Ok(Attempt::Done(Some(Removed {
+            Deleted::Gone(old) => Ok(Attempt::Done(Some(Removed {
                 count: count.wrapping_sub(1),
                 old,
             }))),
-            None => Ok(Attempt::Done(None)),
+            Deleted::Absent => Ok(Attempt::Done(None)),
+            Deleted::Expired => Ok(Attempt::Retry),
         }
     }
 
-    /// Under bucket `b`'s lock: `Some` (with the old value's nonce if it was remote)
-    /// when `key` was there and is gone now.
+    /// Whether the holder of `held` may still WRITE under it (less than half the lock
+    /// timeout since it took the lock); counts the refusals.
+    fn may_write(&self, held: &Held) -> bool {
+        let fresh = held.fresh(self.lock_timeout_ms);
+        if !fresh {
+            self.expired_hold();
+        }
+        fresh
+    }
+
+    /// Under bucket `b`'s lock: removes `key` if it is there.
     fn delete_locked(
         &self,
         part: &BlockHandle,
@@ -998,32 +1118,20 @@ impl Kv {
         h: u64,
         key: &[u8],
         peek: Option<[u64; SLOTS]>,
-    ) -> Result<Option<Option<u64>>, DsError> {
+        held: &Held,
+    ) -> Result<Deleted, DsError> {
         let (mut slots, found) = self.locked_lookup(part, b, h, key, None, peek)?;
         match found {
             Some((i, old)) => {
+                if !self.may_write(held) {
+                    return Ok(Deleted::Expired);
+                }
                 slots[i] = 0;
                 part.write(b + SLOTS_AT, &bucket::encode_body(b, &slots))?;
-                Ok(Some(old.value.remote()))
+                self.fault(FaultPoint::SlotsWritten)?;
+                Ok(Deleted::Gone(old.value.remote()))
             }
-            None => Ok(None),
-        }
-    }
-
-    /// Takes the bucket's writer lock; `false` when the bucket is frozen.
-    fn lock(&self, part: &BlockHandle, b: u64) -> Result<bool, DsError> {
-        let deadline = Instant::now() + REPARTITION_WAIT;
-        loop {
-            match part.cas(b, UNLOCKED, LOCKED)? {
-                UNLOCKED => return Ok(true),
-                FROZEN => return Ok(false),
-                _ if Instant::now() > deadline => {
-                    return Err(self.corrupt(format!(
-                        "bucket at offset {b} has been locked for over 10 s; a writer probably crashed inside it"
-                    )))
-                }
-                _ => std::thread::yield_now(),
-            }
+            None => Ok(Deleted::Absent),
         }
     }
 

@@ -18,6 +18,7 @@
 //! 6. retire the old partitions and the old directory block.
 
 use super::bucket::{self, BUCKET_BYTES, FROZEN, SLOTS, SLOTS_AT, UNLOCKED};
+use super::lock;
 use super::record::{decode, encode, record_len, Decoded, Record};
 use super::root::{Intent, Kind, Root, INTENT_BYTES, MAX_DIR, MAX_TOKEN};
 use super::{hash, slot_word, Kv, Map, Route, COUNT, HEAP, PART_HEADER};
@@ -43,12 +44,22 @@ pub(super) const REPARTITION_WAIT: Duration = Duration::from_secs(10);
 /// from a holder that died).
 const RECOVER_EVERY: Duration = Duration::from_millis(100);
 
-/// A place in a repartitioning where a fault-injection test stops it.
+/// A place in a repartitioning, or in a bucket's critical section, where a
+/// fault-injection test stops the handle ([`Kv::inject_fault`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
     /// The intent is written into a fresh directory block; the root does not name it
     /// yet (a crash here leaves that block unreachable until [`Kv::scavenge`]).
     BeforeRoot,
+    /// A write, delete or pipelined upsert round holds its bucket lock(s), nothing
+    /// written yet.
+    LockHeld,
+    /// The new record is written (out of place, slots not yet pointing at it), or an
+    /// old one rewritten in place; the lock is held.
+    RecordWritten,
+    /// The slots and checksum are written (or the in-place rewrite done); only the
+    /// unlock is left.
+    SlotsWritten,
     /// The root names the run (busy), nothing is frozen yet.
     AfterLock,
     /// The old partitions are frozen.
@@ -149,7 +160,11 @@ impl Kv {
         Ok(())
     }
 
-    fn fault(&self, at: FaultPoint) -> Result<(), DsError> {
+    /// Stops or pauses here when a test armed a fault for `at`.
+    pub(super) fn fault(&self, at: FaultPoint) -> Result<(), DsError> {
+        if !self.fault_armed.load(Ordering::Relaxed) {
+            return Ok(()); // the common case: no lock taken
+        }
         let armed = *self.fault.lock();
         match armed {
             Some((p, FaultAction::Crash)) if p == at => {
@@ -677,10 +692,11 @@ impl Kv {
     }
 
     /// Locks every bucket of `part` for good: writers then reload the map. Waits for
-    /// writers inside a bucket (bounded); a bucket already frozen stays so.
+    /// writers inside a bucket; a bucket whose lock expired (its holder died) is taken
+    /// over, repaired and frozen. A bucket already frozen stays so.
     fn freeze(&self, part: &BlockHandle) -> Result<(), DsError> {
         let mut pending: Vec<u64> = (0..self.buckets).collect();
-        let deadline = Instant::now() + REPARTITION_WAIT;
+        let deadline = Instant::now() + REPARTITION_WAIT + self.lock_timeout();
         while !pending.is_empty() {
             let mut left = Vec::new();
             for chunk in pending.chunks(256) {
@@ -689,24 +705,45 @@ impl Kv {
                     .map(|&b| part.cas_op(PART_HEADER + b * BUCKET_BYTES, UNLOCKED, FROZEN))
                     .collect::<Result<Vec<_>, _>>()?;
                 part.execute(&mut ops)?;
-                for (op, &b) in ops.iter().zip(chunk) {
-                    if op.result != UNLOCKED && op.result != FROZEN {
-                        left.push(b); // a writer holds the bucket: retry
+                let seen: Vec<u64> = ops.iter().map(|op| op.result).collect();
+                drop(ops);
+                for (w, &b) in seen.into_iter().zip(chunk) {
+                    if w == UNLOCKED || w == FROZEN {
+                        continue;
                     }
+                    let at = PART_HEADER + b * BUCKET_BYTES;
+                    if lock::expired(w, lock::now_ms(), self.lock_timeout_ms)
+                        && self.take_over_frozen(part, at, w)?
+                    {
+                        continue;
+                    }
+                    left.push(b); // a writer holds the bucket: retry
                 }
             }
             if !left.is_empty() {
                 if Instant::now() > deadline {
-                    return Err(self.corrupt(
-                        "a bucket lock was held for over 10 s; a writer probably crashed inside it (see \"Known gap\" in docs/DATA_STRUCTURES.md)"
-                            .into(),
-                    ));
+                    return Err(self.corrupt(format!(
+                        "a bucket lock was held for longer than the lock timeout ({} ms) plus 10 s without its stamp expiring by this client's clock; check that the clients' clocks are in sync (NTP)",
+                        self.lock_timeout_ms
+                    )));
                 }
-                std::thread::yield_now();
+                std::thread::sleep(Duration::from_micros(50));
             }
             pending = left;
         }
         Ok(())
+    }
+
+    /// Takes over the expired lock word `seen` of the bucket at `at`, repairs the bucket
+    /// and freezes it; `false` when another client took the lock first (or we stalled).
+    fn take_over_frozen(&self, part: &BlockHandle, at: u64, seen: u64) -> Result<bool, DsError> {
+        let Some(held) = self.take_over(part, at, seen)? else {
+            return Ok(false);
+        };
+        if !self.repair(part, at, &held)? {
+            return Ok(false); // handed on unrepaired (we stalled): someone else repairs
+        }
+        Ok(part.cas(at, held.word, FROZEN)? == held.word)
     }
 
     /// Every record of a frozen partition, with its key's hash.
