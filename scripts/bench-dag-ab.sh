@@ -6,8 +6,8 @@
 set -euo pipefail
 out="$1"; rounds="${2:-3}"; shift 2; extra=("$@")
 mkdir -p "$out"
-before="${BEFORE:?path of the before build's farpool binary}"
-after="${AFTER:?path of the after build's farpool binary}"
+before="${BEFORE:?path of the before build farpool binary}"
+after="${AFTER:?path of the after build farpool binary}"
 tmp="$(mktemp -d)"; pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$tmp"' EXIT
 announce() { for _ in $(seq 100); do a="$(sed -n 's/^listening //p' "$1" | head -1)"; [ -n "$a" ] && { echo "$a"; return; }; sleep 0.1; done; exit 1; }
