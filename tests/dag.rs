@@ -263,7 +263,9 @@ fn fan_in_arrival_is_replay_safe() {
 #[test]
 fn lost_counter_increment_is_healed_by_flags() {
     // An executor that set its flag and died before its FAA: the counter stays short,
-    // yet the last flag setter sees every flag set and runs the child, once.
+    // yet the last flag setter sees every flag set and runs the child, once. (Three
+    // parents: a two-parent child is decided by its first-edge record, see
+    // tests/dag_fanin.rs.)
     let pool = pool();
     let client = pool.client().unwrap();
     let mut r = Registry::new();
@@ -271,8 +273,17 @@ fn lost_counter_increment_is_healed_by_flags() {
     let mut g = Graph::new();
     g.add("a", "f", Vec::<(String, Input)>::new()).unwrap();
     g.add("b", "f", Vec::<(String, Input)>::new()).unwrap();
-    g.add("c", "f", [("x", Input::task("a")), ("y", Input::task("b"))])
-        .unwrap();
+    g.add("d", "f", Vec::<(String, Input)>::new()).unwrap();
+    g.add(
+        "c",
+        "f",
+        [
+            ("x", Input::task("a")),
+            ("y", Input::task("b")),
+            ("z", Input::task("d")),
+        ],
+    )
+    .unwrap();
     let plan = Plan::new(&g, &r).unwrap();
     let c = plan.id("c").unwrap();
     let job = client.task("/fanin-lost").unwrap();
@@ -280,8 +291,12 @@ fn lost_counter_increment_is_healed_by_flags() {
     // Simulate edge 0's flag CAS without its FAA: block 0, region at 0, flags at 16.
     let block = job.blocks().unwrap().remove(0);
     assert_eq!(block.cas(16, 0, 5).unwrap(), 0);
-    assert_eq!(fanin.arrive(c, 1, 7, 2).unwrap(), Arrival::Run(vec![5, 7]));
-    assert_eq!(fanin.count(c).unwrap(), 1);
+    assert_eq!(fanin.arrive(c, 1, 7, 2).unwrap(), Arrival::Wait);
+    assert_eq!(
+        fanin.arrive(c, 2, 9, 3).unwrap(),
+        Arrival::Run(vec![5, 7, 9])
+    );
+    assert_eq!(fanin.count(c).unwrap(), 2);
     assert_eq!(
         fanin.arrive(c, 0, 5, 1).unwrap(),
         Arrival::Wait,

@@ -17,6 +17,14 @@
 //! set; a replay of an arrival whose flag is already set reads the flags and claims if
 //! they are all set. The claim CAS lets only one of them run the child; it travels in
 //! one batch with atomic reads of every flag (the marks the child needs).
+//!
+//! A task with exactly two parents (a **pair**: every fan-in of a tree reduction and
+//! of TSQR) is claimed without a second round trip: each arrival's batch also carries
+//! `CAS claim 0 -> edge + 1` and an atomic read of the other edge's flag. The claim
+//! word then records which edge arrived first, once and for ever; the arrival of the
+//! *other* edge runs the child. Every arrival of an edge (a first attempt or any
+//! replay) reads the same word and reaches the same decision, so the child runs from
+//! one edge only, and a retry of its claimer gets the claim back.
 
 use super::plan::{Plan, TaskId};
 use super::DagError;
@@ -47,6 +55,22 @@ const FLAGS: u64 = 16;
 const FLAG_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Bytes of per-task words: invocation, sink done, release bits.
 const TASK_WORDS: u64 = 24;
+/// Parents of a fan-in claimed by the first-edge record ([`FanIn::arrive_pair`]).
+const PAIR: u64 = 2;
+
+/// What the claim word of a pair says to an arrival on `edge` (0 or 1): `Some(true)`
+/// if the other edge recorded itself first (this arrival runs the child),
+/// `Some(false)` if this edge did or nobody had (it waits), `None` for a value no
+/// arrival writes.
+fn pair_decision(claim: u64, edge: usize) -> Option<bool> {
+    let own = edge as u64 + 1;
+    match claim {
+        0 => Some(false),
+        c if c == own => Some(false),
+        c if c == 3 - own => Some(true),
+        _ => None,
+    }
+}
 
 /// The fan-in counters of one job, in blocks owned by the job's pool path.
 #[derive(Debug)]
@@ -167,7 +191,9 @@ impl FanIn {
     /// `child`. `owner` (nonzero) names the calling executor; a retry of an executor
     /// uses the same owner. Safe to call again for the same edge (a retried executor):
     /// the counter is not incremented twice, the first mark stays, and the child is
-    /// claimed by one owner only (a retry of the claimer gets its claim back).
+    /// claimed by one owner only (a retry of the claimer gets its claim back). A child
+    /// with two parents is decided by its first-edge record instead of the counter
+    /// (`arrive_pair`): the other edge's arrivals, and only they, run it.
     pub fn arrive(
         &self,
         child: TaskId,
@@ -176,6 +202,9 @@ impl FanIn {
         owner: u64,
     ) -> Result<Arrival, DagError> {
         let (region, block, flag) = self.edge(child, edge, mark, owner)?;
+        if region.parents == PAIR {
+            return self.arrive_pair(child, region, block, edge, mark, false);
+        }
         let mut flags = vec![0u8; 8 * region.parents as usize];
         let first = block.cas(flag, 0, mark)? == 0;
         let mut complete = false;
@@ -219,7 +248,8 @@ impl FanIn {
     /// READ that sees every flag) goes on to claim; the claim re-reads marks whose
     /// CAS is still in flight. A flag found already set means the caller broke the
     /// precondition: the extra count is taken back and the arrival is reported as
-    /// corrupt.
+    /// corrupt. A child with two parents is decided in the same batch (`arrive_pair`):
+    /// one round trip for the claimer too.
     pub fn arrive_first(
         &self,
         child: TaskId,
@@ -228,6 +258,9 @@ impl FanIn {
         owner: u64,
     ) -> Result<Arrival, DagError> {
         let (region, block, flag) = self.edge(child, edge, mark, owner)?;
+        if region.parents == PAIR {
+            return self.arrive_pair(child, region, block, edge, mark, true);
+        }
         let mut flags = vec![0u8; 8 * region.parents as usize];
         let (was, before) = {
             let mut ops = [
@@ -263,6 +296,126 @@ impl FanIn {
         self.claim(block, region, owner)
     }
 
+    /// An arrival at a two-parent fan-in (a pair) on `edge`, in one round trip for a
+    /// first attempt (`first`): one batch of
+    ///
+    /// - `CAS flag(edge): 0 -> mark` (the edge and where its output is),
+    /// - `FAA counter += 1` (bookkeeping only: `total_count` checks every edge
+    ///   counted once),
+    /// - `CAS claim: 0 -> edge + 1` (the first edge to get here writes its number),
+    /// - `CAS flag(other): 0 -> 0` (an atomic read of the other edge's mark).
+    ///
+    /// The claim word decides: 0 or `edge + 1` before the CAS means this edge came
+    /// first (wait for the other), `other + 1` means the other edge came first and
+    /// this arrival runs the child. The word is written once, so every arrival of
+    /// the same edge, first attempt or replay, reads the same answer: exactly one
+    /// edge runs the child, and a retry of its executor gets the claim back.
+    ///
+    /// A replay (`first` false) sets its flag alone first and counts only if that
+    /// CAS won (the earlier attempt never set it), so it never counts twice; then it
+    /// sends the claim CAS and the read in one batch.
+    fn arrive_pair(
+        &self,
+        child: TaskId,
+        region: Region,
+        block: &BlockHandle,
+        edge: usize,
+        mark: u64,
+        first: bool,
+    ) -> Result<Arrival, DagError> {
+        let flag = region.offset + FLAGS + 8 * edge as u64;
+        let other = 1 - edge;
+        let other_flag = region.offset + FLAGS + 8 * other as u64;
+        let tag = edge as u64 + 1;
+        let (was, counted) = if first {
+            (0, true)
+        } else {
+            self.ops.fetch_add(1, Ordering::Relaxed);
+            let was = block.cas(flag, 0, mark)?;
+            (was, was == 0)
+        };
+        let mut ops = Vec::with_capacity(4);
+        if first {
+            ops.push(block.cas_op(flag, 0, mark)?);
+        }
+        if counted {
+            ops.push(block.faa_op(region.offset + COUNTER, 1)?);
+        }
+        ops.push(block.cas_op(region.offset + CLAIM, 0, tag)?);
+        ops.push(block.cas_op(other_flag, 0, 0)?);
+        block.execute(&mut ops)?;
+        self.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        let results: Vec<u64> = ops.iter().map(|op| op.result).collect();
+        drop(ops);
+        let (was, results) = if first {
+            (results[0], &results[1..])
+        } else {
+            (was, &results[..])
+        };
+        let (before, results) = if counted {
+            (Some(results[0]), &results[1..])
+        } else {
+            (None, results)
+        };
+        let (claim, other_mark) = (results[0], results[1]);
+        if first && was != 0 {
+            block.faa(region.offset + COUNTER, u64::MAX)?;
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("a first arrival at task {child} found edge {edge} already set"),
+            });
+        }
+        if before.is_some_and(|b| b >= PAIR) {
+            return Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("counter of task {child} passed its {PAIR} parents"),
+            });
+        }
+        match pair_decision(claim, edge) {
+            None => Err(DagError::Corrupt {
+                job: self.job.clone(),
+                what: format!("the claim word of task {child} holds {claim}"),
+            }),
+            Some(false) => Ok(Arrival::Wait),
+            Some(true) => {
+                let own = if was != 0 { was } else { mark };
+                // The other edge's claim CAS landed, but its flag CAS travels in the
+                // same batch and may not have: re-read it until it is set.
+                let other_mark = if other_mark != 0 {
+                    other_mark
+                } else {
+                    self.await_flag(block, other_flag, other)?
+                };
+                let mut marks = vec![0u64; 2];
+                marks[edge] = own;
+                marks[other] = other_mark;
+                Ok(Arrival::Run(marks))
+            }
+        }
+    }
+
+    /// Re-reads the flag at `offset` (edge `edge`) atomically until it is set; bounded
+    /// by [`FLAG_WAIT`], then the state is reported as corrupt.
+    fn await_flag(&self, block: &BlockHandle, offset: u64, edge: usize) -> Result<u64, DagError> {
+        let deadline = std::time::Instant::now() + FLAG_WAIT;
+        loop {
+            if std::time::Instant::now() > deadline {
+                return Err(DagError::Corrupt {
+                    job: self.job.clone(),
+                    what: format!(
+                        "a claimed fan-in's edge {edge} never arrived within {FLAG_WAIT:?}"
+                    ),
+                });
+            }
+            std::thread::yield_now();
+            self.ops.fetch_add(1, Ordering::Relaxed);
+            let m = block.cas(offset, 0, 0)?;
+            if m != 0 {
+                return Ok(m);
+            }
+        }
+    }
+
     /// Claims a complete fan-in with `CAS claim 0 -> owner` and, in the same batch,
     /// reads every edge's mark atomically (`CAS 0 -> 0` returns the word unchanged).
     /// Every flag CAS has landed before the batch is issued (the caller saw them all
@@ -283,17 +436,10 @@ impl FanIn {
         drop(ops);
         // A parent's flag CAS travels in one batch with its count (`arrive_first`):
         // a count can land before the flag. The flag is on its way; re-read it.
-        let deadline = std::time::Instant::now() + FLAG_WAIT;
-        while let Some(e) = marks.iter().position(|&m| m == 0) {
-            if std::time::Instant::now() > deadline {
-                return Err(DagError::Corrupt {
-                    job: self.job.clone(),
-                    what: format!("a claimed fan-in's edge {e} never arrived within {FLAG_WAIT:?}"),
-                });
+        for (e, m) in marks.iter_mut().enumerate() {
+            if *m == 0 {
+                *m = self.await_flag(block, region.offset + FLAGS + 8 * e as u64, e)?;
             }
-            std::thread::yield_now();
-            self.ops.fetch_add(1, Ordering::Relaxed);
-            marks[e] = block.cas(region.offset + FLAGS + 8 * e as u64, 0, 0)?;
         }
         Ok(Arrival::Run(marks))
     }
