@@ -1,8 +1,10 @@
 //! Data structures (`farpool::ds`) on an embedded pool: semantics, concurrency with the
 //! memory nodes in torn mode, and proptest state machines against in-memory models.
 
+mod common;
+
 use farpool::ds::{DsError, FaultAction, FaultPoint, File, Kv, KvConfig, Log, Queue, QueueConfig};
-use farpool::{Client, EmbeddedConfig, EmbeddedPool};
+use farpool::{EmbeddedConfig, EmbeddedPool};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -12,26 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Smallest blocks the memory node accepts, so structures cross block boundaries fast.
-const BS: u64 = 4096;
+const BS: u64 = common::SMALL_BLOCK;
+
+use common::subtree_blocks;
 
 fn pool(torn: bool) -> EmbeddedPool {
-    EmbeddedPool::start(EmbeddedConfig {
-        nodes: 2,
-        capacity: 8 << 20,
-        block_size: BS,
-        torn,
-        ..EmbeddedConfig::default()
-    })
-    .expect("embedded pool")
-}
-
-/// Blocks owned by `path` and its subtree.
-fn subtree_blocks(c: &Client, path: &str) -> u64 {
-    let st = c.status().expect("status");
-    st.paths
-        .iter()
-        .find(|u| u.path.as_str() == path)
-        .map_or(0, |u| u.subtree_bytes / BS)
+    common::small_pool(8 << 20, torn)
 }
 
 #[test]

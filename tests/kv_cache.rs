@@ -12,25 +12,17 @@
 mod common;
 
 use farpool::ds::{DsError, FaultAction, FaultPoint, Kv, KvConfig};
-use farpool::{Client, EmbeddedConfig, EmbeddedPool};
+use farpool::{Client, EmbeddedPool};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Barrier};
 
-const BS: u64 = 4096;
 const WRITERS: usize = 3;
 const KEYS: usize = 48;
 const ROUNDS: u32 = 16;
 const READERS: usize = 2;
 
 fn pool(torn: bool) -> EmbeddedPool {
-    EmbeddedPool::start(EmbeddedConfig {
-        nodes: 2,
-        capacity: 16 << 20,
-        block_size: BS,
-        torn,
-        ..EmbeddedConfig::default()
-    })
-    .expect("embedded pool")
+    common::small_pool(16 << 20, torn)
 }
 
 fn key(i: usize) -> Vec<u8> {

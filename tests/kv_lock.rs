@@ -6,23 +6,17 @@
 //! that stalls past the timeout does not overwrite the newer holder's work. Embedded
 //! pool (controller and memory nodes on 127.0.0.1), plain and torn mode.
 
+mod common;
+
 use farpool::ds::{DsError, FaultAction, FaultPoint, Kv, KvConfig};
-use farpool::{Client, EmbeddedConfig, EmbeddedPool};
+use farpool::{Client, EmbeddedPool};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-const BS: u64 = 4096;
 const TIMEOUT: Duration = Duration::from_millis(300);
 
 fn pool(torn: bool) -> EmbeddedPool {
-    EmbeddedPool::start(EmbeddedConfig {
-        nodes: 2,
-        capacity: 8 << 20,
-        block_size: BS,
-        torn,
-        ..EmbeddedConfig::default()
-    })
-    .expect("embedded pool")
+    common::small_pool(8 << 20, torn)
 }
 
 /// Three buckets per partition, a short lock timeout.

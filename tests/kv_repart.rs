@@ -3,14 +3,15 @@
 //! fence and wakes up superseded. Embedded pool (controller and memory nodes on
 //! 127.0.0.1), also with the memory nodes in torn mode.
 
+mod common;
+
 use farpool::ds::{DsError, FaultAction, FaultPoint, Kv, KvConfig};
-use farpool::{Client, EmbeddedConfig, EmbeddedPool};
+use farpool::{Client, EmbeddedPool};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const BS: u64 = 4096;
 const POINTS: [FaultPoint; 6] = [
     FaultPoint::BeforeRoot,
     FaultPoint::AfterLock,
@@ -26,15 +27,10 @@ fn leaves_garbage(point: FaultPoint) -> bool {
     matches!(point, FaultPoint::BeforeRoot | FaultPoint::AfterPublish)
 }
 
+use common::subtree_blocks;
+
 fn pool(torn: bool) -> EmbeddedPool {
-    EmbeddedPool::start(EmbeddedConfig {
-        nodes: 2,
-        capacity: 8 << 20,
-        block_size: BS,
-        torn,
-        ..EmbeddedConfig::default()
-    })
-    .expect("embedded pool")
+    common::small_pool(8 << 20, torn)
 }
 
 fn config() -> KvConfig {
@@ -51,15 +47,6 @@ fn key(i: usize) -> Vec<u8> {
 
 fn val(i: usize, round: u32) -> Vec<u8> {
     format!("value-{i}-{round}").into_bytes()
-}
-
-/// Blocks owned by `path` and its subtree.
-fn subtree_blocks(c: &Client, path: &str) -> u64 {
-    let st = c.status().expect("status");
-    st.paths
-        .iter()
-        .find(|u| u.path.as_str() == path)
-        .map_or(0, |u| u.subtree_bytes / BS)
 }
 
 /// The table holds exactly `want` (each key once, with its value), and no block is

@@ -164,3 +164,29 @@ pub fn spawn_with_metrics_env(args: &[&str], envs: &[(&str, &str)]) -> (Proc, St
     let metrics = announced(&lines[1], "metrics ", args);
     (Proc { child, addr }, metrics)
 }
+
+/// Smallest blocks a memory node accepts, so structures cross block boundaries fast.
+pub const SMALL_BLOCK: u64 = 4096;
+
+/// An embedded pool (a controller and two memory nodes of `capacity` bytes each, on
+/// 127.0.0.1 inside the test process) with [`SMALL_BLOCK`] blocks, in torn mode when
+/// `torn`.
+pub fn small_pool(capacity: u64, torn: bool) -> farpool::EmbeddedPool {
+    farpool::EmbeddedPool::start(farpool::EmbeddedConfig {
+        nodes: 2,
+        capacity,
+        block_size: SMALL_BLOCK,
+        torn,
+        ..farpool::EmbeddedConfig::default()
+    })
+    .expect("embedded pool")
+}
+
+/// Blocks of a [`small_pool`] owned by `path` and its subtree.
+pub fn subtree_blocks(c: &farpool::Client, path: &str) -> u64 {
+    let st = c.status().expect("status");
+    st.paths
+        .iter()
+        .find(|u| u.path.as_str() == path)
+        .map_or(0, |u| u.subtree_bytes / SMALL_BLOCK)
+}

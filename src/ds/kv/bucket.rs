@@ -88,16 +88,19 @@ pub(super) fn encode_body(at: u64, slots: &[u64; SLOTS]) -> [u8; BODY_BYTES] {
     out
 }
 
+/// A whole bucket image at `at`: lock word `lock`, then `slots` and their checksum
+/// (for tests that build buckets by hand).
+#[cfg(test)]
+pub(super) fn image(at: u64, lock: u64, slots: &[u64; SLOTS]) -> [u8; BUCKET_BYTES as usize] {
+    let mut b = [0u8; BUCKET_BYTES as usize];
+    b[..8].copy_from_slice(&lock.to_le_bytes());
+    b[8..].copy_from_slice(&encode_body(at, slots));
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn full(at: u64, lock: u64, slots: &[u64; SLOTS]) -> [u8; BUCKET_BYTES as usize] {
-        let mut b = [0u8; BUCKET_BYTES as usize];
-        b[..8].copy_from_slice(&lock.to_le_bytes());
-        b[8..].copy_from_slice(&encode_body(at, slots));
-        b
-    }
 
     #[test]
     fn round_trip_and_torn_detection() {
@@ -106,8 +109,8 @@ mod tests {
         old[3] = 9;
         let mut new = old;
         new[4] = 0x0123_4567_89ab_cdef;
-        let a = full(128, UNLOCKED, &old);
-        let b = full(128, 0x1234_5678_9a01, &new);
+        let a = image(128, UNLOCKED, &old);
+        let b = image(128, 0x1234_5678_9a01, &new);
         assert_eq!(
             decode(128, &a),
             Some(Bucket {

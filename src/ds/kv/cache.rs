@@ -269,12 +269,14 @@ pub(super) enum Cached {
     Miss,
 }
 
-/// A key the batched fast path reads: its index, hash, location and partition.
+/// A key the batched fast path reads: its index, hash, location, partition and the
+/// record's offset and length there.
 pub(super) struct Probe {
     pub at: usize,
     pub h: u64,
     pub loc: Location,
     pub part: BlockHandle,
+    pub rec: (u64, usize),
 }
 
 impl Kv {
@@ -355,11 +357,18 @@ impl Kv {
                 self.cache.miss();
                 continue;
             };
-            match self.cached_part(h, loc) {
-                Some(part) if self.record_place(&part, loc).is_some() => {
-                    probes.push(Probe { at, h, loc, part })
-                }
-                _ => self.reject(h, loc),
+            let place = self
+                .cached_part(h, loc)
+                .and_then(|p| self.record_place(&p, loc).map(|r| (p, r)));
+            match place {
+                Some((part, rec)) => probes.push(Probe {
+                    at,
+                    h,
+                    loc,
+                    part,
+                    rec,
+                }),
+                None => self.reject(h, loc),
             }
         }
         if probes.is_empty() {
@@ -367,22 +376,15 @@ impl Kv {
         }
         probes.sort_by_key(|p| p.part.transport_key());
         let mut raws = vec![[0u8; BUCKET_BYTES as usize]; probes.len()];
-        let mut recs: Vec<Vec<u8>> = probes
-            .iter()
-            .map(|p| {
-                let len = self.record_place(&p.part, p.loc).map_or(0, |r| r.1);
-                vec![0u8; len]
-            })
-            .collect();
+        let mut recs: Vec<Vec<u8>> = probes.iter().map(|p| vec![0u8; p.rec.1]).collect();
         let mut fine = vec![false; probes.len()];
         {
             let handles: Vec<&BlockHandle> =
                 probes.iter().flat_map(|p| [&p.part, &p.part]).collect();
             let mut ops = Vec::with_capacity(2 * probes.len());
             for ((p, raw), rec) in probes.iter().zip(raws.iter_mut()).zip(recs.iter_mut()) {
-                let off = slot_place(p.loc.word).0;
                 ops.push(p.part.read_op(p.loc.bucket, raw)?);
-                ops.push(p.part.read_op(off, rec)?);
+                ops.push(p.part.read_op(p.rec.0, rec)?);
             }
             if let Ok(runs) = BlockHandle::execute_many(&handles, &mut ops) {
                 for (start, end, result) in runs {
@@ -466,7 +468,7 @@ fn key_hash(key: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::bucket::{encode_body, LOCKED, SLOTS, UNLOCKED};
+    use super::super::bucket::{LOCKED, SLOTS, UNLOCKED};
     use super::super::record::encode;
     use super::*;
 
@@ -561,13 +563,6 @@ mod tests {
         assert!(c.len() <= c.capacity());
     }
 
-    fn bucket_bytes(at: u64, lock: u64, slots: &[u64; SLOTS]) -> [u8; BUCKET_BYTES as usize] {
-        let mut b = [0u8; BUCKET_BYTES as usize];
-        b[..8].copy_from_slice(&lock.to_le_bytes());
-        b[8..].copy_from_slice(&encode_body(at, slots));
-        b
-    }
-
     #[test]
     fn validate_seed_corpus_is_accepted_and_rejected_as_expected() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/kv_cached");
@@ -584,9 +579,9 @@ mod tests {
         let mut moved = slots;
         moved[2] += 1;
         let seeds = [
-            (bucket_bytes(at, UNLOCKED, &slots), true),
-            (bucket_bytes(at, FROZEN, &slots), false),
-            (bucket_bytes(at, UNLOCKED, &moved), false),
+            (bucket::image(at, UNLOCKED, &slots), true),
+            (bucket::image(at, FROZEN, &slots), false),
+            (bucket::image(at, UNLOCKED, &moved), false),
         ];
         for (n, (raw, ok)) in seeds.iter().enumerate() {
             let mut bytes = Vec::new();
@@ -620,19 +615,19 @@ mod tests {
         let mut slots = [0u64; SLOTS];
         slots[5] = l.word;
         let rec = encode(b"k", &Value::Inline(b"v1".to_vec())).unwrap();
-        let good = bucket_bytes(at, UNLOCKED, &slots);
+        let good = bucket::image(at, UNLOCKED, &slots);
         assert_eq!(
             validate(l, &good, &rec, b"k"),
             Ok(Value::Inline(b"v1".to_vec()))
         );
         // A bucket held by a writer is fine (the record checksum covers its rewrites).
-        let held = bucket_bytes(at, LOCKED, &slots);
+        let held = bucket::image(at, LOCKED, &slots);
         assert!(validate(l, &held, &rec, b"k").is_ok());
-        let frozen = bucket_bytes(at, FROZEN, &slots);
+        let frozen = bucket::image(at, FROZEN, &slots);
         assert_eq!(validate(l, &frozen, &rec, b"k"), Err(Reject::Frozen));
         let mut moved = slots;
         moved[5] = l.word + 1;
-        let moved = bucket_bytes(at, UNLOCKED, &moved);
+        let moved = bucket::image(at, UNLOCKED, &moved);
         assert_eq!(validate(l, &moved, &rec, b"k"), Err(Reject::Moved));
         let mut torn = good;
         torn[8 + 5 * 8] ^= 1;

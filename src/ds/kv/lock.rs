@@ -245,6 +245,27 @@ impl Kv {
         Duration::from_millis(self.lock_timeout_ms)
     }
 
+    /// The lock of bucket `b` after an attempt's first round trip, whose
+    /// `CAS(lock, UNLOCKED, mine)` found `seen`: ours when it was free, `None` when the
+    /// bucket is frozen, otherwise waited for (and taken over once expired) by
+    /// [`Kv::lock`].
+    pub(super) fn grab_after(
+        &self,
+        seen: Result<u64, farpool_rdma::OpError>,
+        mine: Held,
+        part: &BlockHandle,
+        b: u64,
+    ) -> Result<Option<Grab>, DsError> {
+        match seen {
+            Ok(UNLOCKED) => Ok(Some(Grab {
+                held: mine,
+                took_over: false,
+            })),
+            Ok(FROZEN) => Ok(None),
+            _ => self.lock(part, b),
+        }
+    }
+
     /// Takes bucket `b`'s writer lock, taking it over from a holder whose stamp is
     /// older than the lock timeout; `None` when the bucket is frozen.
     pub(super) fn lock(&self, part: &BlockHandle, b: u64) -> Result<Option<Grab>, DsError> {

@@ -860,6 +860,15 @@ fn slot_word(off: u64, len: u64, h: u64) -> u64 {
     (fingerprint(h) << 48) | ((len / 8) << 32) | (off / 8)
 }
 
+/// The little-endian 64-bit words of `bytes`, as READ from a block (whole words only).
+fn le_words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes.chunks_exact(8).map(|c| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        u64::from_le_bytes(w)
+    })
+}
+
 impl std::fmt::Debug for Kv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Kv")

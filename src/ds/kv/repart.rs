@@ -141,14 +141,19 @@ impl Kv {
         }
     }
 
-    pub(super) fn fence_renew(&self, token: u64) -> Result<(), DsError> {
+    /// Renews fence `token` for another TTL; `false` when it was lost (another
+    /// client acquired the fence since).
+    pub(super) fn fence_renew(&self, token: u64) -> Result<bool, DsError> {
         let req = Request::FenceRenew {
             path: self.obj.path().clone(),
             token,
             ttl_ms: self.fence_ttl_ms(),
         };
-        self.obj.client().request(req)?;
-        Ok(())
+        match self.obj.client().request(req) {
+            Ok(_) => Ok(true),
+            Err(ClientError::Control(ControlError::FenceLost { .. })) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub(super) fn fence_release(&self, token: u64) -> Result<(), DsError> {
@@ -205,11 +210,7 @@ impl Kv {
         };
         let mut buf = vec![0u8; 8usize << self.g];
         match block.read(DIR_ENTRIES, &mut buf) {
-            Ok(()) => Ok(Some(
-                buf.chunks_exact(8)
-                    .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                    .collect(),
-            )),
+            Ok(()) => Ok(Some(super::le_words(&buf).collect())),
             Err(e) if is_stale(&e) => {
                 self.parts.lock().remove(&dir);
                 Ok(None)
@@ -511,11 +512,8 @@ impl Kv {
         dblock.write(DIR_ENTRIES, &bytes)?;
         if started.elapsed() > Duration::from_millis(self.fence_ttl_ms() / 3) {
             // Liveness only: the CAS below is what keeps a superseded holder out.
-            match self.fence_renew(token) {
-                Err(DsError::Client(ClientError::Control(ControlError::FenceLost { .. }))) => {
-                    return Ok(Ran::Superseded)
-                }
-                r => r?,
+            if !self.fence_renew(token)? {
+                return Ok(Ran::Superseded);
             }
         }
         self.fault(FaultPoint::BeforePublish)?;

@@ -18,10 +18,8 @@
 use super::repart::{REPARTITION_WAIT, ROOT};
 use super::root::Root;
 use super::{Kv, NEXT};
-use crate::client::ClientError;
 use crate::ds::object::{Entry, HEADER};
 use crate::ds::DsError;
-use crate::proto::ControlError;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -106,11 +104,8 @@ impl Kv {
         live.insert(dir);
         live.insert(0); // the map block
         let next = self.obj.meta().faa(NEXT, 0)?.clamp(1, self.obj.entries());
-        match self.fence_renew(token) {
-            Err(DsError::Client(ClientError::Control(ControlError::FenceLost { .. }))) => {
-                return Ok(None)
-            }
-            r => r?,
+        if !self.fence_renew(token)? {
+            return Ok(None);
         }
         // One READ of entries 1..next; each one acted on is re-read atomically (a
         // READ may see a word mid-CAS torn).
@@ -120,9 +115,8 @@ impl Kv {
             freed: 0,
             examined: next - 1,
         };
-        for (i, w) in buf.chunks_exact(8).enumerate() {
+        for (i, word) in super::le_words(&buf).enumerate() {
             let k = i as u64 + 1;
-            let word = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
             if live.contains(&k) || word == crate::ds::object::FREED {
                 continue;
             }

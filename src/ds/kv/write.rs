@@ -54,14 +54,7 @@ impl Kv {
                 spot = Some(start);
             }
         }
-        let grab = match lock {
-            Ok(UNLOCKED) => Some(lock::Grab {
-                held: mine,
-                took_over: false,
-            }),
-            Ok(FROZEN) => None,
-            _ => self.lock(part, b)?,
-        };
+        let grab = self.grab_after(lock, mine, part, b)?;
         let Some(grab) = grab else {
             if let Some(off) = spot {
                 self.give_back(child, off, need);
@@ -332,14 +325,7 @@ impl Kv {
             }
             lock
         };
-        let grab = match lock {
-            Ok(UNLOCKED) => Some(lock::Grab {
-                held: mine,
-                took_over: false,
-            }),
-            Ok(FROZEN) => None,
-            _ => self.lock(part, b)?,
-        };
+        let grab = self.grab_after(lock, mine, part, b)?;
         let Some(grab) = grab else {
             return Ok(Attempt::Moved);
         };
