@@ -15,7 +15,8 @@ announce() { for _ in $(seq 100); do a="$(sed -n 's/^listening //p' "$1" | head 
 ctl="$(announce "$tmp/ctl.out")"
 "$before" memnode --controller "$ctl" --listen 127.0.0.1:0 --capacity 1GiB --block-size 1MiB > "$tmp/mem.out" 2>/dev/null & pids+=($!)
 announce "$tmp/mem.out" > /dev/null
-# Wait until the memory node has finished faulting in its region (CPU idle).
+# Wait until the memory node is idle (it faults its region in before announcing itself;
+# this only guards against anything else it does at start).
 for _ in $(seq 60); do
   c=$(ps -o pcpu= -p "${pids[1]}" | tr -d ' '); t1=$(awk '{print $14+$15}' /proc/${pids[1]}/stat); sleep 0.5; t2=$(awk '{print $14+$15}' /proc/${pids[1]}/stat)
   [ $((t2 - t1)) -le 2 ] && break
